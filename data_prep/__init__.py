@@ -1,0 +1,1 @@
+"""Corpus-to-shards pipeline (imported as atlas_train.data_prep)."""

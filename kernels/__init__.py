@@ -1,0 +1,1 @@
+"""Triton kernels for memory_scan (imported as atlas_train.kernels)."""
