@@ -1,0 +1,87 @@
+"""The memory network f(P; z) of ATLAS_SPEC.md 3.1 and the closed form of its inner-loss gradient.
+
+Layout used throughout `ops`: tokens are (B, H, L, features). A fast-weight matrix is (B|1, H, out, in) when all
+tokens share it (an anchor, `params`) or (B, H, L, out, in) when every token has its own (the token update's reads).
+The inner gradient of one key is a sum of outer products, one per weight matrix: returning the two factors instead
+of the matrix is what lets the scan form every window gradient of a chunk as one batched matmul.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LN_EPS = 1e-5
+WEIGHT_NAMES = ("W1", "W2", "W3")  # W1 (dv, hid), W2 (hid, D), W3 (hid, D): the fast (inner-loop) weights
+
+
+def apply_linear(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w·x for tokens x (B, H, L, in) with shared (.., H, out, in) or per-token (B, H, L, out, in) weights."""
+    if w.dim() == x.dim() + 1:
+        return (w @ x.unsqueeze(-1)).squeeze(-1)
+    return x @ w.transpose(-1, -2)
+
+
+def _ln_affine(ln: dict | None):
+    """(weight, bias) of the memory LayerNorm shaped (1, H, 1, dv) for broadcasting, or None without LN."""
+    if ln is None:
+        return None
+    return ln["ln_weight"][None, :, None, :], ln["ln_bias"][None, :, None, :]
+
+
+def memory_forward(weights: dict, z: torch.Tensor, dv: int, ln: dict | None) -> torch.Tensor:
+    """f(P; z) = z[:dv] + LN(W1 · (gelu(W2 z) [⊙ W3 z])) for tokens z (B, H, L, D)."""
+    hidden = F.gelu(apply_linear(weights["W2"], z))
+    if "W3" in weights:
+        hidden = hidden * apply_linear(weights["W3"], z)
+    out = apply_linear(weights["W1"], hidden)
+    affine = _ln_affine(ln)
+    if affine is not None:
+        out = F.layer_norm(out, (dv,), eps=LN_EPS) * affine[0] + affine[1]
+    return z[..., :dv] + out
+
+
+def _gelu_derivative(u: torch.Tensor) -> torch.Tensor:
+    """d/du of the exact GELU u·Φ(u): Φ(u) + u·φ(u)."""
+    cdf = 0.5 * (1.0 + torch.erf(u * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * u * u) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + u * pdf
+
+
+def loss_gradient_factors(weights: dict, z: torch.Tensor, v: torch.Tensor, ln: dict | None, loss: str) -> dict:
+    """∇_P ℓ(P; z, v) for each key, as {name: (left, right)} with ∇W = left ⊗ right (out ⊗ in), per token.
+
+    Hand-derived backward of `memory_forward` for one token (e = ∂ℓ/∂f, then LN, W1, GELU (and gate), W2/W3);
+    the tests check it, through the whole scan, against autograd on `memory_forward`.
+    """
+    dv = v.shape[-1]
+    pre = apply_linear(weights["W2"], z)
+    act = F.gelu(pre)
+    gated = "W3" in weights
+    gate = apply_linear(weights["W3"], z) if gated else None
+    hidden = act * gate if gated else act
+    out = apply_linear(weights["W1"], hidden)
+    affine = _ln_affine(ln)
+    if affine is not None:
+        centred = out - out.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + LN_EPS)
+        normed = centred * rstd
+        f = z[..., :dv] + normed * affine[0] + affine[1]
+    else:
+        f = z[..., :dv] + out
+    err = f - v if loss == "l2" else -v
+    if affine is not None:
+        g_normed = err * affine[0]
+        g_out = rstd * (g_normed - g_normed.mean(-1, keepdim=True)
+                        - normed * (g_normed * normed).mean(-1, keepdim=True))
+    else:
+        g_out = err
+    g_hidden = apply_linear(weights["W1"].transpose(-1, -2), g_out)
+    factors = {"W1": (g_out, hidden)}
+    if gated:
+        factors["W3"] = (g_hidden * act, z)
+        g_hidden = g_hidden * gate
+    factors["W2"] = (g_hidden * _gelu_derivative(pre), z)
+    return factors

@@ -1,0 +1,36 @@
+"""Newton–Schulz orthogonalisation (the Muon step), ATLAS_SPEC.md section 3.7.
+
+Batched over every leading dimension, so the token update can orthogonalise all momenta of a chunk (B, H, L, rows,
+cols) in one matmul chain instead of one small matmul per token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_NORM_EPS = 1e-7
+
+
+def newton_schulz(s: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximately orthogonalise each matrix in `s` (..., rows, cols); `steps=0` returns `s` unchanged."""
+    if steps == 0:
+        return s
+    if s.is_cuda:  # the Triton kernel when it covers s (atlas_train.kernels notes once why not otherwise)
+        from atlas_train.kernels import newton_schulz_or_none
+
+        out = newton_schulz_or_none(s, steps)
+        if out is not None:
+            return out
+    a, b, c = NS_COEFFICIENTS
+    x = s / (torch.linalg.matrix_norm(s, ord="fro", keepdim=True) + NS_NORM_EPS)
+    shape = x.shape
+    x = x.reshape(-1, *shape[-2:])  # one batched matmul chain; baddbmm fuses the polynomial's scalings
+    tall = shape[-2] > shape[-1]
+    for _ in range(steps):
+        # The spec iterates on the wide orientation (Y = Xᵀ for tall X, so Y Yᵀ is the small Gram matrix); for tall
+        # X the same step written without transposes is X ← a·X + X·poly(XᵀX), the polynomial being symmetric.
+        gram = x.transpose(-1, -2) @ x if tall else x @ x.transpose(-1, -2)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, x, poly, beta=a) if tall else torch.baddbmm(x, poly, x, beta=a)
+    return x.reshape(shape)

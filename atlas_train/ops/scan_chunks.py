@@ -1,0 +1,198 @@
+"""One chunk of the memory scan (ATLAS_SPEC.md 3.3-3.6), chunk-parallel, as a pure function of a carry.
+
+A carry is the flat dict of tensors that crosses a chunk boundary (fast weights, momentum, the chunk's anchor, the
+Omega window's cached keys, and for update="chunk" the open chunk's partial sums); `memory_scan`'s public state is
+this carry plus the grid position. Everything per token inside a chunk is batched:
+
+* Window gradients. Every key's inner gradient is taken at one anchor: `params` if a document started in
+  [chunk start, key], otherwise the anchor carried in. Each gradient is a sum of outer products (memory_mlp), so
+  U_t = Σ_k G[t,k] left_k ⊗ right_k, with G built from gamma, the window span and document ids.
+* Recurrences. With resets as zeros in the gates, S_t = Σ_u Cθ[t,u] U_u + Cθ[t,start] S_prev and
+  P_t = Cα[t,start] P_prev + κ_t params − Σ_u Cα[t,u] η_u NS(S_u), where C are L×(L+1) products-of-gates matrices
+  (a cumprod, exact when a gate is 0) and κ_t the decayed weight of the latest reset.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from atlas_train.ops.memory_mlp import loss_gradient_factors, memory_forward
+from atlas_train.ops.newton_schulz import newton_schulz
+
+
+class ScanOptions(NamedTuple):
+    """Static settings of one scan."""
+
+    update: str  # "token" | "chunk"
+    loss: str  # "l2" | "dot"
+    ns_steps: int
+    chunk_size: int
+    window: int  # c
+    dv: int
+    weight_names: tuple  # ("W1", "W2") or ("W1", "W2", "W3")
+
+
+class ChunkInputs(NamedTuple):
+    """One chunk's slice of the inputs, in (B, H, L, ...) layout; reset (B, L) marks document starts."""
+
+    zq: torch.Tensor
+    zk: torch.Tensor
+    v: torch.Tensor
+    alpha: torch.Tensor
+    eta: torch.Tensor
+    theta: torch.Tensor
+    gamma: torch.Tensor
+    reset: torch.Tensor
+
+
+def carry_keys(opts: ScanOptions) -> list[str]:
+    """The carry's keys, in the fixed order the autograd function passes them."""
+    groups = ("fast", "momentum", "anchor") if opts.update == "token" else ("anchor", "momentum", "grad_sum")
+    keys = [f"{g}.{w}" for g in groups for w in opts.weight_names]
+    if opts.update == "chunk":
+        keys += ["gate_sum", "count"]
+    return keys + ["window_zk", "window_v", "window_valid"]
+
+
+def initial_carry(params: dict, batch: int, zk: torch.Tensor, v: torch.Tensor, opts: ScanOptions) -> dict:
+    """The carry before token 0 of a fresh sequence (token 0 is a document start, so only shapes matter).
+
+    `params` holds the fast weights as (1, H, out, in), like everywhere in the scan."""
+    heads, dim, dv, past = zk.shape[1], zk.shape[-1], v.shape[-1], opts.window - 1
+    carry = {}
+    for w in opts.weight_names:
+        p = params[w].expand(batch, *params[w].shape[1:])
+        zero = torch.zeros_like(p)
+        if opts.update == "token":
+            carry.update({f"fast.{w}": p, f"momentum.{w}": zero, f"anchor.{w}": p})
+        else:
+            carry.update({f"anchor.{w}": p, f"momentum.{w}": zero, f"grad_sum.{w}": zero})
+    if opts.update == "chunk":
+        carry["gate_sum"] = zk.new_zeros(batch, heads, 3)
+        carry["count"] = torch.zeros(batch, dtype=torch.long, device=zk.device)
+    carry["window_zk"] = zk.new_zeros(batch, heads, past, dim)
+    carry["window_v"] = v.new_zeros(batch, heads, past, dv)
+    carry["window_valid"] = torch.zeros(batch, past, dtype=torch.bool, device=zk.device)
+    return carry
+
+
+def gate_products(gate: torch.Tensor) -> torch.Tensor:
+    """C (B, H, L, L+1): C[t, 0] = Π_{r≤t} g_r, C[t, u+1] = Π_{u<r≤t} g_r for u ≤ t, 0 for u > t."""
+    length = gate.shape[-1]
+    rows = torch.arange(length, device=gate.device)[:, None]
+    cols = torch.arange(length + 1, device=gate.device)[None, :]
+    factors = torch.where(rows >= cols, gate.unsqueeze(-1), torch.ones_like(gate).unsqueeze(-1))
+    return torch.cumprod(factors, dim=-2) * (rows + 1 >= cols).to(gate.dtype)
+
+
+def window_weights(gamma: torch.Tensor, key_doc: torch.Tensor, token_doc: torch.Tensor) -> torch.Tensor:
+    """G (B, H, L, c-1+L): weight of key k (cached keys first, then the chunk's) in token l's window sum.
+
+    Key k is token l - j with j = l + c - 1 - k; it counts when 0 ≤ j < c and it lies in token l's document.
+    """
+    length, c = gamma.shape[-2], gamma.shape[-1]
+    n_keys = length + c - 1
+    lag = (torch.arange(length, device=gamma.device)[:, None] + c - 1
+           - torch.arange(n_keys, device=gamma.device)[None, :])
+    in_span = (lag >= 0) & (lag < c)
+    index = lag.clamp(0, c - 1).expand(*gamma.shape[:2], length, n_keys)
+    g = torch.gather(gamma, -1, index) * in_span.to(gamma.dtype)
+    same_doc = key_doc[:, None, None, :] == token_doc[:, None, :, None]
+    return g * same_doc.to(gamma.dtype)
+
+
+def _select(mask: torch.Tensor, if_true: torch.Tensor, if_false: torch.Tensor) -> torch.Tensor:
+    """Per (batch, token) choice between two (B, H, L, ...) tensors; mask is (B, L)."""
+    shape = (mask.shape[0], 1, mask.shape[1]) + (1,) * (if_false.dim() - 3)
+    return torch.where(mask.view(shape), if_true, if_false)
+
+
+def _keys_and_factors(carry, x: ChunkInputs, params, ln, opts: ScanOptions):
+    """Window keys of the chunk with their gradient factors at their anchors, G, doc ids and the next window."""
+    past = opts.window - 1
+    token_doc = torch.cumsum(x.reset.long(), dim=-1)
+    after_reset = token_doc > 0
+    key_doc = torch.cat([torch.where(carry["window_valid"], 0, -1), token_doc], dim=-1)
+    keys_z = torch.cat([carry["window_zk"], x.zk], dim=2)
+    keys_v = torch.cat([carry["window_v"], x.v], dim=2)
+    anchor = {w: carry[f"anchor.{w}"] for w in opts.weight_names}
+    factors = loss_gradient_factors(anchor, keys_z, keys_v, ln, opts.loss)
+    if bool(after_reset.any()):
+        key_after_reset = torch.cat([torch.zeros_like(carry["window_valid"]), after_reset], dim=-1)
+        at_params = loss_gradient_factors(params, keys_z, keys_v, ln, opts.loss)
+        factors = {w: tuple(_select(key_after_reset, p, a) for p, a in zip(at_params[w], factors[w]))
+                   for w in factors}
+    weights = window_weights(x.gamma, key_doc, token_doc)
+    start = keys_z.shape[2] - past
+    window = {"window_zk": keys_z[:, :, start:], "window_v": keys_v[:, :, start:],
+              "window_valid": key_doc[:, start:] == token_doc[:, -1:]}
+    return factors, weights, token_doc, after_reset, window
+
+
+def _outer_sum(coef: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Σ_k coef[..., t, k] left_k ⊗ right_k → (B, H, L, out, in)."""
+    return torch.einsum("bhtk,bhko,bhki->bhtoi", coef, left, right)
+
+
+def token_update_chunk(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanOptions, closes: bool):
+    """Spec 3.4 for one chunk: per-token momentum, NS and weights, reads after each token's update."""
+    factors, weights, token_doc, after_reset, window = _keys_and_factors(carry, x, params, ln, opts)
+    keep = 1.0 - x.reset.to(x.alpha.dtype)[:, None, :]
+    c_theta = gate_products(x.theta * keep)
+    c_alpha = gate_products(x.alpha * keep)
+    mix = c_theta[..., 1:] @ weights
+    decay_in = c_alpha[..., 1:] * (x.eta[..., None, :])
+    reset_weight = (c_alpha[..., 1:] * ((1.0 - keep) * x.alpha)[..., None, :]).sum(-1)
+    fast, out = {}, {}
+    for w in opts.weight_names:
+        momentum = _outer_sum(mix, *factors[w]) + c_theta[..., 0, None, None] * carry[f"momentum.{w}"][:, :, None]
+        update = newton_schulz(momentum, opts.ns_steps)
+        fast[w] = (c_alpha[..., 0, None, None] * carry[f"fast.{w}"][:, :, None]
+                   + reset_weight[..., None, None] * params[w][:, :, None]
+                   - torch.einsum("bhtu,bhuoi->bhtoi", decay_in, update))
+        out[f"fast.{w}"] = fast[w][:, :, -1]
+        out[f"momentum.{w}"] = momentum[:, :, -1]
+        if closes:
+            out[f"anchor.{w}"] = out[f"fast.{w}"]
+        else:
+            out[f"anchor.{w}"] = _select(after_reset[:, -1:], params[w][:, :, None], carry[f"anchor.{w}"][:, :, None])[:, :, 0]
+    y = memory_forward(fast, x.zq, opts.dv, ln)
+    out.update(window)
+    return y, out
+
+
+def chunk_update_chunk(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanOptions, closes: bool):
+    """Spec 3.5 for (a piece of) one grid chunk: reads at the anchor, one Muon step when the grid chunk closes.
+
+    A document start inside the chunk ends the open chunk (its update would be discarded by the reset), so only
+    tokens of the chunk's last document contribute to the partial sums.
+    """
+    factors, weights, token_doc, after_reset, window = _keys_and_factors(carry, x, params, ln, opts)
+    anchor = {w: carry[f"anchor.{w}"] for w in opts.weight_names}
+    y = memory_forward(anchor, x.zq, opts.dv, ln)
+    if bool(after_reset.any()):
+        y = _select(after_reset, memory_forward(params, x.zq, opts.dv, ln), y)
+    in_last_doc = (token_doc == token_doc[:, -1:]).to(x.alpha.dtype)[:, None, :]
+    reset_seen = after_reset[:, -1]
+    keep = (~reset_seen).to(x.alpha.dtype)
+    key_coef = (in_last_doc.unsqueeze(-1) * weights).sum(-2, keepdim=True)
+    gates = torch.stack([x.alpha, x.theta, x.eta], dim=-1)
+    gate_sum = keep[:, None, None] * carry["gate_sum"] + (in_last_doc.unsqueeze(-1) * gates).sum(-2)
+    count = torch.where(reset_seen, 0, carry["count"]) + (token_doc == token_doc[:, -1:]).sum(-1)
+    out = {}
+    for w in opts.weight_names:
+        grad_sum = keep[:, None, None, None] * carry[f"grad_sum.{w}"] + _outer_sum(key_coef, *factors[w])[:, :, 0]
+        momentum = keep[:, None, None, None] * carry[f"momentum.{w}"]
+        start = _select(reset_seen[:, None], params[w][:, :, None], carry[f"anchor.{w}"][:, :, None])[:, :, 0]
+        if closes:
+            mean = gate_sum / count.to(gate_sum.dtype)[:, None, None]
+            momentum = mean[..., 1, None, None] * momentum + grad_sum
+            start = mean[..., 0, None, None] * start - mean[..., 2, None, None] * newton_schulz(momentum, opts.ns_steps)
+            grad_sum = torch.zeros_like(grad_sum)
+        out.update({f"anchor.{w}": start, f"momentum.{w}": momentum, f"grad_sum.{w}": grad_sum})
+    if closes:
+        gate_sum, count = torch.zeros_like(gate_sum), torch.zeros_like(count)
+    out.update({"gate_sum": gate_sum, "count": count, **window})
+    return y, out

@@ -1,0 +1,292 @@
+"""memory_scan (ATLAS_SPEC.md section 3) against the literal float64 reference, and its state, autograd and memory
+contracts. Every case compares outputs and the gradients of every input on random inputs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from atlas_train.ops import memory_scan, newton_schulz
+from memory_scan_reference import newton_schulz_heads, reference_memory_scan
+
+F64 = torch.float64
+
+
+def make_inputs(seed, *, batch=2, length=11, heads=2, dim=4, dv=4, hid=6, window=3, gated=False, ln=False,
+                dtype=F64):
+    """Random inputs with gates in (0, 1), all requiring grad."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, dtype=F64)).to(dtype).requires_grad_()
+
+    def rand(*shape):
+        return (0.02 + 0.96 * torch.rand(*shape, generator=gen, dtype=F64)).to(dtype).requires_grad_()
+
+    x = {"zq": randn(batch, length, heads, dim), "zk": randn(batch, length, heads, dim),
+         "v": randn(batch, length, heads, dv), "alpha": rand(batch, length, heads), "eta": rand(batch, length, heads),
+         "theta": rand(batch, length, heads), "gamma": rand(batch, length, heads, window)}
+    params = {"W1": randn(heads, dv, hid, scale=0.5), "W2": randn(heads, hid, dim, scale=0.5)}
+    if gated:
+        params["W3"] = randn(heads, hid, dim, scale=0.5)
+    if ln:
+        params["ln_weight"] = (1 + randn(heads, dv, scale=0.2)).detach().requires_grad_()
+        params["ln_bias"] = randn(heads, dv, scale=0.2)
+    return x, params
+
+
+def doc_starts(pattern, batch, length, chunk):
+    """Named document-start layouts (token 0 is always a start of a fresh call)."""
+    d = torch.zeros(batch, length, dtype=torch.bool)
+    if pattern == "mid_chunk":
+        d[:, chunk + 1] = True
+    elif pattern == "chunk_start":
+        d[:, chunk] = True
+    elif pattern == "several_per_row":  # different per row, several in one row, one two tokens apart
+        d[0, [2, chunk + 1, chunk + 3]] = True
+        d[1, [chunk - 1, 2 * chunk]] = True
+    return None if pattern == "none" else d
+
+
+def leaves(x, params):
+    return {**x, **{f"p.{k}": t for k, t in params.items()}}
+
+
+def grads_of(out, inputs, seed=123):
+    """Gradients of a fixed random projection of `out` (a tensor or list of tensors) w.r.t. `inputs` (dict)."""
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    gen = torch.Generator().manual_seed(seed)
+    total = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=F64)).sum() for o in outs)
+    names = list(inputs)
+    found = torch.autograd.grad(total, [inputs[n] for n in names], allow_unused=True)
+    return dict(zip(names, found))
+
+
+def assert_close_grads(got, want, rtol=1e-7, atol=1e-9):
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name] is not None and want[name] is not None, name
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m: f"grad {name}: {m}")
+
+
+def float_state(state):
+    return [t for k, t in sorted(state.items()) if t.is_floating_point()]
+
+
+# (update, ns_steps, loss, gated, ln, dim>dv, window, doc pattern, length, chunk)
+CASES = [
+    ("token", 5, "l2", False, True, False, 3, "none", 11, 4),
+    ("token", 0, "l2", False, False, False, 1, "none", 9, 4),
+    ("token", 1, "dot", True, True, True, 2, "mid_chunk", 11, 4),
+    ("token", 5, "l2", True, False, True, 6, "several_per_row", 13, 4),  # c > chunk
+    ("token", 0, "dot", False, True, False, 3, "chunk_start", 10, 4),
+    ("token", 1, "l2", False, True, True, 1, "several_per_row", 13, 4),
+    ("token", 5, "dot", True, True, False, 4, "several_per_row", 12, 4),  # c == chunk
+    ("token", 0, "l2", True, True, True, 9, "mid_chunk", 14, 3),
+    ("chunk", 5, "l2", False, True, False, 3, "none", 11, 4),
+    ("chunk", 0, "l2", False, False, False, 1, "none", 9, 4),
+    ("chunk", 1, "dot", True, True, True, 2, "mid_chunk", 11, 4),
+    ("chunk", 5, "l2", True, False, True, 6, "several_per_row", 13, 4),
+    ("chunk", 0, "dot", False, True, False, 3, "chunk_start", 10, 4),
+    ("chunk", 1, "l2", False, True, True, 1, "several_per_row", 13, 4),
+    ("chunk", 5, "dot", True, True, False, 4, "several_per_row", 12, 4),
+    ("chunk", 0, "l2", True, True, True, 9, "mid_chunk", 14, 3),
+]
+
+
+# Every combination of the options, with the document layout and D > dv cycled through so each grid point also
+# varies those; T = 13 is not a multiple of chunk 4, and c = 6 is larger than the chunk.
+DOC_CYCLE = ("several_per_row", "mid_chunk", "none", "chunk_start")
+GRID = [(u, ns, loss, gated, ln, i % 2 == 0, c, DOC_CYCLE[i % 4], 13, 4)
+        for i, (u, ns, loss, gated, ln, c) in enumerate(itertools.product(
+            ("token", "chunk"), (0, 1, 5), ("l2", "dot"), (False, True), (False, True), (1, 2, 6)))]
+
+
+@pytest.mark.parametrize("update,ns,loss,gated,ln,wide,window,docs,length,chunk", CASES + GRID)
+def test_matches_reference(update, ns, loss, gated, ln, wide, window, docs, length, chunk):
+    seed = sum(map(ord, f"{update}{ns}{loss}{gated}{ln}{wide}{window}{docs}{length}"))
+    x, params = make_inputs(seed, length=length, dim=6 if wide else 4,
+                            window=window, gated=gated, ln=ln)
+    kwargs = dict(params=params, doc_start=doc_starts(docs, 2, length, chunk), chunk_size=chunk, ns_steps=ns,
+                  update=update, loss=loss)
+    y, _ = memory_scan(**x, **kwargs)
+    y_ref = reference_memory_scan(**x, **kwargs)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    inputs = leaves(x, params)
+    assert_close_grads(grads_of(y, inputs), grads_of(y_ref, inputs))
+
+
+def test_newton_schulz_matches_literal_steps():
+    gen = torch.Generator().manual_seed(0)
+    for rows, cols in ((3, 7), (7, 3), (4, 4)):
+        s = torch.randn(2, 3, rows, cols, generator=gen, dtype=F64)
+        for steps in (0, 1, 5):
+            want = newton_schulz_heads(s.reshape(-1, rows, cols), steps).reshape(s.shape)
+            torch.testing.assert_close(newton_schulz(s, steps), want, rtol=1e-12, atol=1e-12)
+    ortho = newton_schulz(torch.randn(5, 12, generator=gen, dtype=F64), 5)
+    singular_values = torch.linalg.svdvals(ortho)
+    assert singular_values.min() > 0.5 and singular_values.max() < 1.3  # NS-5 lands near an orthogonal matrix
+
+
+def _full_and_split(update, split, length, docs, window, chunk=4):
+    x, params = make_inputs(7, length=length, window=window, gated=True, ln=True)
+    doc = doc_starts(docs, 2, length, chunk)
+    kw = dict(params=params, chunk_size=chunk, ns_steps=2, update=update)
+    y_full, state_full = memory_scan(**x, doc_start=doc, **kw)
+    first = {k: t[:, :split] for k, t in x.items()}
+    second = {k: t[:, split:] for k, t in x.items()}
+    y1, state = memory_scan(**first, doc_start=None if doc is None else doc[:, :split], **kw)
+    y2, state_split = memory_scan(**second, doc_start=None if doc is None else doc[:, split:], state=state, **kw)
+    return x, params, (y_full, state_full), (torch.cat([y1, y2], dim=1), state_split)
+
+
+@pytest.mark.parametrize("update,split,docs,window", [
+    ("token", 8, "several_per_row", 3), ("token", 6, "mid_chunk", 6), ("token", 5, "none", 1),
+    ("chunk", 8, "several_per_row", 3), ("chunk", 6, "mid_chunk", 6), ("chunk", 5, "none", 1),
+])
+def test_two_calls_with_state_equal_one_call(update, split, docs, window):
+    """Split at a chunk boundary (8) or inside a chunk (5, 6): same y, same final state, same gradients."""
+    x, params, (y_full, s_full), (y_split, s_split) = _full_and_split(update, split, 13, docs, window)
+    torch.testing.assert_close(y_split, y_full, rtol=1e-10, atol=1e-12)
+    assert set(s_split) == set(s_full)
+    for k in s_full:
+        torch.testing.assert_close(s_split[k], s_full[k], rtol=1e-10, atol=1e-12)
+    inputs = leaves(x, params)
+    out_full = [y_full] + float_state(s_full)
+    out_split = [y_split] + float_state(s_split)
+    assert_close_grads(grads_of(out_split, inputs), grads_of(out_full, inputs), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("update", ["token", "chunk"])
+def test_token_by_token_calls_equal_one_call(update):
+    """The recurrent decoding path: T=1 calls threaded through the state reproduce the full call, grads included."""
+    length, chunk = 9, 4
+    x, params = make_inputs(3, length=length, window=3, gated=False, ln=True)
+    doc = doc_starts("mid_chunk", 2, length, chunk)
+    doc[1, 3] = True
+    kw = dict(params=params, chunk_size=chunk, ns_steps=1, update=update)
+    y_full, state_full = memory_scan(**x, doc_start=doc, **kw)
+    state, ys = None, []
+    for t in range(length):
+        y_t, state = memory_scan(**{k: v[:, t:t + 1] for k, v in x.items()}, doc_start=doc[:, t:t + 1],
+                                 state=state, **kw)
+        ys.append(y_t)
+    y_steps = torch.cat(ys, dim=1)
+    torch.testing.assert_close(y_steps, y_full, rtol=1e-10, atol=1e-12)
+    assert int(state["pos"]) == length
+    inputs = leaves(x, params)
+    assert_close_grads(grads_of([y_steps] + float_state(state), inputs),
+                       grads_of([y_full] + float_state(state_full), inputs), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("update", ["token", "chunk"])
+@pytest.mark.parametrize("second_start", [8, 6])
+def test_packed_row_equals_separate_documents(update, second_start):
+    """Doc A then doc B in one row == A alone and B alone on the same chunk grid (B after an unrelated prefix
+    carried in a state when it starts mid-chunk)."""
+    length, chunk = 13, 4
+    x, params = make_inputs(11, batch=1, length=length, window=3, gated=True, ln=True)
+    kw = dict(params=params, chunk_size=chunk, ns_steps=2, update=update)
+    doc = torch.zeros(1, length, dtype=torch.bool)
+    doc[0, second_start] = True
+    y_packed, _ = memory_scan(**x, doc_start=doc, **kw)
+    y_a, _ = memory_scan(**{k: t[:, :second_start] for k, t in x.items()}, **kw)
+    prefix, _ = make_inputs(99, batch=1, length=second_start, window=3, gated=True, ln=True)
+    _, state = memory_scan(**prefix, **kw)
+    b_only = {k: t[:, second_start:] for k, t in x.items()}
+    y_b, _ = memory_scan(**b_only, doc_start=doc[:, second_start:], state=state, **kw)
+    torch.testing.assert_close(y_packed, torch.cat([y_a, y_b], dim=1), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("update", ["token", "chunk"])
+def test_gradcheck_including_state(update):
+    """Finite differences on a tiny case, through an incoming state (every float state tensor is an input)."""
+    x, params = make_inputs(5, batch=1, length=6, heads=1, dim=3, dv=2, hid=3, window=2, gated=True, ln=True)
+    kw = dict(chunk_size=3, ns_steps=1, update=update)
+    doc = torch.zeros(1, 4, dtype=torch.bool)
+    doc[0, 3] = True
+    _, state = memory_scan(**{k: t[:, :2] for k, t in x.items()}, params=params, **kw)
+    state = {k: (t.detach().requires_grad_() if t.is_floating_point() else t) for k, t in state.items()}
+    names = list(x) + list(params)
+    state_names = [k for k in sorted(state) if state[k].is_floating_point()]
+
+    def fn(*tensors):
+        inputs = dict(zip(names + state_names, tensors))
+        call_state = {**state, **{k: inputs[k] for k in state_names}}
+        y, out = memory_scan(**{k: inputs[k][:, 2:] for k in x}, params={k: inputs[k] for k in params},
+                             doc_start=doc, state=call_state, **kw)
+        return (y, *float_state(out))
+
+    tensors = [x[k] for k in x] + [params[k] for k in params] + [state[k] for k in state_names]
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("update", ["token", "chunk"])
+def test_bfloat16_inputs_keep_float32_state(update):
+    x64, params = make_inputs(2, length=10, window=3, gated=True, ln=True)
+    x16 = {k: t.detach().to(torch.bfloat16).requires_grad_() for k, t in x64.items()}
+    p32 = {k: t.detach().float().requires_grad_() for k, t in params.items()}
+    doc = doc_starts("mid_chunk", 2, 10, 4)
+    kw = dict(doc_start=doc, chunk_size=4, ns_steps=5, update=update)
+    y16, state = memory_scan(**x16, params=p32, **kw)
+    assert y16.dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for t in float_state(state))
+    y64, _ = memory_scan(**{k: t.detach().to(torch.bfloat16).double() for k, t in x64.items()},
+                         params={k: t.detach() for k, t in params.items()}, **kw)
+    torch.testing.assert_close(y16.double(), y64, rtol=0.03, atol=0.03)
+    (y16.float().square().sum() + sum(t.sum() for t in float_state(state))).backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in list(x16.values()) + list(p32.values()))
+
+
+def _saved_bytes_beyond_inputs(length, chunk, update):
+    """Bytes autograd keeps between forward and backward for one memory_scan call, minus the inputs' own bytes
+    (the inputs are saved for the recomputation; they are O(T) but not fast-weight sized)."""
+    x, params = make_inputs(4, batch=1, length=length, heads=1, dim=4, dv=4, hid=8, window=2, gated=False, ln=False)
+    store = []
+
+    def pack(t):
+        store.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        memory_scan(**x, params=params, chunk_size=chunk, ns_steps=5, update=update)
+    inputs = sum(t.numel() * t.element_size() for t in [*x.values(), *params.values()]) + length  # + doc starts
+    return sum(store) - inputs
+
+
+@pytest.mark.parametrize("update", ["token", "chunk"])
+def test_saved_activations_grow_with_chunks_not_tokens(update):
+    """Each extra chunk adds one carry (fast weights, momentum, anchor, window), not chunk_size fast-weight sets."""
+    chunk = 16
+    weights = 8 * (4 * 8 + 8 * 4)  # bytes of W1 + W2, float64, one head
+    for n_chunks in (2, 4):
+        extra = _saved_bytes_beyond_inputs(2 * n_chunks * chunk, chunk, update) - _saved_bytes_beyond_inputs(
+            n_chunks * chunk, chunk, update)
+        assert 2 * weights < extra / n_chunks < 4 * weights, (n_chunks, extra)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(update="muon"), "update must be one of"),
+    (dict(loss="l1"), "loss must be one of"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(ns_steps=-1), "ns_steps"),
+    (dict(v=torch.zeros(2, 11, 2, 5, dtype=F64)), "v's last dim"),
+    (dict(alpha=torch.zeros(2, 11, 3, dtype=F64)), "alpha has shape"),
+    (dict(gamma=torch.zeros(2, 11, 2, dtype=F64)), "gamma has shape"),
+    (dict(eta=torch.zeros(2, 11, 2, dtype=torch.float32)), "eta has dtype"),
+    (dict(zq=torch.zeros(2, 11, 2, 4, dtype=torch.long)), "zq must be a floating-point tensor"),
+    (dict(doc_start=torch.zeros(2, 11)), "doc_start must be a bool tensor"),
+    (dict(params={"W1": torch.zeros(2, 4, 6)}), "params must be a dict with 'W1' and 'W2'"),
+    (dict(params={"W1": torch.zeros(2, 4, 6), "W2": torch.zeros(2, 6, 4), "W4": torch.zeros(1)}), "unknown params"),
+    (dict(params={"W1": torch.zeros(2, 4, 6), "W2": torch.zeros(2, 5, 4)}), r"params\['W2'\] has shape"),
+    (dict(params={"W1": torch.zeros(2, 4, 6), "W2": torch.zeros(2, 6, 4), "ln_weight": torch.ones(2, 4)}),
+     "both 'ln_weight' and 'ln_bias'"),
+    (dict(state={"pos": torch.tensor(0)}), "state keys"),
+])
+def test_bad_inputs_raise_clear_value_errors(change, message):
+    x, params = make_inputs(0)
+    args = {**x, "params": params, **change}
+    with pytest.raises(ValueError, match=message):
+        memory_scan(**args)
