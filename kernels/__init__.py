@@ -1,1 +1,11 @@
-"""Triton kernels for memory_scan (imported as atlas_train.kernels)."""
+"""Triton kernels for memory_scan (imported as atlas_train.kernels; never `import kernels`).
+
+What is a kernel today: the batched Newton–Schulz step with its backward (`newton_schulz`). `dispatch` decides per
+call whether a kernel applies and notes once why not.
+"""
+
+from atlas_train.kernels.dispatch import newton_schulz_or_none, note_fallback, set_kernels_enabled, set_ns_precision
+from atlas_train.kernels.newton_schulz_kernel import newton_schulz, newton_schulz_unsupported
+
+__all__ = ["newton_schulz", "newton_schulz_unsupported", "newton_schulz_or_none", "note_fallback", "set_ns_precision",
+           "set_kernels_enabled"]

@@ -59,19 +59,35 @@ class ModelConfig:
     alpha_init: float = 0.999
     theta_init: float = 0.9
     eta_init: float = 0.01
+    gamma_init: float = 0.5  # Omega-window gates at init (spec 4 leaves it open; sigmoid(0))
     conv_kernel: int = 4
 
     # Attention (transformer baseline and the hybrids' sliding-window attention).
-    swa_window: int = 2048
+    swa_window: int = 2048  # query i sees keys i-swa_window+1 .. i
 
     def validate(self) -> None:
         if self.mixer not in MIXERS:
             raise ValueError(f"mixer {self.mixer!r} is not one of {list(MIXERS)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "chunk_size", "memory_expansion", "conv_kernel"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "chunk_size", "memory_expansion", "conv_kernel",
+                     "gate_rank", "swa_window", "max_seq_len", "mlp_multiple_of"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        for name in ("eta_max", "init_std", "norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+        for name in ("alpha_init", "theta_init", "gamma_init"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1)")
+        if not 0 < self.eta_init < self.eta_max:
+            raise ValueError(f"eta_init must be in (0, eta_max={self.eta_max})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even (rotary embedding)")
+        if self.mlp_hidden is not None and self.mlp_hidden <= 0:
+            raise ValueError("mlp_hidden must be positive")
+        if self.sketch_dim is not None and self.sketch_dim <= 0:
+            raise ValueError("sketch_dim must be positive")
         if self.window is not None and self.window < 1:
             raise ValueError("window must be >= 1")
         if self.feature_map == "exact" and self.poly_degree != 2:

@@ -1,0 +1,76 @@
+"""Training FLOPs per token (forward + backward) for MFU, counted from the built model's layers.
+
+Conventions: a multiply-add is 2 FLOPs; dense layers and attention cost 3× their forward in training (forward,
+input gradient, weight gradient). memory_scan's custom backward recomputes each chunk's forward before
+backpropagating it, so the memory's inner loop costs 4× its forward. The inner loop is counted as the algorithm
+does it, per token and head (P = number of fast-weight entries, L = chunk_size, c = window):
+- key gradients at the anchor weights: a forward and a backward through the memory MLP (≈ 4P) for each key,
+  keys of the previous chunk's window included (× (1 + (c−1)/L));
+- update="token": U_t sums c rank-1 gradients per weight matrix (2cP), momentum and decay (4P), Newton–Schulz on
+  every weight matrix at every token, and the read f(P_t; zq_t) (2P);
+- update="chunk": one weighted rank-1 sum per key (2P), momentum, decay and Newton–Schulz once per chunk (/L), the
+  read (2P).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from atlas_train.model.atlas_mixer import AtlasMixer
+from atlas_train.model.attention import Attention
+from atlas_train.model.feature_maps import FeatureMap
+
+
+def newton_schulz_flops(rows: int, cols: int, steps: int) -> float:
+    """One NS orthogonalisation of a rows×cols matrix (spec 3.7): X Xᵀ, A², (b A + c A²) X per step, on m ≤ n."""
+    if steps == 0:
+        return 0.0
+    m, n = min(rows, cols), max(rows, cols)
+    return 3.0 * m * n + steps * (4.0 * m * m * n + 2.0 * m**3 + 2.0 * m * m)
+
+
+def attended_keys(seq_len: int, window: int | None) -> float:
+    """Mean number of keys a query attends to in a causal (optionally windowed) sequence of seq_len tokens."""
+    if window is None or window >= seq_len:
+        return (seq_len + 1) / 2.0
+    full = window * (window + 1) / 2.0 + (seq_len - window) * window
+    return full / seq_len
+
+
+def memory_forward_flops(mixer: AtlasMixer) -> float:
+    """Forward FLOPs per token of one AtlasMixer's memory_scan (all heads)."""
+    opts = mixer.scan_options
+    shapes = [tuple(p.shape[1:]) for p in mixer.memory.parameters() if p.dim() == 3]
+    n_fast = float(sum(r * c for r, c in shapes))
+    L, c = opts["chunk_size"], mixer.gates.window
+    keys = 4.0 * n_fast * (1.0 + (c - 1) / L)
+    ns = sum(newton_schulz_flops(r, cc, opts["ns_steps"]) for r, cc in shapes)
+    if opts["update"] == "token":
+        per_head = keys + 2.0 * c * n_fast + 4.0 * n_fast + ns + 2.0 * n_fast
+    else:
+        per_head = keys + 2.0 * n_fast + (4.0 * n_fast + ns) / L + 2.0 * n_fast
+    return mixer.n_heads * per_head
+
+
+def feature_map_forward_flops(fmap: FeatureMap, n_heads: int) -> float:
+    """φ on q and k, per token."""
+    if fmap.kind == "sketch":
+        per_head = 2.0 * fmap.sketch.shape[1] * fmap.sketch_dim * fmap.head_dim + fmap.out_dim
+    else:
+        per_head = 2.0 * fmap.out_dim
+    return 2.0 * n_heads * per_head
+
+
+def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    dense = 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    other = 0.0
+    memory = 0.0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            other += 4.0 * module.n_heads * module.head_dim * attended_keys(seq_len, module.window)
+        elif isinstance(module, AtlasMixer):
+            memory += memory_forward_flops(module)
+            other += feature_map_forward_flops(module.feature_map, module.n_heads)
+            for conv in (module.q_conv, module.k_conv, module.v_conv):
+                other += 2.0 * conv.weight.numel()
+    return 3.0 * (dense + other) + 4.0 * memory

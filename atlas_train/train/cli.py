@@ -1,0 +1,71 @@
+"""`atlas-train`: train from composed YAML configs, or `atlas-train export` a run's checkpoint.
+
+User errors (bad config key or value, missing or mismatched checkpoint or data, a diverged run) print one line and
+exit 2 (1 for a diverged run); preemption exits with EXIT_PREEMPTED (75) after checkpointing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from atlas_train.config import ConfigError
+from atlas_train.train.checkpoint import CheckpointError
+from atlas_train.train.nonfinite import NonFiniteLossError
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from atlas_train.data import DataError
+
+    return (ConfigError, CheckpointError, DataError, FileNotFoundError)
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="atlas-train",
+        description="Train an ATLAS-family model. `atlas-train export --help` for the export sub-command.",
+    )
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config (repeatable, merged in order)")
+    p.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/checkpoints/latest (= train.resume=auto)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
+    return p
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="atlas-train export",
+        description="Write a run's latest checkpoint as fp32 model.safetensors + config.yaml + tokenizer.model.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="the run dir (train.out_dir)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["export"]:
+            args = _export_parser().parse_args(argv[1:])
+            from atlas_train.train.export import export
+
+            out = export(args.checkpoint, args.out)
+            print(f"exported {args.checkpoint} -> {out}")
+            return 0
+        args = _train_parser().parse_args(argv)
+        if not args.config:
+            _train_parser().error("at least one --config FILE is required")
+        from atlas_train.config import load_config
+        from atlas_train.train.trainer import train
+
+        overrides = list(args.overrides) + (["train.resume=auto"] if args.resume else [])
+        return train(load_config(args.config, overrides))
+    except NonFiniteLossError as err:
+        print(f"atlas-train: {err}", file=sys.stderr)
+        return 1
+    except _user_errors() as err:
+        print(f"atlas-train: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

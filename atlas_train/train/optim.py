@@ -1,0 +1,88 @@
+"""AdamW parameter groups and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from atlas_train.train.config import TrainConfig
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose updates can be switched off for one optimizer step (a non-finite loss): weights and moments stay.
+
+    DeepSpeed's ZeRO and bf16 wrappers call the client optimizer's `step()` (once per parameter group or sub-group)
+    and then copy its fp32 weights back to the model, so skipping here leaves every copy of the weights unchanged on
+    every ZeRO stage. The training loop sets `skip` before each optimizer step.
+    """
+
+    skip: bool = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.skip:
+            return None
+        return super().step(closure)
+
+
+def no_decay_names(model: torch.nn.Module) -> set[str]:
+    """Parameters without weight decay: every vector (norms, gains, biases) plus what the model names itself.
+
+    The model's `no_weight_decay_names()` covers matrices that must not shrink towards zero: the memory's initial
+    fast weights and the feature-map coefficients.
+    """
+    named = set(getattr(model, "no_weight_decay_names", lambda: ())())
+    return {name for name, p in model.named_parameters() if p.ndim < 2 or name in named}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    skip = no_decay_names(model)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name in skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> SkippableAdamW:
+    return SkippableAdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+    )
+
+
+class WarmupCosine:
+    """LR multiplier at optimizer step `step` (0-based): linear warmup, then cosine down to min_lr_ratio at `steps`.
+
+    A class, not a closure, so that LambdaLR's state_dict (saved in checkpoints) carries the schedule settings.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.warmup_steps, self.steps, self.min_lr_ratio = cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg))
+
+
+def move_scheduler_to(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a fresh scheduler at optimizer step `step` (a resumed run), setting the optimizer's rates to match.
+
+    The rate is a function of this run's config and the step only (not restored from the checkpoint), so a resumed
+    run may lengthen `steps` or change `lr`; with the same config it is the very value the scheduler would reach.
+    """
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()

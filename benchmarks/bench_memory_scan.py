@@ -1,0 +1,367 @@
+"""memory_scan on one device: correctness of the Triton kernels first, then forward+backward speed.
+
+    python benchmarks/bench_memory_scan.py            # on one H100: checks, then T = 4K/16K/64K, dh 64/128
+    python benchmarks/bench_memory_scan.py --quick    # T = 4K, dh 64 only (on CPU: tiny sizes, a smoke run)
+    python benchmarks/bench_memory_scan.py --dh 128 --skip-checks   # split a long run over two commands
+
+1. Checks (fresh random inputs, seed printed): the Newton–Schulz kernel against a float64 PyTorch reference, per
+   operand precision, outputs and gradients; then the whole memory_scan with the kernels against the float64
+   PyTorch path (GPU only: the dispatch takes CUDA tensors). Relative error bounds per precision; NaN never passes.
+2. Speed (B·H = 16, hid = 4·dh, D = 2·dh as with the default sketch map, c = 64, chunk 64): memory_scan
+   update=token and chunk with the kernels, the PyTorch path compiled with torch.compile (per-chunk step compiled,
+   kernels off), and SDPA causal attention (cuDNN backend on GPU) with the same heads; the NS kernel alone on one
+   chunk's matrices. TFLOP/s against a measured bf16 matmul ceiling; peak memory. Every row is guarded (an OOM or
+   error is printed in its row), rows predicted to exceed --row-budget-s are skipped, the table comes last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+if not torch.cuda.is_available():  # CPU smoke run: the kernels run in Triton's interpreter (set before importing it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+from atlas_train import kernels  # noqa: E402
+from atlas_train.ops import memory_scan  # noqa: E402
+from atlas_train.ops import scan_chunks  # noqa: E402
+
+SCAN_MODULE = importlib.import_module("atlas_train.ops.memory_scan")  # the module, not the function it exports
+logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break chatter would bury the table
+NS_STEPS, WINDOW, CHUNK, HEADS = 5, 64, 64, 16
+BOUNDS = {"ieee": 1e-4, "tf32": 1e-2, "bf16": 5e-2}  # relative L2 error vs float64, outputs and gradients
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, device, reps):
+    """Median wall time of fn() over reps runs (after the caller's warm-up), in seconds."""
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_ceiling(device):
+    """Measured dense matmul throughput (bf16 on GPU, fp32 on CPU), TFLOP/s."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    return 2 * n**3 / time_fn(lambda: a @ b, device, 10) / 1e12
+
+
+def rel_err(got, want):
+    """‖got − want‖ / ‖want‖ in float64; NaN/inf propagate so that a bound check fails."""
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def ns_reference(s, steps):
+    """Float64 Newton–Schulz by the PyTorch path (kernels never take float64 CPU copies)."""
+    from atlas_train.ops.newton_schulz import newton_schulz
+    return newton_schulz(s.double().cpu(), steps)
+
+
+def check_ns_kernel(device, sizes):
+    rows = []
+    precisions = ("ieee", "tf32", "bf16") if device.type == "cuda" else ("ieee",)
+    for shape in sizes:
+        s = torch.randn(shape, device=device)
+        upstream = torch.randn(shape, device=device)
+        ref_in = s.double().cpu().requires_grad_()
+        ref_out = ns_reference(ref_in, NS_STEPS)
+        (ref_grad,) = torch.autograd.grad(ref_out, ref_in, upstream.double().cpu())
+        for precision in precisions:
+            leaf = s.clone().requires_grad_()
+            out = kernels.newton_schulz(leaf, NS_STEPS, precision)
+            (grad,) = torch.autograd.grad(out, leaf, upstream)
+            for what, got, want in (("y", out, ref_out), ("dS", grad, ref_grad)):
+                err = rel_err(got.cpu(), want.detach())
+                rows.append((f"NS kernel {tuple(shape)} {precision} {what}", err, BOUNDS[precision]))
+    return rows
+
+
+def make_inputs(batch, length, heads, dh, device, dtype, seed=None):
+    """Random memory_scan inputs with gates in their usual ranges; float leaves that require grad."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+    dim, hid = 2 * dh, 4 * dh
+
+    def rand(*shape, scale=1.0, low=None, high=None, dt=dtype):
+        if low is None:
+            t = torch.randn(*shape, generator=gen, device=device) * scale
+        else:
+            t = low + (high - low) * torch.rand(*shape, generator=gen, device=device)
+        return t.to(dt).requires_grad_()
+
+    zq = F.normalize(torch.randn(batch, length, heads, dim, generator=gen, device=device), dim=-1)
+    zk = F.normalize(torch.randn(batch, length, heads, dim, generator=gen, device=device), dim=-1)
+    tensors = dict(zq=zq.to(dtype).requires_grad_(), zk=zk.to(dtype).requires_grad_(),
+                   v=rand(batch, length, heads, dh), alpha=rand(batch, length, heads, low=0.95, high=1.0),
+                   eta=rand(batch, length, heads, low=0.0, high=0.05),
+                   theta=rand(batch, length, heads, low=0.5, high=0.95),
+                   gamma=rand(batch, length, heads, WINDOW, low=0.0, high=1.0))
+    params = {"W1": rand(heads, dh, hid, scale=hid**-0.5, dt=torch.float32),
+              "W2": rand(heads, hid, dim, scale=dim**-0.5, dt=torch.float32),
+              "ln_weight": rand(heads, dh, low=0.8, high=1.2, dt=torch.float32),
+              "ln_bias": rand(heads, dh, scale=0.02, dt=torch.float32)}
+    return tensors, params
+
+
+def scan_fwd_bwd(tensors, params, update, upstream=None):
+    """One memory_scan forward+backward; returns y and the gradients of every float input."""
+    y, _ = memory_scan(**tensors, params=params, chunk_size=CHUNK, ns_steps=NS_STEPS, update=update)
+    leaves = list(tensors.values()) + list(params.values())
+    grads = torch.autograd.grad(y, leaves, upstream if upstream is not None else torch.ones_like(y))
+    return y, grads
+
+
+def check_memory_scan(device):
+    """memory_scan with kernels (each precision) against the float64 PyTorch path at a small real shape."""
+    rows = []
+    for update in ("token", "chunk"):
+        tensors, params = make_inputs(2, 4 * CHUNK, 8, 64, device, torch.float32)
+        upstream = torch.randn(2, 4 * CHUNK, 8, 64, device=device)
+        kernels.set_kernels_enabled(False)
+        as64 = lambda d: {k: t.detach().double().requires_grad_() for k, t in d.items()}  # noqa: E731
+        ref_y, ref_grads = scan_fwd_bwd(as64(tensors), as64(params), update, upstream.double())
+        y, grads = scan_fwd_bwd(tensors, params, update, upstream)
+        errs = [rel_err(g, r) for g, r in zip((y, *grads), (ref_y, *ref_grads))]
+        torch_err = max(errs)
+        rows.append((f"memory_scan {update} PyTorch path fp32 (worst)", torch_err, 1e-3))
+        kernels.set_kernels_enabled(True)
+        for precision in ("ieee", "tf32", "bf16"):
+            kernels.set_ns_precision(precision)
+            y, grads = scan_fwd_bwd(tensors, params, update, upstream)
+            names = ["y"] + [f"d{k}" for k in list(tensors) + list(params)]
+            errs = [rel_err(g, r) for g, r in zip((y, *grads), (ref_y, *ref_grads))]
+            worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
+            bound = max(BOUNDS[precision], 2 * torch_err)  # never asked to beat the fp32 PyTorch path itself
+            rows.append((f"memory_scan {update} {precision} (worst: {names[worst]})", errs[worst], bound))
+        kernels.set_ns_precision("tf32")
+    return rows
+
+
+def ns_flops(rows, cols, steps):
+    """Algorithmic NS flops of one matrix (forward, backward) with m = short side, n = long side."""
+    m, n = min(rows, cols), max(rows, cols)
+    return (4 * m * m * n + 2 * m**3) * steps, (8 * m * m * n + 6 * m**3) * steps
+
+
+def scan_flops(length, heads, dh, update):
+    """Model flops of memory_scan forward+backward (3x forward; the scan's recomputation is not counted)."""
+    dim, hid, dv, keys = 2 * dh, 4 * dh, dh, CHUNK + WINDOW - 1
+    weights = dv * hid + hid * dim
+    ns = sum(ns_flops(r, c, NS_STEPS)[0] for r, c in ((dv, hid), (hid, dim)))
+    # window gradient factors of every key at the anchor, window weights, reads of the chunk's queries
+    per_chunk = 2 * keys * (hid * dim + 2 * dv * hid) + 2 * CHUNK * keys * CHUNK + 2 * CHUNK * weights
+    if update == "token":  # per-token momenta (outer-product sums), NS of each, per-token weights
+        per_chunk += 2 * CHUNK * keys * weights + CHUNK * ns + 2 * CHUNK * CHUNK * weights
+    else:  # one summed gradient, one NS
+        per_chunk += 2 * keys * weights + ns
+    return 3 * per_chunk * heads * (length // CHUNK)
+
+
+def compiled_chunk_steps():
+    """Swap the scan's per-chunk step functions for torch.compile'd ones; returns a restore callback."""
+    saved = {name: getattr(SCAN_MODULE, name) for name in ("token_update_chunk", "chunk_update_chunk")}
+    for name in saved:
+        setattr(SCAN_MODULE, name, torch.compile(getattr(scan_chunks, name)))
+
+    def restore():
+        for name, fn in saved.items():
+            setattr(SCAN_MODULE, name, fn)
+    return restore
+
+
+class Bench:
+    def __init__(self, device, ceiling, budget_s, row_budget_s):
+        self.device, self.ceiling = device, ceiling
+        self.deadline = time.monotonic() + budget_s
+        self.row_budget_s = row_budget_s
+        self.rows = []
+        self.first_times = {}  # (impl key) -> (length, seconds) of the smallest T, for the skip prediction
+
+    def run(self, label, shape, make_step, flops, scale_key=None, length=None):
+        """Build the step (inputs included), warm up once, time a few repetitions; record time, TFLOP/s and peak
+        memory, or the failure, as a row."""
+        if time.monotonic() > self.deadline:
+            self.rows.append((label, shape, "skipped: total time budget spent"))
+            return
+        if scale_key in self.first_times:
+            base_len, base_s = self.first_times[scale_key]
+            predicted = base_s * length / base_len
+            if predicted > self.row_budget_s:
+                self.rows.append((label, shape, f"skipped: predicted {predicted:.0f} s per step"))
+                return
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            fn = make_step()
+            start = time.perf_counter()
+            fn()  # warm-up (and compilation)
+            sync(self.device)
+            warm = time.perf_counter() - start
+            reps = max(1, min(5, int(self.row_budget_s / max(warm, 1e-6) / 2)))
+            seconds = time_fn(fn, self.device, reps)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else float("nan")
+            del fn
+        except Exception as exc:  # noqa: BLE001 — one failing row must not stop the others
+            kind = "OOM" if isinstance(exc, torch.OutOfMemoryError) else type(exc).__name__
+            self.rows.append((label, shape, f"{kind}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"))
+            print("".join(traceback.format_exc().splitlines(True)[-6:]), file=sys.stderr)
+            return
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        if scale_key is not None and scale_key not in self.first_times:
+            self.first_times[scale_key] = (length, seconds)
+        tflops = flops / seconds / 1e12
+        self.rows.append((label, shape, f"{seconds * 1e3:10.2f} ms {tflops:8.3g} TFLOP/s "
+                                        f"{100 * tflops / self.ceiling:5.1f}% {peak:7.2f} GiB"))
+        print(f"  {label:<34} {shape:<22} {self.rows[-1][2]}", flush=True)
+
+
+def sdpa_step(length, dh, device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(1, HEADS, length, dh, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+
+    def step():
+        if device.type == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.backward(torch.ones_like(out))
+    return step
+
+
+def scan_step(length, dh, update, device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tensors, params = make_inputs(1, length, HEADS, dh, device, dtype, seed=0)
+
+    def step():
+        y, _ = memory_scan(**tensors, params=params, chunk_size=CHUNK, ns_steps=NS_STEPS, update=update)
+        y.backward(torch.ones_like(y))
+    return step
+
+
+def ns_step(mats, rows, cols, precision, device, backward):
+    s = torch.randn(mats, rows, cols, device=device, requires_grad=backward)
+
+    def step():
+        out = kernels.newton_schulz(s, NS_STEPS, precision)
+        if backward:
+            out.backward(torch.ones_like(out))
+    return step
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="T = 4K and dh 64 only (CPU: tiny sizes)")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting rows after this many seconds")
+    parser.add_argument("--row-budget-s", type=float, default=30.0, help="skip rows predicted slower than this")
+    parser.add_argument("--dh", type=int, nargs="+", help="head dims to time (default 64 128; --quick: 64)")
+    parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths to time (default 4K 16K 64K)")
+    parser.add_argument("--skip-checks", action="store_true", help="timing only (not for reported numbers)")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    print(f"device: {torch.cuda.get_device_name() if on_gpu else 'cpu (Triton interpreter for the kernels)'}; "
+          f"torch {torch.__version__}", flush=True)
+    seed = int.from_bytes(os.urandom(6), "little")  # fresh inputs on every run; printed to reproduce a failure
+    torch.manual_seed(seed)
+    print(f"random seed of this run: {seed}", flush=True)
+
+    checks = []
+    if not args.skip_checks:
+        ns_sizes = ([(64, 64, 256), (64, 256, 128), (16, 128, 512), (8, 512, 256), (8, 40, 200)] if on_gpu
+                    else [(3, 8, 24), (2, 24, 8)])
+        groups = [("NS kernel", lambda: check_ns_kernel(device, ns_sizes))]
+        if on_gpu:
+            groups.append(("memory_scan", lambda: check_memory_scan(device)))
+        for name, run_checks in groups:
+            try:
+                checks += run_checks()
+            except Exception as exc:  # noqa: BLE001 — a crashing check is a failed check, and the run goes on
+                print("".join(traceback.format_exc().splitlines(True)[-6:]), file=sys.stderr)
+                checks.append((f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}", math.nan, 0.0))
+    failed = [c for c in checks if not (c[1] <= c[2])]  # NaN compares False: it never passes
+
+    ceiling = matmul_ceiling(device)
+    print(f"matmul ceiling: {ceiling:.3g} TFLOP/s ({'bf16' if on_gpu else 'fp32'})", flush=True)
+    bench = Bench(device, ceiling, args.budget_s, args.row_budget_s)
+    if on_gpu:
+        lengths = (4096,) if args.quick else (4096, 16384, 65536)
+        head_dims = (64,) if args.quick else (64, 128)
+    else:
+        lengths, head_dims = ((128,), (16,)) if args.quick else ((128, 256), (16,))
+    lengths, head_dims = args.lengths or lengths, args.dh or head_dims
+
+    for dh in head_dims:  # the NS kernel alone, on one chunk's matrices of update=token
+        for precision in (("tf32", "bf16") if on_gpu else ("ieee",)):
+            for rows_, cols_ in ((dh, 4 * dh), (4 * dh, 2 * dh)):
+                fwd, bwd = ns_flops(rows_, cols_, NS_STEPS)
+                mats = HEADS * CHUNK if on_gpu else 2  # interpreter: two matrices are plenty
+                bench.run(f"NS kernel fwd {precision}", f"{mats}x{rows_}x{cols_}",
+                          lambda: ns_step(mats, rows_, cols_, precision, device, False), mats * fwd)
+                bench.run(f"NS kernel fwd+bwd {precision}", f"{mats}x{rows_}x{cols_}",
+                          lambda: ns_step(mats, rows_, cols_, precision, device, True), mats * (fwd + bwd))
+    for length in lengths:  # shortest context first, so a spent time budget drops the longest rows
+        for dh in head_dims:
+            shape = f"T={length} dh={dh}"
+            bench.run("sdpa causal" + (" cudnn" if on_gpu else ""), shape, lambda: sdpa_step(length, dh, device),
+                      7 * length * length * dh * HEADS, ("sdpa", dh), length)
+            for update in ("chunk", "token"):
+                flops = scan_flops(length, HEADS, dh, update)
+                kernels.set_kernels_enabled(True)
+                bench.run(f"scan {update} {'kernels' if on_gpu else 'eager (cpu)'}", shape,
+                          lambda: scan_step(length, dh, update, device), flops, ("kernels", update, dh), length)
+                if args.quick and not on_gpu:
+                    continue  # CPU smoke run: compiling the chunk step takes minutes on 2 cores
+                variants = [("torch.compile", False)] + ([("kernels+compile", True)] if update == "token" else [])
+                for name, use_kernels in variants:
+                    kernels.set_kernels_enabled(use_kernels)
+                    restore = compiled_chunk_steps()
+                    try:
+                        bench.run(f"scan {update} {name}", shape, lambda: scan_step(length, dh, update, device),
+                                  flops, (name, update, dh), length)
+                    finally:
+                        restore()
+                        kernels.set_kernels_enabled(True)
+
+    print("\n== correctness (relative L2 error vs float64; NaN fails) ==")
+    for name, err, bound in checks:
+        print(f"{'ok  ' if err <= bound else 'FAIL'} {name:<58} {err:9.2e}  bound {bound:.0e}")
+    if not checks:
+        print("(skipped)")
+    print(f"\n== forward+backward, B*H={HEADS}, c={WINDOW}, chunk={CHUNK}, ns={NS_STEPS}; "
+          f"ceiling {ceiling:.3g} TFLOP/s; time, TFLOP/s, % of ceiling, peak memory ==")
+    for label, shape, result in bench.rows:
+        print(f"{label:<34} {shape:<22} {result}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Training throughput: tokens/s and MFU per model, and what the data loader + logging cost on top of the step.
+
+For each mixer, two runs of the real training loop (`atlas_train.train.trainer.train`, same engine, same settings):
+  real:      the shard loader on a prepared dataset, every metric logged every step (tensorboard + metrics.jsonl)
+  synthetic: random batches made in the loop (no loader), metrics logged only twice
+Per-step time is wall time between two logged steps after warm-up, so it includes everything the loop does; the
+overhead column is real / synthetic - 1 (target: under 3%).
+
+One H100 (the issue's numbers):
+    python benchmarks/bench_train.py --model configs/model/340m.yaml --mixers atlas,transformer --seq-len 4096
+Tiny, on CPU:
+    python benchmarks/bench_train.py --model configs/model/demo.yaml --mixers atlas --seq-len 64 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def write_random_dataset(out_dir: Path, *, seq_len: int, vocab_size: int, rows: int) -> None:
+    """Random-token shards through the project's writer: loader cost does not depend on what the tokens say."""
+    from atlas_train.data_prep.writer import write_dataset
+
+    rng = np.random.default_rng(0)
+
+    def gen(n):
+        for _ in range(n):
+            doc_start = np.zeros(seq_len + 1, dtype=bool)
+            doc_start[0] = True
+            yield rng.integers(0, vocab_size, seq_len + 1), doc_start
+
+    write_dataset(out_dir, {"train": gen(rows), "val": gen(4)}, seq_len=seq_len, vocab_size=vocab_size,
+                  shard_size_mb=64.0)
+
+
+def run_once(model_cfg: str, mixer: str, *, synthetic: bool, data_dir: Path, out_dir: Path, args) -> dict:
+    from atlas_train.config import load_config
+    from atlas_train.train.trainer import train
+
+    steps = args.warmup + args.steps
+    overrides = [
+        f"model.mixer={mixer}", f"model.max_seq_len={args.seq_len}", f"data.path={data_dir}",
+        f"data.num_workers={args.workers}", f"train.out_dir={out_dir}", f"train.steps={steps}",
+        f"train.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1",
+        f"train.precision={'bf16' if torch.cuda.is_available() else 'fp32'}", f"train.zero_stage={args.zero_stage}",
+        "train.eval_every=0", "train.save_every=0", "train.max_minutes=null", "train.resume=none",
+        "train.progress=false",
+        f"train.warmup_steps={steps}", f"train.synthetic_data={str(synthetic).lower()}",
+        # synthetic: log only at the end of warm-up and at the end (the two timestamps); real: every step
+        f"train.log_every={args.warmup if synthetic else 1}",
+        *args.override,
+    ]
+    cfg = load_config([REPO / "configs" / "train" / "demo.yaml", model_cfg, REPO / "configs" / "data" / "demo.yaml"],
+                      overrides)
+    train(cfg)
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in rows if "perf/elapsed_s" in r}
+    step_s = (by_step[steps]["perf/elapsed_s"] - by_step[args.warmup]["perf/elapsed_s"]) / args.steps
+    timed = [r for s, r in by_step.items() if s > args.warmup]
+    mfu = statistics.mean(r["perf/mfu"] for r in timed) if "perf/mfu" in timed[0] else None
+    mem = max(r["perf/max_mem_gb"] for r in timed) if "perf/max_mem_gb" in timed[0] else None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return {"step_s": step_s, "tokens_s": args.micro_batch * args.seq_len / step_s, "mfu": mfu, "mem_gb": mem}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(REPO / "configs" / "model" / "340m.yaml"), help="model config YAML")
+    p.add_argument("--mixers", default="atlas,transformer", help="comma-separated model.mixer values")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="data loader workers per rank")
+    p.add_argument("--override", nargs="*", default=[], metavar="key=value", help="extra config overrides")
+    args = p.parse_args()
+
+    from atlas_train.config import load_config
+
+    vocab = load_config([args.model]).model.vocab_size
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        data_dir = Path(tmp) / "data"
+        rows = (args.warmup + args.steps + 2) * args.micro_batch
+        write_random_dataset(data_dir, seq_len=args.seq_len, vocab_size=vocab, rows=rows)
+        for mixer in args.mixers.split(","):
+            real = run_once(args.model, mixer, synthetic=False, data_dir=data_dir, out_dir=Path(tmp) / f"{mixer}_real",
+                            args=args)
+            synth = run_once(args.model, mixer, synthetic=True, data_dir=data_dir,
+                             out_dir=Path(tmp) / f"{mixer}_synth", args=args)
+            results.append((mixer, real, synth))
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\nbench_train: {Path(args.model).name}, seq_len {args.seq_len}, micro-batch {args.micro_batch}, "
+          f"ZeRO-{args.zero_stage}, {args.steps} timed steps after {args.warmup}, on {device}")
+    print(f"{'mixer':<12} {'tokens/s':>10} {'step ms':>9} {'MFU':>7} {'max mem GB':>11} {'synthetic ms':>13} "
+          f"{'loader+log overhead':>20}")
+    for mixer, real, synth in results:
+        mfu = f"{100 * real['mfu']:.1f}%" if real["mfu"] is not None else "n/a"
+        mem = f"{real['mem_gb']:.1f}" if real["mem_gb"] is not None else "n/a"
+        overhead = 100 * (real["step_s"] / synth["step_s"] - 1)
+        print(f"{mixer:<12} {real['tokens_s']:>10.0f} {1000 * real['step_s']:>9.1f} {mfu:>7} {mem:>11} "
+              f"{1000 * synth['step_s']:>13.1f} {overhead:>19.1f}%")
+
+
+if __name__ == "__main__":
+    main()

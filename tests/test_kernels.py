@@ -1,0 +1,170 @@
+"""The Triton kernels against the PyTorch path of atlas_train.ops, under the Triton CPU interpreter, in float64.
+
+TRITON_INTERPRET must be set before atlas_train.kernels is imported (Triton chooses interpreter or compiler when a
+kernel is decorated). Production dispatch only takes CUDA tensors, so the other tests in this process keep running
+the PyTorch path; here the kernels are called directly, or swapped into the scan by monkeypatching.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import atlas_train.kernels.newton_schulz_kernel as ns_kernel  # noqa: E402
+from atlas_train.kernels import (  # noqa: E402
+    newton_schulz,
+    newton_schulz_or_none,
+    newton_schulz_unsupported,
+    note_fallback,
+    set_ns_precision,
+)
+from atlas_train.kernels.runtime import INTERPRETED  # noqa: E402
+from atlas_train.ops import memory_scan  # noqa: E402
+from atlas_train.ops import scan_chunks  # noqa: E402
+from atlas_train.ops.newton_schulz import newton_schulz as ns_torch  # noqa: E402
+
+assert INTERPRETED, "atlas_train.kernels was imported before TRITON_INTERPRET=1 was set: import order changed"
+
+
+def _ns_pair(shape, steps, seed):
+    """Output and input gradient of the kernel and of the PyTorch path for one random S and upstream gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(shape, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(shape, generator=gen, dtype=torch.float64)
+    results = []
+    for fn in (lambda t: newton_schulz(t, steps, "ieee"), lambda t: ns_torch(t, steps)):
+        leaf = s.clone().requires_grad_()
+        out = fn(leaf)
+        (grad,) = torch.autograd.grad(out, leaf, upstream)
+        results.append((out.detach(), grad))
+    return results
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 24), (2, 24, 5), (3, 16, 16), (1, 20, 70)])
+@pytest.mark.parametrize("steps", [1, 5])
+def test_newton_schulz_matches_pytorch_path(shape, steps):
+    (y, g), (y_ref, g_ref) = _ns_pair(shape, steps, seed=steps * 100 + shape[-1])
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("variant", ["stream", "scratch"])
+@pytest.mark.parametrize("shape", [(2, 40, 20), (1, 20, 70), (1, 33, 50)])
+def test_newton_schulz_large_matrix_variants_match_pytorch_path(monkeypatch, variant, shape):
+    """Force, at tiny sizes, the column-streamed variants that large matrices take on the GPU, with several column
+    strips and (scratch) several row blocks, including partial ones."""
+    monkeypatch.setattr(ns_kernel, "SINGLE_TILE_ELEMENTS", 16 * 16)
+    monkeypatch.setattr(ns_kernel, "SCRATCH_TILE_ELEMENTS", 16 * 32)
+    monkeypatch.setattr(ns_kernel, "REGISTER_GRAM_MAX", 64 if variant == "stream" else 16)
+    assert ns_kernel._launch(torch.zeros(shape, dtype=torch.float64), "ieee").variant == variant
+    (y, g), (y_ref, g_ref) = _ns_pair(shape, 3, seed=7)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
+
+
+def test_newton_schulz_zero_matrix_and_identity_steps():
+    s = torch.zeros(2, 3, 5, dtype=torch.float64)
+    s[1] = torch.randn(3, 5, dtype=torch.float64)
+    upstream = torch.randn_like(s)
+    grads = []
+    for fn in (lambda t: newton_schulz(t, 2, "ieee"), lambda t: ns_torch(t, 2)):
+        leaf = s.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(fn(leaf), leaf, upstream)
+        grads.append(grad)
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-6)
+    assert newton_schulz(s, 0) is s
+
+
+def test_newton_schulz_gradcheck():
+    s = torch.randn(1, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: newton_schulz(t, 2, "ieee"), (s,), eps=1e-6, atol=1e-6)
+
+
+def test_unsupported_inputs_are_refused_with_a_reason():
+    assert "short side" in newton_schulz_unsupported(torch.zeros(2, 260, 300))
+    assert "dtype" in newton_schulz_unsupported(torch.zeros(2, 4, 8, dtype=torch.float16))
+    assert "precision" in newton_schulz_unsupported(torch.zeros(2, 4, 8), precision="fp8")
+    with pytest.raises(ValueError, match="short side"):
+        newton_schulz(torch.zeros(1, 260, 260), 2)
+    with pytest.raises(ValueError, match="precision"):
+        set_ns_precision("fp8")
+
+
+def test_dispatch_leaves_cpu_tensors_to_pytorch_and_notes_fallbacks_once(caplog):
+    assert newton_schulz_or_none(torch.randn(2, 4, 8), 2) is None
+    with caplog.at_level(logging.WARNING, logger="atlas_train.kernels.dispatch"):
+        for _ in range(3):
+            note_fallback("Newton-Schulz", "test reason 1234")
+    assert sum("test reason 1234" in r.getMessage() for r in caplog.records) == 1
+
+
+def _scan_inputs(update, gated, seed):
+    gen = torch.Generator().manual_seed(seed)
+    batch, length, heads, dim, dv, hid, window = 1, 7, 2, 6, 4, 8, 3
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).requires_grad_()
+
+    def gate(*shape, low=0.0, high=1.0):
+        return (low + (high - low) * torch.rand(*shape, generator=gen, dtype=torch.float64)).requires_grad_()
+
+    params = {"W1": rand(heads, dv, hid, scale=0.3), "W2": rand(heads, hid, dim, scale=0.3),
+              "ln_weight": gate(heads, dv, low=0.5, high=1.5), "ln_bias": rand(heads, dv, scale=0.1)}
+    if gated:
+        params["W3"] = rand(heads, hid, dim, scale=0.3)
+    tensors = dict(zq=rand(batch, length, heads, dim), zk=rand(batch, length, heads, dim),
+                   v=rand(batch, length, heads, dv), alpha=gate(batch, length, heads, low=0.8),
+                   eta=gate(batch, length, heads, high=0.2), theta=gate(batch, length, heads, high=0.9),
+                   gamma=gate(batch, length, heads, window))
+    doc_start = torch.zeros(batch, length, dtype=torch.bool)
+    doc_start[0, 5] = True
+    return tensors, params, doc_start
+
+
+def _scan_grads(update, gated, use_kernel, monkeypatch):
+    tensors, params, doc_start = _scan_inputs(update, gated, seed=3)
+    calls = []
+    if use_kernel:
+        def kernel_ns(s, steps):
+            calls.append(s.shape)
+            return newton_schulz(s, steps, "ieee")
+
+        monkeypatch.setattr(scan_chunks, "newton_schulz", kernel_ns)
+    y, state = memory_scan(**tensors, params=params, doc_start=doc_start, chunk_size=4, ns_steps=2, update=update)
+    forward_calls = len(calls)
+    leaves = list(tensors.values()) + list(params.values())
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(11), dtype=y.dtype)
+    loss = (y * upstream).sum() + sum(t.sum() for k, t in state.items() if k.startswith(("fast.", "anchor.")))
+    grads = torch.autograd.grad(loss, leaves)  # the scan's backward recomputes chunks: still through the kernel
+    monkeypatch.undo()
+    assert (forward_calls > 0 and len(calls) > forward_calls) == use_kernel
+    return [y.detach()] + list(grads)
+
+
+@pytest.mark.parametrize("update,gated", [("token", False), ("token", True), ("chunk", False)])
+def test_memory_scan_with_kernel_newton_schulz_matches_pytorch_path(update, gated, monkeypatch):
+    """The kernel inside the whole scan: same y, same gradients for every input and initial fast weight."""
+    with_kernel = _scan_grads(update, gated, True, monkeypatch)
+    reference = _scan_grads(update, gated, False, monkeypatch)
+    for got, want in zip(with_kernel, reference):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_probe_reports_a_kernel_that_cannot_run(monkeypatch):
+    """A kernel that fails to compile or launch on a GPU must become a fallback reason, not a crash."""
+    from atlas_train.kernels import dispatch
+
+    assert dispatch._probe_newton_schulz(torch.randn(2, 4, 8, dtype=torch.float64), 2) is None
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory\nmore detail")
+
+    monkeypatch.setattr(dispatch, "newton_schulz", broken)
+    reason = dispatch._probe_newton_schulz(torch.randn(2, 5, 9, dtype=torch.float64), 2)
+    assert reason == "kernel failed to run: RuntimeError: out of resource: shared memory"
