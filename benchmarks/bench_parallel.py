@@ -116,6 +116,8 @@ def main() -> None:
                         "predicted to take longer")
     parser.add_argument("--model-override", action="append", default=[], help="e.g. update=chunk (model.* key)")
     parser.add_argument("--json", help="also write the rows here (rank 0)")
+    parser.add_argument("--only", choices=["cp", "tp"], help="only the CP rows (weak scaling, longest context) or "
+                        "only the TP rows")
     args = parser.parse_args()
     if args.quick:
         args.cp_model = args.tp_model = "configs/model/demo.yaml"
@@ -132,43 +134,63 @@ def main() -> None:
     tp_cfg = model_config(args.tp_model, args.model_override)
     T, results = args.seq_len, []
 
-    base = row("cp weak: CP=1 (DP)", cp_cfg, ParallelConfig(), T, args.steps, device, results)
-    cp2 = row("cp weak: CP=2 at 2T", cp_cfg, ParallelConfig(context_parallel=2), 2 * T, args.steps, device, results)
-    cp_eff = cp2["tok_s_gpu"] / base["tok_s_gpu"]
+    cp_eff, tp_eff, longest = None, {}, None
+    if args.only != "tp":
+        base = row("cp weak: CP=1 (DP)", cp_cfg, ParallelConfig(), T, args.steps, device, results)
+        cp2 = row("cp weak: CP=2 at 2T", cp_cfg, ParallelConfig(context_parallel=2), 2 * T, args.steps, device,
+                  results)
+        cp_eff = cp2["tok_s_gpu"] / base["tok_s_gpu"]
+        longest = longest_context(cp2, 2 * T, cp_cfg, args, device, results)
+    if args.only != "cp":
+        tp_eff = tp_rows(tp_cfg, T, args, device, results)
+    if dist.get_rank() == 0:
+        print_table(results, cp_eff, tp_eff, longest, args, device)
+    dist.destroy_process_group()
 
+
+def tp_rows(tp_cfg, T, args, device, results) -> dict:
+    """TP strong scaling: per-GPU throughput of TP=2 (and TP=2 + SP on GPUs) against TP=1 at the same context."""
     tp1 = row("tp strong: TP=1 (DP)", tp_cfg, ParallelConfig(), T, args.steps, device, results)
     tp2 = row("tp strong: TP=2", tp_cfg, ParallelConfig(tensor_parallel=2), T, args.steps, device, results)
     tp_eff = {"TP=2": tp2["tok_s_gpu"] / tp1["tok_s_gpu"]}
-    if cuda:
+    if device.type == "cuda":
         sp = row("tp strong: TP=2 + SP", tp_cfg, ParallelConfig(tensor_parallel=2, sequence_parallel=True), T,
                  args.steps, device, results)
         tp_eff["TP=2+SP"] = sp["tok_s_gpu"] / tp1["tok_s_gpu"]
+    return tp_eff
 
-    longest, length = cp2, 2 * T
+
+def longest_context(longest, length, cp_cfg, args, device, results) -> dict:
+    """Double the CP=2 context while it fits in memory and in the time budget; the last row that ran."""
+    cuda = device.type == "cuda"
     capacity = torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else float("inf")
     # Every condition uses numbers all ranks share (all-reduced), so every rank leaves the loop together.
     while (2 * length <= args.max_seq_len and longest["peak_gib"] * 2 < 0.9 * capacity
            and 4 * longest["step_s"] <= args.row_budget_s):  # next row: warm-up + 1 step at twice the time
         length *= 2
         longest = row("cp longest context", cp_cfg, ParallelConfig(context_parallel=2), length, 1, device, results)
+    return longest
 
-    if dist.get_rank() == 0:
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
-        device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
-        print(f"\n{world} x {device_name}; cp model {args.cp_model}, tp model {args.tp_model} "
-              f"{' '.join(args.model_override)}")
-        print(f"{'row':<24}{'tp':>3}{'cp':>3}{'sp':>4}{'T':>9}{'step s':>10}{'tok/s/GPU':>12}{'peak GiB':>10}")
-        for r in results:
-            print(f"{r['name']:<24}{r['tp']:>3}{r['cp']:>3}{'y' if r['sp'] else 'n':>4}{r['T']:>9}"
-                  f"{r['step_s']:>10.3f}{r['tok_s_gpu']:>12.0f}{r['peak_gib']:>10.2f}")
+
+def print_table(results, cp_eff, tp_eff, longest, args, device) -> None:
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\n{dist.get_world_size()} x {device_name}; cp model {args.cp_model}, tp model {args.tp_model} "
+          f"{' '.join(args.model_override)}")
+    print(f"{'row':<24}{'tp':>3}{'cp':>3}{'sp':>4}{'T':>9}{'step s':>10}{'tok/s/GPU':>12}{'peak GiB':>10}")
+    for r in results:
+        print(f"{r['name']:<24}{r['tp']:>3}{r['cp']:>3}{'y' if r['sp'] else 'n':>4}{r['T']:>9}"
+              f"{r['step_s']:>10.3f}{r['tok_s_gpu']:>12.0f}{r['peak_gib']:>10.2f}")
+    if cp_eff is not None:
         print(f"CP weak-scaling efficiency (CP=2 at 2T vs CP=1 at T): {cp_eff:.1%}  (goal >= 85%)")
-        for name, eff in tp_eff.items():
-            print(f"TP strong-scaling efficiency per GPU ({name} vs TP=1): {eff:.1%}  (goal >= 80%)")
-        stop = "memory" if longest["peak_gib"] * 2 >= 0.9 * capacity else "time or --max-seq-len"
+    for name, eff in tp_eff.items():
+        print(f"TP strong-scaling efficiency per GPU ({name} vs TP=1): {eff:.1%}  (goal >= 80%)")
+    if longest is not None:
+        capacity = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0
+        stop = "memory" if capacity and longest["peak_gib"] * 2 >= 0.9 * capacity else "time or --max-seq-len"
         print(f"longest context trained with CP=2: {longest['T']} tokens (peak {longest['peak_gib']:.1f} GiB/GPU; "
               f"the search stopped on {stop})")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -43,15 +43,23 @@ def note_fallback(what: str, reason: str) -> None:
         log.warning("atlas_train.kernels: %s runs on the PyTorch path (%s)", what, reason)
 
 
+@torch.no_grad()
+def _kernel_forward_backward(one: torch.Tensor, steps: int) -> None:
+    out, iterates = torch.ops.atlas_train.newton_schulz_saving(one, steps, _ns_precision)
+    torch.ops.atlas_train.newton_schulz_backward(one, iterates, torch.ones_like(out), steps, _ns_precision)
+
+
 @torch.compiler.disable  # runs eagerly even when the caller is being compiled
 def _probe_newton_schulz(s: torch.Tensor, steps: int) -> str | None:
-    """Run the kernel forward and backward on one matrix shaped like s's; the error's first line if it fails."""
+    """Run the kernel forward and backward on one matrix shaped like s's; the error's first line if it fails.
+
+    The probe calls the kernel ops directly, outside autograd: it may run inside a model's forward under activation
+    checkpointing, whose saved-tensor bookkeeping must see the same tensors when that forward is recomputed.
+    """
     key = (tuple(s.shape[-2:]), s.dtype, s.device, _ns_precision, steps)
     if key not in _probed:
         try:
-            with torch.enable_grad():
-                one = torch.randn(1, *s.shape[-2:], device=s.device, dtype=s.dtype, requires_grad=True)
-                newton_schulz(one, steps, _ns_precision).sum().backward()
+            _kernel_forward_backward(torch.randn(1, *s.shape[-2:], device=s.device, dtype=s.dtype), steps)
             _probed[key] = None
         except Exception as exc:  # noqa: BLE001 — any compile/launch failure means: use the PyTorch path
             _probed[key] = f"kernel failed to run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -36,12 +36,14 @@ SCENARIOS = {
         ("equivalence", dict(mixers=["atlas"], tp=1, cp=2, sp=False, steps=3)),
         ("equivalence", dict(mixers=["transformer", "atlas", "atlas_mag", "atlas_mal"], tp=2, cp=1, sp=False)),
         ("equivalence", dict(mixers=["atlas_mag", "atlas_mal"], tp=2, cp=1, sp=True, steps=3)),
+        ("equivalence", dict(mixers=["atlas", "atlas_mal"], tp=1, cp=2, sp=False, recompute=True)),
     ],
     4: [
         ("groups", dict(tp=2, cp=2)), ("groups", dict(tp=1, cp=4)),
         ("equivalence", dict(mixers=["atlas", "atlas_mal"], tp=1, cp=4, sp=False)),
         ("equivalence", dict(mixers=["atlas_mag"], tp=2, cp=2, sp=False)),
         ("equivalence", dict(mixers=["atlas_mal"], tp=2, cp=2, sp=True, steps=2)),
+        ("equivalence", dict(mixers=["atlas_mag"], tp=2, cp=2, sp=True, recompute=True)),
         ("equivalence", dict(mixers=["atlas", "transformer"], tp=1, cp=2, sp=False, steps=3)),  # DP=2 x CP=2
     ],
 }
@@ -107,13 +109,14 @@ def groups(tp: int, cp: int) -> None:
     assert plan.loss_for_logging(torch.tensor(float(dist.get_rank()), device=_device())) == sum(ranks) / len(ranks)
 
 
-def _tiny_config(mixer: str):
+def _tiny_config(mixer: str, recompute: bool = False):
     from atlas_train.model import ModelConfig
 
     # Segments of 8 tokens = 2 chunks; the Omega window (3), conv (4) and SWA halo (5 keys) all cross segments.
     return ModelConfig(mixer=mixer, vocab_size=32, d_model=16, n_layers=2, n_heads=4, mlp_hidden=32,
                        memory_expansion=2, gate_rank=4, chunk_size=4, window=3, swa_window=6, max_seq_len=64,
-                       ns_steps=None if mixer in ("titans", "dla", "omeganet") else 2)
+                       ns_steps=None if mixer in ("titans", "dla", "omeganet") else 2,
+                       activation_checkpointing=recompute)
 
 
 def _reference_slice(plan, param, full: torch.Tensor) -> torch.Tensor:
@@ -123,9 +126,10 @@ def _reference_slice(plan, param, full: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def equivalence(mixers: list[str], tp: int, cp: int, sp: bool, steps: int = 1) -> None:
+def equivalence(mixers: list[str], tp: int, cp: int, sp: bool, steps: int = 1, recompute: bool = False) -> None:
     """Parallel loss and gradients (after DeepSpeed's DP×CP averaging) equal the single-process run's, float64;
-    with steps > 1, AdamW steps on both sides keep giving the same losses."""
+    with steps > 1, AdamW steps on both sides keep giving the same losses. recompute: activation checkpointing
+    (its recomputation must not repeat the CP state exchange or the TP/SP collectives out of order)."""
     import copy
 
     from atlas_train.model import build_model
@@ -138,7 +142,7 @@ def equivalence(mixers: list[str], tp: int, cp: int, sp: bool, steps: int = 1) -
     loss_tol, rtol, atol = (1e-9, 1e-7, 1e-10) if tp == 1 else (1e-6, 1e-5, 1e-7)
     for mixer in mixers:
         torch.manual_seed(0)
-        full = build_model(_tiny_config(mixer)).double().to(_device())
+        full = build_model(_tiny_config(mixer, recompute)).double().to(_device())
         reference = copy.deepcopy(full)
         model = plan.parallelize(copy.deepcopy(full))
         gen = torch.Generator().manual_seed(1)

@@ -165,6 +165,16 @@ def test_probe_reports_a_kernel_that_cannot_run(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of resource: shared memory\nmore detail")
 
-    monkeypatch.setattr(dispatch, "newton_schulz", broken)
+    monkeypatch.setattr(dispatch, "_kernel_forward_backward", broken)
     reason = dispatch._probe_newton_schulz(torch.randn(2, 5, 9, dtype=torch.float64), 2)
     assert reason == "kernel failed to run: RuntimeError: out of resource: shared memory"
+
+
+def test_probe_saves_nothing_for_autograd():
+    """The probe may run inside a checkpointed forward: tensors it saved would break the recomputation's count."""
+    from atlas_train.kernels import dispatch
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        assert dispatch._probe_newton_schulz(torch.randn(2, 3, 7, dtype=torch.float64), 2) is None
+    assert saved == []

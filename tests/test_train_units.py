@@ -8,6 +8,7 @@ import math
 import os
 import random
 import signal
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,16 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_write(target, crash, mode="w")
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    """Like open(): 0666 less the umask, not the temp file's private 0600."""
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "manifest.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "manifest.json").stat().st_mode) == 0o644
 
 
 class _FakeEngine:

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from atlas_train.model.attention import Attention
 from atlas_train.model.config import ModelConfig
@@ -43,9 +44,21 @@ class Block(nn.Module):
             self.swa_norm = self.swa = None
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        self.recompute = cfg.activation_checkpointing
 
     def forward(self, x: torch.Tensor, doc_start: Optional[torch.Tensor] = None, cache: Optional[dict] = None,
                 return_cache: bool = False) -> tuple[torch.Tensor, Optional[dict]]:
+        """With activation checkpointing, only the block's inputs are kept for backward, which recomputes the body.
+
+        The checkpoint wraps the body, not the module call, so hooks on the block (context parallelism's state
+        exchange) run once per step, never again during recomputation.
+        """
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(self._body, x, doc_start, cache, return_cache, use_reentrant=False)
+        return self._body(x, doc_start, cache, return_cache)
+
+    def _body(self, x: torch.Tensor, doc_start: Optional[torch.Tensor], cache: Optional[dict],
+              return_cache: bool) -> tuple[torch.Tensor, Optional[dict]]:
         y, mixer_cache = self.mixer(self.mixer_norm(x), doc_start, split_cache(cache, "mixer."), return_cache)
         x = x + y
         swa_cache = None
