@@ -308,6 +308,12 @@ def main(argv=None):
                 print("".join(traceback.format_exc().splitlines(True)[-6:]), file=sys.stderr)
                 checks.append((f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}", math.nan, 0.0))
     failed = [c for c in checks if not (c[1] <= c[2])]  # NaN compares False: it never passes
+    # Printed now, not only with the final table: a run cut short by its time limit must still show its checks.
+    print("\n== correctness (relative L2 error vs float64; NaN fails) ==")
+    for name, err, bound in checks:
+        print(f"{'ok  ' if err <= bound else 'FAIL'} {name:<58} {err:9.2e}  bound {bound:.0e}", flush=True)
+    if not checks:
+        print("(skipped)", flush=True)
 
     ceiling = matmul_ceiling(device)
     print(f"matmul ceiling: {ceiling:.3g} TFLOP/s ({'bf16' if on_gpu else 'fp32'})", flush=True)
@@ -351,11 +357,7 @@ def main(argv=None):
                         restore()
                         kernels.set_kernels_enabled(True)
 
-    print("\n== correctness (relative L2 error vs float64; NaN fails) ==")
-    for name, err, bound in checks:
-        print(f"{'ok  ' if err <= bound else 'FAIL'} {name:<58} {err:9.2e}  bound {bound:.0e}")
-    if not checks:
-        print("(skipped)")
+    print(f"\n== correctness: {len(checks)} checks, {len(failed)} failed (listed before the timings) ==")
     print(f"\n== forward+backward, B*H={HEADS}, c={WINDOW}, chunk={CHUNK}, ns={NS_STEPS}; "
           f"ceiling {ceiling:.3g} TFLOP/s; time, TFLOP/s, % of ceiling, peak memory ==")
     for label, shape, result in bench.rows:
