@@ -94,7 +94,10 @@ class AtlasLM(nn.Module):
             if isinstance(module, AtlasMixer):
                 for key, value in module.last_stats.items():
                     per_key.setdefault(key, []).append(value.float())
-        return {key: torch.stack(vals).mean().item() for key, vals in per_key.items()}
+        if not per_key:
+            return {}
+        means = torch.stack([torch.stack(vals).mean() for vals in per_key.values()]).tolist()  # one device sync
+        return dict(zip(per_key, means))
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward) at context seq_len; see flops.py for what is counted."""
