@@ -71,7 +71,7 @@ def scan_torch(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start, state,
     else:
         carry = _carry_from_state(state, keys, opts, batch, heads, zq.shape[-1], dtype)
         start = int(state["pos"])
-    schedule = _chunk_schedule(start, length, opts.chunk_size)
+    schedule = _chunk_schedule(start, length, opts.chunk_size, reset.any(0).nonzero().flatten().tolist())
     outputs = _ScanFunction.apply(opts, schedule, bool(ln), *inputs, reset, *fast, *ln, *(carry[k] for k in keys))
     y = outputs[0].transpose(1, 2).to(zq.dtype)
     new_state = dict(zip(keys, outputs[1:]))
@@ -79,21 +79,23 @@ def scan_torch(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start, state,
     return y, new_state
 
 
-def _chunk_schedule(start: int, length: int, chunk_size: int) -> tuple:
-    """(begin, end, closes_grid_chunk) for each piece of the call between grid boundaries (multiples of chunk_size
-    counted from the first call's token 0)."""
+def _chunk_schedule(start: int, length: int, chunk_size: int, reset_positions: list[int]) -> tuple:
+    """(begin, end, closes_grid_chunk, has_reset) for each piece of the call between grid boundaries (multiples of
+    chunk_size counted from the first call's token 0); has_reset: a document starts inside the piece in some row.
+    The reset positions come to the host once per call, not once per chunk."""
     pieces, begin = [], 0
     while begin < length:
         end = min(length, begin + chunk_size - (start + begin) % chunk_size)
-        pieces.append((begin, end, (start + end) % chunk_size == 0))
+        has_reset = any(begin <= p < end for p in reset_positions)
+        pieces.append((begin, end, (start + end) % chunk_size == 0, has_reset))
         begin = end
     return tuple(pieces)
 
 
-def _run_chunk(opts, carry, pieces, reset, params, ln, closes):
+def _run_chunk(opts, carry, pieces, reset, has_reset, params, ln, closes):
     """One chunk's (y, carry); `pieces` are the 7 float inputs and `reset` the doc starts, sliced to the chunk."""
     step = token_update_chunk if opts.update == "token" else chunk_update_chunk
-    return step(carry, ChunkInputs(*pieces, reset), params, ln, opts, closes)
+    return step(carry, ChunkInputs(*pieces, reset, has_reset), params, ln, opts, closes)
 
 
 class _ScanFunction(torch.autograd.Function):
@@ -104,10 +106,10 @@ class _ScanFunction(torch.autograd.Function):
         inputs, reset, params, ln, carry, keys = _unpack(opts, has_ln, tensors)
         ctx.opts, ctx.schedule, ctx.has_ln = opts, schedule, has_ln
         saved_carries, ys = [], []
-        for begin, end, closes in schedule:
+        for begin, end, closes, has_reset in schedule:
             saved_carries.extend(carry[k] for k in keys)
             pieces = [t[:, :, begin:end] for t in inputs]
-            y, carry = _run_chunk(opts, carry, pieces, reset[:, begin:end], params, ln, closes)
+            y, carry = _run_chunk(opts, carry, pieces, reset[:, begin:end], has_reset, params, ln, closes)
             ys.append(y)
         ctx.save_for_backward(*tensors[: len(tensors) - len(keys)], *saved_carries)
         seen, outputs = {id(t) for t in tensors}, []
@@ -133,12 +135,13 @@ class _ScanFunction(torch.autograd.Function):
         input_grads = [torch.zeros_like(t) for t in inputs]
         carry_grad = {k: g for k, g in zip(keys, grad_carry_out) if k not in _NON_DIFFERENTIABLE}
         for index in reversed(range(len(schedule))):
-            begin, end, closes = schedule[index]
+            begin, end, closes, has_reset = schedule[index]
             snapshot = saved[n_fixed + index * len(keys): n_fixed + (index + 1) * len(keys)]
             carry = {k: t if k in _NON_DIFFERENTIABLE else t.detach().requires_grad_() for k, t in zip(keys, snapshot)}
             pieces = [t[:, :, begin:end].detach().requires_grad_() for t in inputs]
             with torch.enable_grad():
-                y, carry_out = _run_chunk(opts, carry, pieces, reset[:, begin:end], param_leaves, ln_leaves, closes)
+                y, carry_out = _run_chunk(opts, carry, pieces, reset[:, begin:end], has_reset, param_leaves,
+                                          ln_leaves, closes)
             outs, grads = [y], [grad_y[:, :, begin:end]]
             for k, g in carry_grad.items():
                 if g is not None and carry_out[k].requires_grad:

@@ -35,7 +35,12 @@ class ScanOptions(NamedTuple):
 
 
 class ChunkInputs(NamedTuple):
-    """One chunk's slice of the inputs, in (B, H, L, ...) layout; reset (B, L) marks document starts."""
+    """One chunk's slice of the inputs, in (B, H, L, ...) layout; reset (B, L) marks document starts.
+
+    has_reset says on the host whether any row of the chunk has a document start, so the chunk needs no device sync
+    to decide whether to evaluate gradients at the `params` anchor too (a sync per chunk would stop the CPU from
+    queueing kernels ahead of the GPU).
+    """
 
     zq: torch.Tensor
     zk: torch.Tensor
@@ -45,6 +50,7 @@ class ChunkInputs(NamedTuple):
     theta: torch.Tensor
     gamma: torch.Tensor
     reset: torch.Tensor
+    has_reset: bool
 
 
 def carry_keys(opts: ScanOptions) -> list[str]:
@@ -119,7 +125,7 @@ def _keys_and_factors(carry, x: ChunkInputs, params, ln, opts: ScanOptions):
     keys_v = torch.cat([carry["window_v"], x.v], dim=2)
     anchor = {w: carry[f"anchor.{w}"] for w in opts.weight_names}
     factors = loss_gradient_factors(anchor, keys_z, keys_v, ln, opts.loss)
-    if bool(after_reset.any()):
+    if x.has_reset:
         key_after_reset = torch.cat([torch.zeros_like(carry["window_valid"]), after_reset], dim=-1)
         at_params = loss_gradient_factors(params, keys_z, keys_v, ln, opts.loss)
         factors = {w: tuple(_select(key_after_reset, p, a) for p, a in zip(at_params[w], factors[w]))
@@ -172,7 +178,7 @@ def chunk_update_chunk(carry: dict, x: ChunkInputs, params: dict, ln, opts: Scan
     factors, weights, token_doc, after_reset, window = _keys_and_factors(carry, x, params, ln, opts)
     anchor = {w: carry[f"anchor.{w}"] for w in opts.weight_names}
     y = memory_forward(anchor, x.zq, opts.dv, ln)
-    if bool(after_reset.any()):
+    if x.has_reset:
         y = _select(after_reset, memory_forward(params, x.zq, opts.dv, ln), y)
     in_last_doc = (token_doc == token_doc[:, -1:]).to(x.alpha.dtype)[:, None, :]
     reset_seen = after_reset[:, -1]
