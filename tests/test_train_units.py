@@ -236,3 +236,14 @@ def test_step_metrics_mfu_and_memory_health():
     assert values["perf/tokens_per_s"] == 384.0 and values["train/grad_norm"] == 2.0
     assert values["perf/mfu"] == pytest.approx(1e10 * 384 / (1e12 * 8))
     assert values["memory/alpha"] == 0.5 and values["train/loss"] == 1.5
+
+
+def test_export_refuses_tensor_parallel_checkpoints_in_one_line(tmp_path):
+    from atlas_train.train.export import export
+
+    tag = tmp_path / "run" / "checkpoints" / "step_4"
+    tag.mkdir(parents=True)
+    (tag / "config.yaml").write_text("parallel:\n  tensor_parallel: 2\n")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_4\n")
+    with pytest.raises(CheckpointError, match="tensor_parallel=2: export of tensor-parallel checkpoints"):
+        export(tmp_path / "run", tmp_path / "out")

@@ -52,6 +52,12 @@ def export(run_dir: str | Path, out_dir: str | Path, *, build_model: Optional[Ca
         raise CheckpointError(f"{run_dir} has no checkpoint ({ckpt_dir / 'latest'} does not exist)")
     tag_dir = ckpt_dir / tag
     cfg = load_config([tag_dir / "config.yaml"], cls=config_cls)
+    tp = getattr(getattr(cfg, "parallel", None), "tensor_parallel", 1)
+    if tp > 1:  # each TP rank's files hold its shard of the heads and vocabulary; merging them is not written yet
+        raise CheckpointError(
+            f"{tag_dir} was written with parallel.tensor_parallel={tp}: export of tensor-parallel checkpoints is "
+            "not supported yet (train with tensor_parallel=1, or with context/data parallelism only, to export)"
+        )
     model = (build_model or _default_build_model)(cfg.model)
     state = consolidated_state_dict(ckpt_dir, tag, cfg.train.zero_stage)
     model.load_state_dict(state, strict=True)
