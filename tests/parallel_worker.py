@@ -37,6 +37,7 @@ SCENARIOS = {
         ("equivalence", dict(mixers=["transformer", "atlas", "atlas_mag", "atlas_mal"], tp=2, cp=1, sp=False)),
         ("equivalence", dict(mixers=["atlas_mag", "atlas_mal"], tp=2, cp=1, sp=True, steps=3)),
         ("equivalence", dict(mixers=["atlas", "atlas_mal"], tp=1, cp=2, sp=False, recompute=True)),
+        ("equivalence", dict(mixers=["atlas"], tp=1, cp=2, sp=False, masked=True)),
     ],
     4: [
         ("groups", dict(tp=2, cp=2)), ("groups", dict(tp=1, cp=4)),
@@ -44,6 +45,7 @@ SCENARIOS = {
         ("equivalence", dict(mixers=["atlas_mag"], tp=2, cp=2, sp=False)),
         ("equivalence", dict(mixers=["atlas_mal"], tp=2, cp=2, sp=True, steps=2)),
         ("equivalence", dict(mixers=["atlas_mag"], tp=2, cp=2, sp=True, recompute=True)),
+        ("equivalence", dict(mixers=["transformer"], tp=2, cp=2, sp=False, masked=True)),
         ("equivalence", dict(mixers=["atlas", "transformer"], tp=1, cp=2, sp=False, steps=3)),  # DP=2 x CP=2
     ],
 }
@@ -126,10 +128,12 @@ def _reference_slice(plan, param, full: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def equivalence(mixers: list[str], tp: int, cp: int, sp: bool, steps: int = 1, recompute: bool = False) -> None:
+def equivalence(mixers: list[str], tp: int, cp: int, sp: bool, steps: int = 1, recompute: bool = False,
+                masked: bool = False) -> None:
     """Parallel loss and gradients (after DeepSpeed's DP×CP averaging) equal the single-process run's, float64;
     with steps > 1, AdamW steps on both sides keep giving the same losses. recompute: activation checkpointing
-    (its recomputation must not repeat the CP state exchange or the TP/SP collectives out of order)."""
+    (its recomputation must not repeat the CP state exchange or the TP/SP collectives out of order). masked: ignored
+    (-100) labels spread unevenly over the CP segments, one segment of one row fully masked."""
     import copy
 
     from atlas_train.model import build_model
@@ -155,6 +159,11 @@ def equivalence(mixers: list[str], tp: int, cp: int, sp: bool, steps: int = 1, r
         rows = slice(plan.dp_rank * rows_per_rank, (plan.dp_rank + 1) * rows_per_rank)
         mine = plan.shard_batch({"tokens": tokens[rows], "doc_start": doc_start[rows]})
         whole = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "doc_start": doc_start[:, :-1]}
+        if masked:
+            ignore = torch.rand(whole["labels"].shape, generator=gen) < 0.3
+            ignore[0, :8] = True  # row 0's first segment has no valid label at all
+            whole["labels"] = whole["labels"].masked_fill(ignore.to(_device()), -100)
+            mine = plan.shard_batch({key: value[rows] for key, value in whole.items()})
         ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         reduce_group = plan.mpu.get_data_parallel_group()

@@ -176,4 +176,25 @@ def apply_context_parallel(model: torch.nn.Module) -> torch.nn.Module:
         pre_hook, post_hook = _hooks(link, block_id)
         block.register_forward_pre_hook(pre_hook, with_kwargs=True)
         block.register_forward_hook(post_hook, with_kwargs=True)
+    model.cross_entropy = _label_weighted(model.cross_entropy, link.group)
     return model
+
+
+def _label_weighted(mean_loss, group):
+    """Wrap a mean-over-valid-labels loss so that the CP ranks' losses, averaged over CP as the gradient reduction
+    and the logged loss average them, give the mean over every valid label of the whole sequence, however
+    unevenly ignored (-100) labels fall across the segments: rank r returns sum_r · cp / N with N counted over CP."""
+    cp = dist.get_world_size(group)
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        count = (labels != -100).sum()
+        total = count.detach().clone()
+        dist.all_reduce(total, group=group)
+        # A segment with no valid label would make the mean 0/0 (NaN, in its gradient too): give it one dummy
+        # label and a weight of 0 instead, without a host sync.
+        dummy = labels.clone().flatten()
+        dummy[0] = 0
+        safe = torch.where(count > 0, labels, dummy.view_as(labels))
+        return mean_loss(logits, safe) * count * cp / total.clamp(min=1)
+
+    return loss
