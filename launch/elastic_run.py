@@ -6,7 +6,9 @@ itself (`torch.distributed.run.run`) and maps the workers' exit codes:
 
 - every failed worker exited 75 (or was killed by the launcher's SIGTERM after another exited) → 75 (preempted,
   checkpoint written);
-- any other failure → the first such worker's exit code (128 + signal number when a signal killed it);
+- any other failure → the exit code of the earliest such failure (torchrun's failure timestamps, then rank; 128 +
+  signal number when a signal killed it), so a bystander killed later (SIGKILL after a rank hung in a collective)
+  does not hide the worker that failed first;
 - the launcher itself was stopped by a signal → 128 + that signal.
 
 SIGUSR1 is ignored here and in the workers until they install their own handler: slurm's `--signal=USR1@N` and
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         torchrun.run(args)
     except ChildFailedError as err:
-        codes = [failure.exitcode for _rank, failure in sorted(err.failures.items())]
+        by_time = sorted(err.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+        codes = [failure.exitcode for _rank, failure in by_time]
         code = exit_code_for_failures(codes)
         if code == EXIT_PREEMPTED:
             print(f"elastic_run: workers stopped after a preemption checkpoint (exit codes {codes})", file=sys.stderr)

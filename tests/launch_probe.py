@@ -24,6 +24,19 @@ import torch.distributed as dist
 EXIT_PREEMPTED = 75
 
 
+def all_reduce(tensor: torch.Tensor, **kwargs) -> None:
+    """dist.all_reduce, except that a peer that died leaves this rank waiting in the collective (until the
+    launcher stops it), as NCCL does, instead of failing at once as gloo does. That keeps the test of "the
+    launcher reports the failed worker's own exit code" about the worker that failed, not about a bystander
+    whose own error would race it."""
+    try:
+        dist.all_reduce(tensor, **kwargs)
+    except RuntimeError:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's SIGTERM ends the wait
+        time.sleep(120)
+        raise
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, type=Path)
@@ -44,13 +57,14 @@ def main() -> int:
     total = torch.zeros(())
     for step in range(args.steps):
         value = torch.tensor(float(step + rank))
-        dist.all_reduce(value)
+        all_reduce(value)
         total += value
         if rank == args.fail_rank:
-            return 3
+            sys.stdout.flush()
+            os._exit(3)  # at once: a normal interpreter exit with gloo's threads alive can abort (SIGABRT) instead
         time.sleep(args.step_seconds)
         flag = torch.tensor(float(stop["signal"]))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
             (args.out / f"preempted.{rank}").write_text(json.dumps({"step": step, "signal": int(flag.item())}))
             dist.destroy_process_group()

@@ -214,7 +214,7 @@ def test_attention_cache_splits_anywhere(window):
 def test_model_configs_load_and_build_sizes():
     for name in ("demo", "170m", "340m", "760m", "1_3b"):
         cfg = load_config([CONFIGS / f"{name}.yaml"]).model
-        assert cfg.mixer == "atlas" and cfg.resolved().window == (16 if name == "demo" else 64)
+        assert cfg.mixer == "atlas" and cfg.resolved().window == 64
     sizes = {n: load_config([CONFIGS / f"{n}.yaml"]).model for n in ("170m", "340m", "760m", "1_3b")}
     assert [(c.n_layers, c.d_model, c.n_heads) for c in sizes.values()] == [
         (12, 768, 16), (24, 1024, 16), (24, 1536, 16), (18, 2048, 8)]
