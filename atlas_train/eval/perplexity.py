@@ -26,16 +26,11 @@ FIRST_BUCKET = 64
 
 def ordered_rows(manifest, split: str = "val") -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Every row of a split in stored order (tokens int64, doc_start bool), each shard checked against the manifest."""
-    from atlas_train.data.shard_reader import load_shard
-    from atlas_train.data_prep.shard_format import DataError, decode_sample
+    from atlas_train.data.shard_reader import decode_row, load_shard
 
-    dtype = np.dtype(manifest.token_dtype)
     for shard in manifest.split(split).shards:
         for sample in load_shard(manifest, shard):
-            try:
-                yield decode_sample(sample, manifest.row_len, dtype)
-            except ValueError as err:
-                raise DataError(f"corrupt shard {manifest.path / shard.name}: {err}") from None
+            yield decode_row(manifest, shard, sample)
 
 
 def bucket_edges(context_len: int, first: int = FIRST_BUCKET) -> list[int]:
