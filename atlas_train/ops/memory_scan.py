@@ -4,6 +4,10 @@
 there and must compute the same function. The autograd function keeps activation memory at one carry (fast-weight
 snapshot) per chunk: forward runs without a graph, backward recomputes each chunk from its saved carry, in reverse,
 and pushes the output gradient plus the carried gradient through it with `torch.autograd.grad`.
+
+On CUDA each distinct chunk computation (forward, and recompute + backward) is captured once as a CUDA graph and
+replayed for every chunk and layer of the same shapes (`static_calls`): the chunk's few hundred small kernels are
+then launched by one call instead of one Python dispatch each. ATLAS_SCAN_CUDA_GRAPHS=0 switches that off.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from atlas_train.ops.memory_step import memory_step
 from atlas_train.ops.scan_chunks import (
     ChunkInputs,
     ScanOptions,
@@ -19,6 +24,7 @@ from atlas_train.ops.scan_chunks import (
     initial_carry,
     token_update_chunk,
 )
+from atlas_train.ops.static_calls import StaticCallCache, signature, static_call_mode
 
 UPDATES = ("token", "chunk")
 LOSSES = ("l2", "dot")
@@ -42,6 +48,11 @@ def memory_scan(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start=None, 
         document), "pos" 0-dim int64 (tokens seen; the chunk grid continues across calls).
     """
     _validate(zq, zk, v, alpha, eta, theta, gamma, params, doc_start, chunk_size, ns_steps, update, loss)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (zq, zk, v, alpha, eta, theta, gamma, *params.values()))
+    if zq.shape[1] == 1 and state is not None and not needs_grad:
+        return memory_step(zq, zk, v, alpha, eta, theta, gamma, params, doc_start=doc_start, state=state,
+                           chunk_size=chunk_size, ns_steps=ns_steps, update=update, loss=loss)  # decoding
     return scan_torch(zq, zk, v, alpha, eta, theta, gamma, params, doc_start=doc_start, state=state,
                       chunk_size=chunk_size, ns_steps=ns_steps, update=update, loss=loss)
 
@@ -98,6 +109,108 @@ def _run_chunk(opts, carry, pieces, reset, has_reset, params, ln, closes):
     return step(carry, ChunkInputs(*pieces, reset, has_reset), params, ln, opts, closes)
 
 
+def _differentiable(keys):
+    return [k for k in keys if k not in _NON_DIFFERENTIABLE]
+
+
+def _split_chunk_tensors(opts, has_ln, tensors):
+    """carry (keys order), the 7 pieces, reset, params, ln (dicts), then whatever follows: the flat layout that
+    chunk computations take so that they can run on static buffers."""
+    keys = carry_keys(opts)
+    n_weights = len(opts.weight_names)
+    carry = dict(zip(keys, tensors[: len(keys)]))
+    rest = tensors[len(keys):]
+    pieces, reset, rest = list(rest[:7]), rest[7], rest[8:]
+    params, rest = dict(zip(opts.weight_names, rest[:n_weights])), rest[n_weights:]
+    ln = None
+    if has_ln:
+        ln, rest = {"ln_weight": rest[0], "ln_bias": rest[1]}, rest[2:]
+    return carry, pieces, reset, params, ln, rest
+
+
+def _chunk_forward(opts, closes, has_reset, has_ln):
+    """The forward of one chunk as a function of flat tensors: -> [y, *carry_out in key order]."""
+    keys = carry_keys(opts)
+
+    def run(*tensors):
+        carry, pieces, reset, params, ln, _ = _split_chunk_tensors(opts, has_ln, tensors)
+        with torch.no_grad():
+            y, out = _run_chunk(opts, carry, pieces, reset, has_reset, params, ln, closes)
+        return [y, *(out[k] for k in keys)]
+
+    return run
+
+
+def _chunk_backward(opts, closes, has_reset, has_ln):
+    """Recompute one chunk with a graph and push (grad_y, grads of the carry out) through it, as a function of flat
+    tensors (chunk inputs, then grad_y, then the carry-out gradients of the differentiable keys; zeros stand for
+    absent gradients) -> gradients of the differentiable carry keys, the 7 pieces, params and ln (zeros if unused)."""
+    diff_keys = _differentiable(carry_keys(opts))
+
+    def run(*tensors):
+        carry, pieces, reset, params, ln, rest = _split_chunk_tensors(opts, has_ln, tensors)
+        grad_y, grad_carry = rest[0], dict(zip(diff_keys, rest[1:]))
+        carry = {k: t.detach().requires_grad_() if k in grad_carry else t for k, t in carry.items()}
+        pieces = [t.detach().requires_grad_() for t in pieces]
+        params = {k: t.detach().requires_grad_() for k, t in params.items()}
+        ln = None if ln is None else {k: t.detach().requires_grad_() for k, t in ln.items()}
+        with torch.enable_grad():
+            y, carry_out = _run_chunk(opts, carry, pieces, reset, has_reset, params, ln, closes)
+        outs, grads = [y], [grad_y]
+        for k in diff_keys:
+            if carry_out[k].requires_grad:
+                outs.append(carry_out[k])
+                grads.append(grad_carry[k])
+        targets = [carry[k] for k in diff_keys] + pieces + list(params.values()) + (
+            [] if ln is None else list(ln.values()))
+        found = torch.autograd.grad(outs, targets, grads, allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(found, targets)]
+
+    return run
+
+
+_STATIC_CALLS = StaticCallCache()  # chunk computations of every scan so far, by options, flags and shapes
+
+
+def clear_scan_graphs() -> None:
+    """Release the captured chunk graphs and their buffers (they are kept for reuse by every later scan)."""
+    _STATIC_CALLS.clear()
+
+
+_BUILDERS = {"forward": _chunk_forward, "backward": _chunk_backward}
+
+
+def _call_chunk(kind, opts, closes, has_reset, has_ln, tensors):
+    """Run a chunk computation eagerly, or on static buffers (a replayed CUDA graph) when the mode says so."""
+    mode = static_call_mode(tensors[0].device)
+    call = None if mode == "eager" else _static_call(kind, opts, closes, has_reset, has_ln, tensors, mode)
+    if call is None:
+        return _BUILDERS[kind](opts, closes, has_reset, has_ln)(*tensors)
+    return [t.clone() for t in call(*tensors)]  # the static buffers belong to the next replay
+
+
+def _static_call(kind, opts, closes, has_reset, has_ln, tensors, mode):
+    """The cached StaticCall of a chunk computation, or None where it cannot be made.
+
+    A chunk's forward and backward graphs are both captured when its forward first runs: capturing from inside
+    the autograd engine (a backward, or a checkpointed forward recomputed there) is not permitted by CUDA, while a
+    forward always runs before its backward on the caller's thread. A computation first met inside the engine
+    runs eagerly."""
+    key = (kind, opts, closes, has_reset, has_ln, signature(tensors))
+    call = _STATIC_CALLS.get(key)
+    if call is not None or kind == "backward" or torch._C._current_graph_task_id() != -1:
+        return call
+    graph = mode == "graph"
+    call = _STATIC_CALLS.add(key, _chunk_forward(opts, closes, has_reset, has_ln), tensors, graph)
+    y, *carry_out = call.outputs
+    grads = [torch.zeros_like(y)] + [torch.zeros_like(t) for k, t in zip(carry_keys(opts), carry_out)
+                                     if k not in _NON_DIFFERENTIABLE]
+    backward_tensors = [*tensors, *grads]
+    _STATIC_CALLS.add(("backward", *key[1:-1], signature(backward_tensors)),
+                      _chunk_backward(opts, closes, has_reset, has_ln), backward_tensors, graph)
+    return call
+
+
 class _ScanFunction(torch.autograd.Function):
     """Chunked scan with per-chunk recomputation in backward (saves one carry per chunk, not per token)."""
 
@@ -105,11 +218,13 @@ class _ScanFunction(torch.autograd.Function):
     def forward(ctx, opts, schedule, has_ln, *tensors):
         inputs, reset, params, ln, carry, keys = _unpack(opts, has_ln, tensors)
         ctx.opts, ctx.schedule, ctx.has_ln = opts, schedule, has_ln
+        fixed = [*params.values(), *([] if ln is None else ln.values())]
         saved_carries, ys = [], []
         for begin, end, closes, has_reset in schedule:
             saved_carries.extend(carry[k] for k in keys)
-            pieces = [t[:, :, begin:end] for t in inputs]
-            y, carry = _run_chunk(opts, carry, pieces, reset[:, begin:end], has_reset, params, ln, closes)
+            chunk = [*(carry[k] for k in keys), *(t[:, :, begin:end] for t in inputs), reset[:, begin:end], *fixed]
+            y, *carry_out = _call_chunk("forward", opts, closes, has_reset, has_ln, chunk)
+            carry = dict(zip(keys, carry_out))
             ys.append(y)
         ctx.save_for_backward(*tensors[: len(tensors) - len(keys)], *saved_carries)
         seen, outputs = {id(t) for t in tensors}, []
@@ -125,45 +240,33 @@ class _ScanFunction(torch.autograd.Function):
     def backward(ctx, grad_y, *grad_carry_out):
         opts, schedule = ctx.opts, ctx.schedule
         keys = carry_keys(opts)
+        diff_keys = _differentiable(keys)
         saved = ctx.saved_tensors
         n_fixed = len(saved) - len(keys) * len(schedule)
         inputs, reset, params, ln, _, _ = _unpack(opts, ctx.has_ln, saved[:n_fixed] + saved[-len(keys):])
-        param_leaves = {w: p.detach().requires_grad_() for w, p in params.items()}
-        ln_leaves = None if ln is None else {k: t.detach().requires_grad_() for k, t in ln.items()}
-        param_grads = {w: torch.zeros_like(p) for w, p in params.items()}
-        ln_grads = None if ln is None else {k: torch.zeros_like(t) for k, t in ln.items()}
+        fixed = [*params.values(), *([] if ln is None else ln.values())]
+        fixed_grads = [torch.zeros_like(t) for t in fixed]
         input_grads = [torch.zeros_like(t) for t in inputs]
-        carry_grad = {k: g for k, g in zip(keys, grad_carry_out) if k not in _NON_DIFFERENTIABLE}
+        given = dict(zip(keys, grad_carry_out))
+        snapshot = saved[-len(keys):]
+        carry_grad = [torch.zeros_like(t) if given[k] is None else given[k]
+                      for k, t in zip(keys, snapshot) if k in diff_keys]
         for index in reversed(range(len(schedule))):
             begin, end, closes, has_reset = schedule[index]
             snapshot = saved[n_fixed + index * len(keys): n_fixed + (index + 1) * len(keys)]
-            carry = {k: t if k in _NON_DIFFERENTIABLE else t.detach().requires_grad_() for k, t in zip(keys, snapshot)}
-            pieces = [t[:, :, begin:end].detach().requires_grad_() for t in inputs]
-            with torch.enable_grad():
-                y, carry_out = _run_chunk(opts, carry, pieces, reset[:, begin:end], has_reset, param_leaves,
-                                          ln_leaves, closes)
-            outs, grads = [y], [grad_y[:, :, begin:end]]
-            for k, g in carry_grad.items():
-                if g is not None and carry_out[k].requires_grad:
-                    outs.append(carry_out[k])
-                    grads.append(g)
-            carry_leaves = [carry[k] for k in keys if k not in _NON_DIFFERENTIABLE]
-            targets = carry_leaves + pieces + list(param_leaves.values()) + (
-                [] if ln_leaves is None else list(ln_leaves.values()))
-            found = torch.autograd.grad(outs, targets, grads, allow_unused=True)
-            found_carry, found = found[: len(carry_leaves)], found[len(carry_leaves):]
-            carry_grad = {k: g for k, g in zip((k for k in keys if k not in _NON_DIFFERENTIABLE), found_carry)}
-            for buffer, g in zip(input_grads, found[: len(pieces)]):
-                if g is not None:
-                    buffer[:, :, begin:end] += g
-            found = found[len(pieces):]
-            for name, g in zip(list(param_grads) + ([] if ln_grads is None else list(ln_grads)), found):
-                target = param_grads if name in param_grads else ln_grads
-                if g is not None:
-                    target[name] += g
-        grad_ln = [] if ln_grads is None else [ln_grads["ln_weight"], ln_grads["ln_bias"]]
-        grad_carry_in = [None if k in _NON_DIFFERENTIABLE else carry_grad[k] for k in keys]
-        return (None, None, None, *input_grads, None, *param_grads.values(), *grad_ln, *grad_carry_in)
+            chunk = [*snapshot, *(t[:, :, begin:end] for t in inputs), reset[:, begin:end], *fixed,
+                     grad_y[:, :, begin:end], *carry_grad]
+            found = _call_chunk("backward", opts, closes, has_reset, ctx.has_ln, chunk)
+            carry_grad, found = found[: len(diff_keys)], found[len(diff_keys):]
+            for buffer, g in zip(input_grads, found[:7]):
+                buffer[:, :, begin:end] += g
+            for buffer, g in zip(fixed_grads, found[7:]):
+                buffer += g
+        grads_in = dict(zip(diff_keys, carry_grad))
+        n_weights = len(opts.weight_names)
+        grad_ln = fixed_grads[n_weights:]
+        return (None, None, None, *input_grads, None, *fixed_grads[:n_weights], *grad_ln,
+                *(grads_in.get(k) for k in keys))
 
 
 def _unpack(opts, has_ln, tensors):

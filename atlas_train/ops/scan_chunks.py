@@ -85,12 +85,20 @@ def initial_carry(params: dict, batch: int, zk: torch.Tensor, v: torch.Tensor, o
 
 
 def gate_products(gate: torch.Tensor) -> torch.Tensor:
-    """C (B, H, L, L+1): C[t, 0] = Π_{r≤t} g_r, C[t, u+1] = Π_{u<r≤t} g_r for u ≤ t, 0 for u > t."""
+    """C (B, H, L, L+1): C[t, 0] = Π_{r≤t} g_r, C[t, u+1] = Π_{u<r≤t} g_r for u ≤ t, 0 for u > t.
+
+    A prefix product down the rows by doubling (log2 L multiplications), exact when a gate is 0 (document resets).
+    Not torch.cumprod: its backward asks the host whether the input holds zeros (a device sync), which a CUDA
+    graph cannot capture."""
     length = gate.shape[-1]
     rows = torch.arange(length, device=gate.device)[:, None]
     cols = torch.arange(length + 1, device=gate.device)[None, :]
-    factors = torch.where(rows >= cols, gate.unsqueeze(-1), torch.ones_like(gate).unsqueeze(-1))
-    return torch.cumprod(factors, dim=-2) * (rows + 1 >= cols).to(gate.dtype)
+    products = torch.where(rows >= cols, gate.unsqueeze(-1), torch.ones_like(gate).unsqueeze(-1))
+    span = 1
+    while span < length:
+        products = torch.cat([products[..., :span, :], products[..., span:, :] * products[..., :-span, :]], dim=-2)
+        span *= 2
+    return products * (rows + 1 >= cols).to(gate.dtype)
 
 
 def window_weights(gamma: torch.Tensor, key_doc: torch.Tensor, token_doc: torch.Tensor) -> torch.Tensor:
