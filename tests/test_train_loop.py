@@ -222,6 +222,17 @@ def test_export_of_zero3_equals_export_of_zero1(tmp_path):
         torch.testing.assert_close(w3[k], w1[k], rtol=1e-5, atol=1e-6)
 
 
+def test_only_logging_steps_reduce_and_read_the_loss(tmp_path, monkeypatch):
+    """The loss all-reduce and its host read (a device sync) happen on logged steps only."""
+    from atlas_train.parallel.plan import ParallelPlan
+
+    calls = []
+    reduce = ParallelPlan.loss_for_logging
+    monkeypatch.setattr(ParallelPlan, "loss_for_logging", lambda self, loss: calls.append(1) or reduce(self, loss))
+    assert train(make_cfg(tmp_path, steps=6, log_every=3, eval_every=0), BUILDERS) == 0
+    assert len(calls) == 2 and sorted(losses(tmp_path)) == [3, 6]
+
+
 def _dist_worker(root: str) -> None:
     """One rank of a 2-process gloo job (torchrun, test below): a full run, then a preempted one and its resumption.
 

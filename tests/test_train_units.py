@@ -238,12 +238,47 @@ def test_step_metrics_mfu_and_memory_health():
     assert values["memory/alpha"] == 0.5 and values["train/loss"] == 1.5
 
 
-def test_export_refuses_tensor_parallel_checkpoints_in_one_line(tmp_path):
+def test_export_of_a_tensor_parallel_checkpoint_without_its_layout_is_a_clear_error(tmp_path):
     from atlas_train.train.export import export
 
     tag = tmp_path / "run" / "checkpoints" / "step_4"
     tag.mkdir(parents=True)
     (tag / "config.yaml").write_text("parallel:\n  tensor_parallel: 2\n")
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_4\n")
-    with pytest.raises(CheckpointError, match="tensor_parallel=2: export of tensor-parallel checkpoints"):
+    with pytest.raises(CheckpointError, match="tensor_parallel=2 but has no tp_layout.json"):
         export(tmp_path / "run", tmp_path / "out")
+
+
+def test_merge_tp_shards_joins_split_params_and_takes_replicated_ones_once():
+    from atlas_train.train.export import merge_tp_shards
+
+    full = {"col": torch.randn(4, 3), "row": torch.randn(3, 4), "rep": torch.randn(5)}
+    layout = {"col": 0, "row": 1, "rep": None}
+    shards = [{"col": full["col"].chunk(2, 0)[t], "row": full["row"].chunk(2, 1)[t], "rep": full["rep"]} for t in (0, 1)]
+    merged = merge_tp_shards(shards, layout)
+    assert all(torch.equal(merged[k], full[k]) for k in full)
+    shards[1]["rep"] = full["rep"] + 1
+    with pytest.raises(CheckpointError, match="replicated parameter rep differs"):
+        merge_tp_shards(shards, layout)
+
+
+def test_any_rank_takes_device_tensors_and_bools_in_one_call():
+    from atlas_train.train.distributed import any_rank
+
+    loss = torch.tensor([1.0, float("nan")])
+    assert any_rank(~torch.isfinite(loss).all(), False, True) == (True, False, True)
+    assert any_rank(~torch.isfinite(loss[:1]).all()) == (False,)
+
+
+def test_repairing_universal_load_restores_group_settings_and_unshares_the_step():
+    from atlas_train.train.resize import repairing_universal_load
+
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([{"params": [a], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}])
+    with repairing_universal_load(opt):  # what DeepSpeed 0.19.8's ZeRO-3 universal load leaves behind
+        shared = torch.tensor(2.0)
+        for group in opt.param_groups:
+            group["weight_decay"] = 0.1
+        opt.state[a], opt.state[b] = {"step": shared}, {"step": shared}
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert opt.state[a]["step"] is not opt.state[b]["step"] and float(opt.state[b]["step"]) == 2.0

@@ -76,17 +76,24 @@ class CheckpointManager:
         for tag in published[: -self.keep_last]:
             shutil.rmtree(self.dir / tag, ignore_errors=True)
 
-    def read_client(self, tag: str) -> dict:
-        """This rank's client state of `tag` (read before the engine state, to check the run matches)."""
-        client_path = self.dir / tag / f"client_rank{self.rank}.pt"
+    def read_client(self, tag: str, rank: Optional[int] = None) -> dict:
+        """Client state of `tag` written by `rank` (default: this rank); read before the engine, to check the run."""
+        client_path = self.dir / tag / f"client_rank{self.rank if rank is None else rank}.pt"
         if not client_path.is_file():
-            raise CheckpointError(
-                f"{client_path} is missing: the checkpoint was written by a different number of ranks or is incomplete"
-            )
+            raise CheckpointError(f"{client_path} is missing: the checkpoint is incomplete")
         return torch.load(client_path, weights_only=False)
 
-    def load_engine(self, engine, tag: str) -> None:
-        """Restore weights and optimizer moments from `tag` (the LR schedule follows from the step)."""
-        load_path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True)
+    def load_engine(self, engine, tag: str, universal: bool = False) -> None:
+        """Restore weights and optimizer moments from `tag` (the LR schedule follows from the step).
+
+        `universal`: from the tag's DeepSpeed universal conversion (a resume under another data-parallel size).
+        """
+        if universal:
+            from atlas_train.train.resize import UNIVERSAL
+
+            load_dir, load_tag = self.dir / tag, UNIVERSAL
+        else:
+            load_dir, load_tag = self.dir, tag
+        load_path, _ = engine.load_checkpoint(str(load_dir), tag=load_tag, load_optimizer_states=True)
         if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {load_dir / load_tag}")

@@ -5,13 +5,15 @@ from __future__ import annotations
 from atlas_train.train.config import TrainConfig
 
 
-def build_deepspeed_config(cfg: TrainConfig) -> dict:
+def build_deepspeed_config(cfg: TrainConfig, load_universal: bool = False) -> dict:
     """ZeRO stage, precision, micro-batch, accumulation and clipping; optimizer and schedule are ours (client objects).
 
     `train_batch_size` is left out: DeepSpeed derives it from the micro-batch, accumulation and the data-parallel size
-    it reads from the mpu, which is the only place that size is known.
+    it reads from the mpu, which is the only place that size is known. `load_universal`: the run resumes from a
+    universal checkpoint (another data-parallel size, see resize.py).
     """
     return {
+        "checkpoint": {"load_universal": load_universal},
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,

@@ -39,10 +39,18 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def any_rank(*flags: bool) -> tuple[bool, ...]:
-    """For each flag, whether it holds on some rank: one all-reduce, so every rank takes the same branch."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return tuple(bool(f) for f in flags)
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+def any_rank(*flags) -> tuple[bool, ...]:
+    """For each flag, whether it holds on some rank, so every rank takes the same branch.
+
+    Flags are bools or 0-dim tensors on the device (e.g. "this loss is not finite"): they are stacked on the device,
+    so the whole call costs one all-reduce and one device-to-host transfer, the only sync of a training step.
+    """
+    dev = device()
+    # Python bools are filled in on the device (torch.full launches a kernel; a host-to-device copy would sync).
+    t = torch.stack([
+        f.reshape(()).to(torch.float32) if isinstance(f, torch.Tensor) else torch.full((), float(f), device=dev)
+        for f in flags
+    ])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return tuple(bool(v) for v in t.tolist())

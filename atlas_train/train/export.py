@@ -1,16 +1,22 @@
 """Export: a run's checkpoint as one fp32 `model.safetensors` + `config.yaml` + `tokenizer.model`, DeepSpeed-free.
 
 ZeRO 1-3 checkpoints hold the fp32 master weights partitioned over ranks; DeepSpeed's zero_to_fp32 gathers them
-offline (no process group needed). ZeRO 0 keeps whole weights in the model-states file. The exported weights are
-loaded into a freshly built model with strict key checking before they are written, so an export that would not
-load is never produced.
+offline (no process group needed). ZeRO 0 keeps whole weights in the model-states file. A tensor-parallel run writes
+one such set per TP rank (`mp_rank_<t>` in the file names) plus `tp_layout.json`, the split dim of every parameter
+taken from megatron's `partition_dim` attributes at save time: column-parallel weights, per-head parameters and the
+vocab-parallel embedding/head are joined on dim 0, row-parallel weights on dim 1, replicated ones are taken once
+(and must agree). megatron's vocab-parallel layers here need tensor_parallel to divide the vocabulary, so there is
+no padding to drop. The exported weights are loaded into a freshly built model with strict key checking before they
+are written, so an export that would not load is never produced.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,6 +39,59 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[s
     return {k: v.float() for k, v in state.items()}
 
 
+TP_LAYOUT = "tp_layout.json"  # {parameter name: split dim, or null when replicated}, written by TP>1 runs
+
+
+def tp_layout(model: torch.nn.Module) -> dict[str, Optional[int]]:
+    """Split dim of each parameter of a TP rank's model, from megatron's attributes (None: replicated); tied
+    parameters are listed under each of their names, as state dicts list them."""
+    return {
+        name: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
+        for name, p in model.named_parameters(remove_duplicate=False)
+    }
+
+
+def _tp_rank_state_dict(ckpt_dir: Path, tag: str, zero_stage: int, tp_rank: int) -> dict[str, torch.Tensor]:
+    """One TP rank's full fp32 state dict: its files seen, through links, as a checkpoint of a TP=1 run."""
+    with tempfile.TemporaryDirectory(prefix="atlas_export_") as tmp:
+        view = Path(tmp) / tag
+        view.mkdir()
+        own = f"mp_rank_{tp_rank:02d}"
+        for path in (ckpt_dir / tag).glob(f"*{own}*"):
+            (view / path.name.replace(own, "mp_rank_00")).symlink_to(path.resolve())
+        return consolidated_state_dict(Path(tmp), tag, zero_stage)
+
+
+def merge_tp_shards(shards: list[dict[str, torch.Tensor]], layout: dict[str, Optional[int]]) -> dict[str, torch.Tensor]:
+    """The full model's state dict from the TP ranks' state dicts (rank order), joined along each split dim.
+
+    Only names every rank holds are merged: DeepSpeed lists a tied parameter's second name on some ranks only
+    (`tie_aliases` restores it from the model).
+    """
+    merged = {}
+    common = set.intersection(*(set(shard) for shard in shards))
+    for name, first in shards[0].items():
+        if name not in common:
+            continue
+        dim = layout.get(name)
+        if dim is not None:
+            merged[name] = torch.cat([shard[name] for shard in shards], dim)
+            continue
+        if not all(torch.equal(shard[name], first) for shard in shards[1:]):
+            raise CheckpointError(f"replicated parameter {name} differs between tensor-parallel ranks")
+        merged[name] = first
+    return merged
+
+
+def tie_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{second name of a tied parameter: its first name}, e.g. lm_head.weight -> embed.weight."""
+    first_name, aliases = {}, {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.update({name: first_name[id(param)]} if id(param) in first_name else {})
+        first_name.setdefault(id(param), name)
+    return aliases
+
+
 def _default_build_model(model_cfg):
     from atlas_train.model import build_model
 
@@ -53,13 +112,17 @@ def export(run_dir: str | Path, out_dir: str | Path, *, build_model: Optional[Ca
     tag_dir = ckpt_dir / tag
     cfg = load_config([tag_dir / "config.yaml"], cls=config_cls)
     tp = getattr(getattr(cfg, "parallel", None), "tensor_parallel", 1)
-    if tp > 1:  # each TP rank's files hold its shard of the heads and vocabulary; merging them is not written yet
-        raise CheckpointError(
-            f"{tag_dir} was written with parallel.tensor_parallel={tp}: export of tensor-parallel checkpoints is "
-            "not supported yet (train with tensor_parallel=1, or with context/data parallelism only, to export)"
-        )
     model = (build_model or _default_build_model)(cfg.model)
-    state = consolidated_state_dict(ckpt_dir, tag, cfg.train.zero_stage)
+    if tp > 1:
+        if not (tag_dir / TP_LAYOUT).is_file():
+            raise CheckpointError(f"{tag_dir} was written with parallel.tensor_parallel={tp} but has no {TP_LAYOUT}")
+        layout = json.loads((tag_dir / TP_LAYOUT).read_text())
+        shards = [_tp_rank_state_dict(ckpt_dir, tag, cfg.train.zero_stage, t) for t in range(tp)]
+        state = merge_tp_shards(shards, layout)
+        for alias, name in tie_aliases(model).items():
+            state.setdefault(alias, state[name])
+    else:
+        state = consolidated_state_dict(ckpt_dir, tag, cfg.train.zero_stage)
     model.load_state_dict(state, strict=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".model.safetensors.{os.getpid()}.tmp"

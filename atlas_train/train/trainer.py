@@ -25,9 +25,11 @@ from atlas_train.train.atomic import atomic_write_bytes
 from atlas_train.train.checkpoint import CheckpointError, CheckpointManager, read_latest
 from atlas_train.train.deepspeed_config import build_deepspeed_config
 from atlas_train.train.distributed import any_rank, device, init_distributed
+from atlas_train.train.export import TP_LAYOUT, tp_layout
 from atlas_train.train.metrics import MetricsLogger
 from atlas_train.train.nonfinite import NonFiniteGuard
 from atlas_train.train.optim import build_optimizer, build_scheduler, move_scheduler_to
+from atlas_train.train.resize import Layout, prepare_universal, read_resume_client, repairing_universal_load
 from atlas_train.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from atlas_train.train.signals import EXIT_PREEMPTED, PreemptionFlag
 from atlas_train.train.synthetic import SyntheticLoader
@@ -93,26 +95,30 @@ def _forward(engine, plan, batch: dict) -> torch.Tensor:
     return engine(part["input_ids"], doc_start=part["doc_start"], labels=part["labels"]).loss
 
 
-def train_step(engine, optimizer, scheduler, batches: BatchStream, plan, grad_accum: int) -> tuple[torch.Tensor, bool]:
-    """One optimizer step over `grad_accum` micro-batches; returns (mean loss on this rank, whether it was applied).
+def train_step(engine, optimizer, scheduler, batches: BatchStream, plan, grad_accum: int,
+               flags: Callable[[], tuple[bool, ...]] = tuple) -> tuple[torch.Tensor, bool, tuple[bool, ...]]:
+    """One optimizer step over `grad_accum` micro-batches.
 
-    The schedule is stepped here, not by DeepSpeed: DeepSpeed holds its scheduler back on the steps it finds
-    non-finite itself (some ZeRO/precision paths only), and a skipped step must cost the same on every path.
+    Returns (mean loss on this rank, still on the device; whether the step was applied; each of `flags()`, read
+    after the last micro-batch's backward, OR-ed over ranks). The loop's only device sync in a step is the one the
+    NaN policy needs before the update; the run's other per-step agreements (preemption, time limit) ride on the same
+    all-reduce. The schedule is stepped here, not by DeepSpeed: DeepSpeed holds its scheduler back on the steps it
+    finds non-finite itself (some ZeRO/precision paths only), and a skipped step must cost the same on every path.
     """
     losses = []
-    finite = True
+    finite, agreed = True, ()
     for micro in range(grad_accum):
         loss = _forward(engine, plan, batches.next())
         engine.backward(loss)
         losses.append(loss.detach().float())
         if micro == grad_accum - 1:
-            (bad,) = any_rank(not bool(torch.isfinite(torch.stack(losses)).all()))
+            bad, *agreed = any_rank(~torch.isfinite(torch.stack(losses)).all(), *flags())
             finite = not bad
             optimizer.skip = bad
         engine.step()
     optimizer.skip = False
     scheduler.step()
-    return torch.stack(losses).mean(), finite
+    return torch.stack(losses).mean(), finite, tuple(agreed)
 
 
 @torch.no_grad()
@@ -198,10 +204,16 @@ def train(cfg, builders: Optional[Builders] = None) -> int:
     model = plan.parallelize(full_model)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
+    client, dp_changed = None, False
+    if resume_tag is not None:
+        client, dp_changed = read_resume_client(ckpt, resume_tag, Layout.of_plan(plan))
+        _check_resumable(client, resolved_plain, tokenizer_sha, ckpt.dir / resume_tag)
+    # ZeRO 1-3 partitions must be re-cut for another DP size (resize.py); ZeRO 0 files are whole already.
+    universal = dp_changed and client["config"]["train"]["zero_stage"] >= 1
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=build_deepspeed_config(tc), mpu=plan.mpu
+        model=model, optimizer=optimizer, config=build_deepspeed_config(tc, load_universal=universal), mpu=plan.mpu
     )
 
     def make_loader(split: str):
@@ -219,18 +231,27 @@ def train(cfg, builders: Optional[Builders] = None) -> int:
     guard = NonFiniteGuard(tc.max_nonfinite_in_row)
     step = 0
     rng_state = None
-    if resume_tag is not None:
-        client = ckpt.read_client(resume_tag)
-        _check_resumable(client, resolved_plain, tokenizer_sha, ckpt.dir / resume_tag)
-        ckpt.load_engine(engine, resume_tag)
+    if client is not None:
+        if universal:
+            prepare_universal(ckpt.dir / resume_tag, rank)
+            with repairing_universal_load(optimizer):
+                ckpt.load_engine(engine, resume_tag, universal=True)
+        else:
+            ckpt.load_engine(engine, resume_tag)
         loader.load_state_dict(client["data"])
         guard.load_state_dict(client["nonfinite"])
         move_scheduler_to(scheduler, client["step"])
-        step, rng_state = client["step"], client["rng"]
+        step = client["step"]
+        # Another DP size has other ranks: their RNG streams start afresh, the same way on every run.
+        rng_state = None if dp_changed else client["rng"]
+        if dp_changed:
+            seed_everything(tc.seed + step)
     if rank == 0:
         atomic_write_bytes(run_dir / "config.yaml", config_yaml)
 
     files = {"config.yaml": config_yaml}
+    if plan.tp_size > 1:  # how export joins the TP shards (names and split dims are the same on every TP rank)
+        files[TP_LAYOUT] = json.dumps(tp_layout(model), indent=1).encode()
     if tokenizer_bytes is not None:
         files["tokenizer.model"] = tokenizer_bytes
 
@@ -255,6 +276,9 @@ def train(cfg, builders: Optional[Builders] = None) -> int:
     started = time.monotonic()
     exit_code = 0
 
+    def out_of_time_now() -> bool:
+        return tc.max_minutes is not None and time.monotonic() - started > tc.max_minutes * 60
+
     def validate() -> None:
         val = evaluate(engine, plan, make_loader("val"), tc.eval_batches, dev)
         logger.log(step, {"val/loss": val, "val/ppl": math.exp(min(val, 50.0))})
@@ -266,28 +290,35 @@ def train(cfg, builders: Optional[Builders] = None) -> int:
         with PreemptionFlag() as preempt:
             if step == 0 and tc.eval_every:
                 validate()  # the untrained baseline, so the curve shows where it fell from
+            # Step time is averaged since the last log: between logs the host runs ahead of the device unsynced.
+            timer_start, timer_step = time.perf_counter(), step
             while step < tc.steps:
-                t0 = time.perf_counter()
                 lr = scheduler.get_last_lr()[0]  # the rate this step uses
-                local_loss, applied = train_step(engine, optimizer, scheduler, batches, plan, tc.grad_accum)
-                loss = plan.loss_for_logging(local_loss)
-                dt = time.perf_counter() - t0
+                # Agreed on in the NaN check's all-reduce, which saves a collective (and a sync) per step.
+                local_loss, applied, (preempted, out_of_time) = train_step(
+                    engine, optimizer, scheduler, batches, plan, tc.grad_accum,
+                    lambda: (preempt.requested, out_of_time_now()),
+                )
                 step += 1
                 guard.record(applied, step)
                 last = step == tc.steps
                 if step % tc.log_every == 0 or last:
+                    loss = plan.loss_for_logging(local_loss)  # a collective: every rank logs at the same steps
+                    now = time.perf_counter()
+                    dt = (now - timer_start) / (step - timer_step)
                     values = _step_metrics(engine, tc, plan, loss, lr, dt, world_size, flops_per_token)
                     values["train/skipped_steps"] = guard.total
                     values["perf/elapsed_s"] = time.monotonic() - started  # wall time, logging and data included
                     logger.log(step, values)
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{values['train/lr']:.2e}", refresh=False)
+                    timer_start, timer_step = time.perf_counter(), step
                 bar.update(1)
-                out_of_time = tc.max_minutes is not None and time.monotonic() - started > tc.max_minutes * 60
-                preempted, out_of_time = any_rank(preempt.requested, out_of_time)
                 if tc.eval_every and (step % tc.eval_every == 0 or last or out_of_time):
                     validate()
+                    timer_start, timer_step = time.perf_counter(), step
                 if last or preempted or out_of_time or (tc.save_every and step % tc.save_every == 0):
                     save()
+                    timer_start, timer_step = time.perf_counter(), step
                 if preempted:
                     bar.write(f"preempted: checkpoint {step} saved, exiting with {EXIT_PREEMPTED} for requeue")
                     exit_code = EXIT_PREEMPTED
