@@ -2,15 +2,24 @@
 
 A memory model carries a fixed-size state (fast weights, momentum, window, conv), so its cost per new token must not
 depend on how long the context already is; the transformer's KV cache grows with the context, and so does its cost
-(and its memory: at 32K and batch 32 the 340M transformer's cache alone is about 100 GiB). One command on one GPU:
+(and its memory: at 32K and batch 32 the 340M transformer's cache alone is about 100 GiB, so that point is skipped
+on an 80 GB card). One command on one GPU:
 
-    python benchmarks/bench_decode.py --out $OUT/decode.json
+    python benchmarks/bench_decode.py --cuda-graph --out $OUT/decode.json
 
-For each model the context is built once at batch 1 by a real prefill (in segments that carry the cache), 4K then
-continued to 32K; the batch-32 cache is that state repeated along the batch dimension (the cost of a decode step
-depends on the cache's shapes, not on its values). Each point times `--steps` decode steps after `--warmup` steps,
-each step a T=1 forward with the cache plus the greedy choice of the next token, as `generate` does it.
-The table is printed last; `flat` is the time per step at the longest context over the shortest.
+The context is not prefilled: the decode cache of a context of T tokens is built directly, at the batch size being
+timed (`synthetic_cache`). For a memory layer that is the state at position T: random fast weights, momentum and
+conv tails of the right shapes and dtypes, a full Omega window of random keys, all in one document; for attention, a
+KV cache of T (full attention) or window-1 (sliding window) random keys and values. The cost of a decode step depends
+on the cache's shapes, never on its values, and a real 32K prefill through the token-mode memory would take far
+longer than the measurement. `--prefill` builds the context by a real prefill instead (batch 1, in segments that
+carry the cache, then repeated along the batch), for small contexts and to check the synthetic cache.
+
+Each point times `--steps` decode steps after `--warmup` steps, each step a T=1 forward with the cache plus the greedy
+choice of the next token, as `generate` does it. `--cuda-graph` adds, for every point, a row whose steps each replay
+one captured CUDA graph on static buffers (atlas_train.eval.static_decode); a cache that grows every step (attention)
+cannot be captured, and its graph row says so. The table is printed last; `vs shortest` is the time per step over
+that of the shortest context for the same model, batch and mode (the 32K/4K ratio: 1 is flat).
 """
 
 from __future__ import annotations
@@ -34,7 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,32")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--prefill", action="store_true", help="build each context by a real prefill (slow at long T)")
     p.add_argument("--prefill-chunk", type=int, default=4096, help="prefill segment length (a multiple of chunk_size)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time each point with every decode step replayed as one CUDA graph")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--out", help="results JSON")
@@ -48,6 +60,40 @@ def sync(device: torch.device) -> None:
 
 def cache_bytes(cache: dict) -> int:
     return sum(t.numel() * t.element_size() for t in cache.values())
+
+
+@torch.no_grad()
+def synthetic_cache(model, batch: int, context: int, device) -> dict:
+    """The decode cache of `batch` sequences that have each seen `context` tokens of one document, built directly.
+
+    The entries, their dtypes and their per-sequence shapes come from a real 1-token forward (batch-major, so only the
+    batch and an attention cache's length differ); values are that state plus noise, KV caches random.
+    """
+    from atlas_train.model.atlas_mixer import AtlasMixer
+    from atlas_train.model.attention import Attention
+
+    template = model(torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True).cache
+    owners = {name + ".": m for name, m in model.named_modules() if isinstance(m, (AtlasMixer, Attention))}
+    cache = {}
+    for key, t in template.items():
+        prefix = max((p for p in owners if key.startswith(p)), key=len)
+        module, entry = owners[prefix], key[len(prefix):]
+        if t.dim() == 0:  # positions: tokens seen
+            cache[key] = torch.full_like(t, context)
+        elif isinstance(module, Attention):
+            kept = context if module.window is None else min(context, module.window - 1)
+            if entry in ("k", "v"):
+                cache[key] = torch.randn(batch, t.shape[1], kept, t.shape[3], dtype=t.dtype, device=device)
+            else:  # k_doc (B, kept), doc (B,): everything in document 0
+                cache[key] = torch.zeros(batch, *((kept,) if t.dim() == 2 else ()), dtype=t.dtype, device=device)
+        elif t.dtype == torch.bool:  # the Omega window's validity: every cached key is in the document
+            cache[key] = torch.ones(batch, *t.shape[1:], dtype=torch.bool, device=device)
+        elif entry.endswith("count"):  # update="chunk": tokens of the open chunk
+            cache[key] = torch.full((batch,), context % model.config.chunk_size, dtype=t.dtype, device=device)
+        else:
+            base = t.expand(batch, *t.shape[1:])
+            cache[key] = base + 0.01 * torch.randn(base.shape, dtype=t.dtype, device=device)
+    return cache
 
 
 @torch.no_grad()
@@ -85,16 +131,23 @@ def prefill(model, cache, n_tokens: int, vocab: int, segment: int, device):
 
 
 @torch.no_grad()
-def time_decode(model, cache: dict, batch: int, steps: int, warmup: int, device) -> float:
-    """Seconds per decode step (T=1 forward with the cache + greedy next token) at this batch."""
+def time_decode(model, cache: dict, batch: int, steps: int, warmup: int, device, graph: bool = False) -> float:
+    """Seconds per decode step (T=1 forward with the cache + greedy next token) at this batch; with `graph`, each
+    step replays one captured CUDA graph (raises GrowingCacheError for a cache that grows)."""
+    from atlas_train.eval.static_decode import StaticDecodeStep
+
+    static = StaticDecodeStep(model, cache, use_graph=True) if graph else None
     token = torch.zeros(batch, 1, dtype=torch.long, device=device)
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
             t0 = time.perf_counter()
-        out = model(token, cache=cache, use_cache=True)
-        cache = out.cache
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        if static is not None:
+            logits = static.step(token)
+        else:
+            out = model(token, cache=cache, use_cache=True)
+            cache, logits = out.cache, out.logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)
     sync(device)
     return (time.perf_counter() - t0) / steps
 
@@ -110,39 +163,53 @@ def bench_mixer(mixer: str, args, device, dtype) -> list[dict]:
     cfg = load_config([args.config], [f"model.mixer={mixer}"]).model
     torch.manual_seed(0)
     model = build_model(cfg).to(device=device, dtype=dtype).eval()
-    dims = batch_dims(model, cfg.vocab_size, cfg.chunk_size, device)
+    dims = batch_dims(model, cfg.vocab_size, cfg.chunk_size, device) if args.prefill else None
     rows, cache, have = [], None, 0
     for context in sorted(int(c) for c in args.contexts.split(",")):
         sync(device)
         t0 = time.perf_counter()
-        cache = prefill(model, cache, context - have, cfg.vocab_size, args.prefill_chunk, device)
+        if args.prefill:
+            cache = prefill(model, cache, context - have, cfg.vocab_size, args.prefill_chunk, device)
+            have, one = context, cache
+        else:
+            one = synthetic_cache(model, 1, context, device)
         sync(device)
-        prefill_s, have = time.perf_counter() - t0, context
-        per_seq = cache_bytes({k: t for k, t in cache.items() if dims[k] is not None})
+        build_s = time.perf_counter() - t0
+        per_seq = cache_bytes({k: t for k, t in one.items() if t.dim() > 0})
+        del one
         for batch in (int(b) for b in args.batches.split(",")):
-            row = {
-                "mixer": mixer,
-                "context": context,
-                "batch": batch,
-                "cache_gib": per_seq * batch / 2**30,
-                "prefill_s": round(prefill_s, 2),
-            }
-            free = free_bytes(device)
-            if free is not None and per_seq * batch * 1.2 > free:
-                row["skipped"] = f"cache needs {per_seq * batch / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"
-            else:
-                try:
-                    step_s = time_decode(
-                        model, repeat_cache(cache, dims, batch), batch, args.steps, args.warmup, device
-                    )
-                    row.update(ms_per_step=1000 * step_s, tokens_per_s=batch / step_s)
-                except torch.cuda.OutOfMemoryError:
-                    row["skipped"] = "out of memory"
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for mode in ("eager", "graph") if args.cuda_graph else ("eager",):
+                row = {"mixer": mixer, "context": context, "batch": batch, "mode": mode,
+                       "cache_gib": per_seq * batch / 2**30, "context_build": "prefill" if args.prefill else "synthetic",
+                       "build_s": round(build_s, 2)}
+                row.update(_time_point(model, cache, dims, per_seq, context, batch, mode, args, device))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     return rows
+
+
+def _time_point(model, cache, dims, per_seq: int, context: int, batch: int, mode: str, args, device) -> dict:
+    """{ms_per_step, tokens_per_s} of one point, or {skipped: why}."""
+    from atlas_train.eval.static_decode import GrowingCacheError
+
+    free = free_bytes(device)
+    copies = 2.2 if mode == "eager" else 3.2  # a step holds the old and the new cache; a graph also its static copy
+    if free is not None and per_seq * batch * copies > free:
+        return {"skipped": f"cache needs {per_seq * batch / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"}
+    try:
+        start = repeat_cache(cache, dims, batch) if args.prefill else synthetic_cache(model, batch, context, device)
+        step_s = time_decode(model, start, batch, args.steps, args.warmup, device, graph=mode == "graph")
+    except torch.cuda.OutOfMemoryError:
+        return {"skipped": "out of memory"}
+    except GrowingCacheError:
+        return {"skipped": "KV cache grows every step: no static graph buffers"}
+    except RuntimeError as err:  # a failed capture costs this row, not the run's other rows
+        if mode != "graph":
+            raise
+        return {"skipped": f"graph capture failed: {str(err).splitlines()[0][:100]}"}
+    return {"ms_per_step": 1000 * step_s, "tokens_per_s": batch / step_s}
 
 
 def table(rows: list[dict]) -> str:
@@ -151,7 +218,7 @@ def table(rows: list[dict]) -> str:
     shortest = {}
     for r in rows:
         if "ms_per_step" in r:
-            shortest.setdefault((r["mixer"], r["batch"]), r["ms_per_step"])
+            shortest.setdefault((r["mixer"], r["batch"], r["mode"]), r["ms_per_step"])
     body = [
         [
             r["mixer"],
@@ -160,17 +227,22 @@ def table(rows: list[dict]) -> str:
             r.get("ms_per_step"),
             r.get("tokens_per_s"),
             r["cache_gib"],
-            r["ms_per_step"] / shortest[(r["mixer"], r["batch"])] if "ms_per_step" in r else None,
+            r["ms_per_step"] / shortest[(r["mixer"], r["batch"], r["mode"])] if "ms_per_step" in r else None,
+            r["mode"],
             r.get("skipped", ""),
         ]
         for r in rows
     ]
-    return format_table(["model", "context", "batch", "ms/step", "tokens/s", "cache GiB", "flat", "note"], body)
+    headers = ["model", "context", "batch", "ms/step", "tokens/s", "cache GiB", "vs shortest", "mode", "note"]
+    return format_table(headers, body)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.cuda_graph and device.type != "cuda":
+        print("bench_decode: error: --cuda-graph needs a CUDA device", file=sys.stderr)
+        return 2
     info = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = []
     for mixer in args.mixers.split(","):
@@ -178,8 +250,11 @@ def main(argv=None) -> int:
     if args.out:
         from atlas_train.eval.report import write_json
 
-        write_json(args.out, {"device": info, "dtype": args.dtype, "config": args.config, "rows": rows})
-    print(f"decode speed on {info}, {args.dtype}, {args.steps} steps after {args.warmup} warm-up steps")
+        write_json(args.out, {"device": info, "dtype": args.dtype, "config": args.config, "rows": rows,
+                              "cuda_graph": args.cuda_graph, "context_build": "prefill" if args.prefill else "synthetic"})
+    build = "prefilled" if args.prefill else "synthetic (state at position T, see --help)"
+    print(f"decode speed on {info}, {args.dtype}, {args.steps} steps after {args.warmup} warm-up steps, "
+          f"context cache {build}")
     print(table(rows))
     return 0
 

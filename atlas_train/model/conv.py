@@ -33,16 +33,12 @@ class CausalDepthwiseConv(nn.Module):
         T, K = x.shape[1], self.kernel_size
         prev = self.empty_cache(x) if cache is None else cache.to(x.dtype)
         xe = torch.cat((prev, x), dim=1)  # (B, T+K-1, C)
+        taps = xe.unfold(1, K, 1)  # (B, T, C, K): token t's K inputs, oldest first (a view: two kernels in all)
         if doc_start is None:
-            seg = None
-            y = sum(xe[:, i : i + T] * self.weight[:, i] for i in range(K))
-        else:
-            # Document index of every extended position; the cached inputs belong to token 0's document.
-            seg = torch.cat((doc_start.new_zeros(x.shape[0], K - 1, dtype=torch.long), doc_start.long().cumsum(1)), 1)
-            cur = seg[:, K - 1 :]
-            y = sum(xe[:, i : i + T] * (seg[:, i : i + T] == cur).to(x.dtype)[..., None] * self.weight[:, i]
-                    for i in range(K))
-        tail = xe[:, T:]
-        if seg is not None:
-            tail = tail * (seg[:, T:] == seg[:, -1:]).to(x.dtype)[..., None]
+            return (taps * self.weight).sum(-1), xe[:, T:]
+        # Document index of every extended position; the cached inputs belong to token 0's document.
+        seg = torch.cat((doc_start.new_zeros(x.shape[0], K - 1, dtype=torch.long), doc_start.long().cumsum(1)), 1)
+        same_doc = seg.unfold(1, K, 1) == seg[:, K - 1 :, None]  # (B, T, K): tap in token t's document
+        y = (taps * self.weight * same_doc[:, :, None, :].to(x.dtype)).sum(-1)
+        tail = xe[:, T:] * (seg[:, T:] == seg[:, -1:]).to(x.dtype)[..., None]
         return y, tail
