@@ -3,6 +3,8 @@
     python benchmarks/bench_memory_scan.py            # on one H100: checks, then T = 4K/16K/64K, dh 64/128
     python benchmarks/bench_memory_scan.py --quick    # T = 4K, dh 64 only (on CPU: tiny sizes, a smoke run)
     python benchmarks/bench_memory_scan.py --dh 128 --skip-checks   # split a long run over two commands
+    python benchmarks/bench_memory_scan.py --ns-only  # Newton-Schulz alone vs cuBLAS and torch.compile, < 2 min
+    python benchmarks/bench_memory_scan.py --ns-only --ns-sweep   # + the NS kernel's launch heuristics compared
 
 1. Checks (fresh random inputs, seed printed): the Newton–Schulz kernel against a float64 PyTorch reference, per
    operand precision, outputs and gradients; then the whole memory_scan with the kernels against the float64
@@ -17,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import math
@@ -140,14 +143,17 @@ def check_memory_scan(device):
     for update in ("token", "chunk"):
         tensors, params = make_inputs(2, 4 * CHUNK, 8, 64, device, torch.float32)
         upstream = torch.randn(2, 4 * CHUNK, 8, 64, device=device)
-        kernels.set_kernels_enabled(False)
         as64 = lambda d: {k: t.detach().double().requires_grad_() for k, t in d.items()}  # noqa: E731
-        ref_y, ref_grads = scan_fwd_bwd(as64(tensors), as64(params), update, upstream.double())
-        y, grads = scan_fwd_bwd(tensors, params, update, upstream)
-        errs = [rel_err(g, r) for g, r in zip((y, *grads), (ref_y, *ref_grads))]
-        torch_err = max(errs)
-        rows.append((f"memory_scan {update} PyTorch path fp32 (worst)", torch_err, 1e-3))
-        kernels.set_kernels_enabled(True)
+        with scan_settings(graphs=False, use_kernels=False, compiled=False):  # the reference: plain eager float64
+            ref_y, ref_grads = scan_fwd_bwd(as64(tensors), as64(params), update, upstream.double())
+        err_by_mode = {}
+        for graphs in (False, True):
+            with scan_settings(graphs=graphs, use_kernels=False, compiled=False):
+                y, grads = scan_fwd_bwd(tensors, params, update, upstream)
+            err_by_mode[graphs] = max(rel_err(g, r) for g, r in zip((y, *grads), (ref_y, *ref_grads)))
+            rows.append((f"memory_scan {update} PyTorch fp32, {'CUDA graphs' if graphs else 'eager'} (worst)",
+                         err_by_mode[graphs], 1e-3))
+        torch_err = err_by_mode[False]
         for precision in ("ieee", "tf32", "bf16"):
             kernels.set_ns_precision(precision)
             y, grads = scan_fwd_bwd(tensors, params, update, upstream)
@@ -190,6 +196,33 @@ def compiled_chunk_steps():
         for name, fn in saved.items():
             setattr(SCAN_MODULE, name, fn)
     return restore
+
+
+def scan_variants(on_gpu, quick, first_length):
+    """(row name, CUDA graphs, NS kernels, torch.compile'd chunk steps) of the scan rows. The issue's baseline is
+    the compiled PyTorch path (no graphs, no kernels); plain eager only at the first length, to show the launch
+    overhead that graphs remove."""
+    if not on_gpu:  # CPU smoke run: compiling the chunk step takes minutes on 2 cores
+        return [("eager (cpu)", False, True, False)] + ([] if quick else [("torch.compile", False, False, True)])
+    rows = [("eager", False, True, False)] if first_length else []
+    return rows + [("torch.compile", False, False, True), ("graphs", True, True, False),
+                   ("graphs+compile", True, True, True)]
+
+
+@contextlib.contextmanager
+def scan_settings(graphs, use_kernels, compiled):
+    """Run the scan with or without CUDA graphs, NS kernels and compiled chunk steps; restores the defaults."""
+    os.environ["ATLAS_SCAN_CUDA_GRAPHS"] = "1" if graphs else "0"
+    kernels.set_kernels_enabled(use_kernels)
+    restore = compiled_chunk_steps() if compiled else (lambda: None)
+    SCAN_MODULE.clear_scan_graphs()
+    try:
+        yield
+    finally:
+        restore()
+        SCAN_MODULE.clear_scan_graphs()
+        kernels.set_kernels_enabled(True)
+        os.environ["ATLAS_SCAN_CUDA_GRAPHS"] = "1"
 
 
 class Bench:
@@ -276,7 +309,106 @@ def ns_step(mats, rows, cols, precision, device, backward):
     return step
 
 
+# --ns-sweep: launch heuristics of the NS kernel to compare on the GPU (module constants of newton_schulz_kernel)
+NS_SWEEP = [("stages 1", dict(NUM_STAGES={"forward": 1, "backward": 1})),
+            ("stages 3/2", dict(NUM_STAGES={"forward": 3, "backward": 2})),
+            ("streamed 4K tiles", dict(SINGLE_TILE_ELEMENTS=0, SCRATCH_TILE_ELEMENTS=4096)),
+            ("streamed 16K tiles", dict(SINGLE_TILE_ELEMENTS=0, SCRATCH_TILE_ELEMENTS=16384)),
+            ("streamed 4K tiles, 4 warps", dict(SINGLE_TILE_ELEMENTS=0, SCRATCH_TILE_ELEMENTS=4096,
+                                                NUM_WARPS={"stream": 4, "scratch": 4})),
+            ("streamed 2K tiles, 4 warps", dict(SINGLE_TILE_ELEMENTS=0, SCRATCH_TILE_ELEMENTS=2048,
+                                                NUM_WARPS={"stream": 4, "scratch": 4})),
+            ("register Gram to 128", dict(REGISTER_GRAM_MAX=128)),
+            ("maxnreg 128 (2 programs/SM)", dict(MAX_REGISTERS=128)),
+            ("maxnreg 128, stages 1", dict(MAX_REGISTERS=128, NUM_STAGES={"forward": 1, "backward": 1}))]
+
+
+def ns_only_bench(device, shapes, precisions, budget_s, ceiling, sweep=False):
+    """Newton–Schulz alone on one chunk's matrices of update=token (tokens x heads), forward and forward+backward:
+    the Triton kernel per operand precision, the PyTorch NS compiled with torch.compile (bf16 inputs, kernels
+    off), and the same matmul chain by cuBLAS in bf16 (bmm/baddbmm: exactly the NS forward's FLOPs, its
+    elementwise work fused into the GEMMs) as the attainable rate for these shapes. `sweep` adds the kernel in bf16
+    under each launch heuristic of NS_SWEEP. Returns the table's lines."""
+    from unittest import mock
+
+    import atlas_train.kernels.newton_schulz_kernel as ns_kernel
+    from atlas_train.ops.newton_schulz import NS_COEFFICIENTS
+    from atlas_train.ops.newton_schulz import newton_schulz as ns_torch
+
+    mats = HEADS * CHUNK if device.type == "cuda" else 2  # interpreter: two matrices are plenty
+    deadline = time.monotonic() + budget_s
+    a, b, c = NS_COEFFICIENTS
+
+    def cublas_chain(x):  # the forward's GEMMs on the wide orientation, no normalisation
+        for _ in range(NS_STEPS):
+            gram = torch.bmm(x, x.transpose(1, 2))
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        return x
+
+    compiled_ns = torch.compile(ns_torch, dynamic=False)
+
+    def torch_ns(s):
+        kernels.set_kernels_enabled(False)  # the PyTorch path, not the kernel it would dispatch to on a GPU
+        try:
+            return compiled_ns(s, NS_STEPS)
+        finally:
+            kernels.set_kernels_enabled(True)
+
+    def kernel(precision):
+        return lambda t: kernels.newton_schulz(t, NS_STEPS, precision)
+
+    lines = []
+    for rows, cols in shapes:
+        fwd_flops, bwd_flops = (mats * f for f in ns_flops(rows, cols, NS_STEPS))
+        m, n = min(rows, cols), max(rows, cols)
+        # (label, kernel precision or None, input dtype, function, input shape, kernel constants patched)
+        impls = [("cuBLAS bf16 bmm chain", None, torch.bfloat16, cublas_chain, (mats, m, n), {})]
+        impls += [(f"kernel {p}", p, torch.float32, kernel(p), (mats, rows, cols), {}) for p in precisions]
+        impls += [(f"kernel bf16, {name}", "bf16", torch.float32, kernel("bf16"), (mats, rows, cols), patches)
+                  for name, patches in (NS_SWEEP if sweep else [])]
+        if device.type == "cuda":  # bf16 inputs: cuBLAS bf16 GEMMs, the kernel's bf16 mode's counterpart
+            impls.append(("torch.compile NS bf16", None, torch.bfloat16, torch_ns, (mats, rows, cols), {}))
+        chain_rate = None
+        for label, precision, dtype, fn, shape, patches in impls:
+            head = f"{label:<34} {rows}x{cols:<7}"
+            if time.monotonic() > deadline:
+                lines.append(f"{head} skipped: --budget-s spent")
+                continue
+            if precision is not None and kernels.newton_schulz_unsupported(
+                    torch.empty(rows, cols, device=device), precision):
+                lines.append(f"{head} not covered by the kernel (PyTorch path)")
+                continue
+            cells = []
+            for backward in (False, True):
+                if backward and label.startswith("cuBLAS"):
+                    continue  # the reference rate is the forward chain's
+                try:
+                    s = torch.randn(shape, device=device, dtype=dtype, requires_grad=backward)
+
+                    def step():
+                        # the backward launches inside the patch too
+                        with mock.patch.multiple(ns_kernel, **patches) if patches else contextlib.nullcontext():
+                            out = fn(s)
+                            if backward:
+                                out.backward(torch.ones_like(out))
+                    step()  # warm-up and compilation
+                    seconds = time_fn(step, device, 5)
+                except Exception as exc:  # noqa: BLE001 — one failing row must not stop the others
+                    cells.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:50] if str(exc) else ''}")
+                    continue
+                rate = (fwd_flops + (bwd_flops if backward else 0)) / seconds / 1e12
+                if label.startswith("cuBLAS"):
+                    chain_rate = rate
+                versus = f"{100 * rate / chain_rate:4.0f}% of cuBLAS chain" if chain_rate else "no cuBLAS rate"
+                cells.append(f"{'fwd+bwd' if backward else 'fwd'} {seconds * 1e3:8.3f} ms {rate:6.1f} TFLOP/s "
+                             f"{100 * rate / ceiling:4.1f}% of ceiling ({versus})")
+            lines.append(f"{head} " + " | ".join(cells))
+            print(f"  {lines[-1]}", flush=True)
+    return lines
+
+
 def main(argv=None):
+    started = time.monotonic()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T = 4K and dh 64 only (CPU: tiny sizes)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting rows after this many seconds")
@@ -284,6 +416,10 @@ def main(argv=None):
     parser.add_argument("--dh", type=int, nargs="+", help="head dims to time (default 64 128; --quick: 64)")
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths to time (default 4K 16K 64K)")
     parser.add_argument("--skip-checks", action="store_true", help="timing only (not for reported numbers)")
+    parser.add_argument("--ns-only", action="store_true",
+                        help="Newton-Schulz alone: NS checks, then kernel vs cuBLAS vs torch.compile (dh 64 128 256)")
+    parser.add_argument("--ns-sweep", action="store_true",
+                        help="with --ns-only: also the bf16 kernel under each launch heuristic of NS_SWEEP")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -296,10 +432,11 @@ def main(argv=None):
 
     checks = []
     if not args.skip_checks:
-        ns_sizes = ([(64, 64, 256), (64, 256, 128), (16, 128, 512), (8, 512, 256), (8, 40, 200)] if on_gpu
+        ns_sizes = ([(64, 64, 256), (64, 256, 128), (16, 128, 512), (8, 512, 256), (4, 256, 1024), (4, 1024, 256),
+                     (8, 40, 200)] if on_gpu
                     else [(3, 8, 24), (2, 24, 8)])
         groups = [("NS kernel", lambda: check_ns_kernel(device, ns_sizes))]
-        if on_gpu:
+        if on_gpu and not args.ns_only:
             groups.append(("memory_scan", lambda: check_memory_scan(device)))
         for name, run_checks in groups:
             try:
@@ -317,6 +454,20 @@ def main(argv=None):
 
     ceiling = matmul_ceiling(device)
     print(f"matmul ceiling: {ceiling:.3g} TFLOP/s ({'bf16' if on_gpu else 'fp32'})", flush=True)
+    if args.ns_only:
+        # update=token's matrices, W1 (dh x 4dh) and W2 (4dh x 2dh), most used first; up to 256 x 1024
+        shapes = [(64, 256), (256, 128), (128, 512), (512, 256), (256, 1024)] if on_gpu else [(8, 32), (32, 16)]
+        if args.dh:
+            shapes = [shape for dh in args.dh for shape in ((dh, 4 * dh), (4 * dh, 2 * dh))]
+        # the plain run (checks included) stays under 2 minutes: rows past the budget print as skipped
+        budget = args.budget_s if args.ns_sweep else min(args.budget_s, 100.0 - (time.monotonic() - started))
+        lines = ns_only_bench(device, shapes, ("tf32", "bf16") if on_gpu else ("ieee",), budget, ceiling,
+                              sweep=args.ns_sweep)
+        print(f"\n== correctness: {len(checks)} checks, {len(failed)} failed (listed before the timings) ==")
+        print(f"\n== Newton-Schulz alone, {HEADS * CHUNK if on_gpu else 2} matrices, ns={NS_STEPS}; bf16 matmul "
+              f"ceiling {ceiling:.3g} TFLOP/s (8192^2); % of the cuBLAS bf16 chain of the same shapes and FLOPs ==")
+        print("\n".join(lines))
+        return 1 if failed else 0
     bench = Bench(device, ceiling, args.budget_s, args.row_budget_s)
     if on_gpu:
         lengths = (4096,) if args.quick else (4096, 16384, 65536)
@@ -341,21 +492,10 @@ def main(argv=None):
                       7 * length * length * dh * HEADS, ("sdpa", dh), length)
             for update in ("chunk", "token"):
                 flops = scan_flops(length, HEADS, dh, update)
-                kernels.set_kernels_enabled(True)
-                bench.run(f"scan {update} {'kernels' if on_gpu else 'eager (cpu)'}", shape,
-                          lambda: scan_step(length, dh, update, device), flops, ("kernels", update, dh), length)
-                if args.quick and not on_gpu:
-                    continue  # CPU smoke run: compiling the chunk step takes minutes on 2 cores
-                variants = [("torch.compile", False)] + ([("kernels+compile", True)] if update == "token" else [])
-                for name, use_kernels in variants:
-                    kernels.set_kernels_enabled(use_kernels)
-                    restore = compiled_chunk_steps()
-                    try:
+                for name, graphs, use_kernels, compiled in scan_variants(on_gpu, args.quick, length == lengths[0]):
+                    with scan_settings(graphs, use_kernels, compiled):
                         bench.run(f"scan {update} {name}", shape, lambda: scan_step(length, dh, update, device),
                                   flops, (name, update, dh), length)
-                    finally:
-                        restore()
-                        kernels.set_kernels_enabled(True)
 
     print(f"\n== correctness: {len(checks)} checks, {len(failed)} failed (listed before the timings) ==")
     print(f"\n== forward+backward, B*H={HEADS}, c={WINDOW}, chunk={CHUNK}, ns={NS_STEPS}; "

@@ -12,9 +12,19 @@ transpose back" for free). Three variants, by size (small heuristic in `_launch`
   scratch    M up to 256: A and B in a per-program scratch buffer, formed ROW_BLOCK rows at a time, X updated
              one column strip at a time.
 When a gradient is needed the forward also writes its iterates X_0..X_{k-1} to a buffer, and the backward walks them
-in reverse with the analytic derivative of one step X' = aX + (bA + cA^2)X, A = XX^T:
+in reverse (streaming column strips of X_i and G even where the forward kept X in registers: the backward holds twice
+the tiles) with the analytic derivative of one step X' = aX + (bA + cA^2)X, A = XX^T:
     dB = G X^T,  dA = b dB + c (dB A + A dB),  dX = a G + B G + (dA + dA^T) X,
 then of X0 = S / (|S|_F + eps): dS = dX0 / (n + eps) - <dX0, S> S / ((n + eps)^2 n), n = |S|_F.
+
+Hopper's 227 KiB of shared memory per program bounds every launch (tl.dot stages its operands there, once per
+software-pipeline stage): benchmarks/ns_kernel_resources.py compiles each launch of the scan's shapes offline for
+sm_90 and a test fails if one does not fit.
+
+Speed: each iteration is three dependent products (A = XX^T, A^2, BX), each waiting for the previous result to be
+staged in shared memory; at 255 registers x 8 warps one program fills an SM, so nothing hides those waits (one
+64x256 bf16 iteration measured ~7 us against ~0.9 us of tensor-core work). More programs per SM (fewer warps or
+registers: NUM_WARPS, MAX_REGISTERS) is the lever; `bench_memory_scan.py --ns-only --ns-sweep` compares them.
 """
 from __future__ import annotations
 
@@ -33,6 +43,13 @@ PRECISIONS = ("ieee", "tf32", "bf16")
 SINGLE_TILE_ELEMENTS = 64 * 256  # up to this many elements (padded) X stays in registers for all iterations
 REGISTER_GRAM_MAX = 64  # up to this short side the M x M Gram matrix and its helpers stay in registers
 SCRATCH_TILE_ELEMENTS = 8192  # register tiles of the streamed variants hold about this many elements
+# Software pipelining of the tile loops: every stage is another copy of the loop's tiles in shared memory. Triton's
+# default (3) overflows Hopper's 227 KiB for most shapes; benchmarks/ns_kernel_resources.py checks these values.
+NUM_STAGES = {"forward": 2, "backward": 2}
+NUM_WARPS = {"stream": 8, "scratch": 8}  # of the streamed variants (short side above 32)
+# Registers per thread; None lets ptxas take up to 255, i.e. one 8-warp program per SM. 128 fits two programs per SM
+# (latency hiding across matrices) at the price of some spills: `bench_memory_scan.py --ns-only --ns-sweep` times it.
+MAX_REGISTERS = None
 
 
 @triton.jit
@@ -294,11 +311,12 @@ class _Launch(NamedTuple):
     row_block: int
     variant: str  # "registers" | "stream" | "scratch"
     num_warps: int
+    num_stages: int
     precision: str
     acc: object  # tl.float32 or tl.float64
 
 
-def _launch(S: torch.Tensor, precision: str) -> _Launch:
+def _launch(S: torch.Tensor, precision: str, backward: bool = False) -> _Launch:
     mats = S.reshape(-1, *S.shape[-2:]).contiguous()
     rows, cols = mats.shape[-2:]
     s_b, s_r, s_c = mats.stride()
@@ -312,16 +330,19 @@ def _launch(S: torch.Tensor, precision: str) -> _Launch:
     if block_m * block_n <= SINGLE_TILE_ELEMENTS:
         variant, num_warps = "registers", 4 if block_m * block_n <= 4096 else 8
     elif block_m <= REGISTER_GRAM_MAX:
-        variant, num_warps = "stream", 4 if block_m <= 32 else 8
+        variant, num_warps = "stream", 4 if block_m <= 32 else NUM_WARPS["stream"]
         block_n = max(16, min(block_n, SCRATCH_TILE_ELEMENTS // block_m))
     else:
-        variant, num_warps = "scratch", 8
+        variant, num_warps = "scratch", NUM_WARPS["scratch"]
         block_n = max(16, min(block_n, 64, SCRATCH_TILE_ELEMENTS // block_m))
         row_block = max(16, min(block_m, SCRATCH_TILE_ELEMENTS // block_m))
+    if backward and variant == "registers":  # the backward streams G and X_i: two tiles plus dot operands
+        block_n = max(16, min(block_n, SCRATCH_TILE_ELEMENTS // block_m))
     if INTERPRETED or mats.dtype == torch.float64:
         precision = "ieee"  # the interpreter multiplies bf16 bit patterns (ENV.md); fp64 has no tf32/bf16 mode
     acc = tl.float64 if mats.dtype == torch.float64 else tl.float32
-    return _Launch(mats, M, N, strides, block_m, block_n, row_block, variant, num_warps, precision, acc)
+    return _Launch(mats, M, N, strides, block_m, block_n, row_block, variant, num_warps,
+                   NUM_STAGES["backward" if backward else "forward"], precision, acc)
 
 
 def _scratch(cfg: _Launch, squares: int) -> torch.Tensor:
@@ -339,16 +360,50 @@ def _iterates_layout(S: torch.Tensor, steps: int, precision: str):
     return shape, torch.bfloat16 if bf16 else S.dtype
 
 
-def _forward(S: torch.Tensor, steps: int, precision: str, save: bool):
+class KernelCall(NamedTuple):
+    """One kernel launch, spelled out so that it can also be compiled offline (benchmarks/ns_kernel_resources.py)."""
+
+    kernel: object
+    grid: tuple
+    args: tuple
+    meta: dict  # constexpr parameters and launch options (num_warps, num_stages, maxnreg)
+
+    def __call__(self):
+        self.kernel[self.grid](*self.args, **self.meta)
+
+
+def forward_call(S: torch.Tensor, steps: int, precision: str, save: bool):
+    """The forward launch for S, with its output and (if save) iterates buffers."""
     cfg = _launch(S, precision)
     out = torch.empty_like(cfg.mats)
     shape, dtype = _iterates_layout(S, steps, precision)
     iterates = torch.empty(shape if save else (1,), device=S.device, dtype=dtype)
     a, b, c = NS_COEFFS
-    _ns_forward_kernel[(cfg.mats.shape[0],)](
-        cfg.mats, out, iterates, _scratch(cfg, 2), cfg.M, cfg.N, *cfg.strides, steps, a, b, c, NS_EPS,
+    call = KernelCall(_ns_forward_kernel, (cfg.mats.shape[0],), (
+        cfg.mats, out, iterates, _scratch(cfg, 2), cfg.M, cfg.N, *cfg.strides, steps, a, b, c, NS_EPS), dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROW_BLOCK=cfg.row_block, VARIANT=cfg.variant,
-        SAVE_ITERATES=save, PRECISION=cfg.precision, ACC=cfg.acc, num_warps=cfg.num_warps)
+        SAVE_ITERATES=save, PRECISION=cfg.precision, ACC=cfg.acc, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, maxnreg=MAX_REGISTERS))
+    return call, out, iterates
+
+
+def backward_call(S: torch.Tensor, iterates: torch.Tensor, grad_out: torch.Tensor, steps: int, precision: str):
+    """The backward launch for S (the forward's saved iterates, upstream gradient), with its dS buffer."""
+    cfg = _launch(S, precision, backward=True)
+    grad = grad_out.reshape(cfg.mats.shape).to(cfg.mats.dtype).contiguous()
+    d_s = torch.empty_like(cfg.mats)
+    a, b, c = NS_COEFFS
+    call = KernelCall(_ns_backward_kernel, (cfg.mats.shape[0],), (
+        cfg.mats, grad, d_s, iterates, _scratch(cfg, 4), cfg.M, cfg.N, *cfg.strides, steps, a, b, c, NS_EPS), dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROW_BLOCK=cfg.row_block, VARIANT=cfg.variant,
+        PRECISION=cfg.precision, ACC=cfg.acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        maxnreg=MAX_REGISTERS))
+    return call, d_s
+
+
+def _forward(S: torch.Tensor, steps: int, precision: str, save: bool):
+    call, out, iterates = forward_call(S, steps, precision, save)
+    call()
     return out.view(S.shape), iterates
 
 
@@ -368,14 +423,8 @@ def _ns_saving_op(S: torch.Tensor, steps: int, precision: str) -> tuple[torch.Te
 @torch.library.custom_op("atlas_train::newton_schulz_backward", mutates_args=())
 def _ns_backward_op(S: torch.Tensor, iterates: torch.Tensor, grad_out: torch.Tensor, steps: int,
                     precision: str) -> torch.Tensor:
-    cfg = _launch(S, precision)
-    grad = grad_out.reshape(cfg.mats.shape).to(cfg.mats.dtype).contiguous()
-    d_s = torch.empty_like(cfg.mats)
-    a, b, c = NS_COEFFS
-    _ns_backward_kernel[(cfg.mats.shape[0],)](
-        cfg.mats, grad, d_s, iterates, _scratch(cfg, 4), cfg.M, cfg.N, *cfg.strides, steps, a, b, c, NS_EPS,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROW_BLOCK=cfg.row_block, VARIANT=cfg.variant,
-        PRECISION=cfg.precision, ACC=cfg.acc, num_warps=cfg.num_warps)
+    call, d_s = backward_call(S, iterates, grad_out, steps, precision)
+    call()
     return d_s.view(S.shape)
 
 

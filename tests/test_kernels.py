@@ -1,4 +1,5 @@
-"""The Triton kernels against the PyTorch path of atlas_train.ops, under the Triton CPU interpreter, in float64.
+"""The Triton kernels against the PyTorch path of atlas_train.ops, under the Triton CPU interpreter, in float64; and
+their Hopper resources, compiled offline in a separate process (benchmarks/ns_kernel_resources.py).
 
 TRITON_INTERPRET must be set before atlas_train.kernels is imported (Triton chooses interpreter or compiler when a
 kernel is decorated). Production dispatch only takes CUDA tensors, so the other tests in this process keep running
@@ -10,6 +11,9 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import logging  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -52,15 +56,20 @@ def test_newton_schulz_matches_pytorch_path(shape, steps):
     torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("variant", ["stream", "scratch"])
+@pytest.mark.parametrize("variant", ["registers", "stream", "scratch"])
 @pytest.mark.parametrize("shape", [(2, 40, 20), (1, 20, 70), (1, 33, 50)])
 def test_newton_schulz_large_matrix_variants_match_pytorch_path(monkeypatch, variant, shape):
     """Force, at tiny sizes, the column-streamed variants that large matrices take on the GPU, with several column
-    strips and (scratch) several row blocks, including partial ones."""
-    monkeypatch.setattr(ns_kernel, "SINGLE_TILE_ELEMENTS", 16 * 16)
+    strips and (scratch) several row blocks, including partial ones; 'registers' keeps the whole matrix in one tile
+    in the forward while its backward streams column strips (as 64 x 256 does on the GPU)."""
+    if variant != "registers":
+        monkeypatch.setattr(ns_kernel, "SINGLE_TILE_ELEMENTS", 16 * 16)
     monkeypatch.setattr(ns_kernel, "SCRATCH_TILE_ELEMENTS", 16 * 32)
     monkeypatch.setattr(ns_kernel, "REGISTER_GRAM_MAX", 64 if variant == "stream" else 16)
-    assert ns_kernel._launch(torch.zeros(shape, dtype=torch.float64), "ieee").variant == variant
+    probe = torch.zeros(shape, dtype=torch.float64)
+    assert ns_kernel._launch(probe, "ieee").variant == variant
+    backward = ns_kernel._launch(probe, "ieee", backward=True)
+    assert backward.block_n < max(shape[-2:]), backward  # several column strips
     (y, g), (y_ref, g_ref) = _ns_pair(shape, 3, seed=7)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
@@ -178,3 +187,41 @@ def test_probe_saves_nothing_for_autograd():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         assert dispatch._probe_newton_schulz(torch.randn(2, 3, 7, dtype=torch.float64), 2) is None
     assert saved == []
+
+
+def _resources(*code):
+    """Run benchmarks/ns_kernel_resources.py (compiler, not interpreter: a fresh process without TRITON_INTERPRET)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    script = ["import sys", "sys.path.insert(0, 'benchmarks')", "import ns_kernel_resources as r", *code]
+    return subprocess.run([sys.executable, "-c", "\n".join(script)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_every_scan_shape_fits_hopper_shared_memory():
+    """Each launch newton_schulz makes for the scan's shapes, compiled offline for sm_90, fits 232448 B."""
+    done = _resources("sys.exit(r.main())")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "48 kernels, 0 over the 232448 B" in done.stdout
+
+
+def test_shared_memory_check_fails_on_a_kernel_that_does_not_fit():
+    """Mutation: Triton's default three pipeline stages overflowed Hopper's shared memory on this shape."""
+    done = _resources("r.ns.NUM_STAGES = {'forward': 3, 'backward': 3}",
+                      "sys.exit(r.main(['--shapes', '64x256', '--precisions', 'tf32']))")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "backward registers" in done.stdout and "> H100 limit" in done.stdout
+
+
+def test_ns_only_bench_runs_and_prints_its_table_last(capsys, monkeypatch):
+    """CPU smoke run of `bench_memory_scan.py --ns-only` (interpreted kernel, tiny matrices): a crash found here
+    does not cost GPU time."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_memory_scan
+
+    with torch.random.fork_rng():  # the bench seeds the global generator afresh
+        assert bench_memory_scan.main(["--ns-only", "--skip-checks", "--dh", "4"]) == 0
+    table = capsys.readouterr().out.split("== Newton-Schulz alone")[-1].splitlines()[1:]
+    assert [line.split()[:3] for line in table] == [["cuBLAS", "bf16", "bmm"], ["kernel", "ieee", "4x16"],
+                                                    ["cuBLAS", "bf16", "bmm"], ["kernel", "ieee", "16x8"]]
+    assert all("TFLOP/s" in line and "Error" not in line for line in table)

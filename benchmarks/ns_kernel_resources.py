@@ -1,0 +1,124 @@
+"""Shared memory and registers of the Newton–Schulz kernels on Hopper, compiled offline (no GPU needed).
+
+    python benchmarks/ns_kernel_resources.py           # every scan shape x precision; exit 1 if one does not fit
+
+Why offline: a kernel that needs more shared memory than the card has only fails when it is first launched on a GPU
+(the dispatcher then falls back to PyTorch). Triton ships ptxas and cuobjdump, so the exact launches that
+`newton_schulz` would make are compiled here for sm_90 and their resource usage is read from the cubin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from atlas_train.kernels import newton_schulz_kernel as ns
+
+HOPPER = GPUTarget("cuda", 90, 32)
+HOPPER_SHARED_BYTES = 232448  # opt-in shared memory per block on H100/H200
+HOPPER_SM_SHARED_BYTES, HOPPER_SM_REGISTERS, HOPPER_SM_WARPS = 233472, 65536, 64  # per SM, all resident programs
+NS_STEPS = 5
+# Every NS matrix of memory_scan update=token: W1 is dh x hid, W2 is hid x D (D = dh or 2*dh), hid = 4*dh; the
+# kernel takes a short side up to MAX_SHORT_SIDE (hid x 2*dh at dh 256 is 1024 x 512: PyTorch path by design).
+SCAN_SHAPES = [(dh, 4 * dh) for dh in (64, 128, 256)] + [(4 * dh, dh) for dh in (64, 128, 256)] + \
+              [(4 * dh, 2 * dh) for dh in (64, 128)]
+PRECISIONS = ("ieee", "tf32", "bf16")
+
+
+def compile_offline(call: ns.KernelCall, target: GPUTarget = HOPPER):
+    """Compile one KernelCall for `target` as its launch would (same specialisation of arguments: types, 16-byte
+    alignment and divisibility, constexprs, options), through the steps of Triton 3.7's JITFunction.run, without a
+    device."""
+    kernel = call.kernel
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*call.args, **call.meta)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, call.meta, bound_args, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def registers_and_spills(compiled) -> tuple[int, int]:
+    """Registers per thread and stack bytes per thread (register spills), read from the cubin by the cuobjdump that
+    ships with Triton."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", cubin.name], capture_output=True, text=True,
+                             check=True).stdout
+    return int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"STACK:(\d+)", out).group(1))
+
+
+def _measure(shape_and_precision) -> list[tuple]:
+    """Resource rows of the forward and backward launches of one (matrix shape, precision)."""
+    (rows, cols), precision = shape_and_precision
+    s = torch.empty(1, rows, cols)
+    fwd, _, iterates = ns.forward_call(s, NS_STEPS, precision, save=True)
+    bwd, _ = ns.backward_call(s, iterates, torch.empty_like(s), NS_STEPS, precision)
+    out = []
+    for what, call in (("forward", fwd), ("backward", bwd)):
+        compiled = compile_offline(call)
+        out.append(((rows, cols), precision, f"{what} {call.meta['VARIANT']}", compiled.metadata.shared,
+                    *registers_and_spills(compiled), call.meta["num_warps"], call.meta["num_stages"]))
+    return out
+
+
+def resource_rows(shapes=SCAN_SHAPES, precisions=PRECISIONS, workers=2):
+    """(shape, precision, kernel, shared bytes, registers, spill bytes, num_warps, num_stages) for every launch
+    newton_schulz makes on these shapes; compiled in `workers` processes (Triton caches the binaries on disk)."""
+    tasks = [(shape, precision) for shape in shapes for precision in precisions]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        return [row for rows in pool.map(_measure, tasks) for row in rows]
+
+
+def _matrix(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ROWSxCOLS, e.g. 64x256") from None
+    return rows, cols
+
+
+def programs_per_sm(shared: int, regs: int, warps: int) -> int:
+    """How many programs of this kernel one SM holds at once: what hides one matrix's dot-after-dot latency behind
+    another's (register allocation granularity ignored: an upper bound)."""
+    return min(HOPPER_SM_REGISTERS // (regs * 32 * warps), HOPPER_SM_SHARED_BYTES // max(shared + 1024, 1),
+               HOPPER_SM_WARPS // warps)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2, help="compile in this many processes")
+    parser.add_argument("--shapes", nargs="+", type=_matrix, default=SCAN_SHAPES,
+                        help="matrices as ROWSxCOLS (default: every scan shape)")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=PRECISIONS)
+    args = parser.parse_args(argv)
+    if ns.INTERPRETED:
+        parser.error("TRITON_INTERPRET is set: the kernels are interpreted, not compiled; unset it")
+    rows = resource_rows(args.shapes, args.precisions, args.workers)
+    too_big = [r for r in rows if r[3] > HOPPER_SHARED_BYTES]
+    print(f"{'matrix':<10} {'precision':<9} {'kernel':<20} {'shared B':>9} {'regs':>5} {'spill B':>7} "
+          f"{'warps':>5} {'stages':>6} {'progs/SM':>8}")
+    for shape, precision, name, shared, regs, spill, warps, stages in rows:
+        flag = "  > H100 limit" if shared > HOPPER_SHARED_BYTES else ""
+        print(f"{f'{shape[0]}x{shape[1]}':<10} {precision:<9} {name:<20} {shared:>9} {regs:>5} {spill:>7} {warps:>5} "
+              f"{stages:>6} {programs_per_sm(shared, regs, warps):>8}{flag}")
+    print(f"{len(rows)} kernels, {len(too_big)} over the {HOPPER_SHARED_BYTES} B of shared memory")
+    return 1 if too_big else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
