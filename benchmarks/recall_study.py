@@ -4,7 +4,14 @@ Trains the members in configs/recall/ (atlas, omeganet, titans, transformer, atl
 the same MQAR shards with `atlas-train`, exports each, and scores MQAR accuracy on a grid of (key-value pairs,
 sequence length) that reaches beyond the training mix (longer rows, more pairs). One command on one GPU:
 
-    python benchmarks/recall_study.py --out $OUT/recall
+    python benchmarks/recall_study.py --out $OUT/recall          # about 8 minutes on an H100
+    python benchmarks/recall_study.py --smoke                     # CPU: tiny sizes, proves the whole path
+
+Fair, equal budget: every member trains the same number of steps on the same rows with the same schedule. Unless
+--steps is given, a short probe of the slowest member (atlas_mag, on random tokens) measures its step time first, and
+the study picks the steps that member completes in 80% of the per-member cap (--max-minutes, default the config's);
+the cap still stops any member that runs slower, and the table shows the steps each one completed. The warm-up is
+10% of the steps (at most the config's).
 
 writes into --out: `<member>.json` (training summary + accuracy grid), `recall.json` (all members), `recall.md`
 (the tables), `recall.png` when matplotlib is installed; logs go to <work>/<member>/train.log. The table is printed
@@ -20,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +38,12 @@ REPO = Path(__file__).resolve().parent.parent
 MEMBERS = ["atlas", "omeganet", "titans", "transformer", "atlas_mag"]
 MAX_TRAIN_ROWS = 50_000  # distinct MQAR training rows (Zoology uses 100K); longer runs repeat them as epochs
 BEGIN, END = "<!-- recall-study:begin -->", "<!-- recall-study:end -->"
+PROBE_MEMBER = "atlas_mag"  # the slowest member: the ATLAS memory and sliding-window attention
+SMOKE_OVERRIDES = [  # every member the same tiny size, so the smoke run takes a few CPU minutes
+    "model.d_model=32", "model.vocab_size=64", "model.max_seq_len=128", "model.chunk_size=16", "model.swa_window=16",
+    "model.mlp_hidden=64", "model.gate_rank=8", "train.seq_len=32", "train.micro_batch_size=8",
+    "train.warmup_steps=2", "train.eval_every=0", "train.steps=8", "data.shuffle_buffer=16",
+]
 
 
 def parse_args(argv=None):
@@ -43,11 +58,20 @@ def parse_args(argv=None):
     p.add_argument("--eval-seq-lens", default="128,256,512")
     p.add_argument("--samples", type=int, default=256, help="MQAR rows per evaluation setting")
     p.add_argument("--device", default="auto")
+    p.add_argument("--probe-steps", type=int, default=30, help="steps of the timing probe that picks --steps")
+    p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny model, rows and grid")
     p.add_argument(
         "--render", nargs="+", metavar="DIR", help="only draw the plot and update RESULTS.md from DIR/*.json"
     )
     p.add_argument("overrides", nargs="*", help="extra atlas-train overrides for every member (key=value)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.overrides = [*SMOKE_OVERRIDES, *args.overrides]
+        args.probe_steps = min(args.probe_steps, 4)
+        args.train_pairs, args.eval_pairs, args.eval_seq_lens, args.samples = "2,4,8", "2,4,8", "32,64", 16
+        if args.work == "runs/recall":
+            args.work, args.out = "runs/recall_smoke", "runs/recall_smoke/results"
+    return args
 
 
 def ints(text: str) -> list[int]:
@@ -101,47 +125,58 @@ def last_metrics(run: Path) -> dict:
     return out
 
 
-def train_and_export(name: str, data: Path, work: Path, args) -> dict:
-    """atlas-train then atlas-train export for one member, as subprocesses logging to <work>/<name>/train.log."""
-    run = work / name
-    run.mkdir(parents=True, exist_ok=True)
-    overrides = [f"data.path={data}", f"train.out_dir={run}", "train.resume=auto", "train.progress=false"]
-    if args.steps:
-        overrides.append(f"train.steps={args.steps}")
-    if args.max_minutes:
-        overrides.append(f"train.max_minutes={args.max_minutes}")
-    cmd = [
-        sys.executable,
-        "-m",
-        "atlas_train.train.cli",
-        "--config",
-        str(REPO / "configs/recall" / f"{name}.yaml"),
-        *overrides,
-        *args.overrides,
-    ]
+def fresh_run_dir(run: Path) -> Path:
+    """An empty run folder: every study run trains from scratch (a folder left by an earlier run is this script's)."""
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    return run
+
+
+def run_member(name: str, overrides: list[str], log) -> int:
+    """One `atlas-train` process for a member's config, its output appended to `log`."""
+    cmd = [sys.executable, "-m", "atlas_train.train.cli", "--config", str(REPO / "configs/recall" / f"{name}.yaml"),
+           *overrides]
+    return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+
+
+def probe_steps(work: Path, cap_minutes: float, max_steps: int, args) -> int:
+    """The steps the slowest member completes in 80% of the per-member cap (the rest absorbs its first steps' compiles
+    and the data loader), timed on random tokens."""
+    run = fresh_run_dir(work / "probe")
+    overrides = [*args.overrides, f"train.out_dir={run}", "train.resume=none", "train.progress=false",
+                 "train.synthetic_data=true", f"train.steps={args.probe_steps}", f"train.max_minutes={cap_minutes}",
+                 "train.eval_every=0"]  # the study's own keys last: they win over the user's
+    with open(work / "probe.log", "w") as log:
+        code = run_member(PROBE_MEMBER, overrides, log)
+    path = run / "metrics.jsonl"
+    times = [json.loads(line)["perf/step_time_s"] for line in path.read_text().splitlines()] if path.is_file() else []
+    if code != 0 or not times:
+        sys.exit(f"recall_study: the timing probe failed (exit {code}); see {work / 'probe.log'}")
+    step_s = statistics.median(times[len(times) // 2 :])  # past the first steps' compilation and allocation
+    steps = max(1, min(max_steps, int(0.8 * cap_minutes * 60 / step_s)))
+    print(f"probe: {PROBE_MEMBER} takes {1000 * step_s:.0f} ms per step; every member trains {steps} steps", flush=True)
+    return steps
+
+
+def train_and_export(name: str, data: Path, work: Path, steps: int, schedule: list[str], args) -> dict:
+    """atlas-train then atlas-train export for one member, as subprocesses logging to <work>/<name>/train.log.
+    schedule: the study's train.* keys, the same for every member."""
+    run = fresh_run_dir(work / name)
+    overrides = [*args.overrides, f"data.path={data}", f"train.out_dir={run}", "train.resume=none",
+                 "train.progress=false", *schedule]
     t0 = time.time()
-    with open(run / "train.log", "a") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    with open(run / "train.log", "w") as log:
+        code = run_member(name, overrides, log)
         seconds = time.time() - t0
         if code == 0:
-            code = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "atlas_train.train.cli",
-                    "export",
-                    "--checkpoint",
-                    str(run),
-                    "--out",
-                    str(run / "export"),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-            ).returncode
-    summary = {"member": name, "train_exit_code": code, "train_seconds": round(seconds, 1), **last_metrics(run)}
+            export = [sys.executable, "-m", "atlas_train.train.cli", "export", "--checkpoint", str(run), "--out",
+                      str(run / "export")]
+            code = subprocess.run(export, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    summary = {"member": name, "train_exit_code": code, "train_seconds": round(seconds, 1), "planned_steps": steps,
+               **last_metrics(run)}
     if code != 0:
-        print(f"{name}: training or export failed (exit {code}); see {run / 'train.log'}", flush=True)
+        tail = "\n".join((run / "train.log").read_text(errors="replace").splitlines()[-10:])
+        print(f"{name}: training or export failed (exit {code}); {run / 'train.log'} ends:\n{tail}", flush=True)
     return summary
 
 
@@ -165,6 +200,8 @@ def score(name: str, work: Path, args) -> dict:
     params = sum(p.numel() for p in loaded.model.parameters())
     embedding = loaded.model.embed.weight.numel()
     return {
+        "update": None if loaded.model.config.mixer == "transformer" else loaded.model.config.update,
+        "chunk_size": loaded.model.config.chunk_size,
         "params": params,
         "params_non_embedding": params - embedding,
         "eval_seconds": round(time.time() - t0, 1),
@@ -184,13 +221,18 @@ def tables(results: list[dict]) -> str:
             cells = [f"{acc[s]:.3f}" if s in acc else "-" for s in settings]
             lines.append(f"| {r['member']} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("| member | params (non-emb.) | steps | train s | step ms | final train loss | val loss |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|")
+    lines.append(
+        "| member | memory update | params (non-emb.) | steps done/planned | train s | step ms | final train loss | "
+        "val loss |"
+    )
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         step_ms = r.get("perf/step_time_s")
+        update = {None: "-", "token": "per token"}.get(r.get("update"), f"per {r.get('chunk_size')}-token chunk")
         lines.append(
-            f"| {r['member']} | {r.get('params', '-')} ({r.get('params_non_embedding', '-')}) | "
-            f"{r.get('steps', '-')} | {r.get('train_seconds', '-')} | "
+            f"| {r['member']} | {update} | "
+            f"{r.get('params', '-')} ({r.get('params_non_embedding', '-')}) | "
+            f"{r.get('steps', '-')}/{r.get('planned_steps', '-')} | {r.get('train_seconds', '-')} | "
             f"{'-' if step_ms is None else f'{1000 * step_ms:.0f}'} | "
             f"{_fmt(r.get('train/loss'))} | {_fmt(r.get('val/loss'))} |"
         )
@@ -284,22 +326,30 @@ def main(argv=None) -> int:
     if args.render:
         render([Path(f) for f in args.render])
         return 0
-    from atlas_train.config import load_config
+    from atlas_train.config import ConfigError, load_config
     from atlas_train.eval.report import write_json
 
     members = [m for m in args.models.split(",") if m]
     unknown = [m for m in members if not (REPO / "configs/recall" / f"{m}.yaml").is_file()]
     if unknown:
         sys.exit(f"recall_study: no config for {unknown} in configs/recall/")
-    cfg = load_config(
-        [REPO / "configs/recall/common.yaml"], [o for o in args.overrides if o.startswith(("model.", "train."))]
-    )
+    try:
+        cfg = load_config([REPO / "configs/recall/common.yaml"], args.overrides)
+    except ConfigError as err:
+        sys.exit(f"recall_study: {err}")
     work, out = Path(args.work).resolve(), Path(args.out).resolve()
-    rows = min(MAX_TRAIN_ROWS, (args.steps or cfg.train.steps) * cfg.train.micro_batch_size * cfg.train.grad_accum)
+    work.mkdir(parents=True, exist_ok=True)
+    cap = args.max_minutes or cfg.train.max_minutes
+    if cap is None:
+        sys.exit("recall_study: give a per-member wall-time cap (--max-minutes or train.max_minutes)")
+    steps = args.steps or probe_steps(work, cap, cfg.train.steps, args)
+    rows = min(MAX_TRAIN_ROWS, steps * cfg.train.micro_batch_size * cfg.train.grad_accum)
     data = make_data(work, cfg, ints(args.train_pairs), rows)
+    warmup = min(cfg.train.warmup_steps, max(1, steps // 10))  # a short run still spends most steps at full rate
+    schedule = [f"train.steps={steps}", f"train.max_minutes={cap}", f"train.warmup_steps={warmup}"]
     results = []
     for name in members:
-        summary = train_and_export(name, data, work, args)
+        summary = train_and_export(name, data, work, steps, schedule, args)
         if summary["train_exit_code"] == 0:
             summary.update(score(name, work, args))
         write_json(out / f"{name}.json", summary)
