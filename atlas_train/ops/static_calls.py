@@ -48,10 +48,13 @@ class StaticCall:
         self._inputs = [t.detach().clone() for t in examples]
         self._graph = None
         self.calls = 0  # how often it ran: tests check that backward calls are found, not silently missed
-        if graph:
-            self._outputs = self._capture(pool)
-        else:
-            self._outputs = [r.detach().clone() for r in fn(*self._inputs)]
+        # Building runs fn (a backward included) inside the caller's forward, which may be an activation-checkpointed
+        # block: identity hooks keep checkpoint's saved-tensor bookkeeping from seeing these extra tensors.
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            if graph:
+                self._outputs = self._capture(pool)
+            else:
+                self._outputs = [r.detach().clone() for r in fn(*self._inputs)]
 
     def _capture(self, pool) -> list[torch.Tensor]:
         side = torch.cuda.Stream()
