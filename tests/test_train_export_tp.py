@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun_helper import run_under_torchrun
 
 VOCAB, SEQ = 32, 16
 
@@ -63,9 +63,7 @@ def _tp_worker(root: str) -> None:
 def test_export_of_a_tensor_parallel_run_gives_the_tp_models_logits(tmp_path):
     from atlas_train.train.export import export, load_exported
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(tmp_path)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_under_torchrun(__file__, str(tmp_path))
     for tie in (False, True):
         run = tmp_path / f"run_tie{int(tie)}"
         layout = json.loads((run / "checkpoints" / "step_00000002" / "tp_layout.json").read_text())

@@ -24,6 +24,7 @@ from atlas_train.train.config import TrainConfig
 from atlas_train.train.export import export, load_exported
 from atlas_train.train.nonfinite import NonFiniteLossError
 from atlas_train.train.signals import EXIT_PREEMPTED
+from torchrun_helper import run_under_torchrun
 from atlas_train.train.synthetic import SyntheticLoader
 from atlas_train.train.trainer import Builders, train
 
@@ -250,12 +251,7 @@ def _dist_worker(root: str) -> None:
 
 @pytest.mark.slow
 def test_two_rank_data_parallel_run_resumes_bitwise(tmp_path):
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(tmp_path)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_under_torchrun(__file__, str(tmp_path))
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rc_rank{rank}").read_text()) == [0, EXIT_PREEMPTED, 0]
     step2 = tmp_path / "split" / "checkpoints" / "step_00000002"

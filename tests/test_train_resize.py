@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from atlas_train.model.lm import LMOutput
 from atlas_train.parallel import setup_parallel
 from atlas_train.train.checkpoint import CheckpointError
 from atlas_train.train.export import export, load_exported
+from torchrun_helper import run_under_torchrun
 from atlas_train.train.signals import EXIT_PREEMPTED
 from atlas_train.train.trainer import Builders, check_dataset, train
 
@@ -141,9 +141,7 @@ def resized_runs(tmp_path_factory):
         assert run(root, "one_split", zero, precision, 1, stop=True) == EXIT_PREEMPTED
         shutil.copytree(root / f"one_split_z{zero}_{precision}", root / f"one_to_two_z{zero}_{precision}")
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(root)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_under_torchrun(__file__, str(root))
     for rank in (0, 1):
         assert json.loads((root / f"rc_rank{rank}").read_text()) == [0, EXIT_PREEMPTED, 0] * len(VARIANTS)
 

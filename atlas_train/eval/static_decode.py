@@ -2,15 +2,18 @@
 
 A decode step of a memory model is thousands of small kernels whose launch cost dwarfs their work. Its cache has
 fixed shapes (fast weights, momentum, window, conv tails), so the step can run on buffers that never move: the token
-goes into a static input, the model reads the static cache, and the step ends by copying the new cache into those
-same buffers. Captured once with `torch.cuda.CUDAGraph`, a step is then one graph launch. Without a graph (CPU, or
-`use_graph=False`) the same buffer logic runs eagerly, which is how the tests check it. Caches that grow (an
-attention KV cache) cannot live in static buffers and are refused.
+goes into a static input, the model reads the static cache, the new cache comes out in static buffers and goes back
+in at the next step. Captured once as a CUDA graph (`atlas_train.ops.static_calls`, the same machinery as the scan's
+chunk graphs), a step is then one graph launch. Without a graph (CPU, or `use_graph=False`) the same buffer logic
+runs eagerly, which is how the tests check it. Caches that grow (an attention KV cache) cannot live in static
+buffers and are refused.
 """
 
 from __future__ import annotations
 
 import torch
+
+from atlas_train.ops.static_calls import StaticCall
 
 
 class GrowingCacheError(ValueError):
@@ -20,56 +23,37 @@ class GrowingCacheError(ValueError):
 class StaticDecodeStep:
     """`step(token)` = one T=1 forward of `model` with the carried cache; returns the (B, V) logits.
 
-    The cache passed in is copied (the caller's dict is left as it was); `cache` holds the current state. With a
-    graph, the returned logits tensor is a static buffer that the next step overwrites.
+    The step is a `StaticCall` (the scan's CUDA-graph machinery) of (token, *cache) -> (logits, *new cache); the
+    caller's cache is copied in once and left as it was. `cache` holds the current state, and the returned logits
+    are a static buffer that the next step overwrites.
     """
 
-    def __init__(self, model, cache: dict, use_graph: bool = False, warmup: int = 2):
+    def __init__(self, model, cache: dict, use_graph: bool = False):
         self.model = model
-        self.cache = {key: t.clone() for key, t in cache.items()}
-        batch = _batch_size(self.cache)
-        self.token = torch.zeros(batch, 1, dtype=torch.long, device=next(iter(self.cache.values())).device)
-        self.graph = None
-        self.logits = None
-        if use_graph:
-            self._capture(warmup)
+        self._keys = list(cache)
+        token = torch.zeros(_batch_size(cache), 1, dtype=torch.long, device=next(iter(cache.values())).device)
+        self._call = StaticCall(self._forward, [token, *cache.values()], graph=use_graph)
+        self.cache = dict(cache)
 
     @torch.no_grad()
-    def _forward_and_store(self) -> torch.Tensor:
-        out = self.model(self.token, cache=self.cache, use_cache=True)
-        if out.cache.keys() != self.cache.keys():
-            raise GrowingCacheError(f"the decode step changed the cache's keys: {sorted(set(out.cache) ^ set(self.cache))}")
-        for key, new in out.cache.items():
-            old = self.cache[key]
+    def _forward(self, token: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
+        out = self.model(token, cache=dict(zip(self._keys, values)), use_cache=True)
+        if set(out.cache) != set(self._keys):
+            raise GrowingCacheError(f"the decode step changed the cache's keys: {sorted(set(out.cache) ^ set(self._keys))}")
+        for key, old in zip(self._keys, values):
+            new = out.cache[key]
             if new.shape != old.shape or new.dtype != old.dtype:
                 raise GrowingCacheError(f"cache entry {key!r} changes from {tuple(old.shape)} {old.dtype} to "
-                                 f"{tuple(new.shape)} {new.dtype} in a step: it cannot live in a static buffer "
-                                 "(a growing attention KV cache); decode this model without a static step")
-            old.copy_(new)
-        return out.logits[:, -1]
-
-    def _capture(self, warmup: int) -> None:
-        """Warm up on a side stream (first-use probes, allocator), restore the state, then record one step."""
-        saved = {key: t.clone() for key, t in self.cache.items()}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                self._forward_and_store()
-        torch.cuda.current_stream().wait_stream(stream)
-        for key, t in saved.items():
-            self.cache[key].copy_(t)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward_and_store()
+                                        f"{tuple(new.shape)} {new.dtype} in a step: it cannot live in a static "
+                                        "buffer (a growing attention KV cache); decode this model without a static "
+                                        "step")
+        return [out.logits[:, -1], *(out.cache[key] for key in self._keys)]
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """token (B,) or (B, 1) int64 -> logits (B, V) of the next position; the cache advances by one token."""
-        self.token.copy_(token.view(-1, 1))
-        if self.graph is None:
-            return self._forward_and_store()
-        self.graph.replay()
-        return self.logits
+        logits, *values = self._call(token.view(-1, 1), *(self.cache[key] for key in self._keys))
+        self.cache = dict(zip(self._keys, values))  # static outputs: copied into the inputs by the next step
+        return logits
 
 
 def _batch_size(cache: dict) -> int:

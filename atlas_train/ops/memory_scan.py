@@ -20,6 +20,7 @@ from atlas_train.ops.scan_chunks import (
     ChunkInputs,
     ScanOptions,
     carry_keys,
+    check_state,
     chunk_update_chunk,
     initial_carry,
     token_update_chunk,
@@ -284,16 +285,7 @@ def _unpack(opts, has_ln, tensors):
 
 def _carry_from_state(state, keys, opts, batch, heads, dim, dtype) -> dict:
     """Check a state dict from an earlier call against this call and cast its float tensors to the compute dtype."""
-    if not isinstance(state, dict):
-        raise ValueError(f"state must be the dict memory_scan returned, got {type(state).__name__}")
-    expected = set(keys) | {"pos"}
-    if set(state) != expected:
-        raise ValueError(f"state keys {sorted(state)} do not match update={opts.update!r} with weights "
-                         f"{list(opts.weight_names)}; expected {sorted(expected)}")
-    past = opts.window - 1
-    if state["window_zk"].shape != (batch, heads, past, dim) or state["window_v"].shape[:3] != (batch, heads, past):
-        raise ValueError(f"state window has shape {tuple(state['window_zk'].shape)}, expected "
-                         f"{(batch, heads, past, dim)} (batch, heads, c-1, D)")
+    check_state(state, opts, batch, heads, dim)
     return {k: state[k] if k in _NON_DIFFERENTIABLE else state[k].to(dtype) for k in keys}
 
 

@@ -23,7 +23,7 @@ import torch
 
 from atlas_train.ops.memory_mlp import loss_gradient_factors, memory_forward
 from atlas_train.ops.newton_schulz import newton_schulz
-from atlas_train.ops.scan_chunks import ScanOptions, carry_keys
+from atlas_train.ops.scan_chunks import ScanOptions, check_state
 
 
 def memory_step(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start, state, chunk_size, ns_steps, update,
@@ -33,7 +33,7 @@ def memory_step(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start, state
     dtype = torch.float64 if zq.dtype == torch.float64 else torch.float32
     weight_names = ("W1", "W2", "W3") if "W3" in params else ("W1", "W2")
     opts = ScanOptions(update, loss, ns_steps, chunk_size, gamma.shape[-1], v.shape[-1], weight_names)
-    _check_state(state, opts, zk.shape[-1])
+    check_state(state, opts, zk.shape[0], zk.shape[2], zk.shape[-1])
     zq, zk, v, alpha, eta, theta, gamma = (t[:, 0].to(dtype) for t in (zq, zk, v, alpha, eta, theta, gamma))
     initial = {w: params[w].to(dtype).unsqueeze(0) for w in weight_names}  # (1, H, out, in)
     ln = {k: params[k].to(dtype) for k in ("ln_weight", "ln_bias")} if "ln_weight" in params else None
@@ -90,16 +90,3 @@ def _window_gradients(state, zk, v, gamma, anchor, ln, reset, opts: ScanOptions,
     update_sum = {w: (left * weights[..., None]).transpose(-1, -2) @ right for w, (left, right) in factors.items()}
     window = {"window_zk": keys_z[:, :, 1:], "window_v": keys_v[:, :, 1:], "window_valid": valid[:, 1:]}
     return update_sum, window
-
-
-def _check_state(state, opts: ScanOptions, dim: int) -> None:
-    """One-line errors for a state that does not belong to this kind of call."""
-    if not isinstance(state, dict):
-        raise ValueError(f"state must be the dict memory_scan returned, got {type(state).__name__}")
-    expected = set(carry_keys(opts)) | {"pos"}
-    if state.keys() != expected:
-        raise ValueError(f"state keys {sorted(state)} do not match update={opts.update!r} with weights "
-                         f"{list(opts.weight_names)}; expected {sorted(expected)}")
-    if state["window_zk"].shape[2:] != (opts.window - 1, dim):
-        raise ValueError(f"state window has shape {tuple(state['window_zk'].shape)}, expected (batch, heads, "
-                         f"{opts.window - 1}, {dim}) (c-1, D)")

@@ -62,6 +62,20 @@ def carry_keys(opts: ScanOptions) -> list[str]:
     return keys + ["window_zk", "window_v", "window_valid"]
 
 
+def check_state(state, opts: ScanOptions, batch: int, heads: int, dim: int) -> None:
+    """One-line ValueErrors for a `memory_scan` state that does not belong to this call (keys, window shape)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"state must be the dict memory_scan returned, got {type(state).__name__}")
+    expected = set(carry_keys(opts)) | {"pos"}
+    if set(state) != expected:
+        raise ValueError(f"state keys {sorted(state)} do not match update={opts.update!r} with weights "
+                         f"{list(opts.weight_names)}; expected {sorted(expected)}")
+    past = opts.window - 1
+    if state["window_zk"].shape != (batch, heads, past, dim) or state["window_v"].shape[:3] != (batch, heads, past):
+        raise ValueError(f"state window has shape {tuple(state['window_zk'].shape)}, expected "
+                         f"{(batch, heads, past, dim)} (batch, heads, c-1, D)")
+
+
 def initial_carry(params: dict, batch: int, zk: torch.Tensor, v: torch.Tensor, opts: ScanOptions) -> dict:
     """The carry before token 0 of a fresh sequence (token 0 is a document start, so only shapes matter).
 
