@@ -11,6 +11,7 @@ real CUDA paths (sequence parallelism included), one command per world size:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import traceback
@@ -38,6 +39,7 @@ SCENARIOS = {
         ("equivalence", dict(mixers=["atlas_mag", "atlas_mal"], tp=2, cp=1, sp=True, steps=3)),
         ("equivalence", dict(mixers=["atlas", "atlas_mal"], tp=1, cp=2, sp=False, recompute=True)),
         ("equivalence", dict(mixers=["atlas"], tp=1, cp=2, sp=False, masked=True)),
+        ("equivalence", dict(mixers=["atlas"], tp=1, cp=2, sp=False, steps=2, recompute=True, static_scan=True)),
     ],
     4: [
         ("groups", dict(tp=2, cp=2)), ("groups", dict(tp=1, cp=4)),
@@ -128,12 +130,28 @@ def _reference_slice(plan, param, full: torch.Tensor) -> torch.Tensor:
     return full
 
 
+@contextlib.contextmanager
+def _scan_mode(setting: str | None):
+    """ATLAS_SCAN_CUDA_GRAPHS=setting inside the block (None: leave it as it is)."""
+    before = os.environ.get("ATLAS_SCAN_CUDA_GRAPHS")
+    if setting is not None:
+        os.environ["ATLAS_SCAN_CUDA_GRAPHS"] = setting
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("ATLAS_SCAN_CUDA_GRAPHS", None)
+        else:
+            os.environ["ATLAS_SCAN_CUDA_GRAPHS"] = before
+
+
 def equivalence(mixers: list[str], tp: int, cp: int, sp: bool, steps: int = 1, recompute: bool = False,
-                masked: bool = False) -> None:
+                masked: bool = False, static_scan: bool = False) -> None:
     """Parallel loss and gradients (after DeepSpeed's DP×CP averaging) equal the single-process run's, float64;
     with steps > 1, AdamW steps on both sides keep giving the same losses. recompute: activation checkpointing
     (its recomputation must not repeat the CP state exchange or the TP/SP collectives out of order). masked: ignored
-    (-100) labels spread unevenly over the CP segments, one segment of one row fully masked."""
+    (-100) labels spread unevenly over the CP segments, one segment of one row fully masked. static_scan: the scan's
+    chunks of the parallel model on static buffers (the CUDA-graph path without capture), the reference eager."""
     import copy
 
     from atlas_train.model import build_model
@@ -168,10 +186,12 @@ def equivalence(mixers: list[str], tp: int, cp: int, sp: bool, steps: int = 1, r
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         reduce_group = plan.mpu.get_data_parallel_group()
         for step in range(steps):
-            ref_loss = reference(whole["input_ids"], whole["doc_start"], labels=whole["labels"]).loss
-            ref_loss.backward()
-            loss = model(mine["input_ids"], mine["doc_start"], labels=mine["labels"]).loss
-            loss.backward()
+            with _scan_mode("0" if static_scan else None):
+                ref_loss = reference(whole["input_ids"], whole["doc_start"], labels=whole["labels"]).loss
+                ref_loss.backward()
+            with _scan_mode("static" if static_scan else None):
+                loss = model(mine["input_ids"], mine["doc_start"], labels=mine["labels"]).loss
+                loss.backward()
             for param in model.parameters():
                 dist.all_reduce(param.grad, group=reduce_group)
                 param.grad /= dist.get_world_size(reduce_group)
