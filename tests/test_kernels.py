@@ -179,6 +179,25 @@ def test_probe_reports_a_kernel_that_cannot_run(monkeypatch):
     assert reason == "kernel failed to run: RuntimeError: out of resource: shared memory"
 
 
+@pytest.mark.parametrize("corrupt", ["output", "gradient", "nan"])
+def test_probe_rejects_a_kernel_that_computes_wrong_numbers(corrupt, monkeypatch):
+    """A kernel that runs but is wrong (a miscompile) must become a fallback reason: the probe checks its numbers
+    against the float64 PyTorch path, output and gradient."""
+    from atlas_train.kernels import dispatch
+
+    real = dispatch._kernel_forward_backward
+
+    def wrong(one, steps, upstream):
+        out, grad = real(one, steps, upstream)
+        if corrupt == "nan":
+            return out, grad * float("nan")
+        return (out * 1.05, grad) if corrupt == "output" else (out, grad * 1.05)
+
+    monkeypatch.setattr(dispatch, "_kernel_forward_backward", wrong)
+    reason = dispatch._probe_newton_schulz(torch.randn(2, 6, 10, dtype=torch.float64), 2)
+    assert reason is not None and reason.startswith("kernel disagrees with the PyTorch path"), reason
+
+
 def test_probe_saves_nothing_for_autograd():
     """The probe may run inside a checkpointed forward: tensors it saved would break the recomputation's count."""
     from atlas_train.kernels import dispatch
