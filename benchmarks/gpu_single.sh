@@ -1,18 +1,35 @@
 #!/usr/bin/env bash
-# One H100/H200, one call of at most 10 minutes each:
-#   bash benchmarks/gpu_single.sh          the single-GPU figures of benchmarks/RESULTS.md (about 8 minutes)
-#   bash benchmarks/gpu_single.sh recall   issue 8's recall study: five members trained and scored on MQAR (about
-#                                          8 minutes; afterwards, on a CPU machine with matplotlib:
-#                                          python benchmarks/recall_study.py --render <files_at>/recall)
-# (from the repository root, .whl/ carried along)
+# One H100/H200, one call of at most 10 minutes per mode (from the repository root, .whl/ carried along):
+#   bash benchmarks/gpu_single.sh scan     issue 6: the NS kernel alone (fits shared memory since the second session,
+#                                          not yet timed), then the scan at dh 128 (dh 64 is in RESULTS.md)
+#   bash benchmarks/gpu_single.sh train    issue 4: 340M transformer (with the loader + logging overhead) and atlas
+#                                          (token and chunk update) at 4K, one call
+#   bash benchmarks/gpu_single.sh decode   issue 8: decode at 4K/32K, batch 1/32, eager and CUDA graph
+#   bash benchmarks/gpu_single.sh recall   issue 8: five members trained and scored on MQAR; afterwards, on a CPU
+#                                          machine with matplotlib: python benchmarks/recall_study.py --render DIR
 cd "$(dirname "$0")/.." && source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-if [[ "${1:-}" == recall ]]; then
-  step recall_study 570 python3 benchmarks/recall_study.py --out "$OUT/recall" --work /tmp/recall
-  exit
-fi
-step train_340m_transformer 120 python3 benchmarks/bench_train.py --model configs/model/340m.yaml \
-  --mixers transformer --seq-len 4096 --steps 5 --warmup 2
-step train_340m_atlas 290 python3 benchmarks/bench_train.py --model configs/model/340m.yaml \
-  --mixers atlas --seq-len 4096 --steps 1 --warmup 1 --no-overhead
-step memory_scan_16k 110 python3 benchmarks/bench_memory_scan.py --dh 64 --lengths 16384 --budget-s 60
+case "${1:-}" in
+  scan)
+    step ns_only 200 python3 benchmarks/bench_memory_scan.py --ns-only
+    step memory_scan_dh128 360 python3 benchmarks/bench_memory_scan.py --dh 128 --lengths 4096 16384 --budget-s 280
+    ;;
+  train)
+    step train_transformer 90 python3 benchmarks/bench_train.py --model configs/model/340m.yaml --mixers transformer \
+      --seq-len 4096
+    step train_atlas_chunk 90 python3 benchmarks/bench_train.py --model configs/model/340m.yaml --mixers atlas \
+      --seq-len 4096 --steps 2 --warmup 1 --log-every 1 --no-overhead --override model.update=chunk
+    step train_atlas_token 200 python3 benchmarks/bench_train.py --model configs/model/340m.yaml --mixers atlas \
+      --seq-len 4096 --steps 1 --warmup 1 --log-every 1 --no-overhead
+    ;;
+  decode)
+    step decode 240 python3 benchmarks/bench_decode.py --cuda-graph --steps 8 --warmup 2 --out "$OUT/decode.json"
+    ;;
+  recall)
+    step recall_study 570 python3 benchmarks/recall_study.py --out "$OUT/recall" --work /tmp/recall
+    ;;
+  *)
+    echo "usage: bash benchmarks/gpu_single.sh scan|train|decode|recall" >&2
+    exit 2
+    ;;
+esac
