@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from atlas_train.train.distributed import shutdown_distributed
 from torchrun_helper import run_under_torchrun
 
 VOCAB, SEQ = 32, 16
@@ -80,3 +81,4 @@ def test_export_of_a_tensor_parallel_run_gives_the_tp_models_logits(tmp_path):
 
 if __name__ == "__main__":
     _tp_worker(sys.argv[1])
+    shutdown_distributed()

@@ -24,6 +24,7 @@ from atlas_train.train.config import TrainConfig
 from atlas_train.train.export import export, load_exported
 from atlas_train.train.nonfinite import NonFiniteLossError
 from atlas_train.train.signals import EXIT_PREEMPTED
+from atlas_train.train.distributed import shutdown_distributed
 from torchrun_helper import run_under_torchrun
 from atlas_train.train.synthetic import SyntheticLoader
 from atlas_train.train.trainer import Builders, train
@@ -265,3 +266,4 @@ if __name__ == "__main__":
     import sys
 
     _dist_worker(sys.argv[1])
+    shutdown_distributed()

@@ -67,5 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The `atlas-train` command: main(), then a clean teardown of the process groups before the process exits
+    (not inside main, which tests call several times in one process)."""
+    from atlas_train.train.distributed import shutdown_distributed
+
+    code = main()
+    shutdown_distributed()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -35,6 +35,15 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, verbose=False)
 
 
+def shutdown_distributed() -> None:
+    """Barrier, then tear the process groups down: a process that exits with gloo's threads still running can die
+    of SIGABRT ("terminate called without an active exception") after its work is done, turning a finished run
+    into a failed one for torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
