@@ -323,3 +323,18 @@ def test_static_buffer_path_equals_eager(update, monkeypatch):
         for a, b in zip(outs_s, outs_e):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         assert_close_grads(grads_s, grads_e, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("update", ["token", "chunk"])
+def test_the_callers_autocast_does_not_reach_the_scan(update):
+    """The scan's math stays float32 under a caller's bf16 autocast (so its recompute in backward, which runs outside
+    that autocast, repeats the forward): the same outputs and gradients as without autocast."""
+    x, params = make_inputs(5, length=9, window=3, ln=True, dtype=torch.float32)
+    kw = dict(params=params, chunk_size=4, ns_steps=2, update=update)
+    y, _ = memory_scan(**x, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_autocast, _ = memory_scan(**x, **kw)
+    assert y_autocast.dtype == torch.float32
+    torch.testing.assert_close(y_autocast, y, rtol=0, atol=0)
+    inputs = leaves(x, params)
+    assert_close_grads(grads_of(y_autocast, inputs), grads_of(y, inputs), rtol=0, atol=0)

@@ -52,8 +52,9 @@ def memory_scan(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start=None, 
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (zq, zk, v, alpha, eta, theta, gamma, *params.values()))
     if zq.shape[1] == 1 and state is not None and not needs_grad:
-        return memory_step(zq, zk, v, alpha, eta, theta, gamma, params, doc_start=doc_start, state=state,
-                           chunk_size=chunk_size, ns_steps=ns_steps, update=update, loss=loss)  # decoding
+        with _exact_precision(zq.device):  # decoding
+            return memory_step(zq, zk, v, alpha, eta, theta, gamma, params, doc_start=doc_start, state=state,
+                               chunk_size=chunk_size, ns_steps=ns_steps, update=update, loss=loss)
     return scan_torch(zq, zk, v, alpha, eta, theta, gamma, params, doc_start=doc_start, state=state,
                       chunk_size=chunk_size, ns_steps=ns_steps, update=update, loss=loss)
 
@@ -129,13 +130,19 @@ def _split_chunk_tensors(opts, has_ln, tensors):
     return carry, pieces, reset, params, ln, rest
 
 
+def _exact_precision(device: torch.device):
+    """Autocast off inside the scan: its math is float32 (float64) by the spec, whatever the caller's autocast, and
+    the recompute in backward (which runs outside the caller's autocast) then repeats the forward exactly."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _chunk_forward(opts, closes, has_reset, has_ln):
     """The forward of one chunk as a function of flat tensors: -> [y, *carry_out in key order]."""
     keys = carry_keys(opts)
 
     def run(*tensors):
         carry, pieces, reset, params, ln, _ = _split_chunk_tensors(opts, has_ln, tensors)
-        with torch.no_grad():
+        with torch.no_grad(), _exact_precision(tensors[0].device):
             y, out = _run_chunk(opts, carry, pieces, reset, has_reset, params, ln, closes)
         return [y, *(out[k] for k in keys)]
 
@@ -155,7 +162,7 @@ def _chunk_backward(opts, closes, has_reset, has_ln):
         pieces = [t.detach().requires_grad_() for t in pieces]
         params = {k: t.detach().requires_grad_() for k, t in params.items()}
         ln = None if ln is None else {k: t.detach().requires_grad_() for k, t in ln.items()}
-        with torch.enable_grad():
+        with torch.enable_grad(), _exact_precision(reset.device):
             y, carry_out = _run_chunk(opts, carry, pieces, reset, has_reset, params, ln, closes)
         outs, grads = [y], [grad_y]
         for k in diff_keys:
