@@ -39,7 +39,7 @@ SEQ, VOCAB, STEPS, STOP = 16, 48, 4, 2
 # (zero stage, precision). ZeRO-1 bf16 is left out as a reference for itself: its uninterrupted 1-rank and 2-rank runs
 # (no resume) were bitwise equal in some sessions and 5e-3 apart on one weight in another (a bf16 gradient rounding
 # flip, amplified by Adam's normalisation), which is a lost moment's size; the resumed runs only inherited that.
-VARIANTS = [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (3, "bf16")]
+VARIANTS = [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16"), (2, "bf16"), (3, "bf16")]
 PREEMPT = {"after_batches": None}  # SIGUSR1 once this many train batches were handed out on this rank
 
 
