@@ -319,6 +319,11 @@ def test_static_buffer_path_equals_eager(update, monkeypatch):
     assert len(calls) >= 4  # forward and backward, with and without a document start
     assert all(call.calls > 0 for call in calls.values())  # every captured backward was found and replayed
     scan_module.clear_scan_graphs()
+    with torch.no_grad():  # inference builds forward calls only
+        run_forward_only = make_inputs(3, length=13, window=3, gated=True, ln=True)
+        memory_scan(**run_forward_only[0], params=run_forward_only[1], chunk_size=4, ns_steps=2, update=update)
+    assert len(calls) > 0 and all(key[0] == "forward" for key in calls._calls)
+    scan_module.clear_scan_graphs()
     for (outs_e, grads_e), (outs_s, grads_s) in zip(eager, static):
         for a, b in zip(outs_s, outs_e):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -85,7 +85,9 @@ def scan_torch(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start, state,
         carry = _carry_from_state(state, keys, opts, batch, heads, zq.shape[-1], dtype)
         start = int(state["pos"])
     schedule = _chunk_schedule(start, length, opts.chunk_size, reset.any(0).nonzero().flatten().tolist())
-    outputs = _ScanFunction.apply(opts, schedule, bool(ln), *inputs, reset, *fast, *ln, *(carry[k] for k in keys))
+    flat = [*inputs, reset, *fast, *ln, *(carry[k] for k in keys)]
+    need_backward = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
+    outputs = _ScanFunction.apply(opts, schedule, bool(ln), need_backward, *flat)
     y = outputs[0].transpose(1, 2).to(zq.dtype)
     new_state = dict(zip(keys, outputs[1:]))
     new_state["pos"] = torch.tensor(start + length, dtype=torch.long, device=zq.device)
@@ -150,7 +152,7 @@ def _chunk_forward(opts, closes, has_reset, has_ln):
 
 
 def _chunk_backward(opts, closes, has_reset, has_ln):
-    """Recompute one chunk with a graph and push (grad_y, grads of the carry out) through it, as a function of flat
+    """Recompute one chunk under autograd and push (grad_y, grads of the carry out) through it, as a function of flat
     tensors (chunk inputs, then grad_y, then the carry-out gradients of the differentiable keys; zeros stand for
     absent gradients) -> gradients of the differentiable carry keys, the 7 pieces, params and ln (zeros if unused)."""
     diff_keys = _differentiable(carry_keys(opts))
@@ -188,28 +190,32 @@ def clear_scan_graphs() -> None:
 _BUILDERS = {"forward": _chunk_forward, "backward": _chunk_backward}
 
 
-def _call_chunk(kind, opts, closes, has_reset, has_ln, tensors):
-    """Run a chunk computation eagerly, or on static buffers (a replayed CUDA graph) when the mode says so."""
+def _call_chunk(kind, opts, closes, has_reset, has_ln, tensors, need_backward=True):
+    """Run a chunk computation eagerly, or on static buffers (a replayed CUDA graph) when the mode says so.
+    need_backward (forward only): whether a new forward graph gets its backward graph too (not for inference)."""
     mode = static_call_mode(tensors[0].device)
-    call = None if mode == "eager" else _static_call(kind, opts, closes, has_reset, has_ln, tensors, mode)
+    call = None if mode == "eager" else _static_call(kind, opts, closes, has_reset, has_ln, tensors, mode,
+                                                     need_backward)
     if call is None:
         return _BUILDERS[kind](opts, closes, has_reset, has_ln)(*tensors)
     return [t.clone() for t in call(*tensors)]  # the static buffers belong to the next replay
 
 
-def _static_call(kind, opts, closes, has_reset, has_ln, tensors, mode):
+def _static_call(kind, opts, closes, has_reset, has_ln, tensors, mode, need_backward):
     """The cached StaticCall of a chunk computation, or None where it cannot be made.
 
     A chunk's forward and backward graphs are both captured when its forward first runs: capturing from inside
     the autograd engine (a backward, or a checkpointed forward recomputed there) is not permitted by CUDA, while a
     forward always runs before its backward on the caller's thread. A computation first met inside the engine
-    runs eagerly."""
+    runs eagerly, as does the backward of a forward first captured when no gradient was wanted (inference)."""
     key = (kind, opts, closes, has_reset, has_ln, signature(tensors))
     call = _STATIC_CALLS.get(key)
     if call is not None or kind == "backward" or torch._C._current_graph_task_id() != -1:
         return call
     graph = mode == "graph"
     call = _STATIC_CALLS.add(key, _chunk_forward(opts, closes, has_reset, has_ln), tensors, graph)
+    if not need_backward:
+        return call
     y, *carry_out = call.outputs
     grads = [torch.zeros_like(y)] + [torch.zeros_like(t) for k, t in zip(carry_keys(opts), carry_out)
                                      if k not in _NON_DIFFERENTIABLE]
@@ -223,7 +229,7 @@ class _ScanFunction(torch.autograd.Function):
     """Chunked scan with per-chunk recomputation in backward (saves one carry per chunk, not per token)."""
 
     @staticmethod
-    def forward(ctx, opts, schedule, has_ln, *tensors):
+    def forward(ctx, opts, schedule, has_ln, need_backward, *tensors):
         inputs, reset, params, ln, carry, keys = _unpack(opts, has_ln, tensors)
         ctx.opts, ctx.schedule, ctx.has_ln = opts, schedule, has_ln
         fixed = [*params.values(), *([] if ln is None else ln.values())]
@@ -231,7 +237,7 @@ class _ScanFunction(torch.autograd.Function):
         for begin, end, closes, has_reset in schedule:
             saved_carries.extend(carry[k] for k in keys)
             chunk = [*(carry[k] for k in keys), *(t[:, :, begin:end] for t in inputs), reset[:, begin:end], *fixed]
-            y, *carry_out = _call_chunk("forward", opts, closes, has_reset, has_ln, chunk)
+            y, *carry_out = _call_chunk("forward", opts, closes, has_reset, has_ln, chunk, need_backward)
             carry = dict(zip(keys, carry_out))
             ys.append(y)
         ctx.save_for_backward(*tensors[: len(tensors) - len(keys)], *saved_carries)
@@ -273,7 +279,7 @@ class _ScanFunction(torch.autograd.Function):
         grads_in = dict(zip(diff_keys, carry_grad))
         n_weights = len(opts.weight_names)
         grad_ln = fixed_grads[n_weights:]
-        return (None, None, None, *input_grads, None, *fixed_grads[:n_weights], *grad_ln,
+        return (None, None, None, None, *input_grads, None, *fixed_grads[:n_weights], *grad_ln,
                 *(grads_in.get(k) for k in keys))
 
 
