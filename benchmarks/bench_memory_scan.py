@@ -36,9 +36,10 @@ if not torch.cuda.is_available():  # CPU smoke run: the kernels run in Triton's 
 import torch.nn.functional as F  # noqa: E402
 
 from atlas_train import kernels  # noqa: E402
-from atlas_train.kernels.dispatch import PROBE_TOLERANCE  # noqa: E402
+from atlas_train.kernels.dispatch import PROBE_TOLERANCE, relative_error  # noqa: E402
 from atlas_train.ops import memory_scan  # noqa: E402
 from atlas_train.ops import scan_chunks  # noqa: E402
+from atlas_train.ops.static_calls import forced_scan_mode  # noqa: E402
 
 SCAN_MODULE = importlib.import_module("atlas_train.ops.memory_scan")  # the module, not the function it exports
 logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break chatter would bury the table
@@ -72,12 +73,6 @@ def matmul_ceiling(device):
     return 2 * n**3 / time_fn(lambda: a @ b, device, 10) / 1e12
 
 
-def rel_err(got, want):
-    """‖got − want‖ / ‖want‖ in float64; NaN/inf propagate so that a bound check fails."""
-    got, want = got.detach().double(), want.detach().double()
-    return float((got - want).norm() / want.norm().clamp_min(1e-30))
-
-
 def ns_reference(s, steps):
     """Float64 Newton–Schulz by the PyTorch path (kernels never take float64 CPU copies)."""
     from atlas_train.ops.newton_schulz import newton_schulz
@@ -98,7 +93,7 @@ def check_ns_kernel(device, sizes):
             out = kernels.newton_schulz(leaf, NS_STEPS, precision)
             (grad,) = torch.autograd.grad(out, leaf, upstream)
             for what, got, want in (("y", out, ref_out), ("dS", grad, ref_grad)):
-                err = rel_err(got.cpu(), want.detach())
+                err = relative_error(got.cpu(), want.detach())
                 rows.append((f"NS kernel {tuple(shape)} {precision} {what}", err, BOUNDS[precision]))
     return rows
 
@@ -151,7 +146,7 @@ def check_memory_scan(device):
         for graphs in (False, True):
             with scan_settings(graphs=graphs, use_kernels=False, compiled=False):
                 y, grads = scan_fwd_bwd(tensors, params, update, upstream)
-            err_by_mode[graphs] = max(rel_err(g, r) for g, r in zip((y, *grads), (ref_y, *ref_grads)))
+            err_by_mode[graphs] = max(relative_error(g, r) for g, r in zip((y, *grads), (ref_y, *ref_grads)))
             rows.append((f"memory_scan {update} PyTorch fp32, {'CUDA graphs' if graphs else 'eager'} (worst)",
                          err_by_mode[graphs], 1e-3))
         torch_err = err_by_mode[False]
@@ -159,7 +154,7 @@ def check_memory_scan(device):
             kernels.set_ns_precision(precision)
             y, grads = scan_fwd_bwd(tensors, params, update, upstream)
             names = ["y"] + [f"d{k}" for k in list(tensors) + list(params)]
-            errs = [rel_err(g, r) for g, r in zip((y, *grads), (ref_y, *ref_grads))]
+            errs = [relative_error(g, r) for g, r in zip((y, *grads), (ref_y, *ref_grads))]
             worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
             bound = max(BOUNDS[precision], 2 * torch_err)  # never asked to beat the fp32 PyTorch path itself
             rows.append((f"memory_scan {update} {precision} (worst: {names[worst]})", errs[worst], bound))
@@ -213,17 +208,16 @@ def scan_variants(on_gpu, quick, first_length):
 @contextlib.contextmanager
 def scan_settings(graphs, use_kernels, compiled):
     """Run the scan with or without CUDA graphs, NS kernels and compiled chunk steps; restores the defaults."""
-    os.environ["ATLAS_SCAN_CUDA_GRAPHS"] = "1" if graphs else "0"
     kernels.set_kernels_enabled(use_kernels)
     restore = compiled_chunk_steps() if compiled else (lambda: None)
     SCAN_MODULE.clear_scan_graphs()
     try:
-        yield
+        with forced_scan_mode("1" if graphs else "0"):
+            yield
     finally:
         restore()
         SCAN_MODULE.clear_scan_graphs()
         kernels.set_kernels_enabled(True)
-        os.environ["ATLAS_SCAN_CUDA_GRAPHS"] = "1"
 
 
 class Bench:

@@ -65,9 +65,10 @@ def _reference_forward_backward(one: torch.Tensor, steps: int, upstream: torch.T
     return out.detach(), grad
 
 
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """‖got − want‖ / ‖want‖; NaN or inf in `got` gives NaN or inf, which fails any bound."""
-    return float((got.detach().double().cpu() - want).norm() / want.norm().clamp_min(1e-30))
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖ in float64 on the CPU; NaN or inf in `got` gives NaN or inf, which fails any bound."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
 @torch.compiler.disable  # runs eagerly even when the caller is being compiled
@@ -90,7 +91,7 @@ def _probe_newton_schulz(s: torch.Tensor, steps: int) -> str | None:
             _probed[key] = f"kernel failed to run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             return _probed[key]
         ref_out, ref_grad = _reference_forward_backward(one, steps, upstream)
-        error = max(_relative_error(out, ref_out), _relative_error(grad, ref_grad))
+        error = max(relative_error(out, ref_out), relative_error(grad, ref_grad))
         bound = PROBE_TOLERANCE[_ns_precision]
         _probed[key] = None if error <= bound else (
             f"kernel disagrees with the PyTorch path on a random {tuple(s.shape[-2:])} matrix: relative error "

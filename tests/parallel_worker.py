@@ -11,7 +11,6 @@ real CUDA paths (sequence parallelism included), one command per world size:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import traceback
@@ -130,21 +129,6 @@ def _reference_slice(plan, param, full: torch.Tensor) -> torch.Tensor:
     return full
 
 
-@contextlib.contextmanager
-def _scan_mode(setting: str | None):
-    """ATLAS_SCAN_CUDA_GRAPHS=setting inside the block (None: leave it as it is)."""
-    before = os.environ.get("ATLAS_SCAN_CUDA_GRAPHS")
-    if setting is not None:
-        os.environ["ATLAS_SCAN_CUDA_GRAPHS"] = setting
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("ATLAS_SCAN_CUDA_GRAPHS", None)
-        else:
-            os.environ["ATLAS_SCAN_CUDA_GRAPHS"] = before
-
-
 def equivalence(mixers: list[str], tp: int, cp: int, sp: bool, steps: int = 1, recompute: bool = False,
                 masked: bool = False, static_scan: bool = False) -> None:
     """Parallel loss and gradients (after DeepSpeed's DP×CP averaging) equal the single-process run's, float64;
@@ -155,6 +139,7 @@ def equivalence(mixers: list[str], tp: int, cp: int, sp: bool, steps: int = 1, r
     import copy
 
     from atlas_train.model import build_model
+    from atlas_train.ops.static_calls import forced_scan_mode
     from atlas_train.parallel import ParallelConfig, setup_parallel
 
     plan = setup_parallel(ParallelConfig(tensor_parallel=tp, context_parallel=cp, sequence_parallel=sp))
@@ -186,10 +171,10 @@ def equivalence(mixers: list[str], tp: int, cp: int, sp: bool, steps: int = 1, r
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         reduce_group = plan.mpu.get_data_parallel_group()
         for step in range(steps):
-            with _scan_mode("0" if static_scan else None):
+            with forced_scan_mode("0" if static_scan else None):
                 ref_loss = reference(whole["input_ids"], whole["doc_start"], labels=whole["labels"]).loss
                 ref_loss.backward()
-            with _scan_mode("static" if static_scan else None):
+            with forced_scan_mode("static" if static_scan else None):
                 loss = model(mine["input_ids"], mine["doc_start"], labels=mine["labels"]).loss
                 loss.backward()
             for param in model.parameters():

@@ -343,3 +343,18 @@ def test_the_callers_autocast_does_not_reach_the_scan(update):
     torch.testing.assert_close(y_autocast, y, rtol=0, atol=0)
     inputs = leaves(x, params)
     assert_close_grads(grads_of(y_autocast, inputs), grads_of(y, inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("update", ["token", "chunk"])
+def test_single_token_call_passes_the_gradient_of_its_state(update):
+    """A T=1 call whose inputs need no gradient but whose state does (a context-parallel hand-off): gradients reach
+    the earlier tokens through the state exactly as through one longer call."""
+    x, params = make_inputs(8, length=6, window=3, ln=True)
+    kw = dict(params={k: t.detach() for k, t in params.items()}, chunk_size=4, ns_steps=2, update=update)
+    first = {k: t[:, :5] for k, t in x.items()}
+    last = {k: t[:, 5:].detach() for k, t in x.items()}
+    _, state = memory_scan(**first, **kw)
+    y, _ = memory_scan(**last, state=state, **kw)
+    y_ref, _ = memory_scan(**{k: torch.cat([a, b], dim=1) for (k, a), b in zip(first.items(), last.values())}, **kw)
+    assert y.requires_grad
+    assert_close_grads(grads_of(y, first), grads_of(y_ref[:, 5:], first), rtol=1e-8, atol=1e-10)

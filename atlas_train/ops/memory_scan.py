@@ -49,9 +49,8 @@ def memory_scan(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start=None, 
         document), "pos" 0-dim int64 (tokens seen; the chunk grid continues across calls).
     """
     _validate(zq, zk, v, alpha, eta, theta, gamma, params, doc_start, chunk_size, ns_steps, update, loss)
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (zq, zk, v, alpha, eta, theta, gamma, *params.values()))
-    if zq.shape[1] == 1 and state is not None and not needs_grad:
+    inputs = (zq, zk, v, alpha, eta, theta, gamma, *params.values(), *(state or {}).values())
+    if zq.shape[1] == 1 and state is not None and not _grad_wanted(inputs):
         with _exact_precision(zq.device):  # decoding
             return memory_step(zq, zk, v, alpha, eta, theta, gamma, params, doc_start=doc_start, state=state,
                                chunk_size=chunk_size, ns_steps=ns_steps, update=update, loss=loss)
@@ -86,12 +85,16 @@ def scan_torch(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start, state,
         start = int(state["pos"])
     schedule = _chunk_schedule(start, length, opts.chunk_size, reset.any(0).nonzero().flatten().tolist())
     flat = [*inputs, reset, *fast, *ln, *(carry[k] for k in keys)]
-    need_backward = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
-    outputs = _ScanFunction.apply(opts, schedule, bool(ln), need_backward, *flat)
+    outputs = _ScanFunction.apply(opts, schedule, bool(ln), _grad_wanted(flat), *flat)
     y = outputs[0].transpose(1, 2).to(zq.dtype)
     new_state = dict(zip(keys, outputs[1:]))
     new_state["pos"] = torch.tensor(start + length, dtype=torch.long, device=zq.device)
     return y, new_state
+
+
+def _grad_wanted(tensors) -> bool:
+    """Whether autograd will ask for gradients of a call on these tensors."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _chunk_schedule(start: int, length: int, chunk_size: int, reset_positions: list[int]) -> tuple:
@@ -192,13 +195,16 @@ _BUILDERS = {"forward": _chunk_forward, "backward": _chunk_backward}
 
 def _call_chunk(kind, opts, closes, has_reset, has_ln, tensors, need_backward=True):
     """Run a chunk computation eagerly, or on static buffers (a replayed CUDA graph) when the mode says so.
-    need_backward (forward only): whether a new forward graph gets its backward graph too (not for inference)."""
+    need_backward (forward only): whether a new forward graph gets its backward graph too (not for inference).
+    Forward results are kept (saved carries, y), so they are copied out of the static buffers; backward results
+    are consumed before the next replay (added up, or copied into the next call's inputs), so they are not."""
     mode = static_call_mode(tensors[0].device)
     call = None if mode == "eager" else _static_call(kind, opts, closes, has_reset, has_ln, tensors, mode,
                                                      need_backward)
     if call is None:
         return _BUILDERS[kind](opts, closes, has_reset, has_ln)(*tensors)
-    return [t.clone() for t in call(*tensors)]  # the static buffers belong to the next replay
+    outputs = call(*tensors)
+    return [t.clone() for t in outputs] if kind == "forward" else list(outputs)
 
 
 def _static_call(kind, opts, closes, has_reset, has_ln, tensors, mode, need_backward):
@@ -276,7 +282,7 @@ class _ScanFunction(torch.autograd.Function):
                 buffer[:, :, begin:end] += g
             for buffer, g in zip(fixed_grads, found[7:]):
                 buffer += g
-        grads_in = dict(zip(diff_keys, carry_grad))
+        grads_in = dict(zip(diff_keys, (g.clone() for g in carry_grad)))  # off the static buffers
         n_weights = len(opts.weight_names)
         grad_ln = fixed_grads[n_weights:]
         return (None, None, None, None, *input_grads, None, *fixed_grads[:n_weights], *grad_ln,

@@ -17,6 +17,7 @@ Design choices, and why:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Sequence
 
@@ -33,6 +34,22 @@ def static_call_mode(device: torch.device) -> str:
     if setting == "static":
         return "static"
     return "graph" if device.type == "cuda" and setting != "0" else "eager"
+
+
+@contextlib.contextmanager
+def forced_scan_mode(setting: str | None):
+    """ATLAS_SCAN_CUDA_GRAPHS=setting inside the block, the previous value after it (None: leave it as it is);
+    for benchmarks and tests that compare the modes in one process."""
+    before = os.environ.get(_ENV)
+    if setting is not None:
+        os.environ[_ENV] = setting
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_ENV, None)
+        else:
+            os.environ[_ENV] = before
 
 
 class StaticCall:
