@@ -95,6 +95,7 @@ def check_ns_kernel(device, sizes):
             for what, got, want in (("y", out, ref_out), ("dS", grad, ref_grad)):
                 err = relative_error(got.cpu(), want.detach())
                 rows.append((f"NS kernel {tuple(shape)} {precision} {what}", err, BOUNDS[precision]))
+                print(f"  checked {rows[-1][0]}: {err:.2e} (bound {BOUNDS[precision]:.0e})", flush=True)
     return rows
 
 
@@ -327,6 +328,7 @@ def ns_only_bench(device, shapes, precisions, budget_s, ceiling, sweep=False):
     from unittest import mock
 
     import atlas_train.kernels.newton_schulz_kernel as ns_kernel
+    from atlas_train.kernels import newton_schulz_cublas
     from atlas_train.ops.newton_schulz import NS_COEFFICIENTS
     from atlas_train.ops.newton_schulz import newton_schulz as ns_torch
 
@@ -352,6 +354,9 @@ def ns_only_bench(device, shapes, precisions, budget_s, ceiling, sweep=False):
     def kernel(precision):
         return lambda t: kernels.newton_schulz(t, NS_STEPS, precision)
 
+    def cublas_ns(precision):  # the dispatcher's path above the Triton kernel's short sides
+        return lambda t: newton_schulz_cublas.newton_schulz(t, NS_STEPS, precision)
+
     lines = []
     for rows, cols in shapes:
         fwd_flops, bwd_flops = (mats * f for f in ns_flops(rows, cols, NS_STEPS))
@@ -359,6 +364,8 @@ def ns_only_bench(device, shapes, precisions, budget_s, ceiling, sweep=False):
         # (label, kernel precision or None, input dtype, function, input shape, kernel constants patched)
         impls = [("cuBLAS bf16 bmm chain", None, torch.bfloat16, cublas_chain, (mats, m, n), {})]
         impls += [(f"kernel {p}", p, torch.float32, kernel(p), (mats, rows, cols), {}) for p in precisions]
+        impls += [(f"NS on cuBLAS {p}, hand bwd", None, torch.float32, cublas_ns(p), (mats, rows, cols), {})
+                  for p in precisions]
         impls += [(f"kernel bf16, {name}", "bf16", torch.float32, kernel("bf16"), (mats, rows, cols), patches)
                   for name, patches in (NS_SWEEP if sweep else [])]
         if device.type == "cuda":  # bf16 inputs: cuBLAS bf16 GEMMs, the kernel's bf16 mode's counterpart
@@ -430,6 +437,8 @@ def main(argv=None):
         ns_sizes = ([(64, 64, 256), (64, 256, 128), (16, 128, 512), (8, 512, 256), (4, 256, 1024), (4, 1024, 256),
                      (8, 40, 200)] if on_gpu
                     else [(3, 8, 24), (2, 24, 8)])
+        if on_gpu and args.ns_only and args.dh:  # only the timed shapes (each compiles its own kernels) and one odd
+            ns_sizes = [(8, *shape) for dh in args.dh for shape in ((dh, 4 * dh), (4 * dh, 2 * dh))] + [(8, 40, 200)]
         groups = [("NS kernel", lambda: check_ns_kernel(device, ns_sizes))]
         if on_gpu and not args.ns_only:
             groups.append(("memory_scan", lambda: check_memory_scan(device)))

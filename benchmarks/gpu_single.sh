@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.." && source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 case "${1:-}" in
   scan)
-    step ns_only 200 python3 benchmarks/bench_memory_scan.py --ns-only
+    step ns_only 200 python3 benchmarks/bench_memory_scan.py --ns-only --dh 64 128
     step memory_scan_dh128 360 python3 benchmarks/bench_memory_scan.py --dh 128 --lengths 4096 16384 --budget-s 280
     ;;
   train)

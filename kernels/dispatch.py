@@ -1,9 +1,15 @@
-"""Choosing between the Triton kernels and the PyTorch path of `atlas_train.ops`, with a one-time note on fallback.
+"""Choosing the GPU fast path of `atlas_train.ops`, with a one-time note on every fallback.
 
-The ops code calls `newton_schulz_or_none`; None means "run your PyTorch path". The first call for each matrix
-shape runs the kernel's forward and backward once on a single matrix of that shape, so that a kernel which cannot
-compile on this GPU (registers, shared memory) falls back instead of failing mid-training; every reason to fall back
-is logged once, so a training log says plainly when (and why) the kernels did not apply.
+The ops code calls `newton_schulz_or_none`; None means "run your plain PyTorch path" (float32 products). On a GPU
+Newton–Schulz has two fast implementations, both with products in the operand precision set here: the Triton kernel
+(one program per matrix) and cuBLAS batched GEMMs with a hand-written backward (newton_schulz_cublas). Which one
+takes a shape is a fixed rule from measurements, not a timing at run time, so that every run (and every resume)
+computes the same numbers: the kernel for a short side up to TRITON_MAX_SHORT_SIDE, cuBLAS above.
+
+The first call for each matrix shape runs the chosen implementation's forward and backward once on a single matrix of
+that shape and compares both with the float64 PyTorch path, so that a kernel which cannot compile on this GPU
+(registers, shared memory) or computes wrong numbers falls back to the next implementation instead of failing
+mid-training; every reason is logged once, so a training log says plainly which path ran and why.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import logging
 
 import torch
 
+from atlas_train.kernels import newton_schulz_cublas
 from atlas_train.kernels.newton_schulz_kernel import PRECISIONS, newton_schulz, newton_schulz_unsupported
 
 log = logging.getLogger(__name__)
@@ -22,12 +29,21 @@ _ns_precision = "tf32"
 # and the benchmark's.
 PROBE_TOLERANCE = {"ieee": 1e-4, "tf32": 1e-2, "bf16": 5e-2}
 _enabled = True
+# Measured on an H200, 1024 matrices (benchmarks/RESULTS.md): at 64 x 256 the kernel's bf16 forward ran at 1.8x the
+# cuBLAS bf16 chain; at 256 x 128, 128 x 512 and 512 x 256 cuBLAS was 1.7x, 2x and 7x faster, and with one matrix
+# per head (update="chunk") one program per matrix leaves most of the card idle.
+TRITON_MAX_SHORT_SIDE = 64
 
 
 def set_kernels_enabled(enabled: bool) -> None:
     """Switch the kernels off (or back on) for this process, e.g. to time or check the PyTorch path on a GPU."""
     global _enabled
     _enabled = bool(enabled)
+
+
+def settings() -> tuple:
+    """What decides the fast path's numbers: captured CUDA graphs keyed on it replay only under the same settings."""
+    return _enabled, _ns_precision
 
 
 def set_ns_precision(precision: str) -> None:
@@ -46,12 +62,19 @@ def note_fallback(what: str, reason: str) -> None:
         log.warning("atlas_train.kernels: %s runs on the PyTorch path (%s)", what, reason)
 
 
-@torch.no_grad()
-def _kernel_forward_backward(one: torch.Tensor, steps: int, upstream: torch.Tensor):
-    """The kernel's output and input gradient for one matrix and an upstream gradient (ops called directly)."""
-    out, iterates = torch.ops.atlas_train.newton_schulz_saving(one, steps, _ns_precision)
-    grad = torch.ops.atlas_train.newton_schulz_backward(one, iterates, upstream, steps, _ns_precision)
-    return out, grad
+def _fast_forward_backward(impl: str, one: torch.Tensor, steps: int, upstream: torch.Tensor):
+    """An implementation's output and input gradient for one matrix and an upstream gradient (the Triton kernel's
+    ops called directly; the cuBLAS one through its autograd function, under identity hooks like the reference)."""
+    if impl == "triton":
+        with torch.no_grad():
+            out, iterates = torch.ops.atlas_train.newton_schulz_saving(one, steps, _ns_precision)
+            grad = torch.ops.atlas_train.newton_schulz_backward(one, iterates, upstream, steps, _ns_precision)
+        return out, grad
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        leaf = one.detach().clone().requires_grad_()
+        out = newton_schulz_cublas.newton_schulz(leaf, steps, _ns_precision)
+        (grad,) = torch.autograd.grad(out, leaf, upstream)
+    return out.detach(), grad
 
 
 def _reference_forward_backward(one: torch.Tensor, steps: int, upstream: torch.Tensor):
@@ -72,39 +95,52 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @torch.compiler.disable  # runs eagerly even when the caller is being compiled
-def _probe_newton_schulz(s: torch.Tensor, steps: int) -> str | None:
-    """Run the kernel forward and backward on one random matrix shaped like s's and compare both with the float64
-    PyTorch path: the reason to fall back (failed to run, or disagrees beyond PROBE_TOLERANCE), or None.
+def _probe_newton_schulz(impl: str, s: torch.Tensor, steps: int) -> str | None:
+    """Run an implementation's forward and backward on one random matrix shaped like s's and compare both with the
+    float64 PyTorch path: the reason to fall back (failed to run, or disagrees beyond PROBE_TOLERANCE), or None.
 
     Checking the numbers, not only that it runs, guards against a compiler that miscompiles the kernel on some GPU
-    (GPU.md: Triton 3.6 on Hopper). The kernel ops are called outside autograd and the reference's autograd under
-    identity hooks: the probe may run inside an activation-checkpointed forward, whose saved-tensor bookkeeping must
-    see the same tensors when that forward is recomputed.
+    (GPU.md: Triton 3.6 on Hopper). Autograd runs under identity hooks: the probe may run inside an
+    activation-checkpointed forward, whose saved-tensor bookkeeping must see the same tensors when that forward is
+    recomputed.
     """
-    key = (tuple(s.shape[-2:]), s.dtype, s.device, _ns_precision, steps)
+    key = (impl, tuple(s.shape[-2:]), s.dtype, s.device, _ns_precision, steps)
     if key not in _probed:
         one = torch.randn(1, *s.shape[-2:], device=s.device, dtype=s.dtype)
         upstream = torch.randn_like(one)
         try:
-            out, grad = _kernel_forward_backward(one, steps, upstream)
-        except Exception as exc:  # noqa: BLE001 — any compile/launch failure means: use the PyTorch path
-            _probed[key] = f"kernel failed to run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            out, grad = _fast_forward_backward(impl, one, steps, upstream)
+        except Exception as exc:  # noqa: BLE001 — any compile/launch failure means: use the next path
+            _probed[key] = f"{impl} failed to run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             return _probed[key]
         ref_out, ref_grad = _reference_forward_backward(one, steps, upstream)
         error = max(relative_error(out, ref_out), relative_error(grad, ref_grad))
         bound = PROBE_TOLERANCE[_ns_precision]
         _probed[key] = None if error <= bound else (
-            f"kernel disagrees with the PyTorch path on a random {tuple(s.shape[-2:])} matrix: relative error "
+            f"{impl} disagrees with the PyTorch path on a random {tuple(s.shape[-2:])} matrix: relative error "
             f"{error:.1e} > {bound:.0e} ({_ns_precision})")
     return _probed[key]
 
 
+def _unsupported(impl: str, s: torch.Tensor) -> str | None:
+    """Why an implementation does not take s by the fixed rule (see the module's docstring), or None."""
+    if impl == "cublas":
+        return None if s.dtype in (torch.float32, torch.float64) else f"dtype {s.dtype}"
+    if min(s.shape[-2:]) > TRITON_MAX_SHORT_SIDE:
+        return f"short side {min(s.shape[-2:])} > {TRITON_MAX_SHORT_SIDE}: cuBLAS is faster there"
+    return newton_schulz_unsupported(s, _ns_precision)
+
+
 def newton_schulz_or_none(s: torch.Tensor, steps: int) -> torch.Tensor | None:
-    """NS(s) by the Triton kernel when s is a CUDA tensor the kernel covers, else None (after a one-time note)."""
+    """NS(s) by the first fast implementation (Triton kernel, then cuBLAS) that takes a CUDA tensor s and passes its
+    probe, else None: the caller's plain PyTorch path. Every reason to pass one by is noted once."""
     if not (_enabled and s.is_cuda):
-        return None  # CPU runs, or kernels switched off: the PyTorch path by design, nothing to note
-    reason = newton_schulz_unsupported(s, _ns_precision) or _probe_newton_schulz(s, steps)
-    if reason is not None:
-        note_fallback("Newton-Schulz", reason)
-        return None
-    return newton_schulz(s, steps, _ns_precision)
+        return None  # CPU runs, or fast paths switched off: the PyTorch path by design, nothing to note
+    for impl in ("triton", "cublas"):
+        reason = _unsupported(impl, s) or _probe_newton_schulz(impl, s, steps)
+        if reason is None:
+            if impl == "triton":
+                return newton_schulz(s, steps, _ns_precision)
+            return newton_schulz_cublas.newton_schulz(s, steps, _ns_precision)
+        note_fallback(f"Newton-Schulz ({impl})", reason)
+    return None

@@ -26,6 +26,7 @@ from atlas_train.kernels import (  # noqa: E402
     note_fallback,
     set_ns_precision,
 )
+from atlas_train.kernels.newton_schulz_cublas import newton_schulz as cublas_newton_schulz  # noqa: E402
 from atlas_train.kernels.runtime import INTERPRETED  # noqa: E402
 from atlas_train.ops import memory_scan  # noqa: E402
 from atlas_train.ops import scan_chunks  # noqa: E402
@@ -135,13 +136,17 @@ def _scan_inputs(update, gated, seed):
     return tensors, params, doc_start
 
 
-def _scan_grads(update, gated, use_kernel, monkeypatch):
+FAST_NEWTON_SCHULZ = {"triton": newton_schulz, "cublas": cublas_newton_schulz}
+
+
+def _scan_grads(update, gated, impl, monkeypatch):
     tensors, params, doc_start = _scan_inputs(update, gated, seed=3)
     calls = []
+    use_kernel = impl is not None
     if use_kernel:
         def kernel_ns(s, steps):
             calls.append(s.shape)
-            return newton_schulz(s, steps, "ieee")
+            return FAST_NEWTON_SCHULZ[impl](s, steps, "ieee")
 
         monkeypatch.setattr(scan_chunks, "newton_schulz", kernel_ns)
     y, state = memory_scan(**tensors, params=params, doc_start=doc_start, chunk_size=4, ns_steps=2, update=update)
@@ -155,57 +160,71 @@ def _scan_grads(update, gated, use_kernel, monkeypatch):
     return [y.detach()] + list(grads)
 
 
+@pytest.mark.parametrize("impl", ["triton", "cublas"])
 @pytest.mark.parametrize("update,gated", [("token", False), ("token", True), ("chunk", False)])
-def test_memory_scan_with_kernel_newton_schulz_matches_pytorch_path(update, gated, monkeypatch):
-    """The kernel inside the whole scan: same y, same gradients for every input and initial fast weight."""
-    with_kernel = _scan_grads(update, gated, True, monkeypatch)
-    reference = _scan_grads(update, gated, False, monkeypatch)
+def test_memory_scan_with_fast_newton_schulz_matches_pytorch_path(update, gated, impl, monkeypatch):
+    """Each fast NS inside the whole scan: same y, same gradients for every input and initial fast weight."""
+    with_kernel = _scan_grads(update, gated, impl, monkeypatch)
+    reference = _scan_grads(update, gated, None, monkeypatch)
     for got, want in zip(with_kernel, reference):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
-def test_probe_reports_a_kernel_that_cannot_run(monkeypatch):
+@pytest.mark.parametrize("impl", ["triton", "cublas"])
+def test_probe_reports_an_implementation_that_cannot_run(impl, monkeypatch):
     """A kernel that fails to compile or launch on a GPU must become a fallback reason, not a crash."""
     from atlas_train.kernels import dispatch
 
-    assert dispatch._probe_newton_schulz(torch.randn(2, 4, 8, dtype=torch.float64), 2) is None
+    assert dispatch._probe_newton_schulz(impl, torch.randn(2, 4, 8, dtype=torch.float64), 2) is None
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of resource: shared memory\nmore detail")
 
-    monkeypatch.setattr(dispatch, "_kernel_forward_backward", broken)
-    reason = dispatch._probe_newton_schulz(torch.randn(2, 5, 9, dtype=torch.float64), 2)
-    assert reason == "kernel failed to run: RuntimeError: out of resource: shared memory"
+    monkeypatch.setattr(dispatch, "_fast_forward_backward", broken)
+    reason = dispatch._probe_newton_schulz(impl, torch.randn(2, 5, 9, dtype=torch.float64), 2)
+    assert reason == f"{impl} failed to run: RuntimeError: out of resource: shared memory"
 
 
+@pytest.mark.parametrize("impl", ["triton", "cublas"])
 @pytest.mark.parametrize("corrupt", ["output", "gradient", "nan"])
-def test_probe_rejects_a_kernel_that_computes_wrong_numbers(corrupt, monkeypatch):
+def test_probe_rejects_an_implementation_that_computes_wrong_numbers(impl, corrupt, monkeypatch):
     """A kernel that runs but is wrong (a miscompile) must become a fallback reason: the probe checks its numbers
     against the float64 PyTorch path, output and gradient."""
     from atlas_train.kernels import dispatch
 
-    real = dispatch._kernel_forward_backward
+    real = dispatch._fast_forward_backward
 
-    def wrong(one, steps, upstream):
-        out, grad = real(one, steps, upstream)
+    def wrong(impl, one, steps, upstream):
+        out, grad = real(impl, one, steps, upstream)
         if corrupt == "nan":
             return out, grad * float("nan")
         return (out * 1.05, grad) if corrupt == "output" else (out, grad * 1.05)
 
-    monkeypatch.setattr(dispatch, "_kernel_forward_backward", wrong)
-    reason = dispatch._probe_newton_schulz(torch.randn(2, 6, 10, dtype=torch.float64), 2)
-    assert reason is not None and reason.startswith("kernel disagrees with the PyTorch path"), reason
+    monkeypatch.setattr(dispatch, "_fast_forward_backward", wrong)
+    reason = dispatch._probe_newton_schulz(impl, torch.randn(2, 6, 10, dtype=torch.float64), 2)
+    assert reason is not None and reason.startswith(f"{impl} disagrees with the PyTorch path"), reason
 
 
-def test_probe_saves_nothing_for_autograd():
+@pytest.mark.parametrize("impl", ["triton", "cublas"])
+def test_probe_saves_nothing_for_autograd(impl):
     """The probe may run inside a checkpointed forward: tensors it saved would break the recomputation's count."""
     from atlas_train.kernels import dispatch
 
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        assert dispatch._probe_newton_schulz(torch.randn(2, 3, 7, dtype=torch.float64), 2) is None
+        assert dispatch._probe_newton_schulz(impl, torch.randn(2, 3, 7, dtype=torch.float64), 2) is None
     assert saved == []
+
+
+def test_dispatch_rule_gives_short_sides_above_64_to_cublas():
+    """The fixed rule (measured, see dispatch): the Triton kernel up to a short side of 64, cuBLAS above."""
+    from atlas_train.kernels import dispatch
+
+    assert dispatch._unsupported("triton", torch.zeros(4, 64, 256)) is None
+    assert dispatch._unsupported("triton", torch.zeros(4, 512, 64)) is None
+    assert "cuBLAS is faster" in dispatch._unsupported("triton", torch.zeros(4, 256, 128))
+    assert dispatch._unsupported("cublas", torch.zeros(4, 256, 128)) is None
 
 
 def _resources(*code):
@@ -242,5 +261,7 @@ def test_ns_only_bench_runs_and_prints_its_table_last(capsys, monkeypatch):
         assert bench_memory_scan.main(["--ns-only", "--skip-checks", "--dh", "4"]) == 0
     table = capsys.readouterr().out.split("== Newton-Schulz alone")[-1].splitlines()[1:]
     assert [line.split()[:3] for line in table] == [["cuBLAS", "bf16", "bmm"], ["kernel", "ieee", "4x16"],
-                                                    ["cuBLAS", "bf16", "bmm"], ["kernel", "ieee", "16x8"]]
+                                                    ["NS", "on", "cuBLAS"],
+                                                    ["cuBLAS", "bf16", "bmm"], ["kernel", "ieee", "16x8"],
+                                                    ["NS", "on", "cuBLAS"]]
     assert all("TFLOP/s" in line and "Error" not in line for line in table)

@@ -330,6 +330,30 @@ def test_static_buffer_path_equals_eager(update, monkeypatch):
         assert_close_grads(grads_s, grads_e, rtol=1e-11, atol=1e-11)
 
 
+def test_static_calls_are_not_replayed_under_other_fast_path_settings(monkeypatch):
+    """A captured graph holds the Newton–Schulz path chosen at capture (kernel or cuBLAS, operand precision): after a
+    change of those settings the scan must build new calls, not replay the old choice (the benchmark's per-precision
+    check once compared three precisions that all replayed the first one's graphs)."""
+    from atlas_train.kernels import set_kernels_enabled, set_ns_precision
+
+    scan_module = importlib.import_module("atlas_train.ops.memory_scan")
+    scan_module.clear_scan_graphs()
+    monkeypatch.setenv("ATLAS_SCAN_CUDA_GRAPHS", "static")
+    x, params = make_inputs(4, length=8, window=3)
+    kw = dict(params=params, chunk_size=4, ns_steps=2, update="chunk")
+    counts = []
+    try:
+        for change in (lambda: None, lambda: set_ns_precision("bf16"), lambda: set_kernels_enabled(False)):
+            change()
+            memory_scan(**x, **kw)
+            counts.append(len(scan_module._STATIC_CALLS))
+    finally:
+        set_ns_precision("tf32")
+        set_kernels_enabled(True)
+        scan_module.clear_scan_graphs()
+    assert counts[0] > 0 and counts == [counts[0], 2 * counts[0], 3 * counts[0]]
+
+
 @pytest.mark.parametrize("update", ["token", "chunk"])
 def test_the_callers_autocast_does_not_reach_the_scan(update):
     """The scan's math stays float32 under a caller's bf16 autocast (so its recompute in backward, which runs outside

@@ -214,7 +214,11 @@ def _static_call(kind, opts, closes, has_reset, has_ln, tensors, mode, need_back
     the autograd engine (a backward, or a checkpointed forward recomputed there) is not permitted by CUDA, while a
     forward always runs before its backward on the caller's thread. A computation first met inside the engine
     runs eagerly, as does the backward of a forward first captured when no gradient was wanted (inference)."""
-    key = (kind, opts, closes, has_reset, has_ln, signature(tensors))
+    from atlas_train.kernels.dispatch import settings as fast_path_settings  # imports Triton: only when needed
+
+    # A graph captures the fast path chosen at capture (kernel or cuBLAS, operand precision): keyed on it, a change of
+    # those settings captures anew instead of replaying the old choice.
+    key = (kind, opts, closes, has_reset, has_ln, fast_path_settings(), signature(tensors))
     call = _STATIC_CALLS.get(key)
     if call is not None or kind == "backward" or torch._C._current_graph_task_id() != -1:
         return call

@@ -1,0 +1,110 @@
+"""Batched Newton–Schulz on cuBLAS tensor cores, forward and a hand-written backward (ATLAS_SPEC.md section 3.7).
+
+Why, beside the Triton kernel: that kernel runs one program per matrix, so it only pays where many small matrices
+come at once. Measured on an H200 (benchmarks/RESULTS.md) it beats cuBLAS for a short side of 64 (the token update's
+W1 of dh 64), but cuBLAS's batched GEMMs are 2–7× faster at a short side of 128 and above, and at the chunk update's
+batch (B·H matrices, one per head) one program per matrix leaves most of the card idle (the dh-128 chunk scan took
+722 ms with the kernel against 312 ms without it).
+
+Why not autograd through the PyTorch chain: the operand precision ('tf32' is a cuBLAS mode, not a dtype) has to hold
+in the backward's products too, which autograd runs later, outside any context set here. So the forward saves the
+iterates X_0..X_{k-1} and the backward replays the Triton kernel's analytic derivative with the same products:
+    dB = G Xᵀ,  dA = b dB + c (dB A + A dB),  dX = a G + B G + (dA + dAᵀ) X,
+then of X0 = S / (n + eps): dS = dX0 / (n + eps) − <dX0, S> S / ((n + eps)² n), n = ‖S‖_F.
+'bf16' rounds the operands of every product to bfloat16 and keeps iterates, accumulation and results in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7
+
+
+@contextlib.contextmanager
+def _operand_precision(precision: str):
+    """cuBLAS may use TF32 tensor cores for float32 products inside this block when precision is 'tf32'."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _mm(x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
+    """Batched x @ y with results in x's dtype; 'bf16' rounds the operands."""
+    if precision != "bf16":
+        return torch.bmm(x, y)
+    x16, y16 = x.to(torch.bfloat16), y.to(torch.bfloat16)
+    if x.is_cuda:  # bf16 tensor cores, float32 accumulation and result
+        return torch.bmm(x16, y16, out_dtype=torch.float32).to(x.dtype)
+    return torch.bmm(x16.to(x.dtype), y16.to(x.dtype))  # the same numbers: bf16 products are exact in float32
+
+
+def _compute(t: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 for float64 inputs (the reference tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _wide(s: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(n, M, N) with M <= N, and whether s was tall (the spec iterates on the wide orientation)."""
+    tall = s.shape[-2] > s.shape[-1]
+    flat = s.reshape(-1, *s.shape[-2:])
+    return (flat.transpose(1, 2) if tall else flat), tall
+
+
+def _step_matrices(x: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = X Xᵀ and B = bA + cA² of one iteration."""
+    _, b, c = NS_COEFFS
+    gram = _mm(x, x.transpose(1, 2), precision)
+    return gram, b * gram + c * _mm(gram, gram, precision)
+
+
+class _NewtonSchulz(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, steps, precision):
+        a = NS_COEFFS[0]
+        x, tall = _wide(_compute(s))
+        norm = torch.linalg.matrix_norm(x, keepdim=True)
+        iterates = []
+        with _operand_precision(precision):
+            x = x / (norm + NS_EPS)
+            for _ in range(steps):
+                iterates.append(x)
+                _, poly = _step_matrices(x, precision)
+                x = a * x + _mm(poly, x, precision)
+        ctx.save_for_backward(s, norm, *iterates)
+        ctx.precision, ctx.tall = precision, tall
+        out = x.transpose(1, 2) if tall else x
+        return out.reshape(s.shape).to(s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        s, norm, *iterates = ctx.saved_tensors
+        precision, (a, b, c) = ctx.precision, NS_COEFFS
+        g, _ = _wide(_compute(grad_out))  # the gradient of the wide iterate: transposed like the input
+        with _operand_precision(precision):
+            for x in reversed(iterates):
+                gram, poly = _step_matrices(x, precision)
+                d_poly = _mm(g, x.transpose(1, 2), precision)
+                d_gram = b * d_poly + c * (_mm(d_poly, gram, precision) + _mm(gram, d_poly, precision))
+                g = a * g + _mm(poly, g, precision) + _mm(d_gram + d_gram.transpose(1, 2), x, precision)
+        raw, _ = _wide(_compute(s))
+        scale = norm + NS_EPS
+        inner = (g * raw).sum(dim=(1, 2), keepdim=True)
+        grad_s = g / scale - inner * raw / (scale * scale * norm.clamp_min(1e-30))
+        if ctx.tall:
+            grad_s = grad_s.transpose(1, 2)
+        return grad_s.reshape(s.shape).to(s.dtype), None, None
+
+
+def newton_schulz(s: torch.Tensor, steps: int, precision: str = "tf32") -> torch.Tensor:
+    """NS(s) for every matrix of s (..., rows, cols), products in `precision` ('ieee', 'tf32' or 'bf16');
+    steps >= 1 (steps = 0 is the identity, which the caller handles)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return _NewtonSchulz.apply(s, steps, precision)
