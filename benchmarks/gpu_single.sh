@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One H100/H200, one call of at most 10 minutes per mode (from the repository root, .whl/ carried along):
-#   bash benchmarks/gpu_single.sh scan     issue 6: the NS kernel alone (fits shared memory since the second session,
-#                                          not yet timed), then the scan at dh 128 (dh 64 is in RESULTS.md)
+#   bash benchmarks/gpu_single.sh scan     issue 6: Newton-Schulz alone (Triton kernel, cuBLAS path, compiled
+#                                          PyTorch), then the scan at 4K, dh 64 and 128, against its baselines
 #   bash benchmarks/gpu_single.sh train    issue 4: 340M transformer (with the loader + logging overhead) and atlas
 #                                          (token and chunk update) at 4K, one call
 #   bash benchmarks/gpu_single.sh decode   issue 8: decode at 4K/32K, batch 1/32, eager and CUDA graph
@@ -12,7 +12,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 case "${1:-}" in
   scan)
     step ns_only 200 python3 benchmarks/bench_memory_scan.py --ns-only --dh 64 128
-    step memory_scan_dh128 360 python3 benchmarks/bench_memory_scan.py --dh 128 --lengths 4096 16384 --budget-s 280
+    step memory_scan_4k 300 python3 benchmarks/bench_memory_scan.py --dh 64 128 --lengths 4096 --budget-s 210 \
+      --row-budget-s 12
     ;;
   train)
     step train_transformer 90 python3 benchmarks/bench_train.py --model configs/model/340m.yaml --mixers transformer \
