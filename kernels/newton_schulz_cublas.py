@@ -11,7 +11,8 @@ in the backward's products too, which autograd runs later, outside any context s
 iterates X_0..X_{k-1} and the backward replays the Triton kernel's analytic derivative with the same products:
     dB = G Xᵀ,  dA = b dB + c (dB A + A dB),  dX = a G + B G + (dA + dAᵀ) X,
 then of X0 = S / (n + eps): dS = dX0 / (n + eps) − <dX0, S> S / ((n + eps)² n), n = ‖S‖_F.
-'bf16' rounds the operands of every product to bfloat16 and keeps iterates, accumulation and results in float32.
+'bf16' runs the chain in bfloat16 (iterates, products and their gradients; cuBLAS accumulates in float32 inside
+each product), as Muon implementations do; the normalisation, its derivative and the result are float32.
 """
 
 from __future__ import annotations
@@ -35,16 +36,6 @@ def _operand_precision(precision: str):
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def _mm(x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
-    """Batched x @ y with results in x's dtype; 'bf16' rounds the operands."""
-    if precision != "bf16":
-        return torch.bmm(x, y)
-    x16, y16 = x.to(torch.bfloat16), y.to(torch.bfloat16)
-    if x.is_cuda:  # bf16 tensor cores, float32 accumulation and result
-        return torch.bmm(x16, y16, out_dtype=torch.float32).to(x.dtype)
-    return torch.bmm(x16.to(x.dtype), y16.to(x.dtype))  # the same numbers: bf16 products are exact in float32
-
-
 def _compute(t: torch.Tensor) -> torch.Tensor:
     """float32, or float64 for float64 inputs (the reference tests)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -57,26 +48,31 @@ def _wide(s: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (flat.transpose(1, 2) if tall else flat), tall
 
 
-def _step_matrices(x: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A = X Xᵀ and B = bA + cA² of one iteration."""
+def _poly(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = X Xᵀ and B = bA + cA² of one iteration (the scalings fused into the GEMM)."""
     _, b, c = NS_COEFFS
-    gram = _mm(x, x.transpose(1, 2), precision)
-    return gram, b * gram + c * _mm(gram, gram, precision)
+    gram = torch.bmm(x, x.transpose(1, 2))
+    return gram, torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
 
 
 class _NewtonSchulz(torch.autograd.Function):
+    """Iterates (and, for 'bf16', every product and gradient) in the chain's dtype; the normalisation and its
+    derivative in float32. Every elementwise step is fused into a GEMM (baddbmm): at these sizes separate
+    elementwise passes over the iterates would cost more memory traffic than the products themselves."""
+
     @staticmethod
     def forward(ctx, s, steps, precision):
         a = NS_COEFFS[0]
         x, tall = _wide(_compute(s))
         norm = torch.linalg.matrix_norm(x, keepdim=True)
+        chain_dtype = torch.bfloat16 if precision == "bf16" else x.dtype
+        x = (x / (norm + NS_EPS)).to(chain_dtype)
         iterates = []
         with _operand_precision(precision):
-            x = x / (norm + NS_EPS)
             for _ in range(steps):
                 iterates.append(x)
-                _, poly = _step_matrices(x, precision)
-                x = a * x + _mm(poly, x, precision)
+                _, poly = _poly(x)
+                x = torch.baddbmm(x, poly, x, beta=a)
         ctx.save_for_backward(s, norm, *iterates)
         ctx.precision, ctx.tall = precision, tall
         out = x.transpose(1, 2) if tall else x
@@ -85,15 +81,17 @@ class _NewtonSchulz(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         s, norm, *iterates = ctx.saved_tensors
-        precision, (a, b, c) = ctx.precision, NS_COEFFS
+        a, b, c = NS_COEFFS
         g, _ = _wide(_compute(grad_out))  # the gradient of the wide iterate: transposed like the input
-        with _operand_precision(precision):
+        g = g.to(iterates[0].dtype)
+        with _operand_precision(ctx.precision):
             for x in reversed(iterates):
-                gram, poly = _step_matrices(x, precision)
-                d_poly = _mm(g, x.transpose(1, 2), precision)
-                d_gram = b * d_poly + c * (_mm(d_poly, gram, precision) + _mm(gram, d_poly, precision))
-                g = a * g + _mm(poly, g, precision) + _mm(d_gram + d_gram.transpose(1, 2), x, precision)
+                gram, poly = _poly(x)
+                d_poly = torch.bmm(g, x.transpose(1, 2))
+                d_gram = torch.baddbmm(torch.baddbmm(d_poly, d_poly, gram, beta=b, alpha=c), gram, d_poly, alpha=c)
+                g = torch.baddbmm(torch.baddbmm(g, poly, g, beta=a), d_gram + d_gram.transpose(1, 2), x)
         raw, _ = _wide(_compute(s))
+        g = g.to(raw.dtype)
         scale = norm + NS_EPS
         inner = (g * raw).sum(dim=(1, 2), keepdim=True)
         grad_s = g / scale - inner * raw / (scale * scale * norm.clamp_min(1e-30))

@@ -2,7 +2,7 @@
 
 Its backward is written by hand (so that the operand precision holds in the backward's products too): checked in
 float64 on CPU, outputs and gradients, for wide, tall, square and batched matrices, plus torch's gradcheck; its
-bf16 mode (emulated exactly on CPU) near the precision's bound.
+bf16 chain within the precision's bound.
 """
 
 import os
@@ -46,12 +46,8 @@ def test_bf16_operands_stay_within_their_bound():
     s64 = s.detach().double().requires_grad_()
     want = reference(s64, 5)
     (want_grad,) = torch.autograd.grad(want, s64, upstream.double())
-    out_error, grad_error = relative_error(got, want), relative_error(got_grad, want_grad)
-    assert 1e-4 < out_error < PROBE_TOLERANCE["bf16"], out_error  # rounded (not float32 in disguise), within bound
-    # Five quintic steps amplify the operands' rounding in the backward: 5.8% here, and the Triton kernel's bf16
-    # gradient reached 5.9% on a 40 x 200 matrix on the GPU. The dispatcher's probe turns such shapes into a
-    # fallback; bf16 is opt-in (set_ns_precision), tf32 the default.
-    assert 1e-4 < grad_error < 2 * PROBE_TOLERANCE["bf16"], grad_error
+    errors = relative_error(got, want), relative_error(got_grad, want_grad)
+    assert 1e-4 < min(errors) and max(errors) < PROBE_TOLERANCE["bf16"], errors  # rounded, and within the bound
 
 
 def test_zero_steps_are_refused():
