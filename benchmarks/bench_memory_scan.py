@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import itertools
 import logging
 import math
 import os
@@ -80,6 +81,10 @@ def ns_reference(s, steps):
 
 
 def check_ns_kernel(device, sizes):
+    """Both fast NS implementations (Triton kernel, cuBLAS chain) per precision against float64, y and dS."""
+    from atlas_train.kernels import newton_schulz_cublas
+
+    implementations = {"kernel": kernels.newton_schulz, "cuBLAS": newton_schulz_cublas.newton_schulz}
     rows = []
     precisions = ("ieee", "tf32", "bf16") if device.type == "cuda" else ("ieee",)
     for shape in sizes:
@@ -88,13 +93,13 @@ def check_ns_kernel(device, sizes):
         ref_in = s.double().cpu().requires_grad_()
         ref_out = ns_reference(ref_in, NS_STEPS)
         (ref_grad,) = torch.autograd.grad(ref_out, ref_in, upstream.double().cpu())
-        for precision in precisions:
+        for (impl, ns), precision in itertools.product(implementations.items(), precisions):
             leaf = s.clone().requires_grad_()
-            out = kernels.newton_schulz(leaf, NS_STEPS, precision)
+            out = ns(leaf, NS_STEPS, precision)
             (grad,) = torch.autograd.grad(out, leaf, upstream)
             for what, got, want in (("y", out, ref_out), ("dS", grad, ref_grad)):
                 err = relative_error(got.cpu(), want.detach())
-                rows.append((f"NS kernel {tuple(shape)} {precision} {what}", err, BOUNDS[precision]))
+                rows.append((f"NS {impl} {tuple(shape)} {precision} {what}", err, BOUNDS[precision]))
                 print(f"  checked {rows[-1][0]}: {err:.2e} (bound {BOUNDS[precision]:.0e})", flush=True)
     return rows
 
