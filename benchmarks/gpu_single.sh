@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.." && source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 case "${1:-}" in
   scan)
-    step ns_only 200 python3 benchmarks/bench_memory_scan.py --ns-only --dh 64 128
-    step memory_scan_4k 300 python3 benchmarks/bench_memory_scan.py --dh 64 128 --lengths 4096 --budget-s 210 \
+    step ns_only 200 python3 benchmarks/bench_memory_scan.py --ns-only --dh 64 128 --budget-s 160
+    step memory_scan_4k 330 python3 benchmarks/bench_memory_scan.py --dh 64 128 --lengths 4096 --budget-s 270 \
       --row-budget-s 12
     ;;
   train)
