@@ -1,10 +1,10 @@
 """Batched Newton–Schulz on cuBLAS tensor cores, forward and a hand-written backward (ATLAS_SPEC.md section 3.7).
 
 Why, beside the Triton kernel: that kernel runs one program per matrix, so it only pays where many small matrices
-come at once. Measured on an H200 (benchmarks/RESULTS.md) it beats cuBLAS for a short side of 64 (the token update's
-W1 of dh 64), but cuBLAS's batched GEMMs are 2–7× faster at a short side of 128 and above, and at the chunk update's
-batch (B·H matrices, one per head) one program per matrix leaves most of the card idle (the dh-128 chunk scan took
-722 ms with the kernel against 312 ms without it).
+come at once. Measured on an H200 (benchmarks/RESULTS.md, tf32, forward+backward of 1024 matrices) it beats this path
+at a short side of 64 (the token update's W1 at dh 64), while this path is 1.2–2.2× faster at a short side of 128 and
+above; at the chunk update's batch (B·H matrices, one per head) the kernel leaves most of the card idle (the dh-128
+chunk scan: 722 ms with the kernel, 245 ms with this path).
 
 Why not autograd through the PyTorch chain: the operand precision ('tf32' is a cuBLAS mode, not a dtype) has to hold
 in the backward's products too, which autograd runs later, outside any context set here. So the forward saves the
