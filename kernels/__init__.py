@@ -1,7 +1,8 @@
 """Triton kernels for memory_scan (imported as atlas_train.kernels; never `import kernels`).
 
-What is a kernel today: the batched Newton–Schulz step with its backward (`newton_schulz`). `dispatch` decides per
-call whether a kernel applies and notes once why not.
+What is a kernel today: the batched Newton–Schulz step with its backward (`newton_schulz`), beside a cuBLAS path for
+the larger matrices (`newton_schulz_cublas`). `dispatch` decides per call which fast path applies and notes once why
+one does not.
 """
 
 from atlas_train.kernels.dispatch import newton_schulz_or_none, note_fallback, set_kernels_enabled, set_ns_precision
