@@ -1,21 +1,30 @@
 """The small recall study: which members of the family can look values up by key, and how far?
 
-Trains the members in configs/recall/ (atlas, omeganet, titans, transformer, atlas_mag: equal width and depth) on
-the same MQAR shards with `atlas-train`, exports each, and scores MQAR accuracy on a grid of (key-value pairs,
-sequence length) that reaches beyond the training mix (longer rows, more pairs). One command on one GPU:
+Trains the members in configs/recall/ (atlas, atlas_mag, omeganet, titans, transformer: equal width and depth) on
+the same MQAR shards with `atlas-train`, exports each, and scores MQAR accuracy (`atlas-eval --task mqar`) on a grid
+of (key-value pairs, sequence length) that reaches beyond the training mix (longer rows, more pairs). One command:
 
-    python benchmarks/recall_study.py --out $OUT/recall          # about 8 minutes on an H100
-    python benchmarks/recall_study.py --smoke                     # CPU: tiny sizes, proves the whole path
+    python benchmarks/recall_study.py --out $OUT/recall --budget-minutes 8.5   # everything, scoring included
+    python benchmarks/recall_study.py --smoke                                  # CPU: tiny sizes, proves the whole path
 
-Fair, equal budget: every member trains the same number of steps on the same rows with the same schedule. Unless
---steps is given, a short probe of the slowest member (atlas_mag, on random tokens) measures its step time first, and
-the study picks the steps that member completes in 80% of the per-member cap (--max-minutes, default the config's);
-the cap still stops any member that runs slower, and the table shows the steps each one completed. The warm-up is
-10% of the steps (at most the config's).
+All at once: every member trains, exports and is scored in its own chain of processes, all chains running together,
+pinned round-robin to the visible GPUs (CUDA_VISIBLE_DEVICES). At d 128 a step is bound by kernel launches, not by
+the GPU, so members sharing a GPU slow each other far less than taking turns would: each gets nearly the whole budget
+instead of a fifth of it.
+
+Fair budget, equal wall time: every member has the same training cap (train.max_minutes): what the budget leaves
+after a timing probe, less a reserve for start-up, export and scoring. The probe trains every member for a few steps
+on random tokens, all at once and placed as in the study (so sharing a GPU is in its numbers), and each member then
+trains the steps that fill 85% of the cap at its own step time, so that it completes its whole warm-up + cosine
+schedule (the cap still stops one that runs slower than probed; the tables show steps done/planned). Members with
+slower kernels therefore train fewer steps: that cost is part of what the study reports. For the comparison at equal
+steps, the transformer trains a second time for as many steps as the slowest member planned (`transformer@N`).
+--steps N skips the probe: every member trains N steps. A chain still running at the end of the budget is killed and
+reported as such, so the tables are always printed, last.
 
 writes into --out: `<member>.json` (training summary + accuracy grid), `recall.json` (all members), `recall.md`
-(the tables), `recall.png` when matplotlib is installed; logs go to <work>/<member>/train.log. The table is printed
-last. Afterwards, where matplotlib is installed (`pip install -e .[bench]`):
+(the tables), `recall.png` when matplotlib is installed; each member's logs (training, export, scoring) go to
+<work>/<member>/train.log. Afterwards, where matplotlib is installed (`pip install -e .[bench]`):
 
     python benchmarks/recall_study.py --render OUT/recall [OUT2/recall ...]
 
@@ -27,18 +36,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MEMBERS = ["atlas", "omeganet", "titans", "transformer", "atlas_mag"]
+# Placed round-robin over the GPUs in this order: on two GPUs the slow and the fast members alternate.
+MEMBERS = ["atlas", "atlas_mag", "omeganet", "titans", "transformer"]
+REFERENCE = "transformer"  # trained again at the slowest member's steps: the comparison at equal steps
 MAX_TRAIN_ROWS = 50_000  # distinct MQAR training rows (Zoology uses 100K); longer runs repeat them as epochs
 BEGIN, END = "<!-- recall-study:begin -->", "<!-- recall-study:end -->"
-PROBE_MEMBER = "atlas_mag"  # the slowest member: the ATLAS memory and sliding-window attention
+FILL = 0.85  # the planned steps fill this share of the cap at the probed step time
+RESERVE_S = 90  # per chain, outside the cap: start-up before the first step, export, scoring (~30 s alone on an H100)
+KILLED = "killed at the end of the budget"
 SMOKE_OVERRIDES = [  # every member the same tiny size, so the smoke run takes a few CPU minutes
     "model.d_model=32", "model.vocab_size=64", "model.max_seq_len=128", "model.chunk_size=16", "model.swa_window=16",
     "model.mlp_hidden=64", "model.gate_rank=8", "train.seq_len=32", "train.micro_batch_size=8",
@@ -51,14 +66,14 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/recall/results", help="results folder (JSON, markdown, PNG)")
     p.add_argument("--work", default="runs/recall", help="data, runs and logs")
     p.add_argument("--models", default=",".join(MEMBERS))
-    p.add_argument("--steps", type=int, help="training steps (default: configs/recall/common.yaml)")
-    p.add_argument("--max-minutes", type=float, help="wall-time cap per member (default: the config's)")
+    p.add_argument("--budget-minutes", type=float, default=8.5, help="wall time of the whole study")
+    p.add_argument("--steps", type=int, help="every member trains this many steps (default: from the probe)")
     p.add_argument("--train-pairs", default="4,8,16,32,64", help="pair counts mixed in the training rows")
     p.add_argument("--eval-pairs", default="4,8,16,32,64,128")
     p.add_argument("--eval-seq-lens", default="128,256,512")
     p.add_argument("--samples", type=int, default=256, help="MQAR rows per evaluation setting")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--probe-steps", type=int, default=30, help="steps of the timing probe that picks --steps")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="cpu: leave the GPUs alone")
+    p.add_argument("--probe-steps", type=int, default=40, help="steps of the timing probe that picks the steps")
     p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny model, rows and grid")
     p.add_argument(
         "--render", nargs="+", metavar="DIR", help="only draw the plot and update RESULTS.md from DIR/*.json"
@@ -68,6 +83,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.overrides = [*SMOKE_OVERRIDES, *args.overrides]
         args.probe_steps = min(args.probe_steps, 4)
+        args.device = "cpu"
         args.train_pairs, args.eval_pairs, args.eval_seq_lens, args.samples = "2,4,8", "2,4,8", "32,64", 16
         if args.work == "runs/recall":
             args.work, args.out = "runs/recall_smoke", "runs/recall_smoke/results"
@@ -79,16 +95,14 @@ def ints(text: str) -> list[int]:
 
 
 def make_data(work: Path, cfg, train_pairs: list[int], rows: int) -> Path:
-    """MQAR shards for the run's seq_len and vocabulary; reused when an identical set is already there."""
+    """MQAR shards for the run's seq_len and vocabulary; reused when an identical set is already there. 50K rows take
+    about 5 s (the probe runs meanwhile)."""
     from atlas_train.data_prep.shard_format import DataError, read_manifest
     from atlas_train.data_prep.writer import write_dataset
 
     from atlas_train.eval import mqar
 
     data = work / "data"
-    train_pairs = [n for n in train_pairs if 4 * n <= cfg.train.seq_len + 1]
-    if not train_pairs:
-        sys.exit(f"recall_study: no --train-pairs value fits seq_len {cfg.train.seq_len} (needs 4 * pairs - 1)")
     info = {"task": "mqar", "pairs": train_pairs, "mqar_vocab": cfg.model.vocab_size, "rows": rows}
     try:
         manifest = read_manifest(data)
@@ -132,85 +146,132 @@ def fresh_run_dir(run: Path) -> Path:
     return run
 
 
-def run_member(name: str, overrides: list[str], log) -> int:
-    """One `atlas-train` process for a member's config, its output appended to `log`."""
-    cmd = [sys.executable, "-m", "atlas_train.train.cli", "--config", str(REPO / "configs/recall" / f"{name}.yaml"),
-           *overrides]
-    return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+class Chains:
+    """Runs chains of commands (each stops at its first failure) all at once, one thread each, chain i pinned to GPU
+    i mod n (none on CPU); a command still running at `deadline` (time.monotonic()) is killed."""
+
+    def __init__(self, gpus: list[str], deadline: float):
+        self.gpus, self.deadline = gpus, deadline
+
+    def gpu(self, i: int) -> str:
+        """The CUDA_VISIBLE_DEVICES of chain i ("": none)."""
+        return self.gpus[i % len(self.gpus)] if self.gpus else ""
+
+    def run_all(self, chains: list[tuple[list[list[str]], Path]]) -> list[list]:
+        """chains: (commands, log) pairs -> per chain [exit code (or KILLED), seconds] of each command run."""
+        threads = str(max(1, (os.cpu_count() or 1) // len(chains)))  # the CPU cores shared out, not oversubscribed
+        envs = [{**os.environ, "OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": self.gpu(i)}
+                for i in range(len(chains))]
+        with ThreadPoolExecutor(len(chains)) as pool:
+            return list(pool.map(self._run, chains, envs))
+
+    def _run(self, chain: tuple[list[list[str]], Path], env: dict) -> list:
+        commands, log_path = chain
+        done = []
+        with open(log_path, "a") as log:
+            for cmd in commands:
+                t0 = time.monotonic()
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+                try:
+                    code = proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()  # its data-loader worker notices and exits
+                    proc.wait()
+                    code = KILLED
+                done.append([code, round(time.monotonic() - t0, 1)])
+                if code != 0:
+                    break
+        return done
 
 
-def probe_steps(work: Path, cap_minutes: float, max_steps: int, args) -> int:
-    """The steps the slowest member completes in 80% of the per-member cap (the rest absorbs its first steps' compiles
-    and the data loader), timed on random tokens."""
-    run = fresh_run_dir(work / "probe")
-    overrides = [*args.overrides, f"train.out_dir={run}", "train.resume=none", "train.progress=false",
-                 "train.synthetic_data=true", f"train.steps={args.probe_steps}", f"train.max_minutes={cap_minutes}",
-                 "train.eval_every=0"]  # the study's own keys last: they win over the user's
-    with open(work / "probe.log", "w") as log:
-        code = run_member(PROBE_MEMBER, overrides, log)
-    path = run / "metrics.jsonl"
-    times = [json.loads(line)["perf/step_time_s"] for line in path.read_text().splitlines()] if path.is_file() else []
-    if code != 0 or not times:
-        sys.exit(f"recall_study: the timing probe failed (exit {code}); see {work / 'probe.log'}")
-    step_s = statistics.median(times[len(times) // 2 :])  # past the first steps' compilation and allocation
-    steps = max(1, min(max_steps, int(0.8 * cap_minutes * 60 / step_s)))
-    print(f"probe: {PROBE_MEMBER} takes {1000 * step_s:.0f} ms per step; every member trains {steps} steps", flush=True)
-    return steps
+def visible_gpus(device: str) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES entries of the GPUs this process sees ([] on CPU)."""
+    import torch
+
+    count = torch.cuda.device_count() if device == "auto" else 0
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (listed.split(",") if listed else [str(i) for i in range(count)])[:count]
 
 
-def train_and_export(name: str, data: Path, work: Path, steps: int, schedule: list[str], args) -> dict:
-    """atlas-train then atlas-train export for one member, as subprocesses logging to <work>/<name>/train.log.
-    schedule: the study's train.* keys, the same for every member."""
-    run = fresh_run_dir(work / name)
+def train_cmd(member: str, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "atlas_train.train.cli", "--config", str(REPO / "configs/recall" / f"{member}.yaml"),
+            *overrides]
+
+
+def probe(members: list[str], work: Path, chains: Chains, args) -> dict[str, float]:
+    """Each member's step time in seconds, from a few steps on random tokens, all members at once (as in the study)."""
+    todo = []
+    for name in members:
+        run = fresh_run_dir(work / "probe" / name)
+        overrides = [*args.overrides, f"train.out_dir={run}", "train.resume=none", "train.progress=false",
+                     "train.synthetic_data=true", f"train.steps={args.probe_steps}", "train.eval_every=0"]
+        todo.append(([train_cmd(name, overrides)], run / "train.log"))
+    times = {}
+    for name, (_, log), done in zip(members, todo, chains.run_all(todo)):
+        path = log.parent / "metrics.jsonl"
+        logged = [json.loads(line)["perf/step_time_s"] for line in path.read_text().splitlines()] if path.is_file() \
+            else []
+        if done[0][0] != 0 or not logged:
+            sys.exit(f"recall_study: the timing probe of {name} failed (exit {done[0][0]}); see {log}")
+        times[name] = statistics.median(logged[len(logged) // 2 :])  # past the first steps' compiles and captures
+    return times
+
+
+def train_chain(label: str, member: str, steps: int, data: Path, cap_minutes: float, work: Path, args, cfg):
+    """The commands of one run (train, export, score) and its log. Warm-up: 10% of the steps, at most the config's."""
+    run = fresh_run_dir(work / label)
     overrides = [*args.overrides, f"data.path={data}", f"train.out_dir={run}", "train.resume=none",
-                 "train.progress=false", *schedule]
-    t0 = time.time()
-    with open(run / "train.log", "w") as log:
-        code = run_member(name, overrides, log)
-        seconds = time.time() - t0
-        if code == 0:
-            export = [sys.executable, "-m", "atlas_train.train.cli", "export", "--checkpoint", str(run), "--out",
-                      str(run / "export")]
-            code = subprocess.run(export, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
-    summary = {"member": name, "train_exit_code": code, "train_seconds": round(seconds, 1), "planned_steps": steps,
-               **last_metrics(run)}
+                 "train.progress=false", f"train.steps={steps}", f"train.max_minutes={cap_minutes:.3f}",
+                 f"train.warmup_steps={min(cfg.train.warmup_steps, max(1, steps // 10))}"]
+    export = [sys.executable, "-m", "atlas_train.train.cli", "export", "--checkpoint", str(run), "--out",
+              str(run / "export")]
+    score = [sys.executable, "-m", "atlas_train.eval.cli", "--task", "mqar", "--checkpoint", str(run / "export"),
+             "--out", str(run / "mqar.json"), "--pairs", args.eval_pairs, "--seq-lens", args.eval_seq_lens,
+             "--samples", str(args.samples), "--batch-size", "64", "--seed", "0", "--no-progress"]
+    return [train_cmd(member, overrides), export, score], run / "train.log"
+
+
+def summarize(label: str, member: str, steps: int, gpu, done: list, run: Path, note: dict) -> dict:
+    """A run's JSON record: training summary, model facts from its export, and its MQAR grid."""
+    stage = ["training", "export", "scoring"][len(done) - 1]
+    code = done[-1][0]
+    summary = {"member": label, "config": member, "gpu": gpu, "exit": code, "failed_at": None if code == 0 else stage,
+               "train_seconds": done[0][1], "planned_steps": steps, **note, **last_metrics(run)}
     if code != 0:
-        tail = "\n".join((run / "train.log").read_text(errors="replace").splitlines()[-10:])
-        print(f"{name}: training or export failed (exit {code}); {run / 'train.log'} ends:\n{tail}", flush=True)
+        last = ([line for line in (run / "train.log").read_text(errors="replace").splitlines() if line.strip()]
+                or ["(empty log)"])[-1]
+        print(f"{label}: {stage} failed (exit {code}): {last.strip()} (log: {run / 'train.log'})", flush=True)
+        return summary
+    from atlas_train.train.export import load_exported
+
+    model, cfg, _ = load_exported(run / "export")
+    params = sum(p.numel() for p in model.parameters())
+    summary.update(
+        update=None if cfg.model.mixer == "transformer" else cfg.model.update,
+        chunk_size=cfg.model.chunk_size,
+        params=params,
+        params_non_embedding=params - model.embed.weight.numel(),
+        eval_seconds=done[2][1],
+        mqar=json.loads((run / "mqar.json").read_text())["results"],
+    )
     return summary
 
 
-def score(name: str, work: Path, args) -> dict:
-    """MQAR accuracy of the exported member over the evaluation grid."""
-    from atlas_train.eval import mqar
-    from atlas_train.eval.checkpoint import load_for_eval
-
-    loaded = load_for_eval(work / name / "export", device=args.device)
-    vocab = loaded.model.config.vocab_size
-    grid = []
-    t0 = time.time()
-    for seq_len in ints(args.eval_seq_lens):
-        for pairs in ints(args.eval_pairs):
-            if 4 * pairs > seq_len + 1:
-                continue
-            acc = mqar.accuracy(
-                loaded.model, mqar.MQARSetting(pairs, seq_len, vocab), args.samples, 64, 0, loaded.device
-            )
-            grid.append({"num_pairs": pairs, "seq_len": seq_len, "accuracy": acc})
-    params = sum(p.numel() for p in loaded.model.parameters())
-    embedding = loaded.model.embed.weight.numel()
-    return {
-        "update": None if loaded.model.config.mixer == "transformer" else loaded.model.config.update,
-        "chunk_size": loaded.model.config.chunk_size,
-        "params": params,
-        "params_non_embedding": params - embedding,
-        "eval_seconds": round(time.time() - t0, 1),
-        "mqar": grid,
-    }
+def budget_note(r: dict) -> str:
+    """How the runs of a study shared its budget (from a run's record; "" for records that predate the note)."""
+    if "steps_from" not in r:
+        return ""
+    where = f"{r['concurrent_runs']} runs at once on {r['gpus'] or 'no'} GPU(s), each training at most " \
+        f"{r['cap_minutes']} min"
+    if r["steps_from"] == "--steps":
+        return f"Equal steps: {where}; every member planned {r['planned_steps']} steps."
+    return (f"Equal wall time: {where}; each member planned the steps that fill {FILL:.0%} of that at its probed "
+            f"step time. {REFERENCE}@N: the {REFERENCE} again, for the fewest steps planned (equal steps).")
 
 
 def tables(results: list[dict]) -> str:
-    """Markdown: accuracy per (seq_len, pairs) for every member, then the training summaries."""
+    """Markdown: accuracy per (seq_len, pairs) for every member, then how the budget was shared and the training
+    summaries."""
     lines = []
     settings = sorted({(g["seq_len"], g["num_pairs"]) for r in results for g in r.get("mqar", [])})
     if settings:
@@ -221,6 +282,8 @@ def tables(results: list[dict]) -> str:
             cells = [f"{acc[s]:.3f}" if s in acc else "-" for s in settings]
             lines.append(f"| {r['member']} | " + " | ".join(cells) + " |")
         lines.append("")
+    if budget_note(results[0]):
+        lines += [budget_note(results[0]), ""]
     lines.append(
         "| member | memory update | params (non-emb.) | steps done/planned | train s | step ms | final train loss | "
         "val loss |"
@@ -322,6 +385,7 @@ def render(folders: list[Path]) -> None:
 
 
 def main(argv=None) -> int:
+    started = time.monotonic()
     args = parse_args(argv)
     if args.render:
         render([Path(f) for f in args.render])
@@ -339,22 +403,39 @@ def main(argv=None) -> int:
         sys.exit(f"recall_study: {err}")
     work, out = Path(args.work).resolve(), Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    cap = args.max_minutes or cfg.train.max_minutes
-    if cap is None:
-        sys.exit("recall_study: give a per-member wall-time cap (--max-minutes or train.max_minutes)")
-    steps = args.steps or probe_steps(work, cap, cfg.train.steps, args)
-    rows = min(MAX_TRAIN_ROWS, steps * cfg.train.micro_batch_size * cfg.train.grad_accum)
-    data = make_data(work, cfg, ints(args.train_pairs), rows)
-    warmup = min(cfg.train.warmup_steps, max(1, steps // 10))  # a short run still spends most steps at full rate
-    schedule = [f"train.steps={steps}", f"train.max_minutes={cap}", f"train.warmup_steps={warmup}"]
+    train_pairs = [n for n in ints(args.train_pairs) if 4 * n <= cfg.train.seq_len + 1]
+    if not train_pairs:
+        sys.exit(f"recall_study: no --train-pairs value fits seq_len {cfg.train.seq_len} (needs 4 * pairs - 1)")
+    gpus = visible_gpus(args.device)
+    chains = Chains(gpus, started + 60 * args.budget_minutes - 15)  # 15 s left to write the results
+    rows = min(MAX_TRAIN_ROWS, cfg.train.steps * cfg.train.micro_batch_size * cfg.train.grad_accum)
+    with ThreadPoolExecutor(1) as pool:  # the probe runs while the shards are written
+        probing = None if args.steps else pool.submit(probe, members, work, chains, args)
+        data = make_data(work, cfg, train_pairs, rows)
+        times = probing.result() if probing else None
+    cap_s = chains.deadline - time.monotonic() - RESERVE_S
+    if cap_s < 30:
+        sys.exit(f"recall_study: --budget-minutes {args.budget_minutes} leaves {cap_s:.0f} s of training; raise it")
+    if times:
+        steps = {m: max(1, min(cfg.train.steps, int(FILL * cap_s / t))) for m, t in times.items()}
+        for m, t in times.items():
+            print(f"probe: {m} takes {1000 * t:.0f} ms per step; trains {steps[m]} steps", flush=True)
+    else:
+        steps = {m: args.steps for m in members}
+    runs = [(m, m, steps[m]) for m in members]
+    if REFERENCE in steps and steps[REFERENCE] > min(steps.values()):
+        runs.append((f"{REFERENCE}@{min(steps.values())}", REFERENCE, min(steps.values())))
+    note = {"cap_minutes": round(cap_s / 60, 2), "steps_from": "--steps" if args.steps else "probe",
+            "concurrent_runs": len(runs), "gpus": len(gpus)}
+    print(f"training {len(runs)} runs at once on {len(gpus) or 'no'} GPU(s), at most {cap_s / 60:.1f} minutes each",
+          flush=True)
+    todo = [train_chain(label, member, n, data, cap_s / 60, work, args, cfg) for label, member, n in runs]
     results = []
-    for name in members:
-        summary = train_and_export(name, data, work, steps, schedule, args)
-        if summary["train_exit_code"] == 0:
-            summary.update(score(name, work, args))
-        write_json(out / f"{name}.json", summary)
+    for i, ((label, member, n), (_, log), done) in enumerate(zip(runs, todo, chains.run_all(todo))):
+        summary = summarize(label, member, n, chains.gpu(i), done, log.parent, note)
+        write_json(out / f"{label}.json", summary)
         results.append(summary)
-        print(f"{name}: done ({summary.get('steps', 0)} steps, {summary['train_seconds']}s)", flush=True)
+        print(f"{label}: {summary.get('steps', 0)} steps in {summary['train_seconds']}s", flush=True)
     print(write_outputs(results, out))
     return 0
 
