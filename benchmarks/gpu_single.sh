@@ -28,8 +28,7 @@ case "${1:-}" in
     step decode 240 python3 benchmarks/bench_decode.py --cuda-graph --steps 8 --warmup 2 --out "$OUT/decode.json"
     ;;
   recall)
-    step recall_study 560 python3 benchmarks/recall_study.py --out "$OUT/recall" --work /tmp/recall --budget-minutes 8.5 \
-      --train-pairs 4,8,16 --eval-pairs 4,8,16 --eval-seq-lens 64,128,256
+    step recall_study 560 python3 benchmarks/recall_study.py --out "$OUT/recall" --work /tmp/recall --budget-minutes 8.5
     ;;
   *)
     echo "usage: bash benchmarks/gpu_single.sh scan|train|decode|recall" >&2

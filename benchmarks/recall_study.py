@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -68,9 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--models", default=",".join(MEMBERS))
     p.add_argument("--budget-minutes", type=float, default=8.5, help="wall time of the whole study")
     p.add_argument("--steps", type=int, help="every member trains this many steps (default: from the probe)")
-    p.add_argument("--train-pairs", default="4,8,16,32,64", help="pair counts mixed in the training rows")
-    p.add_argument("--eval-pairs", default="4,8,16,32,64,128")
-    p.add_argument("--eval-seq-lens", default="128,256,512")
+    p.add_argument("--train-pairs", default="4,8,16", help="pair counts mixed in the training rows")
+    p.add_argument("--eval-pairs", default="4,8,16")
+    p.add_argument("--eval-seq-lens", default="64,128,256,512")
     p.add_argument("--samples", type=int, default=256, help="MQAR rows per evaluation setting")
     p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="cpu: leave the GPUs alone")
     p.add_argument("--probe-steps", type=int, default=40, help="steps of the timing probe that picks the steps")
@@ -160,8 +161,8 @@ class Chains:
     def run_all(self, chains: list[tuple[list[list[str]], Path]]) -> list[list]:
         """chains: (commands, log) pairs -> per chain [exit code (or KILLED), seconds] of each command run."""
         threads = str(max(1, (os.cpu_count() or 1) // len(chains)))  # the CPU cores shared out, not oversubscribed
-        envs = [{**os.environ, "OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": self.gpu(i)}
-                for i in range(len(chains))]
+        envs = [{**os.environ, "OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": self.gpu(i), "MASTER_PORT": port}
+                for i, port in enumerate(free_ports(len(chains)))]
         with ThreadPoolExecutor(len(chains)) as pool:
             return list(pool.map(self._run, chains, envs))
 
@@ -182,6 +183,18 @@ class Chains:
                 if code != 0:
                     break
         return done
+
+
+def free_ports(n: int) -> list[str]:
+    """n different free TCP ports. A one-process atlas-train otherwise picks its own torch.distributed port, and
+    processes started together have picked the same one (EADDRINUSE)."""
+    sockets = [socket.socket() for _ in range(n)]
+    for sock in sockets:  # all held at once, so the ports differ
+        sock.bind(("127.0.0.1", 0))
+    ports = [str(sock.getsockname()[1]) for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
 
 
 def visible_gpus(device: str) -> list[str]:
@@ -265,8 +278,11 @@ def budget_note(r: dict) -> str:
         f"{r['cap_minutes']} min"
     if r["steps_from"] == "--steps":
         return f"Equal steps: {where}; every member planned {r['planned_steps']} steps."
-    return (f"Equal wall time: {where}; each member planned the steps that fill {FILL:.0%} of that at its probed "
-            f"step time. {REFERENCE}@N: the {REFERENCE} again, for the fewest steps planned (equal steps).")
+    note = (f"Equal wall time: {where}; each member planned the steps that fill {FILL:.0%} of that at its probed "
+            "step time.")
+    if r.get("equal_steps_run"):
+        note += f" {r['equal_steps_run']}: the {REFERENCE} again, for the fewest steps planned (equal steps)."
+    return note
 
 
 def tables(results: list[dict]) -> str:
@@ -423,10 +439,12 @@ def main(argv=None) -> int:
     else:
         steps = {m: args.steps for m in members}
     runs = [(m, m, steps[m]) for m in members]
-    if REFERENCE in steps and steps[REFERENCE] > min(steps.values()):
-        runs.append((f"{REFERENCE}@{min(steps.values())}", REFERENCE, min(steps.values())))
+    fewest, reference = min(steps.values()), None
+    if REFERENCE in steps and steps[REFERENCE] > fewest:
+        reference = f"{REFERENCE}@{fewest}"
+        runs.append((reference, REFERENCE, fewest))
     note = {"cap_minutes": round(cap_s / 60, 2), "steps_from": "--steps" if args.steps else "probe",
-            "concurrent_runs": len(runs), "gpus": len(gpus)}
+            "concurrent_runs": len(runs), "gpus": len(gpus), "equal_steps_run": reference}
     print(f"training {len(runs)} runs at once on {len(gpus) or 'no'} GPU(s), at most {cap_s / 60:.1f} minutes each",
           flush=True)
     todo = [train_chain(label, member, n, data, cap_s / 60, work, args, cfg) for label, member, n in runs]
