@@ -13,12 +13,15 @@ the GPU, so members sharing a GPU slow each other far less than taking turns wou
 instead of a fifth of it.
 
 Fair budget, equal wall time: every member has the same training cap (train.max_minutes): what the budget leaves
-after a timing probe, less a reserve for start-up, export and scoring. The probe trains every member for a few steps
-on random tokens, all at once and placed as in the study (so sharing a GPU is in its numbers), and each member then
-trains the steps that fill 85% of the cap at its own step time, so that it completes its whole warm-up + cosine
-schedule (the cap still stops one that runs slower than probed; the tables show steps done/planned). Members with
-slower kernels therefore train fewer steps: that cost is part of what the study reports. For the comparison at equal
-steps, the transformer trains a second time for as many steps as the slowest member planned (`transformer@N`).
+after a timing probe, less a reserve for start-up, export and scoring. The probe runs what the study will run, on
+random tokens: every member (and the transformer a second time) at once, placed as in the study, each training for
+the same --probe-seconds; a member's step time is the median over the second half of its probe, when the others are
+past their start-up too, so sharing a GPU is in the numbers (a first probe, 40 steps of each member, which mostly did
+not overlap, planned 1.6-2.2x the steps that the members then completed in the cap). Each member trains the steps
+that fill 85% of the cap at its own step time, so that it completes its whole warm-up + cosine schedule (the cap
+still stops one that runs slower than probed; the tables show steps done/planned). Members with slower kernels
+therefore train fewer steps: that cost is part of what the study reports. For the comparison at equal steps, the
+transformer trains a second time for as many steps as the slowest member planned (`transformer@N`).
 --steps N skips the probe: every member trains N steps. A chain still running at the end of the budget is killed and
 reported as such, so the tables are always printed, last.
 
@@ -53,7 +56,7 @@ REFERENCE = "transformer"  # trained again at the slowest member's steps: the co
 MAX_TRAIN_ROWS = 50_000  # distinct MQAR training rows (Zoology uses 100K); longer runs repeat them as epochs
 BEGIN, END = "<!-- recall-study:begin -->", "<!-- recall-study:end -->"
 FILL = 0.85  # the planned steps fill this share of the cap at the probed step time
-RESERVE_S = 90  # per chain, outside the cap: start-up before the first step, export, scoring (~30 s alone on an H100)
+RESERVE_S = 75  # per chain, outside the cap: start-up, export and scoring (about 40 s on an H200 shared by 6 runs)
 KILLED = "killed at the end of the budget"
 SMOKE_OVERRIDES = [  # every member the same tiny size, so the smoke run takes a few CPU minutes
     "model.d_model=32", "model.vocab_size=64", "model.max_seq_len=128", "model.chunk_size=16", "model.swa_window=16",
@@ -74,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-seq-lens", default="64,128,256,512")
     p.add_argument("--samples", type=int, default=256, help="MQAR rows per evaluation setting")
     p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="cpu: leave the GPUs alone")
-    p.add_argument("--probe-steps", type=int, default=40, help="steps of the timing probe that picks the steps")
+    p.add_argument("--probe-seconds", type=float, default=40, help="training time of the probe that picks the steps")
     p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny model, rows and grid")
     p.add_argument(
         "--render", nargs="+", metavar="DIR", help="only draw the plot and update RESULTS.md from DIR/*.json"
@@ -83,7 +86,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.overrides = [*SMOKE_OVERRIDES, *args.overrides]
-        args.probe_steps = min(args.probe_steps, 4)
         args.device = "cpu"
         args.train_pairs, args.eval_pairs, args.eval_seq_lens, args.samples = "2,4,8", "2,4,8", "32,64", 16
         if args.work == "runs/recall":
@@ -212,21 +214,22 @@ def train_cmd(member: str, overrides: list[str]) -> list[str]:
 
 
 def probe(members: list[str], work: Path, chains: Chains, args) -> dict[str, float]:
-    """Each member's step time in seconds, from a few steps on random tokens, all members at once (as in the study)."""
+    """Each member's step time in seconds while all runs of the study train at once (see the module docstring)."""
+    names = members + [REFERENCE] * (REFERENCE in members and len(members) > 1)  # the equal-steps run, placed last
     todo = []
-    for name in members:
-        run = fresh_run_dir(work / "probe" / name)
+    for i, name in enumerate(names):
+        run = fresh_run_dir(work / "probe" / f"{i}-{name}")
         overrides = [*args.overrides, f"train.out_dir={run}", "train.resume=none", "train.progress=false",
-                     "train.synthetic_data=true", f"train.steps={args.probe_steps}", "train.eval_every=0"]
+                     "train.synthetic_data=true", f"train.max_minutes={args.probe_seconds / 60}", "train.eval_every=0"]
         todo.append(([train_cmd(name, overrides)], run / "train.log"))
     times = {}
-    for name, (_, log), done in zip(members, todo, chains.run_all(todo)):
+    for name, (_, log), done in zip(names, todo, chains.run_all(todo)):
         path = log.parent / "metrics.jsonl"
         logged = [json.loads(line)["perf/step_time_s"] for line in path.read_text().splitlines()] if path.is_file() \
             else []
         if done[0][0] != 0 or not logged:
             sys.exit(f"recall_study: the timing probe of {name} failed (exit {done[0][0]}); see {log}")
-        times[name] = statistics.median(logged[len(logged) // 2 :])  # past the first steps' compiles and captures
+        times.setdefault(name, statistics.median(logged[len(logged) // 2 :]))  # past compiles and graph captures
     return times
 
 
@@ -278,8 +281,8 @@ def budget_note(r: dict) -> str:
         f"{r['cap_minutes']} min"
     if r["steps_from"] == "--steps":
         return f"Equal steps: {where}; every member planned {r['planned_steps']} steps."
-    note = (f"Equal wall time: {where}; each member planned the steps that fill {FILL:.0%} of that at its probed "
-            "step time.")
+    note = (f"Equal wall time: {where}; each member planned the steps that fill {FILL:.0%} of that at its step time "
+            "in a probe of all runs at once.")
     if r.get("equal_steps_run"):
         note += f" {r['equal_steps_run']}: the {REFERENCE} again, for the fewest steps planned (equal steps)."
     return note
