@@ -81,7 +81,7 @@ def ns_reference(s, steps):
     return newton_schulz(s.double().cpu(), steps)
 
 
-def check_ns_kernel(device, sizes):
+def check_ns_paths(device, sizes):
     """Both fast NS implementations (Triton kernel, cuBLAS chain) per precision against float64, y and dS."""
     from atlas_train.kernels import newton_schulz_cublas
 
@@ -435,7 +435,7 @@ def main(argv=None):
                     else [(3, 8, 24), (2, 24, 8)])
         if on_gpu and args.ns_only and args.dh:  # only the timed shapes (each compiles its own kernels) and one odd
             ns_sizes = [(8, *shape) for dh in args.dh for shape in ((dh, 4 * dh), (4 * dh, 2 * dh))] + [(8, 40, 200)]
-        groups = [("NS kernel", lambda: check_ns_kernel(device, ns_sizes))]
+        groups = [("NS kernel", lambda: check_ns_paths(device, ns_sizes))]
         if on_gpu and not args.ns_only:
             groups.append(("memory_scan", lambda: check_memory_scan(device)))
         for name, run_checks in groups:

@@ -123,23 +123,24 @@ def _probe_newton_schulz(impl: str, s: torch.Tensor, steps: int) -> str | None:
     return _probed[key]
 
 
+def _candidates(s: torch.Tensor) -> tuple[str, ...]:
+    """The fast paths for s in order of preference, by the fixed rule (see the module's docstring)."""
+    return ("triton", "cublas") if min(s.shape[-2:]) <= TRITON_MAX_SHORT_SIDE else ("cublas",)
+
+
 def _unsupported(impl: str, s: torch.Tensor) -> str | None:
-    """Why an implementation does not take s by the fixed rule (see the module's docstring), or None."""
+    """Why an implementation cannot take s, or None."""
     if impl == "cublas":
         return None if s.dtype in (torch.float32, torch.float64) else f"dtype {s.dtype}"
-    if min(s.shape[-2:]) > TRITON_MAX_SHORT_SIDE:
-        return f"short side {min(s.shape[-2:])} > {TRITON_MAX_SHORT_SIDE}: cuBLAS is faster there"
     return newton_schulz_unsupported(s, _ns_precision)
 
 
 def newton_schulz_or_none(s: torch.Tensor, steps: int) -> torch.Tensor | None:
-    """NS(s) by the first fast implementation (Triton kernel, then cuBLAS) that takes a CUDA tensor s and passes its
-    probe, else None: the caller's plain PyTorch path. Every reason to pass one by is noted once."""
+    """NS(s) by the first fast path the rule offers for a CUDA tensor s that takes it and passes its probe, else
+    None: the caller's plain PyTorch path. Every reason to pass one by is noted once."""
     if not (_enabled and s.is_cuda):
         return None  # CPU runs, or fast paths switched off: the PyTorch path by design, nothing to note
-    for impl in ("triton", "cublas"):
-        if impl == "triton" and min(s.shape[-2:]) > TRITON_MAX_SHORT_SIDE:
-            continue  # the fixed rule, not a fallback: nothing to note
+    for impl in _candidates(s):
         reason = _unsupported(impl, s) or _probe_newton_schulz(impl, s, steps)
         if reason is None:
             if impl == "triton":

@@ -21,8 +21,7 @@ import contextlib
 
 import torch
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
-NS_EPS = 1e-7
+from atlas_train.ops.newton_schulz import NS_COEFFICIENTS as NS_COEFFS, NS_NORM_EPS as NS_EPS
 
 
 @contextlib.contextmanager

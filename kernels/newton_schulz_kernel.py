@@ -35,9 +35,8 @@ import triton
 import triton.language as tl
 
 from atlas_train.kernels.runtime import INTERPRETED
+from atlas_train.ops.newton_schulz import NS_COEFFICIENTS as NS_COEFFS, NS_NORM_EPS as NS_EPS
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
-NS_EPS = 1e-7
 MAX_SHORT_SIDE = 256  # the scratch variant's column strip (M x BLOCK_N) must fit in registers
 PRECISIONS = ("ieee", "tf32", "bf16")
 SINGLE_TILE_ELEMENTS = 64 * 256  # up to this many elements (padded) X stays in registers for all iterations

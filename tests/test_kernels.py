@@ -221,10 +221,11 @@ def test_dispatch_rule_gives_short_sides_above_64_to_cublas():
     """The fixed rule (measured, see dispatch): the Triton kernel up to a short side of 64, cuBLAS above."""
     from atlas_train.kernels import dispatch
 
-    assert dispatch._unsupported("triton", torch.zeros(4, 64, 256)) is None
-    assert dispatch._unsupported("triton", torch.zeros(4, 512, 64)) is None
-    assert "cuBLAS is faster" in dispatch._unsupported("triton", torch.zeros(4, 256, 128))
+    assert dispatch._candidates(torch.zeros(4, 64, 256)) == ("triton", "cublas")
+    assert dispatch._candidates(torch.zeros(4, 512, 64)) == ("triton", "cublas")
+    assert dispatch._candidates(torch.zeros(4, 256, 128)) == ("cublas",)
     assert dispatch._unsupported("cublas", torch.zeros(4, 256, 128)) is None
+    assert "dtype" in dispatch._unsupported("cublas", torch.zeros(4, 8, 8, dtype=torch.float16))
 
 
 def _resources(*code):
