@@ -25,8 +25,8 @@ transformer trains a second time for as many steps as the slowest member planned
 --steps N skips the probe: every member trains N steps. A chain still running at the end of the budget is killed and
 reported as such, so the tables are always printed, last.
 
-writes into --out: `<member>.json` (training summary + accuracy grid), `recall.json` (all members), `recall.md`
-(the tables), `recall.png` when matplotlib is installed; each member's logs (training, export, scoring) go to
+writes into --out: `recall.json` (each member's training summary and accuracy grid), `recall.md` (the tables),
+`recall.png` when matplotlib is installed; each member's logs (training, export, scoring) go to
 <work>/<member>/train.log. Afterwards, where matplotlib is installed (`pip install -e .[bench]`):
 
     python benchmarks/recall_study.py --render OUT/recall [OUT2/recall ...]
@@ -373,15 +373,15 @@ def write_outputs(results: list[dict], out: Path) -> str:
 
 
 def render(folders: list[Path]) -> None:
-    """Plot and RESULTS.md section from member JSON files (several GPU runs may each have produced some)."""
+    """Plot and RESULTS.md section from the studies' recall.json files (several GPU runs may each have produced some
+    of the members; a later folder's member replaces an earlier one's)."""
     from atlas_train.train.atomic import atomic_write_text
 
     results = {}
-    for file in sorted(f for folder in folders for f in folder.glob("*.json")):
-        data = json.loads(file.read_text())
-        for r in data.get("members", [data]):
-            if "member" in r:
-                results[r["member"]] = r
+    for file in (folder / "recall.json" for folder in folders):
+        if not file.is_file():
+            sys.exit(f"recall_study: no {file}")
+        results.update((r["member"], r) for r in json.loads(file.read_text())["members"])
     ordered = [results[m] for m in MEMBERS if m in results] + [r for m, r in results.items() if m not in MEMBERS]
     if not ordered:
         sys.exit(f"recall_study: no member results in {', '.join(map(str, folders))}")
@@ -410,7 +410,6 @@ def main(argv=None) -> int:
         render([Path(f) for f in args.render])
         return 0
     from atlas_train.config import ConfigError, load_config
-    from atlas_train.eval.report import write_json
 
     members = [m for m in args.models.split(",") if m]
     unknown = [m for m in members if not (REPO / "configs/recall" / f"{m}.yaml").is_file()]
@@ -454,7 +453,6 @@ def main(argv=None) -> int:
     results = []
     for i, ((label, member, n), (_, log), done) in enumerate(zip(runs, todo, chains.run_all(todo))):
         summary = summarize(label, member, n, chains.gpu(i), done, log.parent, note)
-        write_json(out / f"{label}.json", summary)
         results.append(summary)
         print(f"{label}: {summary.get('steps', 0)} steps in {summary['train_seconds']}s", flush=True)
     print(write_outputs(results, out))
