@@ -27,6 +27,7 @@ a row without time for a timed step reports its warm-up step, marked *.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -400,7 +401,6 @@ def driver(args, argv: list[str]) -> int:
             model_config(args.tp_model if phase == "tp" else args.cp_model, args)
     except ConfigError as err:
         sys.exit(f"bench_parallel: {err}")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops us: run_job then stops its job
     gpus = args.gpus or torch.cuda.device_count() or 2
     if gpus % 2 or (args.global_batch or gpus) % gpus:
         sys.exit(f"bench_parallel: needs an even number of processes ({gpus}) and a global batch that they divide")
@@ -435,13 +435,25 @@ def driver(args, argv: list[str]) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def exit_on_sigterm():
+    """SIGTERM (`timeout` stops us) exits, so run_job stops its job; the caller's handler comes back afterwards, so
+    a process that calls main in-process (pytest) is not left exiting on a later SIGTERM."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.worker:
         worker(args)
         return 0
-    return driver(args, argv)
+    with exit_on_sigterm():
+        return driver(args, argv)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ for a job killed at its deadline or failing without an OOM record."""
 
 import importlib.util
 import json
+import signal
 
 import pytest
 from eval_helpers import REPO
@@ -43,3 +44,21 @@ def test_unfinished_rows_are_named_by_how_their_job_ended(tmp_path):
                                                                                   T=1024, rank=1)]
     both, _ = bench_parallel.job_rows(oom, 1, False, tmp_path / "cp.log")
     assert both[-1]["status"] == "OOM on rank 0,1"
+
+
+def test_main_gives_back_the_callers_sigterm_handler(tmp_path, monkeypatch):
+    """main exits on SIGTERM while its jobs run; afterwards (and after an early exit) the caller's handler is back, so
+    pytest does not turn a later SIGTERM into SystemExit(143) inside another test."""
+    before, during = signal.getsignal(signal.SIGTERM), []
+
+    def run_job(cmd, log, deadline):
+        during.append(signal.getsignal(signal.SIGTERM))
+        return 0, False
+
+    monkeypatch.setattr(bench_parallel, "run_job", run_job)
+    assert bench_parallel.main(["--smoke", "--phases", "tp", "--log-dir", str(tmp_path)]) == 0
+    assert len(during) == 1 and during[0] != before
+    assert signal.getsignal(signal.SIGTERM) == before
+    with pytest.raises(SystemExit, match="even number of processes"):
+        bench_parallel.main(["--smoke", "--gpus", "3", "--log-dir", str(tmp_path)])
+    assert signal.getsignal(signal.SIGTERM) == before
