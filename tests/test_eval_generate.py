@@ -143,6 +143,24 @@ def test_model_greedy_generate_equals_full_forward(mixer):
     assert torch.equal(generate(model, prompt, 8, prefill_chunk=4), out)
 
 
+def test_transformer_generate_fills_its_kv_cache_in_place():
+    """40 generated tokens move the KV cache to a bigger buffer 3 times (its capacity doubles), not once per token,
+    and still decode like the full forward."""
+    model = tiny_model("transformer")
+    prompt = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(2))
+    want = full_forward_greedy(model, prompt, 40)
+    pointers, inner = [], model.forward
+
+    def forward(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        pointers.append(out.cache["layers.1.mixer.v"].data_ptr())
+        return out
+
+    model.forward = forward
+    assert torch.equal(generate(model, prompt, 40), want)
+    assert len(pointers) == 40 and sum(a != b for a, b in zip(pointers, pointers[1:])) == 3  # 10 -> 22 -> 46 -> 94
+
+
 @pytest.mark.parametrize("mixer", ["atlas", "titans", "transformer"])
 def test_memory_state_stays_constant_while_attention_cache_grows(mixer):
     model = tiny_model(mixer)

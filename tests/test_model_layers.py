@@ -209,6 +209,54 @@ def test_attention_cache_splits_anywhere(window):
         torch.testing.assert_close(torch.cat(steps, 1), full)
 
 
+def _decode(attn, x, doc_start, prompt):
+    """Outputs of a prompt pass then one-token steps, and the data pointer of the key cache after each step."""
+    y, cache = attn(x[:, :prompt], doc_start[:, :prompt], return_cache=True)
+    steps, pointers = [y], []
+    for t in range(prompt, x.shape[1]):
+        y, cache = attn(x[:, t : t + 1], doc_start[:, t : t + 1], cache, return_cache=True)
+        steps.append(y)
+        pointers.append(cache["k"].data_ptr())
+    return torch.cat(steps, 1), pointers
+
+
+@pytest.mark.parametrize("window", [None, 1, 3])
+def test_attention_decode_fills_its_cache_in_place(window):
+    """Without autograd a decode step writes its key/value into spare room of the cache's buffer (the buffer
+    doubles when full) instead of copying the whole cache, and gives exactly what the autograd path (a cat)
+    gives."""
+    attn = Attention(_attn_cfg(), window=window).double()
+    x = torch.randn(2, 44, 16, dtype=torch.float64)
+    doc_start = torch.zeros(2, 44, dtype=torch.bool)
+    doc_start[0, 20] = doc_start[1, 30] = True
+    catted, _ = _decode(attn, x, doc_start, 4)
+    with torch.no_grad():
+        in_place, pointers = _decode(attn, x, doc_start, 4)
+    torch.testing.assert_close(in_place, catted, rtol=0, atol=0)
+    torch.testing.assert_close(catted, _attention_reference(attn, x, doc_start, window))
+    if window is None:  # 40 steps in 3 buffers of 10, 22 and 46 keys (a cat moves the cache at every step)
+        assert sum(a != b for a, b in zip(pointers, pointers[1:])) == 2
+
+
+def test_attention_cache_used_twice_stays_valid():
+    """Two continuations of one decode cache (the second finds the first's key written after it) both decode
+    right, and so do their own next steps."""
+    attn = Attention(_attn_cfg()).double()
+    a = torch.randn(1, 8, 16, dtype=torch.float64)
+    b = torch.cat((a[:, :6], torch.randn(1, 2, 16, dtype=torch.float64)), 1)
+    with torch.no_grad():
+        want_a, _ = attn(a)
+        want_b, _ = attn(b)
+        _, cache = attn(a[:, :5], return_cache=True)
+        _, cache = attn(a[:, 5:6], cache=cache, return_cache=True)
+        ya, cache_a = attn(a[:, 6:7], cache=cache, return_cache=True)
+        yb, cache_b = attn(b[:, 6:7], cache=cache, return_cache=True)
+        ya2, _ = attn(a[:, 7:8], cache=cache_a, return_cache=True)
+        yb2, _ = attn(b[:, 7:8], cache=cache_b, return_cache=True)
+    torch.testing.assert_close(torch.cat((ya, ya2), 1), want_a[:, 6:])
+    torch.testing.assert_close(torch.cat((yb, yb2), 1), want_b[:, 6:])
+
+
 # ---------------------------------------------------------------- config
 
 def test_model_configs_load_and_build_sizes():

@@ -6,6 +6,8 @@ document. Rows whose only document start is token 0 use SDPA's `is_causal` fast 
 Cache (flat dict, not detached so context parallelism can pass it between ranks with gradients):
 `pos` () int64 tokens seen; `k`, `v` (B, H, Tc, dh) the last keys/values after RoPE (all of them for full
 attention, the last window-1 for SWA); `k_doc` (B, Tc) their document index; `doc` (B,) the current document index.
+Without autograd (decoding) `k`, `v` and `k_doc` are views of buffers with spare room that the next call fills in
+place (`_append`), so a generated token costs amortised O(1) copying instead of a copy of the whole cache.
 """
 
 from __future__ import annotations
@@ -46,13 +48,15 @@ class Attention(nn.Module):
         starts = doc_start.long() if doc_start is not None else x.new_zeros(B, T, dtype=torch.long)
         doc0 = cache["doc"] if cache else x.new_zeros(B, dtype=torch.long)
         q_doc = doc0[:, None] + starts.cumsum(1)  # (B, T)
+        n_cached = cache["k"].shape[2] if cache else 0
+        keep = n_cached + T if self.window is None else min(n_cached + T, self.window - 1)
         if cache:
-            k = torch.cat((cache["k"], k), dim=2)
-            v = torch.cat((cache["v"], v), dim=2)
-            k_doc = torch.cat((cache["k_doc"], q_doc), dim=1)
+            k, k_keep = _append(cache["k"], k, 2, keep)
+            v, v_keep = _append(cache["v"], v, 2, keep)
+            k_doc, doc_keep = _append(cache["k_doc"], q_doc, 1, keep)
         else:
             k_doc = q_doc
-        n_cached = k.shape[2] - T
+            k_keep, v_keep, doc_keep = k[:, :, T - keep:], v[:, :, T - keep:], q_doc[:, T - keep:]
 
         causal_only = n_cached == 0 and (self.window is None or T <= self.window) and (
             doc_start is None or not bool(doc_start[:, 1:].any()))
@@ -70,8 +74,35 @@ class Attention(nn.Module):
 
         new_cache = None
         if return_cache:
-            keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
-            start = k.shape[2] - keep
-            new_cache = {"pos": pos0 + T, "k": k[:, :, start:], "v": v[:, :, start:], "k_doc": k_doc[:, start:],
-                         "doc": q_doc[:, -1]}
+            new_cache = {"pos": pos0 + T, "k": k_keep, "v": v_keep, "k_doc": doc_keep, "doc": q_doc[:, -1]}
         return y, new_cache
+
+
+def _append(cached: torch.Tensor, new: torch.Tensor, dim: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.cat((cached, new), dim)` and its last `keep` entries (the next cache).
+
+    Without autograd the result is written into a buffer with spare room along `dim`, and the kept view is tagged
+    with it: the next call writes `new` in place after `cached` when `cached` is that view and nothing has been
+    written after it yet (a cache used a second time gets a fresh buffer, so every cache handed out stays valid);
+    otherwise it copies into a buffer twice the needed size. Decoding then copies amortised O(1) per token instead
+    of the whole cache. With autograd (training, context parallelism) in-place writes would clobber tensors saved
+    for backward, so it stays a plain cat.
+    """
+    if torch.is_grad_enabled():
+        full = torch.cat((cached, new), dim)
+        return full, full.narrow(dim, full.shape[dim] - keep, keep)
+    n, t = cached.shape[dim], new.shape[dim]
+    dtype = torch.promote_types(cached.dtype, new.dtype)  # what cat would give
+    buf, start = getattr(cached, "_append_slot", (None, 0))
+    if buf is None or buf._append_end != start + n or start + n + t > buf.shape[dim] or buf.dtype != dtype:
+        size = list(cached.shape)
+        size[dim] = 2 * (n + t)
+        buf = cached.new_empty(size, dtype=dtype)
+        buf.narrow(dim, 0, n).copy_(cached)
+        start = 0
+    end = start + n + t
+    buf.narrow(dim, start + n, t).copy_(new)
+    buf._append_end = end
+    kept = buf.narrow(dim, end - keep, keep)
+    kept._append_slot = (buf, end - keep)
+    return buf.narrow(dim, start, n + t), kept
