@@ -75,3 +75,19 @@ def test_training_rows_round_trip_through_shards(tmp_path):
         assert starts_back[0] and not starts_back[1:].any()
     pair_counts = {len(set(r[0].tolist()) - {mqar.FILLER}) // 2 for r in rows}  # keys and values are distinct
     assert pair_counts == {2, 4, 8}
+
+
+@pytest.mark.parametrize("eval_seed", [0, 1])
+def test_evaluation_never_replays_the_training_shards(eval_seed):
+    """atlas-eval's rows (seed 0 by default) are none of the rows of the train (seed 0) and val (seed 1) shards that
+    `atlas-eval --write-data` and the recall study write for the same setting."""
+    setting = mqar.MQARSetting(4, 64, 64)
+    shards = {tokens[:-1].tobytes() for seed in (0, 1) for tokens, _ in mqar.training_rows(64, 64, [4], 300, seed)}
+    seen = []
+
+    def recording(ids, **kw):
+        seen.extend(row.numpy().tobytes() for row in ids)
+        return SimpleNamespace(logits=torch.zeros(*ids.shape, 64))
+
+    mqar.accuracy(recording, setting, num_samples=300, batch_size=100, seed=eval_seed, device="cpu")
+    assert len(set(seen)) == 300 and not shards & set(seen)

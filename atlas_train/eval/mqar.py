@@ -6,6 +6,10 @@ somewhere N·2 tokens or more back, which is what a memory (or attention) is for
 disjoint halves of the vocabulary, so a model cannot answer by guessing the kind of token.
 
 Token ids: 0 is the filler, keys are 1..K, values K+1..2K with K = (vocab_size - 1) // 2.
+
+Random streams: training shards (train and val) and evaluation draw from different generators whatever seeds they
+are given (`stream`), so an evaluation never replays the training rows (with one seed for both, and one pair count,
+it used to replay them row for row). Rows of the two can still coincide by chance where a setting has few rows.
 """
 
 from __future__ import annotations
@@ -17,6 +21,16 @@ import numpy as np
 import torch
 
 FILLER = 0
+STREAMS = {"train": 1, "eval": 2}  # the first entropy word of each purpose's generator; changing one changes the data
+
+
+def stream(purpose: str, seed: int) -> np.random.Generator:
+    """The generator of `purpose` ('train': training shards; 'eval': evaluation rows) for `seed` >= 0.
+
+    numpy's SeedSequence hashes the whole entropy [purpose word, seed]: the two purposes differ in the first word,
+    so no pair of seeds gives them the same generator (short of a 128-bit hash collision).
+    """
+    return np.random.default_rng([STREAMS[purpose], seed])
 
 
 @dataclass(frozen=True)
@@ -71,7 +85,7 @@ def training_rows(
     seq_len: int, vocab_size: int, pair_counts: list[int], count: int, seed: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """`count` rows for `write_dataset`: each one document, its number of pairs drawn from `pair_counts`."""
-    rng = np.random.default_rng(seed)
+    rng = stream("train", seed)
     doc_start = np.zeros(seq_len + 1, dtype=bool)
     doc_start[0] = True
     for _ in range(count):
@@ -83,7 +97,7 @@ def training_rows(
 @torch.no_grad()
 def accuracy(model, setting: MQARSetting, num_samples: int, batch_size: int, seed: int, device) -> float:
     """Fraction of repeated keys whose value is the model's top prediction (teacher-forced, one full forward)."""
-    rng = np.random.default_rng(seed)
+    rng = stream("eval", seed)
     correct = total = 0
     for start in range(0, num_samples, batch_size):
         tokens, positions = make_batch(setting, min(batch_size, num_samples - start), rng)
