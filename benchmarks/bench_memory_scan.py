@@ -5,6 +5,7 @@
     python benchmarks/bench_memory_scan.py --dh 128 --skip-checks   # split a long run over two commands
     python benchmarks/bench_memory_scan.py --ns-only  # Newton-Schulz alone: Triton kernel, cuBLAS, torch.compile
     python benchmarks/bench_memory_scan.py --ns-only --ns-sweep   # + the NS kernel's launch heuristics compared
+    python benchmarks/bench_memory_scan.py --profile 20 --dh 64 --lengths 4096   # where a step's device time goes
 
 1. Checks (fresh random inputs, seed printed): both fast Newton–Schulz paths (Triton kernel, cuBLAS) against a
    float64 PyTorch reference, per operand precision, outputs and gradients; then the whole memory_scan with the fast
@@ -301,6 +302,30 @@ def scan_step(length, dh, update, device):
     return step
 
 
+def profile_table(length, dh, update, device, top):
+    """The `top` kernels (CPU ops on CPU) by self time over one forward+backward of the scan with the fast paths,
+    eager (CUDA graphs hide the kernels of a replay from the profiler; the kernels are the same), after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = scan_step(length, dh, update, device)
+    with scan_settings(graphs=False, use_kernels=True, compiled=False):
+        step()
+        sync(device)
+        on_gpu = device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+            step()
+            sync(device)
+    attr = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
+    total = sum(getattr(e, attr) for e in events)
+    lines = [f"== profile: scan {update}, T={length} dh={dh}: {total / 1e3:.1f} ms of {'device' if on_gpu else 'CPU'}"
+             f" self time in {len(events)} distinct {'kernels' if on_gpu else 'ops'}; top {top} =="]
+    for e in sorted(events, key=lambda e: -getattr(e, attr))[:top]:
+        lines.append(f"{100 * getattr(e, attr) / total:5.1f}% {getattr(e, attr) / 1e3:9.2f} ms {e.count:6d}x  "
+                     f"{e.key[:90]}")
+    return lines
+
+
 # --ns-sweep: launch heuristics of the NS kernel to compare on the GPU (module constants of newton_schulz_kernel)
 NS_SWEEP = [("stages 1", dict(NUM_STAGES={"forward": 1, "backward": 1})),
             ("stages 3/2", dict(NUM_STAGES={"forward": 3, "backward": 2})),
@@ -418,6 +443,13 @@ def main(argv=None):
                         help="Newton-Schulz alone: NS checks, then kernel vs cuBLAS vs torch.compile (dh 64 128 256)")
     parser.add_argument("--ns-sweep", action="store_true",
                         help="with --ns-only: also the bf16 kernel under each launch heuristic of NS_SWEEP")
+    parser.add_argument("--updates", nargs="+", choices=("chunk", "token"), default=("chunk", "token"),
+                        help="memory updates to time or profile")
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="scan rows to time, by name (eager, torch.compile, graphs, graphs+compile); default all")
+    parser.add_argument("--profile", type=int, metavar="N",
+                        help="instead of timings: the N costliest kernels of one step, per --dh and update, at the "
+                             "first --lengths")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -468,22 +500,29 @@ def main(argv=None):
               f"ceiling {ceiling:.3g} TFLOP/s (8192^2); % of the cuBLAS bf16 chain of the same shapes and FLOPs ==")
         print("\n".join(lines))
         return 1 if failed else 0
-    bench = Bench(device, ceiling, args.budget_s, args.row_budget_s)
     if on_gpu:
         lengths = (4096,) if args.quick else (4096, 16384, 65536)
         head_dims = (64,) if args.quick else (64, 128)
     else:
         lengths, head_dims = ((128,), (16,)) if args.quick else ((128, 256), (16,))
     lengths, head_dims = args.lengths or lengths, args.dh or head_dims
+    if args.profile:
+        for dh in head_dims:
+            for update in args.updates:
+                print("\n" + "\n".join(profile_table(lengths[0], dh, update, device, args.profile)), flush=True)
+        return 1 if failed else 0
+    bench = Bench(device, ceiling, args.budget_s, args.row_budget_s)
 
     for length in lengths:  # shortest context first, so a spent time budget drops the longest rows
         for dh in head_dims:
             shape = f"T={length} dh={dh}"
             bench.run("sdpa causal" + (" cudnn" if on_gpu else ""), shape, lambda: sdpa_step(length, dh, device),
                       7 * length * length * dh * HEADS, ("sdpa", dh), length)
-            for update in ("chunk", "token"):
+            for update in args.updates:
                 flops = scan_flops(length, HEADS, dh, update)
                 for name, graphs, use_kernels, compiled in scan_variants(on_gpu, args.quick, length == lengths[0]):
+                    if args.variants and name not in args.variants:
+                        continue
                     with scan_settings(graphs, use_kernels, compiled):
                         bench.run(f"scan {update} {name}", shape, lambda: scan_step(length, dh, update, device),
                                   flops, (name, update, dh), length)

@@ -266,3 +266,16 @@ def test_ns_only_bench_runs_and_prints_its_table_last(capsys, monkeypatch):
                                                     ["cuBLAS", "bf16", "bmm"], ["kernel", "ieee", "16x8"],
                                                     ["NS", "on", "cuBLAS"]]
     assert all("TFLOP/s" in line and "Error" not in line for line in table)
+
+
+def test_profile_mode_lists_the_costliest_ops_of_each_update(capsys, monkeypatch):
+    """CPU smoke run of `bench_memory_scan.py --profile` (the GPU call that attributes a step's time must not crash)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_memory_scan
+
+    with torch.random.fork_rng():
+        assert bench_memory_scan.main(["--profile", "3", "--skip-checks", "--dh", "8", "--lengths", "64"]) == 0
+    out = capsys.readouterr().out
+    for update in ("token", "chunk"):
+        table = out.split(f"== profile: scan {update}, T=64 dh=8:")[1].split("==\n")[1].splitlines()[:3]
+        assert len(table) == 3 and all(line.split()[0].endswith("%") for line in table), out[-2000:]

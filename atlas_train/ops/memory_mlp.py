@@ -1,7 +1,7 @@
 """The memory network f(P; z) of ATLAS_SPEC.md 3.1 and the closed form of its inner-loss gradient.
 
 Layout used throughout `ops`: tokens are (B, H, L, features). A fast-weight matrix is (B|1, H, out, in) when all
-tokens share it (an anchor, `params`) or (B, H, L, out, in) when every token has its own (the token update's reads).
+tokens share it (an anchor, `params`); the token update's reads, where every token has its own, use TokenWeights.
 The inner gradient of one key is a sum of outer products, one per weight matrix: returning the two factors instead
 of the matrix is what lets the scan form every window gradient of a chunk as one batched matmul.
 """
@@ -9,6 +9,7 @@ of the matrix is what lets the scan form every window gradient of a chunk as one
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +18,44 @@ LN_EPS = 1e-5
 WEIGHT_NAMES = ("W1", "W2", "W3")  # W1 (dv, hid), W2 (hid, D), W3 (hid, D): the fast (inner-loop) weights
 
 
-def apply_linear(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """w·x for tokens x (B, H, L, in) with shared (.., H, out, in) or per-token (B, H, L, out, in) weights."""
-    if w.dim() == x.dim() + 1:
-        return (w @ x.unsqueeze(-1)).squeeze(-1)
+class TokenWeights(NamedTuple):
+    """One weight matrix per token of a chunk, W_t = a_t·carried + b_t·initial − Σ_u mix[t, u]·updates[u] (the
+    token update, spec 3.4), kept as that combination instead of a (B, H, L, out, in) tensor.
+
+    Why: reads need W_t x_t only. Forming every token's matrix costs a GEMM writing L·out·in values per head plus
+    elementwise passes over them, and the same again in backward; applying the combination costs one GEMM writing
+    L·L·out values (U_u x_t for all u, t) and a batched mix, which is less traffic whenever L < in and leaves
+    autograd only plain matmuls to differentiate.
+    """
+
+    carried: torch.Tensor  # (B, H, out, in): the weights before the chunk
+    carried_scale: torch.Tensor  # (B, H, L): a_t
+    initial: torch.Tensor  # (1, H, out, in): `params`, which a document start restores
+    initial_scale: torch.Tensor  # (B, H, L): b_t
+    updates: torch.Tensor  # (B, H, L, out, in): U_u
+    mix: torch.Tensor  # (B, H, L, L): mix[t, u], zero for u > t
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """W_t x_t for tokens x (B, H, L, in) → (B, H, L, out)."""
+        batch, heads, length, out, inp = self.updates.shape
+        every = x @ self.updates.reshape(batch, heads, length * out, inp).transpose(-1, -2)  # [t, (u, o)] = U_u x_t
+        mixed = (self.mix.unsqueeze(-2) @ every.view(batch, heads, length, length, out)).squeeze(-2)
+        return (self.carried_scale[..., None] * (x @ self.carried.transpose(-1, -2))
+                + self.initial_scale[..., None] * (x @ self.initial.transpose(-1, -2)) - mixed)
+
+    def last(self) -> torch.Tensor:
+        """The last token's matrix (B, H, out, in): the weights the chunk hands on."""
+        batch, heads, length, out, inp = self.updates.shape
+        mixed = (self.mix[:, :, -1:] @ self.updates.reshape(batch, heads, length, out * inp)).view(
+            batch, heads, out, inp)
+        return (self.carried_scale[..., -1, None, None] * self.carried
+                + self.initial_scale[..., -1, None, None] * self.initial - mixed)
+
+
+def apply_linear(w: torch.Tensor | TokenWeights, x: torch.Tensor) -> torch.Tensor:
+    """w·x for tokens x (B, H, L, in) with shared (.., H, out, in) weights or the token update's TokenWeights."""
+    if isinstance(w, TokenWeights):
+        return w.apply(x)
     return x @ w.transpose(-1, -2)
 
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from atlas_train.ops.memory_mlp import loss_gradient_factors, memory_forward
+from atlas_train.ops.memory_mlp import TokenWeights, loss_gradient_factors, memory_forward
 from atlas_train.ops.newton_schulz import newton_schulz
 
 
@@ -175,12 +175,11 @@ def token_update_chunk(carry: dict, x: ChunkInputs, params: dict, ln, opts: Scan
     reset_weight = (c_alpha[..., 1:] * ((1.0 - keep) * x.alpha)[..., None, :]).sum(-1)
     fast, out = {}, {}
     for w in opts.weight_names:
-        momentum = _outer_sum(mix, *factors[w]) + c_theta[..., 0, None, None] * carry[f"momentum.{w}"][:, :, None]
-        update = newton_schulz(momentum, opts.ns_steps)
-        fast[w] = (c_alpha[..., 0, None, None] * carry[f"fast.{w}"][:, :, None]
-                   + reset_weight[..., None, None] * params[w][:, :, None]
-                   - torch.einsum("bhtu,bhuoi->bhtoi", decay_in, update))
-        out[f"fast.{w}"] = fast[w][:, :, -1]
+        momentum = torch.addcmul(_outer_sum(mix, *factors[w]), c_theta[..., 0, None, None],
+                                 carry[f"momentum.{w}"][:, :, None])
+        fast[w] = TokenWeights(carry[f"fast.{w}"], c_alpha[..., 0], params[w], reset_weight,
+                               newton_schulz(momentum, opts.ns_steps), decay_in)
+        out[f"fast.{w}"] = fast[w].last()
         out[f"momentum.{w}"] = momentum[:, :, -1]
         if closes:
             out[f"anchor.{w}"] = out[f"fast.{w}"]
