@@ -1,6 +1,7 @@
 """Needle in a haystack: probes have the exact length, the needle sits at the asked depth, the question ends the
 prompt, training rows end with the answer; accuracy is 1 for a model that answers and 0 for one that cannot."""
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from eval_helpers import train_tokenizer
 
 from atlas_train.eval import niah
+from atlas_train.eval.streams import stream
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["atlas-prep-style", "dummy-prefix"])
@@ -92,10 +94,35 @@ class AnswerOracle(torch.nn.Module):
 
 def test_accuracy_separates_recall_from_guessing(tokenizer):
     builder = niah.HaystackBuilder(tokenizer)
-    rng = np.random.default_rng(3)  # accuracy() draws its probes from the same seed
+    rng = stream("eval", 3)  # accuracy() draws its probes from the same generator
     probes = [builder.probe("word", 120, 0.5, rng) for _ in range(5)]
     vocab, eos = tokenizer.get_piece_size(), tokenizer.eos_id()
     oracle = AnswerOracle({tuple(p.prompt): p.answer_ids for p in probes}, vocab, eos, 120)
     assert niah.accuracy(oracle, builder, "word", 120, 0.5, 5, batch_size=2, seed=3, device="cpu") == 1.0
     ignorant = AnswerOracle({}, vocab, eos, 120)
     assert niah.accuracy(ignorant, builder, "word", 120, 0.5, 5, batch_size=2, seed=3, device="cpu") == 0.0
+
+
+def test_evaluation_never_asks_a_training_needle(tokenizer):
+    """atlas-eval's probes (seed 0 by default) hide none of the needles of the train (seed 0) and val (seed 1) shards
+    that `atlas-eval --write-data` writes (with one generator for both, one in nine was a training needle). Number
+    needles: a 7-digit value for a two-word key, so a chance repeat is all but impossible."""
+    builder = niah.HaystackBuilder(tokenizer)
+    needle = re.compile(r"special magic numbers for ([a-z]+-[a-z]+) is: (\d+)\.")
+
+    def needles(rows):
+        return [needle.search(tokenizer.decode(list(row))).groups() for row in rows]
+
+    taught = set(needles(t for seed in (0, 1) for t, _ in builder.training_rows(127, 300, seed, ["number"])))
+    prompts = []
+
+    class Recording(AnswerOracle):
+        def forward(self, input_ids, cache=None, **kw):
+            if cache is None:
+                prompts.extend(input_ids.tolist())
+            return super().forward(input_ids, cache=cache, **kw)
+
+    model = Recording({}, tokenizer.get_piece_size(), tokenizer.eos_id(), 120)
+    niah.accuracy(model, builder, "number", 120, 0.5, 300, batch_size=100, seed=0, device="cpu")
+    asked = needles(prompts)
+    assert len(set(asked)) == 300 and not taught & set(asked)

@@ -7,9 +7,8 @@ disjoint halves of the vocabulary, so a model cannot answer by guessing the kind
 
 Token ids: 0 is the filler, keys are 1..K, values K+1..2K with K = (vocab_size - 1) // 2.
 
-Random streams: training shards (train and val) and evaluation draw from different generators whatever seeds they
-are given (`stream`), so an evaluation never replays the training rows (with one seed for both, and one pair count,
-it used to replay them row for row). Rows of the two can still coincide by chance where a setting has few rows.
+Training shards and evaluation draw from distinct random streams (`streams.stream`), so an evaluation never replays
+the training rows.
 """
 
 from __future__ import annotations
@@ -20,17 +19,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from atlas_train.eval.streams import stream
+
 FILLER = 0
-STREAMS = {"train": 1, "eval": 2}  # the first entropy word of each purpose's generator; changing one changes the data
-
-
-def stream(purpose: str, seed: int) -> np.random.Generator:
-    """The generator of `purpose` ('train': training shards; 'eval': evaluation rows) for `seed` >= 0.
-
-    numpy's SeedSequence hashes the whole entropy [purpose word, seed]: the two purposes differ in the first word,
-    so no pair of seeds gives them the same generator (short of a 128-bit hash collision).
-    """
-    return np.random.default_rng([STREAMS[purpose], seed])
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ sentences, or sentences of a text file (`haystack_text`).
 Every piece (sentence, needle, question, answer) is tokenized on its own, as if after a space, and the ids are
 concatenated: a probe then has exactly the requested number of tokens, so probes of one length batch together, and
 training rows fill `seq_len + 1` exactly.
+
+Training shards and evaluation draw from distinct random streams (`streams.stream`), so an evaluation never asks
+the needles the shards taught.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
+
+from atlas_train.eval.streams import stream
 
 NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 KINDS = ("passkey", "number", "word")
@@ -103,7 +108,7 @@ class HaystackBuilder:
         self, seq_len: int, count: int, seed: int, kinds=KINDS
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Rows for `write_dataset`: probe + answer + EOS filling seq_len + 1 tokens, needle depth uniform."""
-        rng = np.random.default_rng(seed)
+        rng = stream("train", seed)
         doc_start = np.zeros(seq_len + 1, dtype=bool)
         doc_start[0] = True
         eos = [self.tokenizer.eos_id()] if self.tokenizer.eos_id() >= 0 else []
@@ -153,7 +158,7 @@ def accuracy(
     `prefill_chunk` feeds long prompts in segments (see `generate`), bounding the full-vocabulary logits held."""
     from atlas_train.eval.generate import generate
 
-    rng = np.random.default_rng(seed)
+    rng = stream("eval", seed)
     probes = [builder.probe(kind, context_len, depth, rng) for _ in range(num_samples)]
     correct = 0
     for start in range(0, num_samples, batch_size):
