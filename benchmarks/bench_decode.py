@@ -19,7 +19,9 @@ Each point times `--steps` decode steps after `--warmup` steps, each step a T=1 
 choice of the next token, as `generate` does it. `--cuda-graph` adds, for every point, a row whose steps each replay
 one captured CUDA graph on static buffers (atlas_train.eval.static_decode); a cache that grows every step (attention)
 cannot be captured, and its graph row says so. The table is printed last; `vs shortest` is the time per step over
-that of the shortest context for the same model, batch and mode (the 32K/4K ratio: 1 is flat).
+that of the shortest context for the same model, batch and mode (the 32K/4K ratio: 1 is flat). `cache GiB` is the
+cache of the context as the model sees it (state, or T keys and values), not the spare room of a decode buffer; a
+point whose decode would peak above the free memory (`peak_bytes`: about 3x that cache, 4x with a graph) is skipped.
 """
 
 from __future__ import annotations
@@ -59,7 +61,23 @@ def sync(device: torch.device) -> None:
 
 
 def cache_bytes(cache: dict) -> int:
+    """Bytes of the cache's visible entries: an attention cache that is a view of a decode buffer counts the keys it
+    holds, not the buffer's spare room (`attention._append`)."""
     return sum(t.numel() * t.element_size() for t in cache.values())
+
+
+# How many caches' worth of memory a timed decode peaks at, beyond the weights. `_time_point` holds the cache it
+# gives `time_decode` for the whole timing. An attention step copies its KV cache once into a buffer of twice the
+# length and then fills it in place (`attention._append`): given + 2x buffer = 3x from the first step. A memory
+# model's step builds a new state beside the previous one: given + old + new = 3x from the second step. A CUDA graph
+# holds the given cache, its static inputs and outputs and the captured step's results in its pool: 4x. The extra
+# 0.3 is room for the step's activations.
+PEAK_CACHES = {"eager": 3.3, "graph": 4.3}
+
+
+def peak_bytes(visible: int, mode: str) -> float:
+    """Predicted peak memory of timing a decode (mode 'eager' or 'graph') from a cache of `visible` bytes."""
+    return PEAK_CACHES[mode] * visible
 
 
 @torch.no_grad()
@@ -194,10 +212,10 @@ def _time_point(model, cache, dims, per_seq: int, context: int, batch: int, mode
     """{ms_per_step, tokens_per_s} of one point, or {skipped: why}."""
     from atlas_train.eval.static_decode import GrowingCacheError
 
-    free = free_bytes(device)
-    copies = 2.2 if mode == "eager" else 3.2  # a step holds the old and the new cache; a graph also its static copy
-    if free is not None and per_seq * batch * copies > free:
-        return {"skipped": f"cache needs {per_seq * batch / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"}
+    free, need = free_bytes(device), peak_bytes(per_seq * batch, mode)
+    if free is not None and need > free:
+        return {"skipped": f"decoding from its {per_seq * batch / 2**30:.0f} GiB cache needs about "
+                           f"{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"}
     try:
         start = repeat_cache(cache, dims, batch) if args.prefill else synthetic_cache(model, batch, context, device)
         step_s = time_decode(model, start, batch, args.steps, args.warmup, device, graph=mode == "graph")

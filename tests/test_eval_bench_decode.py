@@ -97,3 +97,26 @@ def test_main_prints_the_table_last_and_writes_json(tmp_path, capsys):
         (m, c, b) for m in ("atlas", "transformer") for c in (8, 16) for b in (1, 2)]
     assert all(r["ms_per_step"] > 0 and r["context_build"] == "synthetic" for r in rows)
     assert lines[-1].split()[:3] == ["transformer", "16", "2"]
+
+
+def held_bytes(*caches: dict) -> int:
+    """Memory the caches' per-sequence entries hold: each storage once, whole (a decode buffer's spare room too)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for cache in caches for t in cache.values() if t.dim() > 0}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("mixer", ["atlas", "transformer"])
+def test_peak_estimate_covers_what_a_timed_decode_holds(mixer):
+    """Like time_decode: the given cache stays referenced while each step builds its cache beside the previous one
+    (attention: one copy into a buffer of twice the length, then in place). About 3x the given cache for both."""
+    model = tiny_model(mixer)
+    given = bench_decode.synthetic_cache(model, 2, 64, "cpu")
+    visible = bench_decode.cache_bytes({key: t for key, t in given.items() if t.dim() > 0})
+    peak, cache = 0, given
+    with torch.no_grad():
+        for _ in range(4):
+            new = model(torch.zeros(2, 1, dtype=torch.long), cache=cache, use_cache=True).cache
+            peak, cache = max(peak, held_bytes(given, cache, new)), new
+    assert 2.9 * visible < peak <= bench_decode.peak_bytes(visible, "eager")
+    assert bench_decode.peak_bytes(visible, "graph") > bench_decode.peak_bytes(visible, "eager")
