@@ -2,6 +2,8 @@
 # One H100/H200, one call of at most 10 minutes per mode (from the repository root, .whl/ carried along):
 #   bash benchmarks/gpu_single.sh scan     issue 6: Newton-Schulz alone (Triton kernel, cuBLAS path, compiled
 #                                          PyTorch), then the scan at 4K, dh 64 and 128, against its baselines
+#   bash benchmarks/gpu_single.sh scan-table DH [--skip-checks]   issue 6's table for one head dim: the scan at
+#                                          4K/16K/64K, both updates, graphs vs the compiled baseline vs cuDNN SDPA
 #   bash benchmarks/gpu_single.sh train    issue 4: 340M transformer (with the loader + logging overhead) and atlas
 #                                          (token and chunk update) at 4K, one call
 #   bash benchmarks/gpu_single.sh decode   issue 8: decode at 4K/32K, batch 1/32, eager and CUDA graph
@@ -15,6 +17,10 @@ case "${1:-}" in
     step ns_only 200 python3 benchmarks/bench_memory_scan.py --ns-only --dh 64 128 --budget-s 160
     step memory_scan_4k 330 python3 benchmarks/bench_memory_scan.py --dh 64 128 --lengths 4096 --budget-s 270 \
       --row-budget-s 12
+    ;;
+  scan-table)
+    step "memory_scan_dh$2" 580 python3 benchmarks/bench_memory_scan.py --dh "$2" --lengths 4096 16384 65536 \
+      --variants torch.compile graphs --budget-s 520 --row-budget-s 25 "${@:3}"
     ;;
   train)
     step train_transformer 90 python3 benchmarks/bench_train.py --model configs/model/340m.yaml --mixers transformer \
@@ -31,7 +37,7 @@ case "${1:-}" in
     step recall_study 560 python3 benchmarks/recall_study.py --out "$OUT/recall" --work /tmp/recall --budget-minutes 8.5
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_single.sh scan|train|decode|recall" >&2
+    echo "usage: bash benchmarks/gpu_single.sh scan|scan-table DH [--skip-checks]|train|decode|recall" >&2
     exit 2
     ;;
 esac
