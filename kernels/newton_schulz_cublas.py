@@ -48,7 +48,13 @@ def _wide(s: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 def _poly(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A = X Xᵀ and B = bA + cA² of one iteration (the scalings fused into the GEMM)."""
+    """A = X Xᵀ and B = bA + cA² of one iteration (the scalings fused into the GEMM).
+
+    The step X ← aX + B X stays one baddbmm, which copies X into its output before the product. Two ways around
+    the copy were measured on an H100 and dropped (RESULTS.md, fourth session): folding a into B (X ← (aI + B) X,
+    one bmm) made the token scan 1.16–1.23× faster but rounds a with B's tf32 operands, and the scan's tf32 check
+    failed (1.19e-2 against 1e-2); a Triton GEMM adding aX in its float32 epilogue was slower than cuBLAS (NS
+    forward 0.77–0.87× at 128×512 and 512×256) and failed the tf32 bound too."""
     _, b, c = NS_COEFFS
     gram = torch.bmm(x, x.transpose(1, 2))
     return gram, torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
@@ -87,8 +93,9 @@ class _NewtonSchulz(torch.autograd.Function):
             for x in reversed(iterates):
                 gram, poly = _poly(x)
                 d_poly = torch.bmm(g, x.transpose(1, 2))
-                d_gram = torch.baddbmm(torch.baddbmm(d_poly, d_poly, gram, beta=b, alpha=c), gram, d_poly, alpha=c)
-                g = torch.baddbmm(torch.baddbmm(g, poly, g, beta=a), d_gram + d_gram.transpose(1, 2), x)
+                # the second GEMM of each sum accumulates in place (baddbmm_) rather than copying its addend first
+                d_gram = torch.baddbmm(d_poly, d_poly, gram, beta=b, alpha=c).baddbmm_(gram, d_poly, alpha=c)
+                g = torch.baddbmm(g, poly, g, beta=a).baddbmm_(d_gram + d_gram.transpose(1, 2), x)
         raw, _ = _wide(_compute(s))
         g = g.to(raw.dtype)
         scale = norm + NS_EPS
