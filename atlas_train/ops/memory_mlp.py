@@ -25,8 +25,8 @@ class TokenWeights(NamedTuple):
     Why: reads need W_t x_t only. Forming every token's matrix costs a GEMM writing L·out·in values per head plus
     elementwise passes over them, and the same again in backward; applying the combination costs one GEMM writing
     L·L·out values (U_u x_t for all u, t) and a batched mix, which is less traffic whenever L < in and leaves
-    autograd only plain matmuls to differentiate. Measured on an H100 (benchmarks/RESULTS.md): the token scan 1.09–1.10×
-    faster with CUDA graphs, and its compiled baseline at 0.61× the memory.
+    autograd only plain matmuls to differentiate. Measured on an H100 (benchmarks/RESULTS.md): the token scan
+    1.09–1.10× faster with CUDA graphs, and its compiled baseline at 0.61× the memory.
     """
 
     carried: torch.Tensor  # (B, H, out, in): the weights before the chunk
