@@ -303,26 +303,34 @@ def scan_step(length, dh, update, device):
 
 
 def profile_table(length, dh, update, device, top):
-    """The `top` kernels (CPU ops on CPU) by self time over one forward+backward of the scan with the fast paths,
-    eager (CUDA graphs hide the kernels of a replay from the profiler; the kernels are the same), after a warm-up."""
+    """The `top` kernels, then the `top` PyTorch ops with their input shapes (what launched those kernels), by self
+    time over one forward+backward of the scan with the fast paths, eager (CUDA graphs hide the kernels of a replay
+    from the profiler; the kernels are the same), after a warm-up. On CPU both tables are of CPU ops."""
     from torch.profiler import ProfilerActivity, profile
 
     step = scan_step(length, dh, update, device)
+    on_gpu = device.type == "cuda"
     with scan_settings(graphs=False, use_kernels=True, compiled=False):
         step()
         sync(device)
-        on_gpu = device.type == "cuda"
-        with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with profile(activities=activities, record_shapes=True) as prof:
             step()
             sync(device)
     attr = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
-    total = sum(getattr(e, attr) for e in events)
-    lines = [f"== profile: scan {update}, T={length} dh={dh}: {total / 1e3:.1f} ms of {'device' if on_gpu else 'CPU'}"
-             f" self time in {len(events)} distinct {'kernels' if on_gpu else 'ops'}; top {top} =="]
-    for e in sorted(events, key=lambda e: -getattr(e, attr))[:top]:
-        lines.append(f"{100 * getattr(e, attr) / total:5.1f}% {getattr(e, attr) / 1e3:9.2f} ms {e.count:6d}x  "
-                     f"{e.key[:90]}")
+    lines = []
+    for title, events in (("kernels" if on_gpu else "ops", prof.key_averages()),
+                          ("ops by input shapes", prof.key_averages(group_by_input_shape=True))):
+        if on_gpu:  # kernels have no shapes, ops launch kernels: one table of each
+            events = [e for e in events if (e.key.startswith("aten::")) == (title != "kernels")]
+        events = [e for e in events if getattr(e, attr) > 0]
+        total = sum(getattr(e, attr) for e in events)
+        lines.append(f"== profile: scan {update}, T={length} dh={dh}: {total / 1e3:.1f} ms of "
+                     f"{'device' if on_gpu else 'CPU'} self time, {title}; top {top} ==")
+        for e in sorted(events, key=lambda e: -getattr(e, attr))[:top]:
+            shapes = f" {e.input_shapes}"[:70] if title != "kernels" and e.input_shapes else ""
+            lines.append(f"{100 * getattr(e, attr) / total:5.1f}% {getattr(e, attr) / 1e3:9.2f} ms {e.count:6d}x  "
+                         f"{e.key[:80]}{shapes}")
     return lines
 
 

@@ -40,35 +40,49 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _wide(s: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(n, M, N) with M <= N, and whether s was tall (the spec iterates on the wide orientation)."""
-    tall = s.shape[-2] > s.shape[-1]
-    flat = s.reshape(-1, *s.shape[-2:])
-    return (flat.transpose(1, 2) if tall else flat), tall
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(n, rows, cols) in the compute dtype, in t's own layout."""
+    return _compute(t).reshape(-1, *t.shape[-2:])
 
 
-def _poly(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A = X Xᵀ and B = bA + cA² of one iteration (the scalings fused into the GEMM).
+def _small(p: torch.Tensor, q: torch.Tensor, tall: bool) -> torch.Tensor:
+    """The product over the long side, short x short: P Qᵀ for a wide matrix, Pᵀ Q for a tall one."""
+    return torch.bmm(p.transpose(1, 2), q) if tall else torch.bmm(p, q.transpose(1, 2))
 
-    The step X ← aX + B X stays one baddbmm, which copies X into its output before the product. Two ways around
-    the copy were measured on an H100 and dropped (RESULTS.md, fourth session): folding a into B (X ← (aI + B) X,
-    one bmm) made the token scan 1.16–1.23× faster but rounds a with B's tf32 operands, and the scan's tf32 check
+
+def _apply(m: torch.Tensor, y: torch.Tensor, tall: bool, beta: float = 1.0, out: torch.Tensor | None = None):
+    """beta·y + m·y for a wide matrix, beta·y + y·m for a tall one (m short x short); into `out` in place if given."""
+    left, right = (y, m) if tall else (m, y)
+    return torch.baddbmm(y, left, right, beta=beta) if out is None else out.baddbmm_(left, right)
+
+
+def _poly(x: torch.Tensor, tall: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = X Xᵀ (Xᵀ X for a tall X) and B = bA + cA² of one iteration (the scalings fused into the GEMM).
+
+    The step X ← aX + B X (aX + X B) stays one baddbmm, which copies X into its output before the product. Two ways
+    around the copy were measured on an H100 and dropped (RESULTS.md, fourth session): folding a into B (X ← (aI + B)
+    X, one bmm) made the token scan 1.16–1.23× faster but rounds a with B's tf32 operands, and the scan's tf32 check
     failed (1.19e-2 against 1e-2); a Triton GEMM adding aX in its float32 epilogue was slower than cuBLAS (NS
     forward 0.77–0.87× at 128×512 and 512×256) and failed the tf32 bound too."""
     _, b, c = NS_COEFFS
-    gram = torch.bmm(x, x.transpose(1, 2))
+    gram = _small(x, x, tall)
     return gram, torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
 
 
 class _NewtonSchulz(torch.autograd.Function):
     """Iterates (and, for 'bf16', every product and gradient) in the chain's dtype; the normalisation and its
     derivative in float32. Every elementwise step is fused into a GEMM (baddbmm): at these sizes separate
-    elementwise passes over the iterates would cost more memory traffic than the products themselves."""
+    elementwise passes over the iterates would cost more memory traffic than the products themselves.
+
+    A tall matrix is iterated as it lies (X ← aX + X B(XᵀX), the spec's transposed iteration written without
+    transposes), so the result keeps the input's layout: iterating its transpose returned a transposed view that
+    every later reshape of the token update copied (on an H100, 99 of 1567 ms of a 4K dh-64 step)."""
 
     @staticmethod
     def forward(ctx, s, steps, precision):
         a = NS_COEFFS[0]
-        x, tall = _wide(_compute(s))
+        tall = s.shape[-2] > s.shape[-1]
+        x = _flat(s)
         norm = torch.linalg.matrix_norm(x, keepdim=True)
         chain_dtype = torch.bfloat16 if precision == "bf16" else x.dtype
         x = (x / (norm + NS_EPS)).to(chain_dtype)
@@ -76,33 +90,30 @@ class _NewtonSchulz(torch.autograd.Function):
         with _operand_precision(precision):
             for _ in range(steps):
                 iterates.append(x)
-                _, poly = _poly(x)
-                x = torch.baddbmm(x, poly, x, beta=a)
+                _, poly = _poly(x, tall)
+                x = _apply(poly, x, tall, beta=a)
         ctx.save_for_backward(s, norm, *iterates)
         ctx.precision, ctx.tall = precision, tall
-        out = x.transpose(1, 2) if tall else x
-        return out.reshape(s.shape).to(s.dtype)
+        return x.reshape(s.shape).to(s.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         s, norm, *iterates = ctx.saved_tensors
         a, b, c = NS_COEFFS
-        g, _ = _wide(_compute(grad_out))  # the gradient of the wide iterate: transposed like the input
-        g = g.to(iterates[0].dtype)
+        tall = ctx.tall
+        g = _flat(grad_out).to(iterates[0].dtype)
         with _operand_precision(ctx.precision):
             for x in reversed(iterates):
-                gram, poly = _poly(x)
-                d_poly = torch.bmm(g, x.transpose(1, 2))
+                gram, poly = _poly(x, tall)
+                d_poly = _small(x, g, tall) if tall else _small(g, x, tall)
                 # the second GEMM of each sum accumulates in place (baddbmm_) rather than copying its addend first
                 d_gram = torch.baddbmm(d_poly, d_poly, gram, beta=b, alpha=c).baddbmm_(gram, d_poly, alpha=c)
-                g = torch.baddbmm(g, poly, g, beta=a).baddbmm_(d_gram + d_gram.transpose(1, 2), x)
-        raw, _ = _wide(_compute(s))
+                g = _apply(d_gram + d_gram.transpose(1, 2), x, tall, out=_apply(poly, g, tall, beta=a))
+        raw = _flat(s)
         g = g.to(raw.dtype)
         scale = norm + NS_EPS
         inner = (g * raw).sum(dim=(1, 2), keepdim=True)
         grad_s = g / scale - inner * raw / (scale * scale * norm.clamp_min(1e-30))
-        if ctx.tall:
-            grad_s = grad_s.transpose(1, 2)
         return grad_s.reshape(s.shape).to(s.dtype), None, None
 
 
