@@ -9,7 +9,8 @@ chunk scan: 722 ms with the kernel, 245 ms with this path).
 Why not autograd through the PyTorch chain: the operand precision ('tf32' is a cuBLAS mode, not a dtype) has to hold
 in the backward's products too, which autograd runs later, outside any context set here. So the forward saves the
 iterates X_0..X_{k-1} and the backward replays the Triton kernel's analytic derivative with the same products:
-    dB = G Xᵀ,  dA = b dB + c (dB A + A dB),  dX = a G + B G + (dA + dAᵀ) X,
+    dB = G Xᵀ,  dA = b dB + c (dB A + A dB),  dX = a G + B G + (dA + dAᵀ) X
+(a tall X, iterated as X ← aX + X B with A = Xᵀ X: dB = Xᵀ G and dX = a G + G B + X (dA + dAᵀ)),
 then of X0 = S / (n + eps): dS = dX0 / (n + eps) − <dX0, S> S / ((n + eps)² n), n = ‖S‖_F.
 'bf16' runs the chain in bfloat16 (iterates, products and their gradients; cuBLAS accumulates in float32 inside
 each product), as Muon implementations do; the normalisation, its derivative and the result are float32.
@@ -50,10 +51,14 @@ def _small(p: torch.Tensor, q: torch.Tensor, tall: bool) -> torch.Tensor:
     return torch.bmm(p.transpose(1, 2), q) if tall else torch.bmm(p, q.transpose(1, 2))
 
 
-def _apply(m: torch.Tensor, y: torch.Tensor, tall: bool, beta: float = 1.0, out: torch.Tensor | None = None):
-    """beta·y + m·y for a wide matrix, beta·y + y·m for a tall one (m short x short); into `out` in place if given."""
-    left, right = (y, m) if tall else (m, y)
-    return torch.baddbmm(y, left, right, beta=beta) if out is None else out.baddbmm_(left, right)
+def _apply(m: torch.Tensor, y: torch.Tensor, tall: bool, beta: float) -> torch.Tensor:
+    """beta·y + m·y for a wide y, beta·y + y·m for a tall one (m short x short)."""
+    return torch.baddbmm(y, y, m, beta=beta) if tall else torch.baddbmm(y, m, y, beta=beta)
+
+
+def _add_product(out: torch.Tensor, m: torch.Tensor, y: torch.Tensor, tall: bool) -> torch.Tensor:
+    """out += m·y (y·m for a tall y) in place: no copy of out, as a baddbmm into a new tensor would make."""
+    return out.baddbmm_(y, m) if tall else out.baddbmm_(m, y)
 
 
 def _poly(x: torch.Tensor, tall: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +96,7 @@ class _NewtonSchulz(torch.autograd.Function):
             for _ in range(steps):
                 iterates.append(x)
                 _, poly = _poly(x, tall)
-                x = _apply(poly, x, tall, beta=a)
+                x = _apply(poly, x, tall, a)
         ctx.save_for_backward(s, norm, *iterates)
         ctx.precision, ctx.tall = precision, tall
         return x.reshape(s.shape).to(s.dtype)
@@ -108,12 +113,13 @@ class _NewtonSchulz(torch.autograd.Function):
                 d_poly = _small(x, g, tall) if tall else _small(g, x, tall)
                 # the second GEMM of each sum accumulates in place (baddbmm_) rather than copying its addend first
                 d_gram = torch.baddbmm(d_poly, d_poly, gram, beta=b, alpha=c).baddbmm_(gram, d_poly, alpha=c)
-                g = _apply(d_gram + d_gram.transpose(1, 2), x, tall, out=_apply(poly, g, tall, beta=a))
+                g = _add_product(_apply(poly, g, tall, a), d_gram + d_gram.transpose(1, 2), x, tall)
         raw = _flat(s)
         g = g.to(raw.dtype)
         scale = norm + NS_EPS
         inner = (g * raw).sum(dim=(1, 2), keepdim=True)
-        grad_s = g / scale - inner * raw / (scale * scale * norm.clamp_min(1e-30))
+        # (dX0 − <dX0, S> S / ((n + eps) n)) / (n + eps): two passes over the matrices (the written-out form took 4)
+        grad_s = torch.addcmul(g, raw, -inner / (scale * norm.clamp_min(1e-30))).div_(scale)
         return grad_s.reshape(s.shape).to(s.dtype), None, None
 
 
