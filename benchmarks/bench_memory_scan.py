@@ -13,9 +13,9 @@
    precision; NaN never passes.
 2. Speed (B·H = 16, hid = 4·dh, D = 2·dh as with the default sketch map, c = 64, chunk 64): memory_scan
    update=token and chunk with the kernels, the PyTorch path compiled with torch.compile (per-chunk step compiled,
-   kernels off), and SDPA causal attention (cuDNN backend on GPU) with the same heads (Newton–Schulz alone: --ns-only).
-   TFLOP/s against a measured bf16 matmul ceiling; peak memory. Every row is guarded (an OOM or error is printed in
-   its row), rows predicted to exceed --row-budget-s are skipped, the table comes last.
+   kernels off), and SDPA causal attention (cuDNN backend on GPU) with the same heads (Newton–Schulz alone:
+   --ns-only). TFLOP/s against a measured bf16 matmul ceiling; peak memory. Every row is guarded (an OOM or error is
+   printed in its row), rows predicted to exceed --row-budget-s are skipped, the table comes last.
 """
 
 from __future__ import annotations
@@ -456,8 +456,8 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", metavar="NAME",
                         help="scan rows to time, by name (eager, torch.compile, graphs, graphs+compile); default all")
     parser.add_argument("--profile", type=int, metavar="N",
-                        help="instead of timings: the N costliest kernels of one step, per --dh and update, at the "
-                             "first --lengths")
+                        help="instead of timings: the N costliest kernels and PyTorch ops (with input shapes) of one "
+                             "step, per --dh and update, at the first --lengths")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -475,7 +475,7 @@ def main(argv=None):
                     else [(3, 8, 24), (2, 24, 8)])
         if on_gpu and args.ns_only and args.dh:  # only the timed shapes (each compiles its own kernels) and one odd
             ns_sizes = [(8, *shape) for dh in args.dh for shape in ((dh, 4 * dh), (4 * dh, 2 * dh))] + [(8, 40, 200)]
-        groups = [("NS kernel", lambda: check_ns_paths(device, ns_sizes))]
+        groups = [("NS paths", lambda: check_ns_paths(device, ns_sizes))]
         if on_gpu and not args.ns_only:
             groups.append(("memory_scan", lambda: check_memory_scan(device)))
         for name, run_checks in groups:

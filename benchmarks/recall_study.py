@@ -80,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--probe-seconds", type=float, default=40, help="training time of the probe that picks the steps")
     p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny model, rows and grid")
     p.add_argument(
-        "--render", nargs="+", metavar="DIR", help="only draw the plot and update RESULTS.md from DIR/*.json"
+        "--render", nargs="+", metavar="DIR", help="only draw the plot and update RESULTS.md from DIR/recall.json"
     )
     p.add_argument("overrides", nargs="*", help="extra atlas-train overrides for every member (key=value)")
     args = p.parse_args(argv)
@@ -104,9 +104,12 @@ def make_data(work: Path, cfg, train_pairs: list[int], rows: int) -> Path:
     from atlas_train.data_prep.writer import write_dataset
 
     from atlas_train.eval import mqar
+    from atlas_train.eval.streams import STREAMS
 
     data = work / "data"
-    info = {"task": "mqar", "pairs": train_pairs, "mqar_vocab": cfg.model.vocab_size, "rows": rows}
+    # the stream's word is part of the identity: shards drawn from another generator are not reused
+    info = {"task": "mqar", "pairs": train_pairs, "mqar_vocab": cfg.model.vocab_size, "rows": rows,
+            "stream": STREAMS["train"]}
     try:
         manifest = read_manifest(data)
         if manifest.info == info and manifest.seq_len == cfg.train.seq_len:
@@ -274,9 +277,7 @@ def summarize(label: str, member: str, steps: int, gpu, done: list, run: Path, n
 
 
 def budget_note(r: dict) -> str:
-    """How the runs of a study shared its budget (from a run's record; "" for records that predate the note)."""
-    if "steps_from" not in r:
-        return ""
+    """How the runs of a study shared its budget (from a run's record)."""
     where = f"{r['concurrent_runs']} runs at once on {r['gpus'] or 'no'} GPU(s), each training at most " \
         f"{r['cap_minutes']} min"
     if r["steps_from"] == "--steps":
@@ -301,8 +302,7 @@ def tables(results: list[dict]) -> str:
             cells = [f"{acc[s]:.3f}" if s in acc else "-" for s in settings]
             lines.append(f"| {r['member']} | " + " | ".join(cells) + " |")
         lines.append("")
-    if budget_note(results[0]):
-        lines += [budget_note(results[0]), ""]
+    lines += [budget_note(results[0]), ""]
     lines.append(
         "| member | memory update | params (non-emb.) | steps done/planned | train s | step ms | final train loss | "
         "val loss |"

@@ -38,3 +38,28 @@ def test_chain_is_killed_at_the_deadline_and_stops_at_a_failure(tmp_path):
     assert time.monotonic() - started < 30
     assert [code for code, _ in killed] == [recall_study.KILLED]
     assert [code for code, _ in failed] == [3]
+
+
+def test_render_puts_the_tables_between_the_markers(tmp_path, monkeypatch):
+    """--render reads each folder's recall.json (a later folder's member replaces an earlier one's) and rewrites only
+    the marked section of RESULTS.md; the plot is redrawn beside it."""
+    monkeypatch.setattr(recall_study, "REPO", tmp_path)
+    (tmp_path / "benchmarks").mkdir()
+    results = tmp_path / "benchmarks" / "RESULTS.md"
+    results.write_text(f"# head\n\n{recall_study.BEGIN}\nSTALE TABLE\n{recall_study.END}\n\n# tail\n")
+
+    def record(member, accuracy):
+        return {"member": member, "planned_steps": 5, "steps": 5, "steps_from": "probe", "concurrent_runs": 2,
+                "gpus": 0, "cap_minutes": 1.0, "equal_steps_run": None,
+                "mqar": [{"seq_len": 64, "num_pairs": 4, "accuracy": accuracy}]}
+
+    for folder, members in (("a", [record("atlas", 0.1), record("titans", 0.2)]), ("b", [record("atlas", 0.9)])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "recall.json").write_text(json.dumps({"members": members}))
+    recall_study.render([tmp_path / "a", tmp_path / "b"])
+    text = results.read_text()
+    assert text.startswith("# head\n") and text.endswith("# tail\n") and "STALE TABLE" not in text
+    assert "| atlas | 0.900 |" in text and "| titans | 0.200 |" in text
+    assert (tmp_path / "benchmarks" / "recall_study.png").is_file()
+    with pytest.raises(SystemExit, match="no .*recall.json"):
+        recall_study.render([tmp_path / "missing"])
