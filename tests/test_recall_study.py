@@ -42,8 +42,16 @@ def test_chain_is_killed_at_the_deadline_and_stops_at_a_failure(tmp_path):
 
 def test_render_puts_the_tables_between_the_markers(tmp_path, monkeypatch):
     """--render reads each folder's recall.json (a later folder's member replaces an earlier one's) and rewrites only
-    the marked section of RESULTS.md; the plot is redrawn beside it."""
+    the marked section of RESULTS.md; the plot is redrawn beside it. The plot itself is matplotlib's (an optional
+    extra CI does not install), so a stand-in records what it is asked to draw."""
     monkeypatch.setattr(recall_study, "REPO", tmp_path)
+    drawn = []
+
+    def plot(results, path):
+        drawn.append(([r["member"] for r in results], path))
+        return True
+
+    monkeypatch.setattr(recall_study, "plot", plot)
     (tmp_path / "benchmarks").mkdir()
     results = tmp_path / "benchmarks" / "RESULTS.md"
     results.write_text(f"# head\n\n{recall_study.BEGIN}\nSTALE TABLE\n{recall_study.END}\n\n# tail\n")
@@ -60,6 +68,6 @@ def test_render_puts_the_tables_between_the_markers(tmp_path, monkeypatch):
     text = results.read_text()
     assert text.startswith("# head\n") and text.endswith("# tail\n") and "STALE TABLE" not in text
     assert "| atlas | 0.900 |" in text and "| titans | 0.200 |" in text
-    assert (tmp_path / "benchmarks" / "recall_study.png").is_file()
+    assert drawn == [(["atlas", "titans"], tmp_path / "benchmarks" / "recall_study.png")]
     with pytest.raises(SystemExit, match="no .*recall.json"):
         recall_study.render([tmp_path / "missing"])
