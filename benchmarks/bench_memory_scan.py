@@ -158,14 +158,16 @@ def check_memory_scan(device):
             rows.append((f"memory_scan {update} PyTorch fp32, {'CUDA graphs' if graphs else 'eager'} (worst)",
                          err_by_mode[graphs], 1e-3))
         torch_err = err_by_mode[False]
-        for precision in ("ieee", "tf32", "bf16"):
+        for precision, mlp_kernel in itertools.product(("ieee", "tf32", "bf16"), (False, True)):
             kernels.set_ns_precision(precision)
-            y, grads = scan_fwd_bwd(tensors, params, update, upstream)
+            with scan_settings(graphs=True, use_kernels=True, compiled=False, mlp_kernel=mlp_kernel):  # the default
+                y, grads = scan_fwd_bwd(tensors, params, update, upstream)
             names = ["y"] + [f"d{k}" for k in list(tensors) + list(params)]
             errs = [relative_error(g, r) for g, r in zip((y, *grads), (ref_y, *ref_grads))]
             worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
             bound = max(BOUNDS[precision], 2 * torch_err)  # never asked to beat the fp32 PyTorch path itself
-            rows.append((f"memory_scan {update} {precision} (worst: {names[worst]})", errs[worst], bound))
+            rows.append((f"memory_scan {update} {precision}{' +mlp kernel' if mlp_kernel else ''} "
+                         f"(worst: {names[worst]})", errs[worst], bound))
         kernels.set_ns_precision("tf32")
     return rows
 
@@ -203,20 +205,23 @@ def compiled_chunk_steps():
 
 
 def scan_variants(on_gpu, quick, first_length):
-    """(row name, CUDA graphs, NS kernels, torch.compile'd chunk steps) of the scan rows. The issue's baseline is
-    the compiled PyTorch path (no graphs, no kernels); plain eager only at the first length, to show the launch
-    overhead that graphs remove."""
+    """(row name, CUDA graphs, NS kernels, torch.compile'd chunk steps, memory MLP kernel) of the scan rows. The
+    issue's baseline is the compiled PyTorch path (no graphs, no kernels); plain eager only at the first length, to
+    show the launch overhead that graphs remove; "graphs+mlp" adds the opt-in memory MLP kernel to the default."""
     if not on_gpu:  # CPU smoke run: compiling the chunk step takes minutes on 2 cores
-        return [("eager (cpu)", False, True, False)] + ([] if quick else [("torch.compile", False, False, True)])
-    rows = [("eager", False, True, False)] if first_length else []
-    return rows + [("torch.compile", False, False, True), ("graphs", True, True, False),
-                   ("graphs+compile", True, True, True)]
+        return [("eager (cpu)", False, True, False, False)] + (
+            [] if quick else [("torch.compile", False, False, True, False)])
+    rows = [("eager", False, True, False, False)] if first_length else []
+    return rows + [("torch.compile", False, False, True, False), ("graphs", True, True, False, False),
+                   ("graphs+mlp", True, True, False, True), ("graphs+compile", True, True, True, False)]
 
 
 @contextlib.contextmanager
-def scan_settings(graphs, use_kernels, compiled):
-    """Run the scan with or without CUDA graphs, NS kernels and compiled chunk steps; restores the defaults."""
+def scan_settings(graphs, use_kernels, compiled, mlp_kernel=False):
+    """Run the scan with or without CUDA graphs, NS kernels, compiled chunk steps and the memory MLP kernel;
+    restores the defaults."""
     kernels.set_kernels_enabled(use_kernels)
+    kernels.set_memory_mlp_kernel(mlp_kernel)
     restore = compiled_chunk_steps() if compiled else (lambda: None)
     SCAN_MODULE.clear_scan_graphs()
     try:
@@ -226,6 +231,7 @@ def scan_settings(graphs, use_kernels, compiled):
         restore()
         SCAN_MODULE.clear_scan_graphs()
         kernels.set_kernels_enabled(True)
+        kernels.set_memory_mlp_kernel(False)
 
 
 class Bench:
@@ -454,7 +460,8 @@ def main(argv=None):
     parser.add_argument("--updates", nargs="+", choices=("chunk", "token"), default=("chunk", "token"),
                         help="memory updates to time or profile")
     parser.add_argument("--variants", nargs="+", metavar="NAME",
-                        help="scan rows to time, by name (eager, torch.compile, graphs, graphs+compile); default all")
+                        help="scan rows to time, by name (eager, torch.compile, graphs, graphs+mlp, graphs+compile); "
+                             "default all")
     parser.add_argument("--profile", type=int, metavar="N",
                         help="instead of timings: the N costliest kernels and PyTorch ops (with input shapes) of one "
                              "step, per --dh and update, at the first --lengths")
@@ -528,10 +535,11 @@ def main(argv=None):
                       7 * length * length * dh * HEADS, ("sdpa", dh), length)
             for update in args.updates:
                 flops = scan_flops(length, HEADS, dh, update)
-                for name, graphs, use_kernels, compiled in scan_variants(on_gpu, args.quick, length == lengths[0]):
+                for name, graphs, use_kernels, compiled, mlp_kernel in scan_variants(on_gpu, args.quick,
+                                                                                      length == lengths[0]):
                     if args.variants and name not in args.variants:
                         continue
-                    with scan_settings(graphs, use_kernels, compiled):
+                    with scan_settings(graphs, use_kernels, compiled, mlp_kernel):
                         bench.run(f"scan {update} {name}", shape, lambda: scan_step(length, dh, update, device),
                                   flops, (name, update, dh), length)
 

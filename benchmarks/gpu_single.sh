@@ -4,6 +4,8 @@
 #                                          PyTorch), then the scan at 4K, dh 64 and 128, against its baselines
 #   bash benchmarks/gpu_single.sh scan-table DH [--skip-checks]   issue 6's table for one head dim: the scan at
 #                                          4K/16K/64K, both updates, graphs vs the compiled baseline vs cuDNN SDPA
+#   bash benchmarks/gpu_single.sh scan-mlp issue 6: the opt-in memory MLP kernel (checks with and without it, then
+#                                          the default graphs path with and without it, 4K/16K, dh 64 and 128)
 #   bash benchmarks/gpu_single.sh train    issue 4: 340M transformer (with the loader + logging overhead) and atlas
 #                                          (token and chunk update) at 4K, one call
 #   bash benchmarks/gpu_single.sh decode   issue 8: decode at 4K/32K, batch 1/32, eager and CUDA graph
@@ -22,6 +24,10 @@ case "${1:-}" in
     step "memory_scan_dh$2" 580 python3 benchmarks/bench_memory_scan.py --dh "$2" --lengths 4096 16384 65536 \
       --variants torch.compile graphs --budget-s 520 --row-budget-s 25 "${@:3}"
     ;;
+  scan-mlp)
+    step memory_scan_mlp 580 python3 benchmarks/bench_memory_scan.py --dh 64 128 --lengths 4096 16384 \
+      --variants graphs graphs+mlp --budget-s 520 --row-budget-s 25
+    ;;
   train)
     step train_transformer 90 python3 benchmarks/bench_train.py --model configs/model/340m.yaml --mixers transformer \
       --seq-len 4096
@@ -37,7 +43,7 @@ case "${1:-}" in
     step recall_study 560 python3 benchmarks/recall_study.py --out "$OUT/recall" --work /tmp/recall --budget-minutes 8.5
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_single.sh scan|scan-table DH [--skip-checks]|train|decode|recall" >&2
+    echo "usage: bash benchmarks/gpu_single.sh scan|scan-table DH [--skip-checks]|scan-mlp|train|decode|recall" >&2
     exit 2
     ;;
 esac

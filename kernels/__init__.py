@@ -1,12 +1,19 @@
 """Triton kernels for memory_scan (imported as atlas_train.kernels; never `import kernels`).
 
 What is a kernel today: the batched Newton–Schulz step with its backward (`newton_schulz`), beside a cuBLAS path for
-the larger matrices (`newton_schulz_cublas`). `dispatch` decides per call which fast path applies and notes once why
-one does not.
+the larger matrices (`newton_schulz_cublas`); and the memory MLP's token pass (reads and inner-loss gradient factors
+of a chunk's tokens at shared weights, forward and second-order backward: `memory_mlp_kernel`), opt-in until timed
+on a GPU. `dispatch` decides per call which fast path applies and notes once why one does not.
 """
 
-from atlas_train.kernels.dispatch import newton_schulz_or_none, note_fallback, set_kernels_enabled, set_ns_precision
+from atlas_train.kernels.dispatch import (
+    newton_schulz_or_none,
+    note_fallback,
+    set_kernels_enabled,
+    set_memory_mlp_kernel,
+    set_ns_precision,
+)
 from atlas_train.kernels.newton_schulz_kernel import newton_schulz, newton_schulz_unsupported
 
 __all__ = ["newton_schulz", "newton_schulz_unsupported", "newton_schulz_or_none", "note_fallback", "set_ns_precision",
-           "set_kernels_enabled"]
+           "set_kernels_enabled", "set_memory_mlp_kernel"]

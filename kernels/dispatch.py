@@ -1,13 +1,15 @@
 """Choosing the GPU fast path of `atlas_train.ops`, with a one-time note on every fallback.
 
-The ops code calls `newton_schulz_or_none`; None means "run your plain PyTorch path" (float32 products). On a GPU
+The ops code calls `newton_schulz_or_none` and `memory_mlp_or_none` (the memory MLP's token pass: reads and
+inner-loss gradient factors, `memory_mlp_kernel`); None means "run your plain PyTorch path" (float32 products). Both
+fast paths take their products in the one operand precision set here. On a GPU
 Newton–Schulz has two fast implementations, both with products in the operand precision set here: the Triton kernel
 (one program per matrix) and cuBLAS batched GEMMs with a hand-written backward (newton_schulz_cublas). Which one
 takes a shape is a fixed rule from measurements, not a timing at run time, so that every run (and every resume)
 computes the same numbers: the kernel for a short side up to TRITON_MAX_SHORT_SIDE, cuBLAS above.
 
-The first call for each matrix shape runs the chosen implementation's forward and backward once on a single matrix of
-that shape and compares both with the float64 PyTorch path, so that a kernel which cannot compile on this GPU
+The first call for each matrix shape (each token-pass shape) runs the chosen implementation's forward and backward
+once on a single random input of that shape and compares both with the float64 PyTorch path, so that a kernel which cannot compile on this GPU
 (registers, shared memory) or computes wrong numbers falls back to the next implementation instead of failing
 mid-training; every reason is logged once, so a training log says plainly which path ran and why.
 """
@@ -15,10 +17,12 @@ mid-training; every reason is logged once, so a training log says plainly which 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 from atlas_train.kernels import newton_schulz_cublas
+from atlas_train.kernels.memory_mlp_kernel import memory_mlp_pass, memory_mlp_unsupported
 from atlas_train.kernels.newton_schulz_kernel import PRECISIONS, newton_schulz, newton_schulz_unsupported
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,18 @@ _enabled = True
 TRITON_MAX_SHORT_SIDE = 64
 
 
+# The memory MLP kernel is opt-in until it has been timed on a GPU: it is checked on CPU (interpreter, float64) and
+# its Hopper resources offline, and its probe guards its numbers on the card, but whether it beats the CUDA-graphed
+# PyTorch pass is not yet measured (benchmarks/RESULTS.md). ATLAS_MEMORY_MLP_KERNEL=1 or set_memory_mlp_kernel(True).
+_mlp_kernel = os.environ.get("ATLAS_MEMORY_MLP_KERNEL", "0") == "1"
+
+
+def set_memory_mlp_kernel(enabled: bool) -> None:
+    """Use the memory MLP's token-pass kernel on the GPU (where it covers the pass), or not."""
+    global _mlp_kernel
+    _mlp_kernel = bool(enabled)
+
+
 def set_kernels_enabled(enabled: bool) -> None:
     """Switch the kernels off (or back on) for this process, e.g. to time or check the PyTorch path on a GPU."""
     global _enabled
@@ -44,11 +60,12 @@ def set_kernels_enabled(enabled: bool) -> None:
 
 def settings() -> tuple:
     """What decides the fast path's numbers: captured CUDA graphs keyed on it replay only under the same settings."""
-    return _enabled, _ns_precision
+    return _enabled, _ns_precision, _mlp_kernel
 
 
 def set_ns_precision(precision: str) -> None:
-    """Operand precision of the NS kernel products on the GPU: 'ieee' (fp32), 'tf32' (default) or 'bf16'."""
+    """Operand precision of the fast paths' products on the GPU (Newton–Schulz and the memory MLP's token pass):
+    'ieee' (fp32), 'tf32' (default) or 'bf16'."""
     global _ns_precision
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
@@ -105,21 +122,29 @@ def _probe_newton_schulz(impl: str, s: torch.Tensor, steps: int) -> str | None:
     activation-checkpointed forward, whose saved-tensor bookkeeping must see the same tensors when that forward is
     recomputed.
     """
-    key = (impl, tuple(s.shape[-2:]), s.dtype, s.device, _ns_precision, steps)
+    one = torch.randn(1, *s.shape[-2:], device=s.device, dtype=s.dtype)
+    upstream = torch.randn_like(one)
+    return _probe((impl, tuple(s.shape[-2:]), s.dtype, s.device, _ns_precision, steps), impl,
+                  f"a random {tuple(s.shape[-2:])} matrix", lambda: _fast_forward_backward(impl, one, steps, upstream),
+                  lambda: _reference_forward_backward(one, steps, upstream))
+
+
+def _probe(key: tuple, what: str, on: str, fast, reference) -> str | None:
+    """The cached verdict on a fast path for `key`: why to fall back (it failed to run, or one of its results is
+    further than PROBE_TOLERANCE from the float64 reference's), or None. `fast` and `reference` return the same
+    tuple of results (outputs and input gradients)."""
     if key not in _probed:
-        one = torch.randn(1, *s.shape[-2:], device=s.device, dtype=s.dtype)
-        upstream = torch.randn_like(one)
         try:
-            out, grad = _fast_forward_backward(impl, one, steps, upstream)
+            got = fast()
         except Exception as exc:  # noqa: BLE001 — any compile/launch failure means: use the next path
-            _probed[key] = f"{impl} failed to run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            _probed[key] = f"{what} failed to run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             return _probed[key]
-        ref_out, ref_grad = _reference_forward_backward(one, steps, upstream)
-        error = max(relative_error(out, ref_out), relative_error(grad, ref_grad))
+        errors = [relative_error(g, w) for g, w in zip(got, reference(), strict=True)]
         bound = PROBE_TOLERANCE[_ns_precision]
+        error = next((e for e in errors if not e <= bound), max(errors))  # NaN is never within the bound
         _probed[key] = None if error <= bound else (
-            f"{impl} disagrees with the PyTorch path on a random {tuple(s.shape[-2:])} matrix: relative error "
-            f"{error:.1e} > {bound:.0e} ({_ns_precision})")
+            f"{what} disagrees with the PyTorch path on {on}: relative error {error:.1e} > {bound:.0e} "
+            f"({_ns_precision})")
     return _probed[key]
 
 
@@ -149,3 +174,70 @@ def newton_schulz_or_none(s: torch.Tensor, steps: int) -> torch.Tensor | None:
         note_fallback(f"Newton-Schulz on {impl}", reason)
     note_fallback("the fast Newton-Schulz", "the plain PyTorch path runs, with float32 products")
     return None
+
+
+def memory_mlp_or_none(weights: dict, z: torch.Tensor, ln: dict | None, *, v: torch.Tensor | None = None,
+                       loss: str | None = None):
+    """The memory MLP's token pass (reads f, and with v and a loss the gradient factors) by the Triton kernel for CUDA
+    tensors it covers and whose probe passes, else None: the caller's PyTorch path. Reasons are noted once."""
+    if not (_enabled and _mlp_kernel and z.is_cuda):
+        return None
+    w1, w2 = weights["W1"], weights["W2"]
+    reason = memory_mlp_unsupported(w1, w2, z, "W3" in weights, loss, _ns_precision) or _probe_memory_mlp(
+        w1, w2, z, ln, v is not None, loss)
+    if reason is not None:
+        note_fallback("the memory MLP kernel", reason)
+        return None
+    return memory_mlp_pass(z, w1, w2, ln, v=v, loss=loss, precision=_ns_precision)
+
+
+def _mlp_results(z, w1, w2, ln, v, loss, upstream, kernel: bool) -> list[torch.Tensor]:
+    """Outputs and input gradients of one token pass under `upstream` (the kernel's, or the PyTorch path's)."""
+    from atlas_train.ops.memory_mlp import loss_gradient_factors, memory_forward
+
+    leaves = [t.detach().clone().requires_grad_() for t in (z, w1, w2, *(() if v is None else (v,)))]
+    ln_leaves = None if ln is None else {k: t.detach().clone().requires_grad_() for k, t in ln.items()}
+    lz, lw1, lw2, *lv = leaves
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        if kernel:
+            outs = memory_mlp_pass(lz, lw1, lw2, ln_leaves, v=lv[0] if lv else None, loss=loss,
+                                   precision=_ns_precision)
+        else:
+            weights = {"W1": lw1, "W2": lw2}
+            outs = memory_forward(weights, lz, lw1.shape[-2], ln_leaves)
+            if lv:
+                factors = loss_gradient_factors(weights, lz, lv[0], ln_leaves, loss)
+                outs = (outs, factors["W1"][0], factors["W1"][1], factors["W2"][0])
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        targets = leaves + ([] if ln_leaves is None else list(ln_leaves.values()))
+        grads = torch.autograd.grad(outs, targets, upstream[: len(outs)])
+    return [o.detach() for o in outs] + list(grads)
+
+
+@torch.compiler.disable
+def _probe_memory_mlp(w1, w2, z, ln, factors: bool, loss: str | None) -> str | None:
+    """The kernel's token pass on random inputs of this pass's sizes (one head, 40 tokens) against the float64
+    PyTorch path: outputs and every input gradient (see `_probe`)."""
+    dim, (dv, hidden) = z.shape[-1], w1.shape[-2:]
+    key = ("memory_mlp", dim, dv, hidden, ln is not None, factors, loss, z.dtype, z.device, _ns_precision)
+    if key in _probed:
+        return _probed[key]
+    device, dtype, n = z.device, z.dtype, 40
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, device=device, dtype=dtype) * scale
+
+    inputs = dict(z=rand(1, 1, n, dim), w1=rand(1, 1, dv, hidden, scale=hidden ** -0.5),
+                  w2=rand(1, 1, hidden, dim, scale=dim ** -0.5), v=rand(1, 1, n, dv) if factors else None,
+                  ln=None if ln is None else {"ln_weight": 1 + rand(1, dv, scale=0.1), "ln_bias": rand(1, dv, scale=0.1)})
+    upstream = [rand(1, 1, n, dv), rand(1, 1, n, dv), rand(1, 1, n, hidden), rand(1, 1, n, hidden)]
+
+    def on_cpu(t):
+        return t.double().cpu()
+
+    reference = dict(z=on_cpu(inputs["z"]), w1=on_cpu(inputs["w1"]), w2=on_cpu(inputs["w2"]),
+                     v=None if not factors else on_cpu(inputs["v"]),
+                     ln=None if ln is None else {k: on_cpu(t) for k, t in inputs["ln"].items()})
+    return _probe(key, "the memory MLP kernel", f"a random pass (D={dim}, dv={dv}, hidden={hidden})",
+                  lambda: _mlp_results(**inputs, loss=loss, upstream=upstream, kernel=True),
+                  lambda: _mlp_results(**reference, loss=loss, upstream=[on_cpu(u) for u in upstream], kernel=False))

@@ -18,7 +18,7 @@ the tiles) with the analytic derivative of one step X' = aX + (bA + cA^2)X, A = 
 then of X0 = S / (|S|_F + eps): dS = dX0 / (n + eps) - <dX0, S> S / ((n + eps)^2 n), n = |S|_F.
 
 Hopper's 227 KiB of shared memory per program bounds every launch (tl.dot stages its operands there, once per
-software-pipeline stage): benchmarks/ns_kernel_resources.py compiles each launch of the scan's shapes offline for
+software-pipeline stage): benchmarks/kernel_resources.py compiles each launch of the scan's shapes offline for
 sm_90 and a test fails if one does not fit.
 
 Speed: each iteration is three dependent products (A = XX^T, A^2, BX), each waiting for the previous result to be
@@ -43,7 +43,7 @@ SINGLE_TILE_ELEMENTS = 64 * 256  # up to this many elements (padded) X stays in 
 REGISTER_GRAM_MAX = 64  # up to this short side the M x M Gram matrix and its helpers stay in registers
 SCRATCH_TILE_ELEMENTS = 8192  # register tiles of the streamed variants hold about this many elements
 # Software pipelining of the tile loops: every stage is another copy of the loop's tiles in shared memory. Triton's
-# default (3) overflows Hopper's 227 KiB for most shapes; benchmarks/ns_kernel_resources.py checks these values.
+# default (3) overflows Hopper's 227 KiB for most shapes; benchmarks/kernel_resources.py checks these values.
 NUM_STAGES = {"forward": 2, "backward": 2}
 NUM_WARPS = {"stream": 8, "scratch": 8}  # of the streamed variants (short side above 32)
 # Registers per thread; None lets ptxas take up to 255, i.e. one 8-warp program per SM. 128 fits two programs per SM
@@ -360,7 +360,7 @@ def _iterates_layout(S: torch.Tensor, steps: int, precision: str):
 
 
 class KernelCall(NamedTuple):
-    """One kernel launch, spelled out so that it can also be compiled offline (benchmarks/ns_kernel_resources.py)."""
+    """One kernel launch, spelled out so that it can also be compiled offline (benchmarks/kernel_resources.py)."""
 
     kernel: object
     grid: tuple

@@ -1,6 +1,7 @@
-"""Shared memory and registers of the Newton–Schulz kernels on Hopper, compiled offline (no GPU needed).
+"""Shared memory and registers of the Triton kernels on Hopper, compiled offline (no GPU needed).
 
-    python benchmarks/ns_kernel_resources.py           # every scan shape x precision; exit 1 if one does not fit
+    python benchmarks/kernel_resources.py              # every scan shape x precision; exit 1 if one does not fit
+    python benchmarks/kernel_resources.py --kernels mlp --precisions tf32   # the memory MLP's token pass only
 
 Why offline: a kernel that needs more shared memory than the card has only fails when it is first launched on a GPU
 (the dispatcher then falls back to PyTorch). Triton ships ptxas and cuobjdump, so the exact launches that
@@ -25,6 +26,7 @@ from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
+from atlas_train.kernels import memory_mlp_kernel as mlp
 from atlas_train.kernels import newton_schulz_kernel as ns
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -35,7 +37,12 @@ NS_STEPS = 5
 # kernel takes a short side up to MAX_SHORT_SIDE (hid x 2*dh at dh 256 is 1024 x 512: PyTorch path by design).
 SCAN_SHAPES = [(dh, 4 * dh) for dh in (64, 128, 256)] + [(4 * dh, dh) for dh in (64, 128, 256)] + \
               [(4 * dh, 2 * dh) for dh in (64, 128)]
+# The memory MLP's token pass at the scan's shapes, (D, dv, hidden) = (2·dh, dh, 4·dh) for dh 64 and 128, plus the
+# kernel's widest tiles (256 features, 1024 hidden); one head's keys of a chunk (L + c − 1 = 127 tokens).
+MLP_SHAPES = [(128, 64, 256), (256, 128, 512), (256, 256, 1024)]
+MLP_TOKENS = 127
 PRECISIONS = ("ieee", "tf32", "bf16")
+KERNELS = ("ns", "mlp")
 
 
 def compile_offline(call: ns.KernelCall, target: GPUTarget = HOPPER):
@@ -76,12 +83,40 @@ def _measure(shape_and_precision) -> list[tuple]:
     return out
 
 
-def resource_rows(shapes=SCAN_SHAPES, precisions=PRECISIONS, workers=2):
-    """(shape, precision, kernel, shared bytes, registers, spill bytes, num_warps, num_stages) for every launch
-    newton_schulz makes on these shapes; compiled in `workers` processes (Triton caches the binaries on disk)."""
-    tasks = [(shape, precision) for shape in shapes for precision in precisions]
+def _measure_mlp(shape_and_precision) -> list[tuple]:
+    """Resource rows of the token pass's launches for one (D, dv, hidden) and precision: reads only and with the
+    gradient factors, forward and backward, with LayerNorm and the l2 loss (the default memory)."""
+    (dim, dv, hidden), precision = shape_and_precision
+    z, v = torch.empty(1, 1, MLP_TOKENS, dim), torch.empty(1, 1, MLP_TOKENS, dv)
+    w1, w2, ln_w = torch.empty(1, 1, dv, hidden), torch.empty(1, 1, hidden, dim), torch.empty(1, dv)
+    out = []
+    for factors in (False, True):
+        fwd, _ = mlp.forward_call(z, v if factors else None, w1, w2, ln_w, ln_w, "l2", factors, precision)
+        ups = (torch.empty(1, 1, MLP_TOKENS, dv),) * 2 + (torch.empty(1, 1, MLP_TOKENS, hidden),) * 2
+        bwd, _ = mlp.backward_call(z, v if factors else None, w1, w2, ln_w, ln_w, *ups, "l2", factors, precision)
+        for what, call in (("forward", fwd), ("backward", bwd)):
+            compiled = compile_offline(call)
+            out.append((f"{dim}/{dv}/{hidden}", precision, f"mlp {what}{' factors' if factors else ''}",
+                        compiled.metadata.shared, *registers_and_spills(compiled), call.meta["num_warps"],
+                        compiled.metadata.num_stages))
+    return out
+
+
+def resource_rows(shapes=SCAN_SHAPES, precisions=PRECISIONS, workers=2, kernels=KERNELS, mlp_shapes=MLP_SHAPES):
+    """(shape, precision, kernel, shared bytes, registers, spill bytes, num_warps, num_stages) for every launch the
+    kernels make on these shapes; compiled in `workers` processes (Triton caches the binaries on disk)."""
+    tasks = []
+    if "ns" in kernels:
+        tasks += [(_measure, (shape, precision)) for shape in shapes for precision in precisions]
+    if "mlp" in kernels:
+        tasks += [(_measure_mlp, (shape, precision)) for shape in mlp_shapes for precision in precisions]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        return [row for rows in pool.map(_measure, tasks) for row in rows]
+        return [row for rows in pool.map(_run_task, tasks) for row in rows]
+
+
+def _run_task(task):
+    measure, argument = task
+    return measure(argument)
 
 
 def _matrix(text: str) -> tuple[int, int]:
@@ -105,16 +140,19 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", type=_matrix, default=SCAN_SHAPES,
                         help="matrices as ROWSxCOLS (default: every scan shape)")
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=PRECISIONS)
+    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=KERNELS,
+                        help="Newton-Schulz (ns) and/or the memory MLP's token pass (mlp, at D/dv/hidden of MLP_SHAPES)")
     args = parser.parse_args(argv)
     if ns.INTERPRETED:
         parser.error("TRITON_INTERPRET is set: the kernels are interpreted, not compiled; unset it")
-    rows = resource_rows(args.shapes, args.precisions, args.workers)
+    rows = resource_rows(args.shapes, args.precisions, args.workers, args.kernels)
     too_big = [r for r in rows if r[3] > HOPPER_SHARED_BYTES]
-    print(f"{'matrix':<10} {'precision':<9} {'kernel':<20} {'shared B':>9} {'regs':>5} {'spill B':>7} "
+    print(f"{'shape':<12} {'precision':<9} {'kernel':<22} {'shared B':>9} {'regs':>5} {'spill B':>7} "
           f"{'warps':>5} {'stages':>6} {'progs/SM':>8}")
     for shape, precision, name, shared, regs, spill, warps, stages in rows:
         flag = "  > H100 limit" if shared > HOPPER_SHARED_BYTES else ""
-        print(f"{f'{shape[0]}x{shape[1]}':<10} {precision:<9} {name:<20} {shared:>9} {regs:>5} {spill:>7} {warps:>5} "
+        shape = shape if isinstance(shape, str) else f"{shape[0]}x{shape[1]}"
+        print(f"{shape:<12} {precision:<9} {name:<22} {shared:>9} {regs:>5} {spill:>7} {warps:>5} "
               f"{stages:>6} {programs_per_sm(shared, regs, warps):>8}{flag}")
     print(f"{len(rows)} kernels, {len(too_big)} over the {HOPPER_SHARED_BYTES} B of shared memory")
     return 1 if too_big else 0

@@ -1,0 +1,210 @@
+"""The memory MLP's token-pass kernel (kernels/memory_mlp_kernel.py) against the PyTorch path of atlas_train.ops,
+under the Triton CPU interpreter in float64: the pass alone (outputs and every input gradient), inside the whole
+scan for both updates (documents starting mid-chunk, state carried across calls), and its dispatch and probe.
+
+TRITON_INTERPRET must be set before atlas_train.kernels is imported (see test_kernels.py).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import atlas_train.kernels.memory_mlp_kernel as mlp_kernel  # noqa: E402
+from atlas_train.kernels import dispatch  # noqa: E402
+from atlas_train.kernels.runtime import INTERPRETED  # noqa: E402
+from atlas_train.ops import memory_mlp, memory_scan  # noqa: E402
+
+assert INTERPRETED, "atlas_train.kernels was imported before TRITON_INTERPRET=1 was set: import order changed"
+
+
+def _rand(gen, *shape, scale=1.0, offset=0.0):
+    return (offset + torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).requires_grad_()
+
+
+def _pass_inputs(seed, batch, heads, n, dim, dv, hidden, weight_batch, with_ln):
+    gen = torch.Generator().manual_seed(seed)
+    z, v = _rand(gen, batch, heads, n, dim), _rand(gen, batch, heads, n, dv)
+    w1 = _rand(gen, weight_batch, heads, dv, hidden, scale=hidden ** -0.5)
+    w2 = _rand(gen, weight_batch, heads, hidden, dim, scale=dim ** -0.5)
+    ln = {"ln_weight": _rand(gen, heads, dv, scale=0.2, offset=1.0),
+          "ln_bias": _rand(gen, heads, dv, scale=0.1)} if with_ln else None
+    return z, v, w1, w2, ln
+
+
+def _pass_results(fn, z, v, w1, w2, ln, seed):
+    """Outputs of one pass and the gradients of every input under random upstream gradients."""
+    outs = fn(z, v, w1, w2, ln)
+    gen = torch.Generator().manual_seed(seed)
+    upstream = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
+    leaves = [z, w1, w2, *(() if v is None else (v,)), *(() if ln is None else ln.values())]
+    grads = torch.autograd.grad(outs, leaves, upstream)
+    return [o.detach() for o in outs], list(grads)
+
+
+def _kernel(loss):
+    def run(z, v, w1, w2, ln):
+        outs = mlp_kernel.memory_mlp_pass(z, w1, w2, ln, v=v, loss=loss, precision="ieee")
+        return outs if v is not None else (outs,)
+    return run
+
+
+def _pytorch(loss):
+    def run(z, v, w1, w2, ln):
+        weights = {"W1": w1, "W2": w2}
+        f = memory_mlp.memory_forward(weights, z, w1.shape[-2], ln)
+        if v is None:
+            return (f,)
+        factors = memory_mlp.loss_gradient_factors(weights, z, v, ln, loss)
+        return f, factors["W1"][0], factors["W1"][1], factors["W2"][0]
+    return run
+
+
+# Sizes off the powers of two (padded tiles), several token blocks, several hidden tiles (BLOCK_HID set to 16 below),
+# weights per row and weights shared by every row (`params`).
+CASES = [
+    dict(batch=2, heads=2, n=37, dim=20, dv=12, hidden=40, weight_batch=1, with_ln=True, loss="l2", factors=True),
+    dict(batch=2, heads=1, n=21, dim=24, dv=24, hidden=70, weight_batch=2, with_ln=True, loss="dot", factors=True),
+    dict(batch=1, heads=2, n=17, dim=16, dv=8, hidden=33, weight_batch=1, with_ln=False, loss="l2", factors=True),
+    dict(batch=2, heads=1, n=9, dim=18, dv=18, hidden=16, weight_batch=2, with_ln=False, loss="dot", factors=True),
+    dict(batch=2, heads=2, n=37, dim=20, dv=12, hidden=40, weight_batch=2, with_ln=True, loss=None, factors=False),
+    dict(batch=1, heads=1, n=5, dim=12, dv=4, hidden=20, weight_batch=1, with_ln=False, loss=None, factors=False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_token_pass_matches_pytorch_path(case, monkeypatch):
+    """f, the gradient factors (g_out, hidden, g_pre) and the gradients of z, v, W1, W2 and the LayerNorm through
+    all four outputs: the kernel's hand-written second-order backward against autograd on the PyTorch path."""
+    monkeypatch.setattr(mlp_kernel, "BLOCK_HID", 16)
+    monkeypatch.setattr(mlp_kernel, "TILE_ELEMENTS", 16 * 32)  # 16-token blocks: several per row
+    case = dict(case)
+    loss, factors = case.pop("loss"), case.pop("factors")
+    z, v, w1, w2, ln = _pass_inputs(seed=case["n"], **case)
+    v = v if factors else None
+    got_out, got_grads = _pass_results(_kernel(loss), z, v, w1, w2, ln, seed=5)
+    want_out, want_grads = _pass_results(_pytorch(loss), z, v, w1, w2, ln, seed=5)
+    for got, want in zip(got_out + got_grads, want_out + want_grads, strict=True):
+        assert got.shape == want.shape and torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_token_pass_gradcheck():
+    z, v, w1, w2, ln = _pass_inputs(seed=1, batch=1, heads=1, n=3, dim=5, dv=3, hidden=6, weight_batch=1,
+                                    with_ln=True)
+
+    def fn(z, v, w1, w2, lw, lb):
+        return mlp_kernel.memory_mlp_pass(z, w1, w2, {"ln_weight": lw, "ln_bias": lb}, v=v, loss="l2",
+                                          precision="ieee")
+
+    assert torch.autograd.gradcheck(fn, (z, v, w1, w2, ln["ln_weight"], ln["ln_bias"]), eps=1e-6, atol=1e-6)
+
+
+def _scan_inputs(seed):
+    gen = torch.Generator().manual_seed(seed)
+    batch, length, heads, dim, dv, hid, window = 2, 11, 2, 6, 4, 9, 3
+
+    def gate(*shape, low=0.0, high=1.0):
+        return (low + (high - low) * torch.rand(*shape, generator=gen, dtype=torch.float64)).requires_grad_()
+
+    params = {"W1": _rand(gen, heads, dv, hid, scale=0.3), "W2": _rand(gen, heads, hid, dim, scale=0.3),
+              "ln_weight": gate(heads, dv, low=0.5, high=1.5), "ln_bias": _rand(gen, heads, dv, scale=0.1)}
+    tensors = dict(zq=_rand(gen, batch, length, heads, dim), zk=_rand(gen, batch, length, heads, dim),
+                   v=_rand(gen, batch, length, heads, dv), alpha=gate(batch, length, heads, low=0.8),
+                   eta=gate(batch, length, heads, high=0.2), theta=gate(batch, length, heads, high=0.9),
+                   gamma=gate(batch, length, heads, window))
+    doc_start = torch.zeros(batch, length, dtype=torch.bool)
+    doc_start[1, 6] = True  # one row only: keys at the carried anchor and at `params` in one chunk
+    return tensors, params, doc_start
+
+
+def _scan_results(update, use_kernel, monkeypatch):
+    """y, the final state and every gradient of two scan calls (split mid-chunk, state passed on)."""
+    calls = []
+    if use_kernel:
+        def kernel_pass(weights, z, ln, v=None, loss=None):  # the dispatch, as on a GPU, with exact products
+            if any(isinstance(w, memory_mlp.TokenWeights) for w in weights.values()):
+                return None
+            calls.append(z.shape)
+            return mlp_kernel.memory_mlp_pass(z, weights["W1"], weights["W2"], ln, v=v, loss=loss, precision="ieee")
+
+        monkeypatch.setattr(memory_mlp, "_kernel_pass", kernel_pass)
+    tensors, params, doc_start = _scan_inputs(seed=4)
+    split = 6
+    first = {k: t[:, :split] for k, t in tensors.items()}
+    second = {k: t[:, split:] for k, t in tensors.items()}
+    options = dict(chunk_size=4, ns_steps=2, update=update)
+    y1, state = memory_scan(**first, params=params, doc_start=doc_start[:, :split], **options)
+    y2, state = memory_scan(**second, params=params, doc_start=doc_start[:, split:], state=state, **options)
+    forward_calls = len(calls)
+    y = torch.cat([y1, y2], dim=1)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(11), dtype=y.dtype)
+    carried = sum(t.sum() for k, t in state.items() if t.is_floating_point())
+    leaves = list(tensors.values()) + list(params.values())
+    grads = torch.autograd.grad((y * upstream).sum() + carried, leaves)
+    monkeypatch.undo()
+    assert (forward_calls > 0 and len(calls) > forward_calls) == use_kernel  # backward recomputes through it too
+    return [y.detach(), *(t.detach() for t in state.values() if t.is_floating_point()), *grads]
+
+
+@pytest.mark.parametrize("update", ["token", "chunk"])
+def test_memory_scan_with_the_token_pass_kernel_matches_pytorch_path(update, monkeypatch):
+    with_kernel = _scan_results(update, True, monkeypatch)
+    reference = _scan_results(update, False, monkeypatch)
+    for got, want in zip(with_kernel, reference, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_dispatch_leaves_cpu_gated_and_not_opted_in_passes_to_pytorch(caplog, monkeypatch):
+    """CPU tensors and a switched-off kernel go to the PyTorch path silently (by design); a gated memory with the
+    kernel on gets one note."""
+    z, v, w1, w2, ln = _pass_inputs(seed=2, batch=1, heads=1, n=4, dim=8, dv=4, hidden=8, weight_batch=1,
+                                    with_ln=True)
+    assert dispatch.memory_mlp_or_none({"W1": w1, "W2": w2}, z, ln) is None  # CPU: the PyTorch path by design
+    assert "gated" in mlp_kernel.memory_mlp_unsupported(w1, w2, z, True, "l2", "tf32")
+    assert "dtype" in mlp_kernel.memory_mlp_unsupported(w1, w2, z.half(), False, "l2", "tf32")
+    assert "hidden=2048" in mlp_kernel.memory_mlp_unsupported(w1.new_zeros(1, 1, 4, 2048), w2, z, False, None,
+                                                              "tf32")
+    assert mlp_kernel.memory_mlp_unsupported(w1, w2, z, False, "l2", "tf32") is None
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
+    assert not dispatch._mlp_kernel  # opt-in (ATLAS_MEMORY_MLP_KERNEL=1) until timed on a GPU
+    assert dispatch.memory_mlp_or_none({"W1": w1, "W2": w2, "W3": w2}, z, ln, v=v, loss="l2") is None
+    assert not caplog.records
+    monkeypatch.setattr(dispatch, "_mlp_kernel", True)
+    with caplog.at_level(logging.WARNING, logger="atlas_train.kernels.dispatch"):
+        for _ in range(2):
+            assert dispatch.memory_mlp_or_none({"W1": w1, "W2": w2, "W3": w2}, z, ln, v=v, loss="l2") is None
+    assert sum("gated memory (W3)" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("corrupt", [None, "output", "gradient", "nan", "crash"])
+def test_probe_passes_the_kernel_and_rejects_wrong_numbers(corrupt, monkeypatch):
+    """The probe runs the kernel on random inputs of the pass's sizes against the float64 PyTorch path: a kernel that
+    is right passes, one that fails to run or is wrong in an output, a gradient or by a NaN is a fallback reason."""
+    real = dispatch._mlp_results
+
+    def results(*args, kernel, **kwargs):
+        found = real(*args, kernel=kernel, **kwargs)
+        if kernel and corrupt == "crash":
+            raise RuntimeError("out of resource: registers\nmore")
+        if kernel and corrupt is not None:
+            index = 1 if corrupt == "output" else -1
+            found[index] = found[index] * (float("nan") if corrupt == "nan" else 1.05)
+        return found
+
+    monkeypatch.setattr(dispatch, "_mlp_results", results)
+    monkeypatch.setattr(dispatch, "_probed", {})
+    z, v, w1, w2, ln = _pass_inputs(seed=3, batch=1, heads=1, n=4, dim=8, dv=4, hidden=8, weight_batch=1,
+                                    with_ln=True)
+    reason = dispatch._probe_memory_mlp(w1, w2, z, ln, True, "l2")
+    if corrupt is None:
+        assert reason is None
+    elif corrupt == "crash":
+        assert reason == "the memory MLP kernel failed to run: RuntimeError: out of resource: registers"
+    else:
+        assert reason.startswith("the memory MLP kernel disagrees with the PyTorch path"), reason
