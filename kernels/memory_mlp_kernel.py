@@ -4,13 +4,13 @@ every key of a chunk at one set of shared fast weights (ATLAS_SPEC.md 3.1-3.3).
 Why a kernel: in PyTorch the gradient factors of one pass are 35 ops forward (two matmuls per layer, GELU and its
 derivative, LayerNorm and its hand-written backward, the error) and 81 in the scan's backward, which differentiates
 that hand-written gradient once more (second derivatives of GELU and LayerNorm); a read is 8 and 17 (aten ops other
-than views, counted on CPU at dh 64). Every chunk of the scan runs them
-for its keys (and, with update="chunk", for its queries), so at chunk 64 the scan is bound by their launches, not
-by arithmetic. Here a program owns BLOCK_T tokens of one (batch, head) and streams the hidden layer through in
-BLOCK_HID-wide tiles, so the hidden activations never go to memory except where they are outputs:
+than views, counted on CPU at dh 64). Every chunk of the scan runs them for its keys (and, with update="chunk", for
+its queries), on matrices so small that launches, not arithmetic, bound the chunk update (0.5% of the H100's
+ceiling at dh 64, benchmarks/RESULTS.md). Here a program owns BLOCK_T tokens of one (batch, head) and streams the
+hidden layer through in BLOCK_HID-wide tiles, so the hidden activations never go to memory except as outputs:
 
   forward   p = W2 z, a = gelu(p), o = W1 a, f = z[:dv] + LN(o);  with FACTORS also e = f - v (l2) or -v (dot),
-            g_out = dLN(o)ᵀ (e ⊙ w_ln), g_pre = (W1ᵀ g_out) ⊙ gelu'(p)  (so ∇W1 = g_out ⊗ a, ∇W2 = g_pre ⊗ z);
+            g_out = dLN(o)ᵀ (e ⊙ w_ln), g_pre = (W1ᵀ g_out) ⊙ gelu'(p)  (∇W1 = g_out ⊗ a, ∇W2 = g_pre ⊗ z);
   backward  given upstream gradients of (f, g_out, a, g_pre), three passes over the hidden tiles: the first
             recomputes o, the second gathers t = ∂J/∂g_out (which needs every tile), then the dv-wide LayerNorm
             algebra (second order: g_out is linear in e ⊙ w_ln with a projection that depends on the normalised
@@ -35,11 +35,13 @@ from atlas_train.ops.memory_mlp import LN_EPS
 MAX_FEATURES = 256  # D and dv: a token's row is one register tile
 MAX_HIDDEN = 1024
 LOSSES = ("l2", "dot")
-# Register tiles of a program hold about this many elements (BLOCK_T x the padded feature dim); above it, fewer tokens.
-TILE_ELEMENTS = 4096
+# Tile sizes and pipelining are set so that every launch fits Hopper's 227 KiB of shared memory with few register
+# spills (benchmarks/kernel_resources.py compiles them offline; a test checks). Triton's default of 3 pipeline stages
+# with 64-token blocks and 64-wide hidden tiles needed up to 664 KiB. Not yet tuned for speed on a GPU.
+TILE_ELEMENTS = 4096  # a register tile holds about this many elements (BLOCK_T x the padded feature dim)
 BLOCK_HID = 32
 NUM_WARPS = {128: 4, 256: 8}  # by the widest padded feature tile: 8 warps keep a 256-wide one's tiles in registers
-NUM_STAGES = 1
+NUM_STAGES = 1  # no software pipelining of the hidden-tile loops: each stage is another copy of their tiles
 
 
 @triton.jit

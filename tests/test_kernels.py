@@ -207,6 +207,19 @@ def test_probe_rejects_an_implementation_that_computes_wrong_numbers(impl, corru
     assert reason is not None and reason.startswith(f"{impl} disagrees with the PyTorch path"), reason
 
 
+def test_probe_draws_its_random_inputs_only_on_the_first_call(monkeypatch):
+    """Every later call of a shape (the hot path, also inside CUDA graph capture) must leave the RNG alone: a draw
+    there would shift the random stream the model's own sampling sees."""
+    from atlas_train.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_probed", {})
+    s = torch.randn(2, 5, 7, dtype=torch.float64)
+    assert dispatch._probe_newton_schulz("triton", s, 2) is None
+    state = torch.get_rng_state()
+    assert dispatch._probe_newton_schulz("triton", s, 2) is None
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 @pytest.mark.parametrize("impl", ["triton", "cublas"])
 def test_probe_saves_nothing_for_autograd(impl):
     """The probe may run inside a checkpointed forward: tensors it saved would break the recomputation's count."""
