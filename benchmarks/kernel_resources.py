@@ -141,7 +141,7 @@ def main(argv=None) -> int:
                         help="matrices as ROWSxCOLS (default: every scan shape)")
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=PRECISIONS)
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=KERNELS,
-                        help="Newton-Schulz (ns) and/or the memory MLP's token pass (mlp, at D/dv/hidden of MLP_SHAPES)")
+                        help="Newton-Schulz (ns) and/or the memory MLP's token pass (mlp, at MLP_SHAPES)")
     args = parser.parse_args(argv)
     if ns.INTERPRETED:
         parser.error("TRITON_INTERPRET is set: the kernels are interpreted, not compiled; unset it")
