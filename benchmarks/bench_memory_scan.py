@@ -6,6 +6,7 @@
     python benchmarks/bench_memory_scan.py --ns-only  # Newton-Schulz alone: Triton kernel, cuBLAS, torch.compile
     python benchmarks/bench_memory_scan.py --ns-only --ns-sweep   # + the NS kernel's launch heuristics compared
     python benchmarks/bench_memory_scan.py --profile 20 --dh 64 --lengths 4096   # where a step's device time goes
+    python benchmarks/bench_memory_scan.py --count-ops --skip-checks --dh 16 --lengths 128   # launches per chunk
 
 1. Checks (fresh random inputs, seed printed): both fast Newton–Schulz paths (Triton kernel, cuBLAS) against a
    float64 PyTorch reference, per operand precision, outputs and gradients; then the whole memory_scan with the fast
@@ -37,6 +38,7 @@ if not torch.cuda.is_available():  # CPU smoke run: the kernels run in Triton's 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from atlas_train import kernels  # noqa: E402
 from atlas_train.kernels.dispatch import PROBE_TOLERANCE, relative_error  # noqa: E402
@@ -340,6 +342,68 @@ def profile_table(length, dh, update, device, top):
     return lines
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the operators a region dispatches, views and other metadata-only ops left out (they launch nothing)."""
+
+    METADATA_ONLY = {"view", "_unsafe_view", "expand", "t", "transpose", "unsqueeze", "squeeze", "permute", "slice",
+                     "select", "alias", "detach", "as_strided", "split", "unbind", "_reshape_alias", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.__name__.split(".")[0] not in self.METADATA_ONLY
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _fast_paths_as_on_a_gpu(mlp_kernel):
+    """On CPU, the NS kernel and (if asked) the memory MLP kernel in the scan where a GPU's dispatch would put them
+    (interpreted): op counts then match the GPU's. On a GPU, the dispatch itself."""
+    if torch.cuda.is_available():
+        with scan_settings(graphs=False, use_kernels=True, compiled=False, mlp_kernel=mlp_kernel):
+            yield
+        return
+    from atlas_train.kernels.memory_mlp_kernel import memory_mlp_pass
+    from atlas_train.ops import memory_mlp
+
+    def kernel_pass(weights, z, ln, v=None, loss=None):
+        if not mlp_kernel or any(isinstance(w, memory_mlp.TokenWeights) for w in weights.values()):
+            return None
+        return memory_mlp_pass(z, weights["W1"], weights["W2"], ln, v=v, loss=loss, precision="ieee")
+
+    saved = scan_chunks.newton_schulz, memory_mlp._kernel_pass
+    scan_chunks.newton_schulz = lambda s, steps: kernels.newton_schulz(s, steps, "ieee")
+    memory_mlp._kernel_pass = kernel_pass
+    try:
+        yield
+    finally:
+        scan_chunks.newton_schulz, memory_mlp._kernel_pass = saved
+
+
+def count_ops_table(length, dh, updates, device):
+    """Operators per chunk of one forward+backward (backward = each chunk's recompute and gradient), eager, with the
+    fast paths and without/with the memory MLP kernel. On a GPU each is a kernel launch, and a CUDA graph replays
+    the same launches, so where launches rather than arithmetic bound a chunk this is what fusion buys. Not a
+    timing: deterministic, and the same on any device."""
+    lines = [f"== operators per chunk: T={length} dh={dh} chunk={CHUNK}, fast paths as dispatched on a GPU ==",
+             f"{'update':<8} {'memory MLP':<12} {'forward':>8} {'backward':>9} {'total':>7}"]
+    for update in updates:
+        for mlp_kernel in (False, True):
+            heads = HEADS if device.type == "cuda" else 2  # per-chunk counts do not depend on it; the interpreter is slow
+            tensors, params = make_inputs(1, length, heads, dh, device, torch.float32, seed=0)
+            with _fast_paths_as_on_a_gpu(mlp_kernel):
+                with _OpCounter() as forward:
+                    y, _ = memory_scan(**tensors, params=params, chunk_size=CHUNK, ns_steps=NS_STEPS, update=update)
+                with _OpCounter() as backward:
+                    y.backward(torch.ones_like(y))
+            chunks = length // CHUNK
+            lines.append(f"{update:<8} {'kernel' if mlp_kernel else 'PyTorch':<12} {forward.count / chunks:8.0f} "
+                         f"{backward.count / chunks:9.0f} {(forward.count + backward.count) / chunks:7.0f}")
+    return lines
+
+
 # --ns-sweep: launch heuristics of the NS kernel to compare on the GPU (module constants of newton_schulz_kernel)
 NS_SWEEP = [("stages 1", dict(NUM_STAGES={"forward": 1, "backward": 1})),
             ("stages 3/2", dict(NUM_STAGES={"forward": 3, "backward": 2})),
@@ -465,6 +529,9 @@ def main(argv=None):
     parser.add_argument("--profile", type=int, metavar="N",
                         help="instead of timings: the N costliest kernels and PyTorch ops (with input shapes) of one "
                              "step, per --dh and update, at the first --lengths")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="instead of timings: operators per chunk (kernel launches on a GPU) of each update, "
+                             "without and with the memory MLP kernel, at the first --dh and --lengths")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -521,6 +588,9 @@ def main(argv=None):
     else:
         lengths, head_dims = ((128,), (16,)) if args.quick else ((128, 256), (16,))
     lengths, head_dims = args.lengths or lengths, args.dh or head_dims
+    if args.count_ops:
+        print("\n" + "\n".join(count_ops_table(lengths[0], head_dims[0], args.updates, device)), flush=True)
+        return 1 if failed else 0
     if args.profile:
         for dh in head_dims:
             for update in args.updates:

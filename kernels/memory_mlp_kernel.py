@@ -332,8 +332,8 @@ def _backward(z, v, w1, w2, ln_weight, ln_bias, d_f, d_g_out, d_hidden, d_g_pre,
     return d_z, (d_v if factors else None), d_w1, d_w2, d_ln
 
 
-# A torch custom op (opaque to torch.compile, like the NS kernel's): always four outputs, the last three aliases of
-# the first when no factors are asked for (their gradients are then ignored).
+# A torch custom op (opaque to torch.compile, like the NS kernel's): always four outputs, the last three empty when no
+# factors are asked for (their gradients are then ignored).
 @torch.library.custom_op("atlas_train::memory_mlp_pass", mutates_args=())
 def _pass_op(z: torch.Tensor, v: torch.Tensor | None, w1: torch.Tensor, w2: torch.Tensor,
              ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, loss: str, factors: bool,

@@ -294,3 +294,18 @@ def test_profile_mode_lists_the_costliest_ops_of_each_update(capsys, monkeypatch
     for update in ("token", "chunk"):
         table = out.split(f"== profile: scan {update}, T=64 dh=8:")[1].split("==\n")[1].splitlines()[:3]
         assert len(table) == 3 and all(line.split()[0].endswith("%") for line in table), out[-2000:]
+
+
+def test_count_ops_mode_counts_fewer_operators_per_chunk_with_the_memory_mlp_kernel(capsys, monkeypatch):
+    """CPU run of `bench_memory_scan.py --count-ops` (update=chunk, two chunks): the fast paths go in as a GPU's
+    dispatch would put them, and the memory MLP kernel replaces its passes' many operators with one call each way."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_memory_scan
+
+    args = ["--count-ops", "--skip-checks", "--updates", "chunk", "--dh", "8", "--lengths", "128"]
+    with torch.random.fork_rng():
+        assert bench_memory_scan.main(args) == 0
+    table = capsys.readouterr().out.split("== operators per chunk: T=128 dh=8 chunk=64")[1].splitlines()[2:4]
+    (update, path, *counts), (_, kernel_path, *kernel_counts) = (line.split() for line in table)
+    assert (update, path, kernel_path) == ("chunk", "PyTorch", "kernel")
+    assert all(int(k) < int(c) for k, c in zip(kernel_counts, counts, strict=True)), table
