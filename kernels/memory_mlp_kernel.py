@@ -125,8 +125,11 @@ def _project(x, n, dv_ok, DV):
 
 @triton.jit
 def _program(H, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_HID: tl.constexpr):
-    """This program's (batch·head, token block), batch, head, token rows and the column ranges of its tiles."""
-    pid_bh, pid_t = tl.program_id(0), tl.program_id(1)
+    """This program's (batch·head, token block), batch, head, token rows and the column ranges of its tiles.
+
+    The batch·head index is 64-bit so that every buffer offset derived from it is: the per-token-block weight
+    gradients pass 2^31 elements at large decode batches (e.g. 8192 batch·heads x 4 blocks x 256 x 512)."""
+    pid_bh, pid_t = tl.program_id(0).to(tl.int64), tl.program_id(1)
     t_rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     return (pid_bh, pid_t, pid_bh // H, pid_bh % H, t_rows, tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV),
             tl.arange(0, BLOCK_HID))
