@@ -41,7 +41,13 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from atlas_train import kernels  # noqa: E402
-from atlas_train.kernels.dispatch import PROBE_TOLERANCE, relative_error  # noqa: E402
+from atlas_train.kernels.dispatch import (  # noqa: E402
+    MEMORY_MLP_KERNEL,
+    PROBE_TOLERANCE,
+    memory_mlp_refusal,
+    noted_fallbacks,
+    relative_error,
+)
 from atlas_train.ops import memory_scan  # noqa: E402
 from atlas_train.ops import scan_chunks  # noqa: E402
 from atlas_train.ops.static_calls import forced_scan_mode  # noqa: E402
@@ -143,6 +149,17 @@ def scan_fwd_bwd(tensors, params, update, upstream=None):
     return y, grads
 
 
+def mlp_kernel_refusals(tensors, params) -> list[str]:
+    """Why the memory MLP kernel would not take the scan's passes for these inputs at the current precision (reads,
+    and window gradients with the l2 loss), if it would not."""
+    z = tensors["zq"].detach().float().transpose(1, 2)
+    weights = {w: params[w].detach().unsqueeze(0) for w in ("W1", "W2")}
+    ln = {k: params[k].detach() for k in ("ln_weight", "ln_bias")}
+    reasons = [memory_mlp_refusal(weights, z, ln, factors=factors, loss="l2" if factors else None)
+               for factors in (False, True)]
+    return [r for r in reasons if r is not None]
+
+
 def check_memory_scan(device):
     """memory_scan with kernels (each precision) against the float64 PyTorch path at a small real shape."""
     rows = []
@@ -168,8 +185,11 @@ def check_memory_scan(device):
             errs = [relative_error(g, r) for g, r in zip((y, *grads), (ref_y, *ref_grads))]
             worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
             bound = max(BOUNDS[precision], 2 * torch_err)  # never asked to beat the fp32 PyTorch path itself
-            rows.append((f"memory_scan {update} {precision}{' +mlp kernel' if mlp_kernel else ''} "
-                         f"(worst: {names[worst]})", errs[worst], bound))
+            name = f"memory_scan {update} {precision}{' +mlp kernel' if mlp_kernel else ''} (worst: {names[worst]})"
+            rows.append((name, errs[worst], bound))
+            if mlp_kernel:  # a kernel that fell back would pass by being absent: why it did fails the check
+                rows += [(f"  mlp kernel not used: {reason[:70]}", math.nan, bound)
+                         for reason in mlp_kernel_refusals(tensors, params)]
         kernels.set_ns_precision("tf32")
     return rows
 
@@ -614,6 +634,8 @@ def main(argv=None):
                                   flops, (name, update, dh), length)
 
     print(f"\n== correctness: {len(checks)} checks, {len(failed)} failed (listed before the timings) ==")
+    for reason in noted_fallbacks(MEMORY_MLP_KERNEL):  # then its "+mlp" rows ran (partly) without it
+        print(f"memory MLP kernel not used for some passes: {reason}")
     print(f"\n== forward+backward, B*H={HEADS}, c={WINDOW}, chunk={CHUNK}, ns={NS_STEPS}; "
           f"ceiling {ceiling:.3g} TFLOP/s; time, TFLOP/s, % of ceiling, peak memory ==")
     for label, shape, result in bench.rows:

@@ -45,6 +45,7 @@ TRITON_MAX_SHORT_SIDE = 64
 # its Hopper resources offline, and its probe guards its numbers on the card, but whether it beats the CUDA-graphed
 # PyTorch pass is not yet measured (benchmarks/RESULTS.md). ATLAS_MEMORY_MLP_KERNEL=1 or set_memory_mlp_kernel(True).
 _mlp_kernel = os.environ.get("ATLAS_MEMORY_MLP_KERNEL", "0") == "1"
+MEMORY_MLP_KERNEL = "the memory MLP kernel"  # its name in fallback notes
 
 
 def set_memory_mlp_kernel(enabled: bool) -> None:
@@ -71,6 +72,12 @@ def set_ns_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     _ns_precision = precision
+
+
+def noted_fallbacks(what: str) -> list[str]:
+    """The reasons noted so far for not using `what` (e.g. MEMORY_MLP_KERNEL): a benchmark that asked for a fast
+    path can then say that some of its rows ran without it."""
+    return sorted(key.split(": ", 1)[1] for key in _noted if key.startswith(f"{what}: "))
 
 
 def note_fallback(what: str, reason: str) -> None:
@@ -183,13 +190,19 @@ def memory_mlp_or_none(weights: dict, z: torch.Tensor, ln: dict | None, *, v: to
     tensors it covers and whose probe passes, else None: the caller's PyTorch path. Reasons are noted once."""
     if not (_enabled and _mlp_kernel and z.is_cuda):
         return None
-    w1, w2 = weights["W1"], weights["W2"]
-    reason = memory_mlp_unsupported(w1, w2, z, "W3" in weights, loss, _ns_precision) or _probe_memory_mlp(
-        w1, w2, z, ln, v is not None, loss)
+    reason = memory_mlp_refusal(weights, z, ln, factors=v is not None, loss=loss)
     if reason is not None:
-        note_fallback("the memory MLP kernel", reason)
+        note_fallback(MEMORY_MLP_KERNEL, reason)
         return None
-    return memory_mlp_pass(z, w1, w2, ln, v=v, loss=loss, precision=_ns_precision)
+    return memory_mlp_pass(z, weights["W1"], weights["W2"], ln, v=v, loss=loss, precision=_ns_precision)
+
+
+def memory_mlp_refusal(weights: dict, z: torch.Tensor, ln: dict | None, *, factors: bool, loss: str | None):
+    """Why the kernel does not take such a pass at the current precision (does not cover it, or its probe fails),
+    or None; what `memory_mlp_or_none` decides by, for checks that must know the kernel really ran."""
+    w1, w2 = weights["W1"], weights["W2"]
+    return memory_mlp_unsupported(w1, w2, z, "W3" in weights, loss, _ns_precision) or _probe_memory_mlp(
+        w1, w2, z, ln, factors, loss)
 
 
 def _mlp_results(z, w1, w2, ln, v, loss, upstream, kernel: bool) -> list[torch.Tensor]:
@@ -240,7 +253,7 @@ def _probe_memory_mlp(w1, w2, z, ln, factors: bool, loss: str | None) -> str | N
     reference = dict(z=on_cpu(inputs["z"]), w1=on_cpu(inputs["w1"]), w2=on_cpu(inputs["w2"]),
                      v=None if not factors else on_cpu(inputs["v"]),
                      ln=None if ln is None else {k: on_cpu(t) for k, t in inputs["ln"].items()})
-    _probed[key] = _verdict("the memory MLP kernel", f"a random pass (D={dim}, dv={dv}, hidden={hidden})",
+    _probed[key] = _verdict(MEMORY_MLP_KERNEL, f"a random pass (D={dim}, dv={dv}, hidden={hidden})",
                             lambda: _mlp_results(**inputs, loss=loss, upstream=upstream, kernel=True),
                             lambda: _mlp_results(**reference, loss=loss, upstream=[on_cpu(u) for u in upstream],
                                                  kernel=False))

@@ -10,6 +10,9 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import logging  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -172,7 +175,7 @@ def test_dispatch_leaves_cpu_gated_and_not_opted_in_passes_to_pytorch(caplog, mo
                                                               "tf32")
     assert mlp_kernel.memory_mlp_unsupported(w1, w2, z, False, "l2", "tf32") is None
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
-    assert not dispatch._mlp_kernel  # opt-in (ATLAS_MEMORY_MLP_KERNEL=1) until timed on a GPU
+    monkeypatch.setattr(dispatch, "_mlp_kernel", False)  # the default: opt-in until timed on a GPU
     assert dispatch.memory_mlp_or_none({"W1": w1, "W2": w2, "W3": w2}, z, ln, v=v, loss="l2") is None
     assert not caplog.records
     monkeypatch.setattr(dispatch, "_mlp_kernel", True)
@@ -208,3 +211,34 @@ def test_probe_passes_the_kernel_and_rejects_wrong_numbers(corrupt, monkeypatch)
         assert reason == "the memory MLP kernel failed to run: RuntimeError: out of resource: registers"
     else:
         assert reason.startswith("the memory MLP kernel disagrees with the PyTorch path"), reason
+
+
+def test_bench_check_fails_when_the_kernel_would_not_run(monkeypatch):
+    """bench_memory_scan's '+mlp kernel' checks would pass by the kernel's absence if its probe refused it: the bench
+    asks the dispatch why it would refuse the check's passes, and each reason becomes a failed check."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_memory_scan
+
+    tensors, params = bench_memory_scan.make_inputs(1, 8, 2, 8, torch.device("cpu"), torch.float32, seed=0)
+    monkeypatch.setattr(dispatch, "_probed", {})
+    assert bench_memory_scan.mlp_kernel_refusals(tensors, params) == []
+
+    def broken(*args, **kwargs):  # the kernel's run comes first, so the reference is never reached
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(dispatch, "_probed", {})
+    monkeypatch.setattr(dispatch, "_mlp_results", broken)
+    reasons = bench_memory_scan.mlp_kernel_refusals(tensors, params)
+    assert len(reasons) == 2 and all("failed to run" in r for r in reasons)
+
+
+@pytest.mark.parametrize("setting,enabled", [(None, False), ("0", False), ("1", True)])
+def test_kernel_is_opt_in_by_environment(setting, enabled):
+    """Off unless ATLAS_MEMORY_MLP_KERNEL=1 (until it has been timed on a GPU); read once, at import."""
+    env = {k: v for k, v in os.environ.items() if k != "ATLAS_MEMORY_MLP_KERNEL"}
+    if setting is not None:
+        env["ATLAS_MEMORY_MLP_KERNEL"] = setting
+    code = "import atlas_train.kernels.dispatch as d; print(d.settings()[-1])"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(enabled)
