@@ -8,10 +8,10 @@
     python benchmarks/bench_memory_scan.py --profile 20 --dh 64 --lengths 4096   # where a step's device time goes
     python benchmarks/bench_memory_scan.py --count-ops --skip-checks --dh 16 --lengths 128   # launches per chunk
 
-1. Checks (fresh random inputs, seed printed): both fast Newton–Schulz paths (Triton kernel, cuBLAS) against a
-   float64 PyTorch reference, per operand precision, outputs and gradients; then the whole memory_scan with the fast
-   paths against the float64 PyTorch path (GPU only: the dispatch takes CUDA tensors). Relative error bounds per
-   precision; NaN never passes.
+1. Checks (fresh random inputs, seed printed): both fast Newton–Schulz paths (Triton kernel, cuBLAS) and the memory
+   MLP kernel's token pass against a float64 PyTorch reference, per operand precision, outputs and gradients; then
+   the whole memory_scan with the fast paths (without and with the opt-in memory MLP kernel) against the float64
+   PyTorch path (GPU only: the dispatch takes CUDA tensors). Relative error bounds per precision; NaN never passes.
 2. Speed (B·H = 16, hid = 4·dh, D = 2·dh as with the default sketch map, c = 64, chunk 64): memory_scan
    update=token and chunk with the kernels, the PyTorch path compiled with torch.compile (per-chunk step compiled,
    kernels off), and SDPA causal attention (cuDNN backend on GPU) with the same heads (Newton–Schulz alone:
@@ -44,8 +44,10 @@ from atlas_train import kernels  # noqa: E402
 from atlas_train.kernels.dispatch import (  # noqa: E402
     MEMORY_MLP_KERNEL,
     PROBE_TOLERANCE,
+    memory_mlp_pass_results,
     memory_mlp_refusal,
     noted_fallbacks,
+    random_memory_mlp_pass,
     relative_error,
 )
 from atlas_train.ops import memory_scan  # noqa: E402
@@ -147,6 +149,33 @@ def scan_fwd_bwd(tensors, params, update, upstream=None):
     leaves = list(tensors.values()) + list(params.values())
     grads = torch.autograd.grad(y, leaves, upstream if upstream is not None else torch.ones_like(y))
     return y, grads
+
+
+def check_mlp_kernel(device, shapes, tokens):
+    """The memory MLP kernel's token pass alone per precision against float64 (f, the gradient factors, and the
+    gradients of z, W1, W2, v and the LayerNorm), reads and window gradients, at (D, dv, hidden) shapes with HEADS
+    heads of `tokens` tokens; one row per pass and precision, its worst result named."""
+    names = {False: ["f", "dz", "dW1", "dW2", "dln_w", "dln_b"],
+             True: ["f", "g_out", "hidden", "g_pre", "dz", "dW1", "dW2", "dv", "dln_w", "dln_b"]}
+    precisions = ("ieee", "tf32", "bf16") if device.type == "cuda" else ("ieee",)
+    rows = []
+    for (dim, dv, hidden), factors in itertools.product(shapes, (False, True)):
+        heads = HEADS if device.type == "cuda" else 2
+        inputs, upstream, reference, ref_upstream = random_memory_mlp_pass(
+            dim, dv, hidden, heads=heads, tokens=tokens, with_ln=True, factors=factors, device=device,
+            dtype=torch.float32)
+        loss = "l2" if factors else None
+        want = memory_mlp_pass_results(**reference, loss=loss, upstream=ref_upstream, kernel=False)
+        for precision in precisions:
+            kernels.set_ns_precision(precision)
+            got = memory_mlp_pass_results(**inputs, loss=loss, upstream=upstream, kernel=True)
+            errs = [relative_error(g, w) for g, w in zip(got, want, strict=True)]
+            worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
+            rows.append((f"mlp kernel {dim}/{dv}/{hidden} {'factors' if factors else 'read'} {precision} "
+                         f"(worst: {names[factors][worst]})", errs[worst], BOUNDS[precision]))
+            print(f"  checked {rows[-1][0]}: {errs[worst]:.2e} (bound {BOUNDS[precision]:.0e})", flush=True)
+        kernels.set_ns_precision("tf32")
+    return rows
 
 
 def mlp_kernel_refusals(tensors, params) -> list[str]:
@@ -570,6 +599,10 @@ def main(argv=None):
         if on_gpu and args.ns_only and args.dh:  # only the timed shapes (each compiles its own kernels) and one odd
             ns_sizes = [(8, *shape) for dh in args.dh for shape in ((dh, 4 * dh), (4 * dh, 2 * dh))] + [(8, 40, 200)]
         groups = [("NS paths", lambda: check_ns_paths(device, ns_sizes))]
+        if not args.ns_only:  # the memory MLP kernel at the scan's (D, dv, hidden) and an odd one; c + chunk − 1 keys
+            mlp_shapes = [(128, 64, 256), (256, 128, 512), (200, 100, 300)] if on_gpu else [(20, 12, 40)]
+            groups.append(("memory MLP kernel",
+                           lambda: check_mlp_kernel(device, mlp_shapes, WINDOW + CHUNK - 1 if on_gpu else 21)))
         if on_gpu and not args.ns_only:
             groups.append(("memory_scan", lambda: check_memory_scan(device)))
         for name, run_checks in groups:

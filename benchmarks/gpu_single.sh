@@ -4,8 +4,9 @@
 #                                          PyTorch), then the scan at 4K, dh 64 and 128, against its baselines
 #   bash benchmarks/gpu_single.sh scan-table DH [--skip-checks]   issue 6's table for one head dim: the scan at
 #                                          4K/16K/64K, both updates, graphs vs the compiled baseline vs cuDNN SDPA
-#   bash benchmarks/gpu_single.sh scan-mlp issue 6: the opt-in memory MLP kernel (checks with and without it, then
-#                                          the default graphs path with and without it, 4K/16K, dh 64 and 128)
+#   bash benchmarks/gpu_single.sh scan-mlp issue 6: the opt-in memory MLP kernel (checks of the pass alone and of the
+#                                          scan with and without it, then the default graphs path with and without
+#                                          it, 4K/16K, dh 64 and 128)
 #   bash benchmarks/gpu_single.sh train    issue 4: 340M transformer (with the loader + logging overhead) and atlas
 #                                          (token and chunk update) at 4K, one call
 #   bash benchmarks/gpu_single.sh decode   issue 8: decode at 4K/32K, batch 1/32, eager and CUDA graph

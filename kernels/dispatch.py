@@ -205,8 +205,9 @@ def memory_mlp_refusal(weights: dict, z: torch.Tensor, ln: dict | None, *, facto
         w1, w2, z, ln, factors, loss)
 
 
-def _mlp_results(z, w1, w2, ln, v, loss, upstream, kernel: bool) -> list[torch.Tensor]:
-    """Outputs and input gradients of one token pass under `upstream` (the kernel's, or the PyTorch path's)."""
+def memory_mlp_pass_results(z, w1, w2, ln, v, loss, upstream, kernel: bool) -> list[torch.Tensor]:
+    """Outputs (f, and with v the factors g_out, hidden, g_pre) and then the gradients of z, W1, W2 (, v, the
+    LayerNorm's weight and bias) of one token pass under `upstream`: the kernel's, or the PyTorch path's."""
     from atlas_train.ops.memory_mlp import loss_gradient_factors, memory_forward
 
     leaves = [t.detach().clone().requires_grad_() for t in (z, w1, w2, *(() if v is None else (v,)))]
@@ -228,33 +229,41 @@ def _mlp_results(z, w1, w2, ln, v, loss, upstream, kernel: bool) -> list[torch.T
     return [o.detach() for o in outs] + list(grads)
 
 
-@torch.compiler.disable
-def _probe_memory_mlp(w1, w2, z, ln, factors: bool, loss: str | None) -> str | None:
-    """The kernel's token pass on random inputs of this pass's sizes (one head, 40 tokens) against the float64
-    PyTorch path: outputs and every input gradient (see `_probe`)."""
-    dim, (dv, hidden) = z.shape[-1], w1.shape[-2:]
-    key = ("memory_mlp", dim, dv, hidden, ln is not None, factors, loss, z.dtype, z.device, _ns_precision)
-    if key in _probed:  # random inputs only on a first call: the hot path draws nothing from the RNG
-        return _probed[key]
-    device, dtype, n = z.device, z.dtype, 40
-
+def random_memory_mlp_pass(dim: int, dv: int, hidden: int, *, heads: int, tokens: int, with_ln: bool, factors: bool,
+                           device, dtype) -> tuple[dict, list, dict, list]:
+    """Random inputs of one token pass (weights at initialisation scale) with upstream gradients of its four outputs,
+    and their float64 CPU copies for the reference: keyword arguments of `memory_mlp_pass_results`, without `loss`
+    and `kernel`."""
     def rand(*shape, scale=1.0):
         return torch.randn(*shape, device=device, dtype=dtype) * scale
 
-    inputs = dict(z=rand(1, 1, n, dim), w1=rand(1, 1, dv, hidden, scale=hidden ** -0.5),
-                  w2=rand(1, 1, hidden, dim, scale=dim ** -0.5), v=rand(1, 1, n, dv) if factors else None,
-                  ln=None if ln is None else {"ln_weight": 1 + rand(1, dv, scale=0.1),
-                                              "ln_bias": rand(1, dv, scale=0.1)})
-    upstream = [rand(1, 1, n, dv), rand(1, 1, n, dv), rand(1, 1, n, hidden), rand(1, 1, n, hidden)]
+    inputs = dict(z=rand(1, heads, tokens, dim), w1=rand(1, heads, dv, hidden, scale=hidden ** -0.5),
+                  w2=rand(1, heads, hidden, dim, scale=dim ** -0.5), v=rand(1, heads, tokens, dv) if factors else None,
+                  ln=None if not with_ln else {"ln_weight": 1 + rand(heads, dv, scale=0.1),
+                                               "ln_bias": rand(heads, dv, scale=0.1)})
+    upstream = [rand(1, heads, tokens, width) for width in (dv, dv, hidden, hidden)]
 
     def on_cpu(t):
         return t.double().cpu()
 
     reference = dict(z=on_cpu(inputs["z"]), w1=on_cpu(inputs["w1"]), w2=on_cpu(inputs["w2"]),
                      v=None if not factors else on_cpu(inputs["v"]),
-                     ln=None if ln is None else {k: on_cpu(t) for k, t in inputs["ln"].items()})
+                     ln=None if not with_ln else {k: on_cpu(t) for k, t in inputs["ln"].items()})
+    return inputs, upstream, reference, [on_cpu(u) for u in upstream]
+
+
+@torch.compiler.disable
+def _probe_memory_mlp(w1, w2, z, ln, factors: bool, loss: str | None) -> str | None:
+    """The kernel's token pass on random inputs of this pass's sizes (one head, 40 tokens) against the float64
+    PyTorch path: outputs and every input gradient (see `_verdict`)."""
+    dim, (dv, hidden) = z.shape[-1], w1.shape[-2:]
+    key = ("memory_mlp", dim, dv, hidden, ln is not None, factors, loss, z.dtype, z.device, _ns_precision)
+    if key in _probed:  # random inputs only on a first call: the hot path draws nothing from the RNG
+        return _probed[key]
+    inputs, upstream, reference, ref_upstream = random_memory_mlp_pass(
+        dim, dv, hidden, heads=1, tokens=40, with_ln=ln is not None, factors=factors, device=z.device, dtype=z.dtype)
     _probed[key] = _verdict(MEMORY_MLP_KERNEL, f"a random pass (D={dim}, dv={dv}, hidden={hidden})",
-                            lambda: _mlp_results(**inputs, loss=loss, upstream=upstream, kernel=True),
-                            lambda: _mlp_results(**reference, loss=loss, upstream=[on_cpu(u) for u in upstream],
-                                                 kernel=False))
+                            lambda: memory_mlp_pass_results(**inputs, loss=loss, upstream=upstream, kernel=True),
+                            lambda: memory_mlp_pass_results(**reference, loss=loss, upstream=ref_upstream,
+                                                            kernel=False))
     return _probed[key]

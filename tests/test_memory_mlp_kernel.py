@@ -189,7 +189,7 @@ def test_dispatch_leaves_cpu_gated_and_not_opted_in_passes_to_pytorch(caplog, mo
 def test_probe_passes_the_kernel_and_rejects_wrong_numbers(corrupt, monkeypatch):
     """The probe runs the kernel on random inputs of the pass's sizes against the float64 PyTorch path: a kernel that
     is right passes, one that fails to run or is wrong in an output, a gradient or by a NaN is a fallback reason."""
-    real = dispatch._mlp_results
+    real = dispatch.memory_mlp_pass_results
 
     def results(*args, kernel, **kwargs):
         found = real(*args, kernel=kernel, **kwargs)
@@ -200,7 +200,7 @@ def test_probe_passes_the_kernel_and_rejects_wrong_numbers(corrupt, monkeypatch)
             found[index] = found[index] * (float("nan") if corrupt == "nan" else 1.05)
         return found
 
-    monkeypatch.setattr(dispatch, "_mlp_results", results)
+    monkeypatch.setattr(dispatch, "memory_mlp_pass_results", results)
     monkeypatch.setattr(dispatch, "_probed", {})
     z, v, w1, w2, ln = _pass_inputs(seed=3, batch=1, heads=1, n=4, dim=8, dv=4, hidden=8, weight_batch=1,
                                     with_ln=True)
@@ -227,7 +227,7 @@ def test_bench_check_fails_when_the_kernel_would_not_run(monkeypatch):
         raise RuntimeError("out of resource: shared memory")
 
     monkeypatch.setattr(dispatch, "_probed", {})
-    monkeypatch.setattr(dispatch, "_mlp_results", broken)
+    monkeypatch.setattr(dispatch, "memory_mlp_pass_results", broken)
     reasons = bench_memory_scan.mlp_kernel_refusals(tensors, params)
     assert len(reasons) == 2 and all("failed to run" in r for r in reasons)
 
@@ -242,3 +242,24 @@ def test_kernel_is_opt_in_by_environment(setting, enabled):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str(enabled)
+
+
+def test_bench_checks_the_kernel_alone_and_a_wrong_kernel_fails(monkeypatch):
+    """bench_memory_scan's per-precision check of the pass (here interpreted, float32 against float64): it passes the
+    kernel, and a kernel whose gradients are off by 1% fails it."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_memory_scan
+
+    rows = bench_memory_scan.check_mlp_kernel(torch.device("cpu"), [(20, 12, 40)], tokens=21)
+    assert [name.split(" (")[0] for name, _, _ in rows] == ["mlp kernel 20/12/40 read ieee",
+                                                            "mlp kernel 20/12/40 factors ieee"]
+    assert all(err <= bound for _, err, bound in rows), rows
+    real = dispatch.memory_mlp_pass
+
+    def off_by_one_percent(z, w1, w2, ln, **kwargs):
+        out = real(z, w1, w2, ln, **kwargs)
+        return tuple(t + 0.01 * (t - t.detach()) for t in out) if isinstance(out, tuple) else out
+
+    monkeypatch.setattr(dispatch, "memory_mlp_pass", off_by_one_percent)
+    rows = bench_memory_scan.check_mlp_kernel(torch.device("cpu"), [(20, 12, 40)], tokens=21)
+    assert not rows[1][1] <= rows[1][2], rows  # the factors' gradients are scaled by 1.01
