@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from atlas_train.ops import memory_scan, newton_schulz
+from atlas_train.ops import memory_scan, newton_schulz, scan_chunks
 from memory_scan_reference import newton_schulz_heads, reference_memory_scan
 
 F64 = torch.float64
@@ -382,3 +382,19 @@ def test_single_token_call_passes_the_gradient_of_its_state(update):
     y_ref, _ = memory_scan(**{k: torch.cat([a, b], dim=1) for (k, a), b in zip(first.items(), last.values())}, **kw)
     assert y.requires_grad
     assert_close_grads(grads_of(y, first), grads_of(y_ref[:, 5:], first), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("update", ["token", "chunk"])
+def test_shape_constants_first_made_in_inference_mode_serve_training(update):
+    """The scan caches the index and mask tensors of a chunk shape; the first call may run under
+    torch.inference_mode (generation), and a later training call saves them for backward, which inference tensors
+    do not allow. Same outputs as with a fresh cache."""
+    for constants in (scan_chunks._window_lags, scan_chunks._gate_product_masks):
+        constants.cache_clear()
+    x, params = make_inputs(6, length=9, window=3, ln=True, dtype=torch.float32)
+    kw = dict(params=params, chunk_size=4, ns_steps=2, update=update)
+    with torch.inference_mode():
+        y_inference, _ = memory_scan(**x, **kw)
+    y, _ = memory_scan(**x, **kw)
+    torch.testing.assert_close(y.detach(), y_inference, rtol=0, atol=0)
+    assert all(g is not None for g in grads_of(y, leaves(x, params)))

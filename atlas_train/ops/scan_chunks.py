@@ -14,6 +14,7 @@ this carry plus the grid position. Everything per token inside a chunk is batche
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -98,6 +99,33 @@ def initial_carry(params: dict, batch: int, zk: torch.Tensor, v: torch.Tensor, o
     return carry
 
 
+def _shape_constant(make):
+    """Cache a function of (sizes, device) that builds index and mask tensors. A chunk's computation runs for every
+    chunk (and is replayed from a CUDA graph), so its shape constants are made once instead of as operators of
+    every chunk, forward and recompute. Built outside inference mode: autograd may save them later (gather's index).
+    Under torch.compile the function is traced as it is: the compiler folds the constants itself."""
+    @functools.lru_cache(maxsize=256)
+    def cached(*args):
+        with torch.inference_mode(False), torch.no_grad():
+            return make(*args)
+
+    @functools.wraps(make)
+    def shape_constant(*args):
+        return make(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    shape_constant.cache_clear = cached.cache_clear
+    return shape_constant
+
+
+@_shape_constant
+def _gate_product_masks(length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool (L, L+1) masks of gate_products: row ≥ column (where the gates enter before the doubling) and
+    row + 1 ≥ column (the entries that are not zero)."""
+    rows = torch.arange(length, device=device)[:, None]
+    cols = torch.arange(length + 1, device=device)[None, :]
+    return rows >= cols, rows + 1 >= cols
+
+
 def gate_products(gate: torch.Tensor) -> torch.Tensor:
     """C (B, H, L, L+1): C[t, 0] = Π_{r≤t} g_r, C[t, u+1] = Π_{u<r≤t} g_r for u ≤ t, 0 for u > t.
 
@@ -105,14 +133,22 @@ def gate_products(gate: torch.Tensor) -> torch.Tensor:
     Not torch.cumprod: its backward asks the host whether the input holds zeros (a device sync), which a CUDA
     graph cannot capture."""
     length = gate.shape[-1]
-    rows = torch.arange(length, device=gate.device)[:, None]
-    cols = torch.arange(length + 1, device=gate.device)[None, :]
-    products = torch.where(rows >= cols, gate.unsqueeze(-1), torch.ones_like(gate).unsqueeze(-1))
+    fill, lower = _gate_product_masks(length, gate.device)
+    products = torch.where(fill, gate.unsqueeze(-1), 1.0)
     span = 1
     while span < length:
         products = torch.cat([products[..., :span, :], products[..., span:, :] * products[..., :-span, :]], dim=-2)
         span *= 2
-    return products * (rows + 1 >= cols).to(gate.dtype)
+    return products * lower
+
+
+@_shape_constant
+def _window_lags(length: int, c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gamma index of each (token, key) pair, clamped into range; whether the key is in the token's window) for a
+    chunk of `length` tokens after c − 1 cached keys, see window_weights."""
+    lag = (torch.arange(length, device=device)[:, None] + c - 1
+           - torch.arange(length + c - 1, device=device)[None, :])
+    return lag.clamp(0, c - 1), (lag >= 0) & (lag < c)
 
 
 def window_weights(gamma: torch.Tensor, key_doc: torch.Tensor, token_doc: torch.Tensor) -> torch.Tensor:
@@ -121,14 +157,10 @@ def window_weights(gamma: torch.Tensor, key_doc: torch.Tensor, token_doc: torch.
     Key k is token l - j with j = l + c - 1 - k; it counts when 0 ≤ j < c and it lies in token l's document.
     """
     length, c = gamma.shape[-2], gamma.shape[-1]
-    n_keys = length + c - 1
-    lag = (torch.arange(length, device=gamma.device)[:, None] + c - 1
-           - torch.arange(n_keys, device=gamma.device)[None, :])
-    in_span = (lag >= 0) & (lag < c)
-    index = lag.clamp(0, c - 1).expand(*gamma.shape[:2], length, n_keys)
-    g = torch.gather(gamma, -1, index) * in_span.to(gamma.dtype)
+    lag, in_span = _window_lags(length, c, gamma.device)
+    g = torch.gather(gamma, -1, lag.expand(*gamma.shape[:2], *lag.shape)) * in_span
     same_doc = key_doc[:, None, None, :] == token_doc[:, None, :, None]
-    return g * same_doc.to(gamma.dtype)
+    return g * same_doc
 
 
 def _select(mask: torch.Tensor, if_true: torch.Tensor, if_false: torch.Tensor) -> torch.Tensor:
