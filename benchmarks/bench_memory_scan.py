@@ -440,7 +440,7 @@ def count_ops_table(length, dh, updates, device):
              f"{'update':<8} {'memory MLP':<12} {'forward':>8} {'backward':>9} {'total':>7}"]
     for update in updates:
         for mlp_kernel in (False, True):
-            heads = HEADS if device.type == "cuda" else 2  # per-chunk counts do not depend on it; the interpreter is slow
+            heads = HEADS if device.type == "cuda" else 2  # counts do not depend on it; the interpreter is slow
             tensors, params = make_inputs(1, length, heads, dh, device, torch.float32, seed=0)
             with _fast_paths_as_on_a_gpu(mlp_kernel):
                 with _OpCounter() as forward:

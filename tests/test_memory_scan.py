@@ -398,3 +398,18 @@ def test_shape_constants_first_made_in_inference_mode_serve_training(update):
     y, _ = memory_scan(**x, **kw)
     torch.testing.assert_close(y.detach(), y_inference, rtol=0, atol=0)
     assert all(g is not None for g in grads_of(y, leaves(x, params)))
+
+
+def test_shape_constants_are_not_cached_while_a_cuda_graph_is_captured(monkeypatch):
+    """A tensor made during capture is filled only when the graph replays: caching it would hand garbage to every
+    later eager call. (No GPU here: the capture state is what the cache consults, so it is stood in for.)"""
+    scan_chunks._window_lags.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    lag, in_span = scan_chunks._window_lags(4, 3, torch.device("cpu"))
+    assert scan_chunks._window_lags.cache_info().currsize == 0
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cached = scan_chunks._window_lags(4, 3, torch.device("cpu"))
+    assert scan_chunks._window_lags(4, 3, torch.device("cpu"))[0] is cached[0]
+    assert scan_chunks._window_lags.cache_info().currsize == 1
+    assert torch.equal(lag, cached[0]) and torch.equal(in_span, cached[1])

@@ -103,7 +103,10 @@ def _shape_constant(make):
     """Cache a function of (sizes, device) that builds index and mask tensors. A chunk's computation runs for every
     chunk (and is replayed from a CUDA graph), so its shape constants are made once instead of as operators of
     every chunk, forward and recompute. Built outside inference mode: autograd may save them later (gather's index).
-    Under torch.compile the function is traced as it is: the compiler folds the constants itself."""
+    Under torch.compile the function is traced as it is (the compiler folds the constants itself), and while a CUDA
+    graph is being captured it is recorded as it is: a tensor made there holds its values only once the graph is
+    replayed, so it must not be cached (the scan's graphs run each computation once before capturing it, so the
+    cache is filled by then)."""
     @functools.lru_cache(maxsize=256)
     def cached(*args):
         with torch.inference_mode(False), torch.no_grad():
@@ -111,9 +114,11 @@ def _shape_constant(make):
 
     @functools.wraps(make)
     def shape_constant(*args):
-        return make(*args) if torch.compiler.is_compiling() else cached(*args)
+        if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return make(*args)
+        return cached(*args)
 
-    shape_constant.cache_clear = cached.cache_clear
+    shape_constant.cache_clear, shape_constant.cache_info = cached.cache_clear, cached.cache_info
     return shape_constant
 
 
