@@ -28,6 +28,7 @@ from triton.runtime.jit import create_function_from_signature
 
 from atlas_train.kernels import memory_mlp_kernel as mlp
 from atlas_train.kernels import newton_schulz_kernel as ns
+from atlas_train.kernels.triton_common import PRECISIONS, KernelCall
 
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_BYTES = 232448  # opt-in shared memory per block on H100/H200
@@ -41,11 +42,10 @@ SCAN_SHAPES = [(dh, 4 * dh) for dh in (64, 128, 256)] + [(4 * dh, dh) for dh in 
 # kernel's widest tiles (256 features, 1024 hidden); one head's keys of a chunk (L + c − 1 = 127 tokens).
 MLP_SHAPES = [(128, 64, 256), (256, 128, 512), (256, 256, 1024)]
 MLP_TOKENS = 127
-PRECISIONS = ("ieee", "tf32", "bf16")
 KERNELS = ("ns", "mlp")
 
 
-def compile_offline(call: ns.KernelCall, target: GPUTarget = HOPPER):
+def compile_offline(call: KernelCall, target: GPUTarget = HOPPER):
     """Compile one KernelCall for `target` as its launch would (same specialisation of arguments: types, 16-byte
     alignment and divisibility, constexprs, options), through the steps of Triton 3.7's JITFunction.run, without a
     device."""

@@ -24,7 +24,8 @@ import torch
 
 from atlas_train.kernels import newton_schulz_cublas
 from atlas_train.kernels.memory_mlp_kernel import memory_mlp_pass, memory_mlp_unsupported
-from atlas_train.kernels.newton_schulz_kernel import PRECISIONS, newton_schulz, newton_schulz_unsupported
+from atlas_train.kernels.newton_schulz_kernel import newton_schulz, newton_schulz_unsupported
+from atlas_train.kernels.triton_common import PRECISIONS
 
 log = logging.getLogger(__name__)
 _noted: set[str] = set()

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from atlas_train.kernels.newton_schulz_kernel import PRECISIONS, KernelCall, _mm
+from atlas_train.kernels.triton_common import PRECISIONS, KernelCall, mm
 from atlas_train.ops.memory_mlp import LN_EPS
 
 MAX_FEATURES = 256  # D and dv: a token's row is one register tile
@@ -68,7 +68,7 @@ def _store(base, rows, cols, n_rows, n_cols, s_row, value):
 @triton.jit
 def _hidden_pre(z, W2, j, D, HIDDEN, s_w2o, s_w2i, d_cols, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """p = z W2[j]ᵀ for the hidden units j: (BLOCK_T, BLOCK_HID)."""
-    return _mm(z, _tile(W2, d_cols, j, D, HIDDEN, s_w2i, s_w2o, ACC), PRECISION, ACC)
+    return mm(z, _tile(W2, d_cols, j, D, HIDDEN, s_w2i, s_w2o, ACC), PRECISION, ACC)
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def _layer_out(z, W1, W2, D, DV, HIDDEN, s_w1o, s_w1i, s_w2o, s_w2i, d_cols, dv_
         a, _, _ = _gelu_terms(_hidden_pre(z, W2, j, D, HIDDEN, s_w2o, s_w2i, d_cols, PRECISION, ACC))
         if STORE_HIDDEN:
             _store(HID_OUT, t_rows, j, N, HIDDEN, HIDDEN, a)
-        o += _mm(a, _tile(W1, j, dv_cols, HIDDEN, DV, s_w1i, s_w1o, ACC), PRECISION, ACC)
+        o += mm(a, _tile(W1, j, dv_cols, HIDDEN, DV, s_w1i, s_w1o, ACC), PRECISION, ACC)
     return o
 
 
@@ -161,7 +161,7 @@ def _token_pass_forward(Z, V, W1, W2, LNW, LNB, F, GO, HID, GP, H, N, D, DV, HID
         for j0 in range(0, HIDDEN, BLOCK_HID):
             j = j0 + j_cols
             _, d1, _ = _gelu_terms(_hidden_pre(z, W2, j, D, HIDDEN, s_w2o, s_w2i, d_cols, PRECISION, ACC))
-            g_hid = _mm(g_out, _tile(W1, dv_cols, j, DV, HIDDEN, s_w1o, s_w1i, ACC), PRECISION, ACC)
+            g_hid = mm(g_out, _tile(W1, dv_cols, j, DV, HIDDEN, s_w1o, s_w1i, ACC), PRECISION, ACC)
             _store(GP, t_rows, j, N, HIDDEN, HIDDEN, g_hid * d1)
 
 
@@ -195,7 +195,7 @@ def _token_pass_backward(Z, V, W1, W2, LNW, LNB, DF, DGO, DA, DGP, DZ, DV_OUT, D
             j = j0 + j_cols
             _, d1, _ = _gelu_terms(_hidden_pre(z, W2, j, D, HIDDEN, s_w2o, s_w2i, d_cols, PRECISION, ACC))
             q = _tile(DGP, t_rows, j, N, HIDDEN, HIDDEN, 1, ACC) * d1
-            t += _mm(q, _tile(W1, j, dv_cols, HIDDEN, DV, s_w1i, s_w1o, ACC), PRECISION, ACC)
+            t += mm(q, _tile(W1, j, dv_cols, HIDDEN, DV, s_w1i, s_w1o, ACC), PRECISION, ACC)
         if HAS_LN:
             g_normed = err * lw
             projected = _project(g_normed, normed, dv_ok, DV)
@@ -226,18 +226,18 @@ def _token_pass_backward(Z, V, W1, W2, LNW, LNB, DF, DGO, DA, DGP, DZ, DV_OUT, D
         j = j0 + j_cols
         a, d1, d2 = _gelu_terms(_hidden_pre(z, W2, j, D, HIDDEN, s_w2o, s_w2i, d_cols, PRECISION, ACC))
         w1 = _tile(W1, dv_cols, j, DV, HIDDEN, s_w1o, s_w1i, ACC)
-        d_a = _mm(d_o, w1, PRECISION, ACC)
-        d_w1 = _mm(tl.trans(d_o), a, PRECISION, ACC)
+        d_a = mm(d_o, w1, PRECISION, ACC)
+        d_w1 = mm(tl.trans(d_o), a, PRECISION, ACC)
         if FACTORS:
             d_a += _tile(DA, t_rows, j, N, HIDDEN, HIDDEN, 1, ACC)
             d_gp = _tile(DGP, t_rows, j, N, HIDDEN, HIDDEN, 1, ACC)
-            d_pre = d_a * d1 + d_gp * _mm(g_out, w1, PRECISION, ACC) * d2
-            d_w1 += _mm(tl.trans(g_out), d_gp * d1, PRECISION, ACC)
+            d_pre = d_a * d1 + d_gp * mm(g_out, w1, PRECISION, ACC) * d2
+            d_w1 += mm(tl.trans(g_out), d_gp * d1, PRECISION, ACC)
         else:
             d_pre = d_a * d1
         _store(DW1, dv_cols, j, DV, HIDDEN, HIDDEN, d_w1)
-        _store(DW2, j, d_cols, HIDDEN, D, D, _mm(tl.trans(d_pre), z, PRECISION, ACC))
-        d_z += _mm(d_pre, _tile(W2, j, d_cols, HIDDEN, D, s_w2o, s_w2i, ACC), PRECISION, ACC)
+        _store(DW2, j, d_cols, HIDDEN, D, D, mm(tl.trans(d_pre), z, PRECISION, ACC))
+        d_z += mm(d_pre, _tile(W2, j, d_cols, HIDDEN, D, s_w2o, s_w2i, ACC), PRECISION, ACC)
     DZ += pid_bh * N * D
     _store(DZ, t_rows, d_cols, N, D, D, d_z)
     tl.debug_barrier()  # the residual z[:dv] adds ∂J/∂f to the first dv columns just stored by this program

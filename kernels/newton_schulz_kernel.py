@@ -35,10 +35,10 @@ import triton
 import triton.language as tl
 
 from atlas_train.kernels.runtime import INTERPRETED
+from atlas_train.kernels.triton_common import PRECISIONS, KernelCall, mm
 from atlas_train.ops.newton_schulz import NS_COEFFICIENTS as NS_COEFFS, NS_NORM_EPS as NS_EPS
 
 MAX_SHORT_SIDE = 256  # the scratch variant's column strip (M x BLOCK_N) must fit in registers
-PRECISIONS = ("ieee", "tf32", "bf16")
 SINGLE_TILE_ELEMENTS = 64 * 256  # up to this many elements (padded) X stays in registers for all iterations
 REGISTER_GRAM_MAX = 64  # up to this short side the M x M Gram matrix and its helpers stay in registers
 SCRATCH_TILE_ELEMENTS = 8192  # register tiles of the streamed variants hold about this many elements
@@ -49,15 +49,6 @@ NUM_WARPS = {"stream": 8, "scratch": 8}  # of the streamed variants (short side 
 # Registers per thread; None lets ptxas take up to 255, i.e. one 8-warp program per SM. 128 fits two programs per SM
 # (latency hiding across matrices) at the price of some spills: `bench_memory_scan.py --ns-only --ns-sweep` times it.
 MAX_REGISTERS = None
-
-
-@triton.jit
-def _mm(x, y, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """x @ y on tensor cores; 'bf16' rounds the operands, the accumulation stays in ACC (fp32 or fp64)."""
-    if PRECISION == "bf16":
-        return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16), out_dtype=ACC)
-    else:
-        return tl.dot(x, y, input_precision=PRECISION, out_dtype=ACC)
 
 
 @triton.jit
@@ -94,7 +85,7 @@ def _gram_into(P, p_sm, p_sn, Q, q_sm, q_sn, OUT, M, N, BLOCK_M: tl.constexpr, R
         for n0 in range(0, N, BLOCK_N):
             pp, pm = _tile_ptrs(P, i0 + rb, n0 + cn, M, N, p_sm, p_sn)
             qp, qm = _tile_ptrs(Q, ra, n0 + cn, M, N, q_sm, q_sn)
-            acc += _mm(tl.load(pp, mask=pm, other=0.0).to(ACC), tl.trans(tl.load(qp, mask=qm, other=0.0).to(ACC)),
+            acc += mm(tl.load(pp, mask=pm, other=0.0).to(ACC), tl.trans(tl.load(qp, mask=qm, other=0.0).to(ACC)),
                        PRECISION, ACC)
         tl.store(OUT + (i0 + rb)[:, None] * BLOCK_M + ra[None, :], acc)
 
@@ -108,10 +99,10 @@ def _poly_into(Y, A, OUT, M, c_y, c_ya, c_ay, BLOCK_M: tl.constexpr, ROW_BLOCK: 
     for i0 in range(0, M, ROW_BLOCK):
         acc = c_y * _load_square(Y, i0 + rb, ra, M, BLOCK_M)
         for k0 in range(0, M, ROW_BLOCK):
-            acc += c_ya * _mm(_load_square(Y, i0 + rb, k0 + rb, M, BLOCK_M), _load_square(A, k0 + rb, ra, M, BLOCK_M),
+            acc += c_ya * mm(_load_square(Y, i0 + rb, k0 + rb, M, BLOCK_M), _load_square(A, k0 + rb, ra, M, BLOCK_M),
                               PRECISION, ACC)
             if TWO_SIDED:
-                acc += c_ay * _mm(_load_square(A, i0 + rb, k0 + rb, M, BLOCK_M),
+                acc += c_ay * mm(_load_square(A, i0 + rb, k0 + rb, M, BLOCK_M),
                                   _load_square(Y, k0 + rb, ra, M, BLOCK_M), PRECISION, ACC)
         tl.store(OUT + (i0 + rb)[:, None] * BLOCK_M + ra[None, :], acc)
 
@@ -129,12 +120,12 @@ def _strips_update(T, t_sm, t_sn, B, C, Y, y_sm, y_sn, M, N, c_t, BLOCK_M: tl.co
         acc = c_t * tl.load(tp, mask=tm, other=0.0).to(ACC)
         for k0 in range(0, M, ROW_BLOCK):
             kp, km = _tile_ptrs(T, k0 + rk, n0 + cn, M, N, t_sm, t_sn)
-            acc += _mm(_load_square(B, ra, k0 + rk, M, BLOCK_M), tl.load(kp, mask=km, other=0.0).to(ACC),
+            acc += mm(_load_square(B, ra, k0 + rk, M, BLOCK_M), tl.load(kp, mask=km, other=0.0).to(ACC),
                        PRECISION, ACC)
             if HAS_C:
                 c_sym = _load_square(C, ra, k0 + rk, M, BLOCK_M) + tl.trans(_load_square(C, k0 + rk, ra, M, BLOCK_M))
                 yp, ym = _tile_ptrs(Y, k0 + rk, n0 + cn, M, N, y_sm, y_sn)
-                acc += _mm(c_sym, tl.load(yp, mask=ym, other=0.0).to(ACC), PRECISION, ACC)
+                acc += mm(c_sym, tl.load(yp, mask=ym, other=0.0).to(ACC), PRECISION, ACC)
         tl.debug_barrier()  # every read of this strip is done before any thread overwrites it
         tl.store(tp, acc.to(T.dtype.element_ty), mask=tm)
 
@@ -163,9 +154,9 @@ def _ns_forward_kernel(S, X, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, b, c,
             if SAVE_ITERATES:
                 sptrs, _ = _tile_ptrs(save_base + i * save_step, rows, cols, M, N, N, 1)
                 tl.store(sptrs, x.to(SAVE.dtype.element_ty), mask=mask)
-            gram = _mm(x, tl.trans(x), PRECISION, ACC)
-            poly = b * gram + c * _mm(gram, gram, PRECISION, ACC)
-            x = a * x + _mm(poly, x, PRECISION, ACC)
+            gram = mm(x, tl.trans(x), PRECISION, ACC)
+            poly = b * gram + c * mm(gram, gram, PRECISION, ACC)
+            x = a * x + mm(poly, x, PRECISION, ACC)
         xptrs, _ = _tile_ptrs(x_base, rows, cols, M, N, s_m, s_n)
         tl.store(xptrs, x.to(X.dtype.element_ty), mask=mask)
     else:  # X lives in the output buffer and is streamed in column tiles
@@ -189,12 +180,12 @@ def _ns_forward_kernel(S, X, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, b, c,
                 for n0 in range(0, N, BLOCK_N):
                     ptrs, mask = _tile_ptrs(x_base, rows, n0 + cols, M, N, s_m, s_n)
                     x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
-                    gram += _mm(x, tl.trans(x), PRECISION, ACC)
-                poly = b * gram + c * _mm(gram, gram, PRECISION, ACC)
+                    gram += mm(x, tl.trans(x), PRECISION, ACC)
+                poly = b * gram + c * mm(gram, gram, PRECISION, ACC)
                 for n0 in range(0, N, BLOCK_N):
                     ptrs, mask = _tile_ptrs(x_base, rows, n0 + cols, M, N, s_m, s_n)
                     x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
-                    x = a * x + _mm(poly, x, PRECISION, ACC)
+                    x = a * x + mm(poly, x, PRECISION, ACC)
                     tl.debug_barrier()  # the tile is fully read before it is overwritten in place
                     tl.store(ptrs, x.to(X.dtype.element_ty), mask=mask)
             else:  # "scratch": Gram matrix and polynomial in a per-program scratch buffer, ROW_BLOCK rows at a time
@@ -248,17 +239,17 @@ def _ns_backward_kernel(S, G, DS, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, 
                 x = tl.load(sptrs, mask=mask, other=0.0).to(ACC)
                 g = tl.load(dptrs, mask=mask, other=0.0).to(ACC)
                 xt = tl.trans(x)
-                gram += _mm(x, xt, PRECISION, ACC)
-                d_poly += _mm(g, xt, PRECISION, ACC)
-            poly = b * gram + c * _mm(gram, gram, PRECISION, ACC)
-            d_gram = b * d_poly + c * (_mm(d_poly, gram, PRECISION, ACC) + _mm(gram, d_poly, PRECISION, ACC))
+                gram += mm(x, xt, PRECISION, ACC)
+                d_poly += mm(g, xt, PRECISION, ACC)
+            poly = b * gram + c * mm(gram, gram, PRECISION, ACC)
+            d_gram = b * d_poly + c * (mm(d_poly, gram, PRECISION, ACC) + mm(gram, d_poly, PRECISION, ACC))
             d_gram_sym = d_gram + tl.trans(d_gram)
             for n0 in range(0, N, BLOCK_N):
                 sptrs, mask = _tile_ptrs(x_i, rows, n0 + cols, M, N, N, 1)
                 dptrs, _ = _tile_ptrs(d_base, rows, n0 + cols, M, N, s_m, s_n)
                 x = tl.load(sptrs, mask=mask, other=0.0).to(ACC)
                 g = tl.load(dptrs, mask=mask, other=0.0).to(ACC)
-                g = a * g + _mm(poly, g, PRECISION, ACC) + _mm(d_gram_sym, x, PRECISION, ACC)
+                g = a * g + mm(poly, g, PRECISION, ACC) + mm(d_gram_sym, x, PRECISION, ACC)
                 tl.debug_barrier()  # the tile is fully read before it is overwritten in place
                 tl.store(dptrs, g.to(DS.dtype.element_ty), mask=mask)
         tl.debug_barrier()
@@ -357,18 +348,6 @@ def _iterates_layout(S: torch.Tensor, steps: int, precision: str):
     # The backward only feeds iterates to tl.dot: with bf16 operands, storing them in bf16 loses nothing.
     bf16 = precision == "bf16" and not INTERPRETED and S.dtype != torch.float64
     return shape, torch.bfloat16 if bf16 else S.dtype
-
-
-class KernelCall(NamedTuple):
-    """One kernel launch, spelled out so that it can also be compiled offline (benchmarks/kernel_resources.py)."""
-
-    kernel: object
-    grid: tuple
-    args: tuple
-    meta: dict  # constexpr parameters and launch options (num_warps, num_stages, maxnreg)
-
-    def __call__(self):
-        self.kernel[self.grid](*self.args, **self.meta)
 
 
 def forward_call(S: torch.Tensor, steps: int, precision: str, save: bool):
