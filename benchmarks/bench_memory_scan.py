@@ -435,7 +435,8 @@ def count_ops_table(length, dh, updates, device):
     """Operators per chunk of one forward+backward (backward = each chunk's recompute and gradient), eager, with the
     fast paths and without/with the memory MLP kernel. On a GPU each is a kernel launch, and a CUDA graph replays
     the same launches, so where launches rather than arithmetic bound a chunk this is what fusion buys. Not a
-    timing: deterministic, and the same on any device."""
+    timing: deterministic. (On a GPU the backward runs in autograd's device thread; that the count sees it there
+    has not been checked on a GPU yet.)"""
     lines = [f"== operators per chunk: T={length} dh={dh} chunk={CHUNK}, fast paths as dispatched on a GPU ==",
              f"{'update':<8} {'memory MLP':<12} {'forward':>8} {'backward':>9} {'total':>7}"]
     for update in updates:

@@ -404,7 +404,7 @@ def test_shape_constants_are_not_cached_while_a_cuda_graph_is_captured(monkeypat
     """A tensor made during capture is filled only when the graph replays: caching it would hand garbage to every
     later eager call. (No GPU here: the capture state is what the cache consults, so it is stood in for.)"""
     scan_chunks._window_lags.cache_clear()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     lag, in_span = scan_chunks._window_lags(4, 3, torch.device("cpu"))
     assert scan_chunks._window_lags.cache_info().currsize == 0

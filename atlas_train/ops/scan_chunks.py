@@ -114,7 +114,7 @@ def _shape_constant(make):
 
     @functools.wraps(make)
     def shape_constant(*args):
-        if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        if torch.compiler.is_compiling() or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()):
             return make(*args)
         return cached(*args)
 
