@@ -10,7 +10,7 @@
 
 1. Checks (fresh random inputs, seed printed): both fast Newton–Schulz paths (Triton kernel, cuBLAS) and the memory
    MLP kernel's token pass against a float64 PyTorch reference, per operand precision, outputs and gradients; then
-   the whole memory_scan with the fast paths (without and with the opt-in memory MLP kernel) against the float64
+   the whole memory_scan with the fast paths (without and with the memory MLP kernel) against the float64
    PyTorch path (GPU only: the dispatch takes CUDA tensors). Relative error bounds per precision; NaN never passes.
 2. Speed (B·H = 16, hid = 4·dh, D = 2·dh as with the default sketch map, c = 64, chunk 64): memory_scan
    update=token and chunk with the kernels, the PyTorch path compiled with torch.compile (per-chunk step compiled,
@@ -49,6 +49,7 @@ from atlas_train.kernels.dispatch import (  # noqa: E402
     noted_fallbacks,
     random_memory_mlp_pass,
     relative_error,
+    settings,
 )
 from atlas_train.ops import memory_scan  # noqa: E402
 from atlas_train.ops import scan_chunks  # noqa: E402
@@ -258,19 +259,20 @@ def compiled_chunk_steps():
 def scan_variants(on_gpu, quick, first_length):
     """(row name, CUDA graphs, NS kernels, torch.compile'd chunk steps, memory MLP kernel) of the scan rows. The
     issue's baseline is the compiled PyTorch path (no graphs, no kernels); plain eager only at the first length, to
-    show the launch overhead that graphs remove; "graphs+mlp" adds the opt-in memory MLP kernel to the default."""
+    show the launch overhead that graphs remove; "graphs-mlp" is the default without the memory MLP kernel."""
     if not on_gpu:  # CPU smoke run: compiling the chunk step takes minutes on 2 cores
         return [("eager (cpu)", False, True, False, False)] + (
             [] if quick else [("torch.compile", False, False, True, False)])
-    rows = [("eager", False, True, False, False)] if first_length else []
-    return rows + [("torch.compile", False, False, True, False), ("graphs", True, True, False, False),
-                   ("graphs+mlp", True, True, False, True), ("graphs+compile", True, True, True, False)]
+    rows = [("eager", False, True, False, True)] if first_length else []
+    return rows + [("torch.compile", False, False, True, False), ("graphs", True, True, False, True),
+                   ("graphs-mlp", True, True, False, False), ("graphs+compile", True, True, True, True)]
 
 
 @contextlib.contextmanager
-def scan_settings(graphs, use_kernels, compiled, mlp_kernel=False):
+def scan_settings(graphs, use_kernels, compiled, mlp_kernel=True):
     """Run the scan with or without CUDA graphs, NS kernels, compiled chunk steps and the memory MLP kernel;
-    restores the defaults."""
+    restores the settings it found."""
+    enabled, _, mlp_before = settings()
     kernels.set_kernels_enabled(use_kernels)
     kernels.set_memory_mlp_kernel(mlp_kernel)
     restore = compiled_chunk_steps() if compiled else (lambda: None)
@@ -281,8 +283,8 @@ def scan_settings(graphs, use_kernels, compiled, mlp_kernel=False):
     finally:
         restore()
         SCAN_MODULE.clear_scan_graphs()
-        kernels.set_kernels_enabled(True)
-        kernels.set_memory_mlp_kernel(False)
+        kernels.set_kernels_enabled(enabled)
+        kernels.set_memory_mlp_kernel(mlp_before)
 
 
 class Bench:
@@ -574,7 +576,7 @@ def main(argv=None):
     parser.add_argument("--updates", nargs="+", choices=("chunk", "token"), default=("chunk", "token"),
                         help="memory updates to time or profile")
     parser.add_argument("--variants", nargs="+", metavar="NAME",
-                        help="scan rows to time, by name (eager, torch.compile, graphs, graphs+mlp, graphs+compile); "
+                        help="scan rows to time, by name (eager, torch.compile, graphs, graphs-mlp, graphs+compile); "
                              "default all")
     parser.add_argument("--profile", type=int, metavar="N",
                         help="instead of timings: the N costliest kernels and PyTorch ops (with input shapes) of one "

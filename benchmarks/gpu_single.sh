@@ -27,7 +27,7 @@ case "${1:-}" in
     ;;
   scan-mlp)
     step memory_scan_mlp 580 python3 benchmarks/bench_memory_scan.py --dh 64 128 --lengths 4096 16384 \
-      --variants graphs graphs+mlp --budget-s 520 --row-budget-s 25
+      --variants graphs graphs-mlp --budget-s 520 --row-budget-s 25
     ;;
   train)
     step train_transformer 90 python3 benchmarks/bench_train.py --model configs/model/340m.yaml --mixers transformer \

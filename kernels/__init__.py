@@ -2,8 +2,8 @@
 
 What is a kernel today: the batched Newton–Schulz step with its backward (`newton_schulz`), beside a cuBLAS path for
 the larger matrices (`newton_schulz_cublas`); and the memory MLP's token pass (reads and inner-loss gradient factors
-of a chunk's tokens at shared weights, forward and second-order backward: `memory_mlp_kernel`), opt-in until timed
-on a GPU. `dispatch` decides per call which fast path applies and notes once why one does not.
+of a chunk's tokens at shared weights, forward and second-order backward: `memory_mlp_kernel`), on by default
+where it covers the pass. `dispatch` decides per call which fast path applies and notes once why one does not.
 """
 
 from atlas_train.kernels.dispatch import (
