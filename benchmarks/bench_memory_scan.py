@@ -15,8 +15,10 @@
 2. Speed (B·H = 16, hid = 4·dh, D = 2·dh as with the default sketch map, c = 64, chunk 64): memory_scan
    update=token and chunk with the kernels, the PyTorch path compiled with torch.compile (per-chunk step compiled,
    kernels off), and SDPA causal attention (cuDNN backend on GPU) with the same heads (Newton–Schulz alone:
-   --ns-only). TFLOP/s against a measured bf16 matmul ceiling; peak memory. Every row is guarded (an OOM or error is
-   printed in its row), rows predicted to exceed --row-budget-s are skipped, the table comes last.
+   --ns-only). TFLOP/s against a measured bf16 matmul ceiling; peak memory the row itself allocated (above what
+   was allocated when it began, so tensors the checks or earlier rows leave behind do not count). Every row is
+   guarded (an OOM or error is printed in its row), rows predicted to exceed --row-budget-s are skipped, the table
+   comes last.
 """
 
 from __future__ import annotations
@@ -311,6 +313,7 @@ class Bench:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated() if self.device.type == "cuda" else 0
             fn = make_step()
             start = time.perf_counter()
             fn()  # warm-up (and compilation)
@@ -318,7 +321,7 @@ class Bench:
             warm = time.perf_counter() - start
             reps = max(1, min(5, int(self.row_budget_s / max(warm, 1e-6) / 2)))
             seconds = time_fn(fn, self.device, reps)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else float("nan")
+            peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if self.device.type == "cuda" else math.nan
             del fn
         except Exception as exc:  # noqa: BLE001 — one failing row must not stop the others
             kind = "OOM" if isinstance(exc, torch.OutOfMemoryError) else type(exc).__name__
@@ -673,7 +676,7 @@ def main(argv=None):
     for reason in noted_fallbacks(MEMORY_MLP_KERNEL):  # then its "+mlp" rows ran (partly) without it
         print(f"memory MLP kernel not used for some passes: {reason}")
     print(f"\n== forward+backward, B*H={HEADS}, c={WINDOW}, chunk={CHUNK}, ns={NS_STEPS}; "
-          f"ceiling {ceiling:.3g} TFLOP/s; time, TFLOP/s, % of ceiling, peak memory ==")
+          f"ceiling {ceiling:.3g} TFLOP/s; time, TFLOP/s, % of ceiling, peak memory of the row ==")
     for label, shape, result in bench.rows:
         print(f"{label:<34} {shape:<22} {result}")
     return 1 if failed else 0
