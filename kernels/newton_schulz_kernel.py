@@ -17,6 +17,15 @@ the tiles) with the analytic derivative of one step X' = aX + (bA + cA^2)X, A = 
     dB = G X^T,  dA = b dB + c (dB A + A dB),  dX = a G + B G + (dA + dA^T) X,
 then of X0 = S / (|S|_F + eps): dS = dX0 / (n + eps) - <dX0, S> S / ((n + eps)^2 n), n = |S|_F.
 
+With tf32 or bf16 operands each Gram matrix A is rounded to that precision once, where it is formed (`as_operand`),
+and the one rounded value serves bA, A^2 and the backward's products. Left in float32, A entered bA exactly but A^2
+rounded: a polynomial of two different matrices, which spoils the cancellation NS relies on as it converges. On CPU,
+emulating the tensor cores' operand rounding (`benchmarks/ns_rounding.py`, which reproduces the GPU's errors of the
+old form), this halves the error on random matrices (bf16 dS at 8 x 40x200: 5.7e-2 -> 3.3e-2, over the 5e-2 bound
+before) and leaves it about the same for matrices with decaying spectra. X is not rounded for aX, nor a folded into
+B as X <- (aI + B)X: either rounds the dominant aX term, which for small singular values (momentum has many) makes
+the error 3-14x larger: why that fold failed the scan's tf32 check on the GPU (RESULTS.md, fourth session).
+
 Hopper's 227 KiB of shared memory per program bounds every launch (tl.dot stages its operands there, once per
 software-pipeline stage): benchmarks/kernel_resources.py compiles each launch of the scan's shapes offline for
 sm_90 and a test fails if one does not fit.
@@ -35,7 +44,7 @@ import triton
 import triton.language as tl
 
 from atlas_train.kernels.runtime import INTERPRETED
-from atlas_train.kernels.triton_common import PRECISIONS, KernelCall, mm
+from atlas_train.kernels.triton_common import PRECISIONS, KernelCall, as_operand, mm
 from atlas_train.ops.newton_schulz import NS_COEFFICIENTS as NS_COEFFS, NS_NORM_EPS as NS_EPS
 
 MAX_SHORT_SIDE = 256  # the scratch variant's column strip (M x BLOCK_N) must fit in registers
@@ -75,8 +84,9 @@ def _load_square(BASE, rows, cols, M, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _gram_into(P, p_sm, p_sn, Q, q_sm, q_sn, OUT, M, N, BLOCK_M: tl.constexpr, ROW_BLOCK: tl.constexpr,
-               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """OUT = P Q^T (M x M scratch) for M x N operands, ROW_BLOCK rows of OUT at a time."""
+               BLOCK_N: tl.constexpr, ROUND: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """OUT = P Q^T (M x M scratch) for M x N operands, ROW_BLOCK rows of OUT at a time (rounded to the operand
+    precision when ROUND: the Gram matrix, see the module's docstring)."""
     rb = tl.arange(0, ROW_BLOCK)
     ra = tl.arange(0, BLOCK_M)
     cn = tl.arange(0, BLOCK_N)
@@ -87,6 +97,8 @@ def _gram_into(P, p_sm, p_sn, Q, q_sm, q_sn, OUT, M, N, BLOCK_M: tl.constexpr, R
             qp, qm = _tile_ptrs(Q, ra, n0 + cn, M, N, q_sm, q_sn)
             acc += mm(tl.load(pp, mask=pm, other=0.0).to(ACC), tl.trans(tl.load(qp, mask=qm, other=0.0).to(ACC)),
                        PRECISION, ACC)
+        if ROUND:
+            acc = as_operand(acc, PRECISION)
         tl.store(OUT + (i0 + rb)[:, None] * BLOCK_M + ra[None, :], acc)
 
 
@@ -154,7 +166,7 @@ def _ns_forward_kernel(S, X, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, b, c,
             if SAVE_ITERATES:
                 sptrs, _ = _tile_ptrs(save_base + i * save_step, rows, cols, M, N, N, 1)
                 tl.store(sptrs, x.to(SAVE.dtype.element_ty), mask=mask)
-            gram = mm(x, tl.trans(x), PRECISION, ACC)
+            gram = as_operand(mm(x, tl.trans(x), PRECISION, ACC), PRECISION)
             poly = b * gram + c * mm(gram, gram, PRECISION, ACC)
             x = a * x + mm(poly, x, PRECISION, ACC)
         xptrs, _ = _tile_ptrs(x_base, rows, cols, M, N, s_m, s_n)
@@ -181,6 +193,7 @@ def _ns_forward_kernel(S, X, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, b, c,
                     ptrs, mask = _tile_ptrs(x_base, rows, n0 + cols, M, N, s_m, s_n)
                     x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
                     gram += mm(x, tl.trans(x), PRECISION, ACC)
+                gram = as_operand(gram, PRECISION)
                 poly = b * gram + c * mm(gram, gram, PRECISION, ACC)
                 for n0 in range(0, N, BLOCK_N):
                     ptrs, mask = _tile_ptrs(x_base, rows, n0 + cols, M, N, s_m, s_n)
@@ -189,7 +202,7 @@ def _ns_forward_kernel(S, X, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, b, c,
                     tl.debug_barrier()  # the tile is fully read before it is overwritten in place
                     tl.store(ptrs, x.to(X.dtype.element_ty), mask=mask)
             else:  # "scratch": Gram matrix and polynomial in a per-program scratch buffer, ROW_BLOCK rows at a time
-                _gram_into(x_base, s_m, s_n, x_base, s_m, s_n, gram_s, M, N, BLOCK_M, ROW_BLOCK, BLOCK_N,
+                _gram_into(x_base, s_m, s_n, x_base, s_m, s_n, gram_s, M, N, BLOCK_M, ROW_BLOCK, BLOCK_N, True,
                            PRECISION, ACC)
                 tl.debug_barrier()
                 _poly_into(gram_s, gram_s, poly_s, M, b, c, 0.0, BLOCK_M, ROW_BLOCK, False, PRECISION, ACC)
@@ -222,8 +235,9 @@ def _ns_backward_kernel(S, G, DS, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, 
     for it in range(steps):
         x_i = save_base + (steps - 1 - it) * save_step
         if VARIANT == "scratch":
-            _gram_into(x_i, N, 1, x_i, N, 1, gram_s, M, N, BLOCK_M, ROW_BLOCK, BLOCK_N, PRECISION, ACC)
-            _gram_into(d_base, s_m, s_n, x_i, N, 1, d_poly_s, M, N, BLOCK_M, ROW_BLOCK, BLOCK_N, PRECISION, ACC)
+            _gram_into(x_i, N, 1, x_i, N, 1, gram_s, M, N, BLOCK_M, ROW_BLOCK, BLOCK_N, True, PRECISION, ACC)
+            _gram_into(d_base, s_m, s_n, x_i, N, 1, d_poly_s, M, N, BLOCK_M, ROW_BLOCK, BLOCK_N, False, PRECISION,
+                       ACC)
             tl.debug_barrier()
             _poly_into(gram_s, gram_s, poly_s, M, b, c, 0.0, BLOCK_M, ROW_BLOCK, False, PRECISION, ACC)
             _poly_into(d_poly_s, gram_s, d_gram_s, M, b, c, c, BLOCK_M, ROW_BLOCK, True, PRECISION, ACC)
@@ -241,6 +255,7 @@ def _ns_backward_kernel(S, G, DS, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, 
                 xt = tl.trans(x)
                 gram += mm(x, xt, PRECISION, ACC)
                 d_poly += mm(g, xt, PRECISION, ACC)
+            gram = as_operand(gram, PRECISION)
             poly = b * gram + c * mm(gram, gram, PRECISION, ACC)
             d_gram = b * d_poly + c * (mm(d_poly, gram, PRECISION, ACC) + mm(gram, d_poly, PRECISION, ACC))
             d_gram_sym = d_gram + tl.trans(d_gram)

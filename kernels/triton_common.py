@@ -1,5 +1,5 @@
-"""What the Triton kernels share: a tensor-core product in a chosen operand precision, and a launch spelled out so
-that benchmarks/kernel_resources.py can compile it offline."""
+"""What the Triton kernels share: a tensor-core product in a chosen operand precision, the rounding of a value to
+that precision, and a launch spelled out so that benchmarks/kernel_resources.py can compile it offline."""
 
 from __future__ import annotations
 
@@ -18,6 +18,22 @@ def mm(x, y, PRECISION: tl.constexpr, ACC: tl.constexpr):
         return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16), out_dtype=ACC)
     else:
         return tl.dot(x, y, input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
+def as_operand(x, PRECISION: tl.constexpr):
+    """float32 x rounded (to nearest even) to the value `mm` multiplies with in this precision: tf32 keeps 10
+    mantissa bits, bf16 7; 'ieee' leaves x alone. Spelled out in bits, so the interpreter rounds as the GPU does (its
+    own float32 -> bfloat16 cast truncates). NaN passes through."""
+    if PRECISION == "ieee":
+        return x
+    else:
+        bits = x.to(tl.uint32, bitcast=True)
+        if PRECISION == "bf16":
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        else:
+            rounded = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
+        return tl.where(x == x, rounded.to(tl.float32, bitcast=True), x)
 
 
 class KernelCall(NamedTuple):
