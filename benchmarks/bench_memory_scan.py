@@ -43,6 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from atlas_train import kernels  # noqa: E402
+from atlas_train.kernels import dispatch as kernel_dispatch  # noqa: E402
 from atlas_train.kernels.dispatch import (  # noqa: E402
     MEMORY_MLP_KERNEL,
     PROBE_TOLERANCE,
@@ -587,7 +588,15 @@ def main(argv=None):
     parser.add_argument("--count-ops", action="store_true",
                         help="instead of timings: operators per chunk (kernel launches on a GPU) of each update, "
                              "without and with the memory MLP kernel, at the first --dh and --lengths")
+    parser.add_argument("--ns-precision", choices=("ieee", "tf32", "bf16"), default="tf32",
+                        help="operand precision of the fast paths in the timed rows and the profile (the checks "
+                             "cover every precision)")
+    parser.add_argument("--triton-max-short-side", type=int, metavar="N",
+                        help="send NS matrices with a short side up to N to the Triton kernel, checks included "
+                             f"(default {kernel_dispatch.TRITON_MAX_SHORT_SIDE}; bigger ones go to cuBLAS)")
     args = parser.parse_args(argv)
+    if args.triton_max_short_side is not None:
+        kernel_dispatch.TRITON_MAX_SHORT_SIDE = args.triton_max_short_side
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
@@ -626,6 +635,7 @@ def main(argv=None):
         print("(skipped)", flush=True)
 
     ceiling = matmul_ceiling(device)
+    kernels.set_ns_precision(args.ns_precision)  # after the checks, which set each precision in turn
     print(f"matmul ceiling: {ceiling:.3g} TFLOP/s ({'bf16' if on_gpu else 'fp32'})", flush=True)
     if args.ns_only:
         # update=token's matrices, W1 (dh x 4dh) and W2 (4dh x 2dh), most used first; up to 256 x 1024
@@ -675,8 +685,8 @@ def main(argv=None):
     print(f"\n== correctness: {len(checks)} checks, {len(failed)} failed (listed before the timings) ==")
     for reason in noted_fallbacks(MEMORY_MLP_KERNEL):  # then its "+mlp" rows ran (partly) without it
         print(f"memory MLP kernel not used for some passes: {reason}")
-    print(f"\n== forward+backward, B*H={HEADS}, c={WINDOW}, chunk={CHUNK}, ns={NS_STEPS}; "
-          f"ceiling {ceiling:.3g} TFLOP/s; time, TFLOP/s, % of ceiling, peak memory of the row ==")
+    print(f"\n== forward+backward, B*H={HEADS}, c={WINDOW}, chunk={CHUNK}, ns={NS_STEPS}, {args.ns_precision} "
+          f"operands (Triton NS up to {kernel_dispatch.TRITON_MAX_SHORT_SIDE}); ceiling {ceiling:.3g} TFLOP/s; time, TFLOP/s, % of ceiling, peak memory of the row ==")
     for label, shape, result in bench.rows:
         print(f"{label:<34} {shape:<22} {result}")
     return 1 if failed else 0

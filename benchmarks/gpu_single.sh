@@ -7,6 +7,10 @@
 #   bash benchmarks/gpu_single.sh scan-mlp issue 6: the opt-in memory MLP kernel (checks of the pass alone and of the
 #                                          scan with and without it, then the default graphs path with and without
 #                                          it, 4K/16K, dh 64 and 128)
+#   bash benchmarks/gpu_single.sh scan-bf16 issue 6: bf16 Newton-Schulz in the scan at 4K, dh 64 and 128 (graphs):
+#                                          the tf32 default, then bf16 with the default routing and with every NS on
+#                                          the Triton kernel (whose arithmetic passes the token bound in the CPU
+#                                          emulation of benchmarks/ns_rounding.py --scan), each bf16 run with checks
 #   bash benchmarks/gpu_single.sh train    issue 4: 340M transformer (with the loader + logging overhead) and atlas
 #                                          (token and chunk update) at 4K, one call
 #   bash benchmarks/gpu_single.sh decode   issue 8: decode at 4K/32K, batch 1/32, eager and CUDA graph
@@ -29,6 +33,12 @@ case "${1:-}" in
     step memory_scan_mlp 580 python3 benchmarks/bench_memory_scan.py --dh 64 128 --lengths 4096 16384 \
       --variants graphs graphs-mlp --budget-s 520 --row-budget-s 25
     ;;
+  scan-bf16)
+    common=(python3 benchmarks/bench_memory_scan.py --dh 64 128 --lengths 4096 --variants graphs --row-budget-s 12)
+    step scan_tf32 110 "${common[@]}" --skip-checks --budget-s 90
+    step scan_bf16_routing64 220 "${common[@]}" --ns-precision bf16 --budget-s 200
+    step scan_bf16_all_triton 220 "${common[@]}" --ns-precision bf16 --triton-max-short-side 256 --budget-s 200
+    ;;
   train)
     step train_transformer 90 python3 benchmarks/bench_train.py --model configs/model/340m.yaml --mixers transformer \
       --seq-len 4096
@@ -44,7 +54,7 @@ case "${1:-}" in
     step recall_study 560 python3 benchmarks/recall_study.py --out "$OUT/recall" --work /tmp/recall --budget-minutes 8.5
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_single.sh scan|scan-table DH [--skip-checks]|scan-mlp|train|decode|recall" >&2
+    echo "usage: bash benchmarks/gpu_single.sh scan|scan-table DH [--skip-checks]|scan-mlp|scan-bf16|train|decode|recall" >&2
     exit 2
     ;;
 esac

@@ -384,3 +384,19 @@ def test_count_ops_mode_counts_fewer_operators_per_chunk_with_the_memory_mlp_ker
     (update, path, *counts), (_, kernel_path, *kernel_counts) = (line.split() for line in table)
     assert (update, path, kernel_path) == ("chunk", "PyTorch", "kernel")
     assert all(int(k) < int(c) for k, c in zip(kernel_counts, counts, strict=True)), table
+
+
+def test_bench_sets_the_timed_precision_and_the_triton_threshold(capsys, monkeypatch):
+    """`--ns-precision` and `--triton-max-short-side` reach the dispatcher (for timing bf16 NS routed to the kernel)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_memory_scan
+
+    from atlas_train.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "TRITON_MAX_SHORT_SIDE", dispatch.TRITON_MAX_SHORT_SIDE)  # restored afterwards
+    monkeypatch.setattr(dispatch, "_ns_precision", dispatch._ns_precision)
+    args = ["--profile", "1", "--skip-checks", "--updates", "chunk", "--dh", "8", "--lengths", "64",
+            "--ns-precision", "bf16", "--triton-max-short-side", "256"]
+    with torch.random.fork_rng():
+        assert bench_memory_scan.main(args) == 0
+    assert (dispatch.TRITON_MAX_SHORT_SIDE, dispatch.settings()[1]) == (256, "bf16")
