@@ -686,7 +686,8 @@ def main(argv=None):
     for reason in noted_fallbacks(MEMORY_MLP_KERNEL):  # then its "+mlp" rows ran (partly) without it
         print(f"memory MLP kernel not used for some passes: {reason}")
     print(f"\n== forward+backward, B*H={HEADS}, c={WINDOW}, chunk={CHUNK}, ns={NS_STEPS}, {args.ns_precision} "
-          f"operands (Triton NS up to {kernel_dispatch.TRITON_MAX_SHORT_SIDE}); ceiling {ceiling:.3g} TFLOP/s; time, TFLOP/s, % of ceiling, peak memory of the row ==")
+          f"operands (Triton NS up to {kernel_dispatch.TRITON_MAX_SHORT_SIDE}); ceiling {ceiling:.3g} TFLOP/s; "
+          "time, TFLOP/s, % of ceiling, peak memory of the row ==")
     for label, shape, result in bench.rows:
         print(f"{label:<34} {shape:<22} {result}")
     return 1 if failed else 0

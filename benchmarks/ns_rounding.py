@@ -9,8 +9,9 @@ compared at will. The forward and the analytic backward are those of kernels/new
 (dB = G Xᵀ, dA = b dB + c (dB A + A dB), dX = a G + B G + (dA + dAᵀ) X). Forms:
   float32 A   the Gram matrix A = XXᵀ kept in float32: bA exact, A² from rounded operands (the Triton kernel before
               the sixth session; cuBLAS tf32, whose baddbmm adds bA in float32, works the same way)
-  rounded A   A rounded once where it is formed, one value for bA, A² and the backward (the Triton kernel now)
-  bf16 chain  every result stored in bf16 (cuBLAS bf16, which keeps its iterates and products in bfloat16)
+  rounded A   A rounded once where it is formed, one value for bA, A² and the backward, X in float32 (the Triton
+              kernel now, and the cuBLAS path's bf16, which also rounds the backward's small products once)
+  bf16 chain  every result stored in bf16 (the cuBLAS path's bf16 chain before the sixth session)
   fold        X <- (aI + B) X, one product (tried on the GPU in the fourth session)
 Spectra: Gaussian matrices (flat spectrum, what the checks draw) and singular values decaying to 1e-2 and 1e-4
 (closer to momentum). The errors of "float32 A" on Gaussian matrices match those measured on an H100 for the kernel
@@ -97,12 +98,12 @@ def relative_error(got, want):
 
 
 OPERANDS = {"tf32": lambda t: round_bits(t, 10), "bf16": lambda t: round_bits(t, 7)}
-# (operands, form of the Triton kernel's matrices, form of cuBLAS's): the GPU paths before and after this change, and
-# cuBLAS given the kernel's arithmetic (float32 X, bf16 operands, the Gram matrix rounded once).
+# (operands, form of the Triton kernel's matrices, form of cuBLAS's, label): the GPU paths before the sixth session,
+# with only the kernel's Gram matrix fixed, and now (cuBLAS bf16 with float32 iterates).
 SCAN_CASES = (("tf32", "rounded A", "float32 A", "tf32 now"),
               ("bf16", "float32 A", "bf16 chain", "bf16 before the sixth session"),
-              ("bf16", "rounded A", "bf16 chain", "bf16 now"),
-              ("bf16", "rounded A", "rounded A", "bf16, cuBLAS with the kernel's arithmetic"))
+              ("bf16", "rounded A", "bf16 chain", "bf16, only the Triton kernel fixed"),
+              ("bf16", "rounded A", "rounded A", "bf16 now (cuBLAS: float32 iterates)"))
 
 
 class _EmulatedNS(torch.autograd.Function):

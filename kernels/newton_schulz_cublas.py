@@ -12,8 +12,14 @@ iterates X_0..X_{k-1} and the backward replays the Triton kernel's analytic deri
     dB = G Xᵀ,  dA = b dB + c (dB A + A dB),  dX = a G + B G + (dA + dAᵀ) X
 (a tall X, iterated as X ← aX + X B with A = Xᵀ X: dB = Xᵀ G and dX = a G + G B + X (dA + dAᵀ)),
 then of X0 = S / (n + eps): dS = dX0 / (n + eps) − <dX0, S> S / ((n + eps)² n), n = ‖S‖_F.
-'bf16' runs the chain in bfloat16 (iterates, products and their gradients; cuBLAS accumulates in float32 inside
-each product), as Muon implementations do; the normalisation, its derivative and the result are float32.
+'bf16' multiplies bfloat16 copies of the iterate X (and of the gradient G) and keeps X and G themselves in float32:
+aX and the product BX add up in float32 (`_bf16_product`, cuBLAS's float32 output). The Gram matrix A, B and the
+backward's small products are bfloat16 results: each is rounded once and that one value serves every use.
+Why not a chain stored in bfloat16 (as Muon implementations do, and this path did until the sixth session): that
+rounds the dominant aX term at every step, which for matrices with small singular values (momentum) is ~10x less
+exact; emulated on CPU (benchmarks/ns_rounding.py --scan) it is what made the token update fail its bf16 bound
+(dgamma 1.0e-1), which the float32 iterate brings to 2.7e-2. The normalisation, its derivative and the result are
+float32.
 """
 
 from __future__ import annotations
@@ -56,8 +62,26 @@ def _apply(m: torch.Tensor, y: torch.Tensor, tall: bool, beta: float) -> torch.T
     return torch.baddbmm(y, y, m, beta=beta) if tall else torch.baddbmm(y, m, y, beta=beta)
 
 
+def _bf16_product(m: torch.Tensor, y: torch.Tensor, tall: bool) -> torch.Tensor:
+    """m·y (y·m for a tall y) of bfloat16 operands as float32. cuBLAS accumulates in float32 and here also returns
+    it (bmm's out_dtype, CUDA only); on CPU the operands are upcast, which multiplies the same values."""
+    p, q = (y, m) if tall else (m, y)
+    if p.is_cuda:
+        return torch.bmm(p, q, out_dtype=torch.float32)
+    return torch.bmm(p.float(), q.float())
+
+
+def _step(m: torch.Tensor, y: torch.Tensor, master: torch.Tensor, tall: bool, beta: float) -> torch.Tensor:
+    """beta·master + m·y, y being master itself or (bf16) its bfloat16 copy, whose product adds up in float32."""
+    if y.dtype == master.dtype:
+        return _apply(m, master, tall, beta)
+    return _bf16_product(m, y, tall).add_(master, alpha=beta)
+
+
 def _add_product(out: torch.Tensor, m: torch.Tensor, y: torch.Tensor, tall: bool) -> torch.Tensor:
     """out += m·y (y·m for a tall y) in place: no copy of out, as a baddbmm into a new tensor would make."""
+    if y.dtype != out.dtype:
+        return out.add_(_bf16_product(m, y, tall))
     return out.baddbmm_(y, m) if tall else out.baddbmm_(m, y)
 
 
@@ -75,8 +99,8 @@ def _poly(x: torch.Tensor, tall: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _NewtonSchulz(torch.autograd.Function):
-    """Iterates (and, for 'bf16', every product and gradient) in the chain's dtype; the normalisation and its
-    derivative in float32. Every elementwise step is fused into a GEMM (baddbmm): at these sizes separate
+    """Iterates and gradients in float32 (float64 in the tests); with 'bf16' their bfloat16 copies are the products'
+    operands and the saved iterates. Every elementwise step is fused into a GEMM (baddbmm): at these sizes separate
     elementwise passes over the iterates would cost more memory traffic than the products themselves.
 
     A tall matrix is iterated as it lies (X ← aX + X B(XᵀX), the spec's transposed iteration written without
@@ -89,14 +113,15 @@ class _NewtonSchulz(torch.autograd.Function):
         tall = s.shape[-2] > s.shape[-1]
         x = _flat(s)
         norm = torch.linalg.matrix_norm(x, keepdim=True)
-        chain_dtype = torch.bfloat16 if precision == "bf16" else x.dtype
-        x = (x / (norm + NS_EPS)).to(chain_dtype)
+        operand_dtype = torch.bfloat16 if precision == "bf16" else x.dtype
+        x = x / (norm + NS_EPS)
         iterates = []
         with _operand_precision(precision):
             for _ in range(steps):
-                iterates.append(x)
-                _, poly = _poly(x, tall)
-                x = _apply(poly, x, tall, a)
+                operand = x.to(operand_dtype)
+                iterates.append(operand)
+                _, poly = _poly(operand, tall)
+                x = _step(poly, operand, x, tall, a)
         ctx.save_for_backward(s, norm, *iterates)
         ctx.precision, ctx.tall = precision, tall
         return x.reshape(s.shape).to(s.dtype)
@@ -106,14 +131,15 @@ class _NewtonSchulz(torch.autograd.Function):
         s, norm, *iterates = ctx.saved_tensors
         a, b, c = NS_COEFFS
         tall = ctx.tall
-        g = _flat(grad_out).to(iterates[0].dtype)
+        g = _flat(grad_out)
         with _operand_precision(ctx.precision):
             for x in reversed(iterates):
                 gram, poly = _poly(x, tall)
-                d_poly = _small(x, g, tall) if tall else _small(g, x, tall)
+                g_operand = g.to(x.dtype)
+                d_poly = _small(x, g_operand, tall) if tall else _small(g_operand, x, tall)
                 # the second GEMM of each sum accumulates in place (baddbmm_) rather than copying its addend first
                 d_gram = torch.baddbmm(d_poly, d_poly, gram, beta=b, alpha=c).baddbmm_(gram, d_poly, alpha=c)
-                g = _add_product(_apply(poly, g, tall, a), d_gram + d_gram.transpose(1, 2), x, tall)
+                g = _add_product(_step(poly, g_operand, g, tall, a), d_gram + d_gram.transpose(1, 2), x, tall)
         raw = _flat(s)
         g = g.to(raw.dtype)
         scale = norm + NS_EPS

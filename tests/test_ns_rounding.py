@@ -71,7 +71,12 @@ def test_scan_mode_reports_every_case_and_routes_matrices_as_the_gpu_does(monkey
     monkeypatch.setattr(dispatch, "TRITON_MAX_SHORT_SIDE", 8)
     forms = []
     emulate = ns_rounding.emulated_ns
-    monkeypatch.setattr(ns_rounding, "emulated_ns", lambda s, g, op, form: forms.append(form) or emulate(s, g, op, form))
+
+    def recording(s, upstream, operand, form):
+        forms.append(form)
+        return emulate(s, upstream, operand, form)
+
+    monkeypatch.setattr(ns_rounding, "emulated_ns", recording)
     lines = ns_rounding.scan_table(batch=1, length=128, heads=1, dh=8)
     assert len(lines) == len(ns_rounding.SCAN_CASES)
     assert {"rounded A", "float32 A", "bf16 chain"} <= set(forms)
