@@ -244,6 +244,19 @@ def test_kernel_is_on_unless_the_environment_says_0(setting, enabled):
     assert done.stdout.strip() == str(enabled)
 
 
+@pytest.mark.parametrize("setting,outcome", [(None, "tf32"), ("bf16", "bf16"), ("fp8", "ATLAS_NS_PRECISION='fp8'")])
+def test_ns_precision_comes_from_the_environment_or_stops_with_one_line(setting, outcome):
+    env = {k: v for k, v in os.environ.items() if k != "ATLAS_NS_PRECISION"}
+    if setting is not None:
+        env["ATLAS_NS_PRECISION"] = setting
+    code = "import atlas_train.kernels.dispatch as d; print(d.settings()[1])"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if setting == "fp8":
+        assert done.returncode != 0 and f"ValueError: {outcome} is not one of ieee, tf32, bf16" in done.stderr
+    else:
+        assert done.returncode == 0 and done.stdout.strip() == outcome, done.stderr[-2000:]
+
+
 def test_bench_checks_the_kernel_alone_and_a_wrong_kernel_fails(monkeypatch):
     """bench_memory_scan's per-precision check of the pass (here interpreted, float32 against float64): it passes the
     kernel, and a kernel whose gradients are off by 1% fails it."""
