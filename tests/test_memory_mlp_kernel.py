@@ -232,29 +232,30 @@ def test_bench_check_fails_when_the_kernel_would_not_run(monkeypatch):
     assert len(reasons) == 2 and all("failed to run" in r for r in reasons)
 
 
+def _settings_in_a_fresh_process(variable: str, setting: str | None) -> subprocess.CompletedProcess:
+    """Import the dispatcher with `variable` set to `setting` (unset for None) and print its settings."""
+    env = {k: v for k, v in os.environ.items() if k != variable}
+    if setting is not None:
+        env[variable] = setting
+    code = "import atlas_train.kernels.dispatch as d; print(*d.settings())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("setting,enabled", [(None, True), ("0", False), ("1", True)])
 def test_kernel_is_on_unless_the_environment_says_0(setting, enabled):
     """On by default (timed on a GPU: benchmarks/RESULTS.md), off with ATLAS_MEMORY_MLP_KERNEL=0; read at import."""
-    env = {k: v for k, v in os.environ.items() if k != "ATLAS_MEMORY_MLP_KERNEL"}
-    if setting is not None:
-        env["ATLAS_MEMORY_MLP_KERNEL"] = setting
-    code = "import atlas_train.kernels.dispatch as d; print(d.settings()[-1])"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    done = _settings_in_a_fresh_process("ATLAS_MEMORY_MLP_KERNEL", setting)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == str(enabled)
+    assert done.stdout.split()[-1] == str(enabled)
 
 
 @pytest.mark.parametrize("setting,outcome", [(None, "tf32"), ("bf16", "bf16"), ("fp8", "ATLAS_NS_PRECISION='fp8'")])
 def test_ns_precision_comes_from_the_environment_or_stops_with_one_line(setting, outcome):
-    env = {k: v for k, v in os.environ.items() if k != "ATLAS_NS_PRECISION"}
-    if setting is not None:
-        env["ATLAS_NS_PRECISION"] = setting
-    code = "import atlas_train.kernels.dispatch as d; print(d.settings()[1])"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    done = _settings_in_a_fresh_process("ATLAS_NS_PRECISION", setting)
     if setting == "fp8":
         assert done.returncode != 0 and f"ValueError: {outcome} is not one of ieee, tf32, bf16" in done.stderr
     else:
-        assert done.returncode == 0 and done.stdout.strip() == outcome, done.stderr[-2000:]
+        assert done.returncode == 0 and done.stdout.split()[1] == outcome, done.stderr[-2000:]
 
 
 def test_bench_checks_the_kernel_alone_and_a_wrong_kernel_fails(monkeypatch):
