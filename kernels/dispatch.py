@@ -46,7 +46,7 @@ TRITON_MAX_SHORT_SIDE = 64
 
 
 # The memory MLP kernel is on by default: timed on an H100 (benchmarks/RESULTS.md, sixth session) it made the
-# CUDA-graphed chunk scan 1.04-1.16x faster and the token scan 1.01x, passing every tf32 scan check with and without
+# CUDA-graphed chunk scan 1.04-1.17x faster and the token scan 1.00-1.02x, passing every tf32 scan check with and without
 # it; its first-use probe still guards its numbers per shape and precision. ATLAS_MEMORY_MLP_KERNEL=0 or
 # set_memory_mlp_kernel(False) switches it off (the PyTorch pass runs).
 _mlp_kernel = os.environ.get("ATLAS_MEMORY_MLP_KERNEL", "1") == "1"

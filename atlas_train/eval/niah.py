@@ -10,8 +10,10 @@ Every piece (sentence, needle, question, answer) is tokenized on its own, as if 
 concatenated: a probe then has exactly the requested number of tokens, so probes of one length batch together, and
 training rows fill `seq_len + 1` exactly.
 
-Training shards and evaluation draw from distinct random streams (`streams.stream`), so an evaluation never asks
-the needles the shards taught.
+Training shards and evaluation draw from distinct random streams (`streams.stream`): independent draws, not
+disjoint sets. With 90,000 pass keys an evaluation value can coincide with one a shard taught (about one probe in
+ten after 10,000 pass-key rows); each is taught once among many, so the model learns where to look and what to
+copy, not the values.
 """
 
 from __future__ import annotations
