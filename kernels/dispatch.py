@@ -46,8 +46,8 @@ TRITON_MAX_SHORT_SIDE = 64
 
 
 # The memory MLP kernel is on by default: timed on an H100 (benchmarks/RESULTS.md, sixth session) it made the
-# CUDA-graphed chunk scan 1.04-1.17x faster and the token scan 1.00-1.02x, passing every tf32 scan check with and without
-# it; its first-use probe still guards its numbers per shape and precision. ATLAS_MEMORY_MLP_KERNEL=0 or
+# CUDA-graphed chunk scan 1.04-1.17x faster and the token scan 1.00-1.02x, passing every tf32 scan check with and
+# without it; its first-use probe still guards its numbers per shape and precision. ATLAS_MEMORY_MLP_KERNEL=0 or
 # set_memory_mlp_kernel(False) switches it off (the PyTorch pass runs).
 _mlp_kernel = os.environ.get("ATLAS_MEMORY_MLP_KERNEL", "1") == "1"
 MEMORY_MLP_KERNEL = "the memory MLP kernel"  # its name in fallback notes
@@ -139,11 +139,12 @@ def _probe_newton_schulz(impl: str, s: torch.Tensor, steps: int) -> str | None:
     """
     key = (impl, tuple(s.shape[-2:]), s.dtype, s.device, _ns_precision, steps)
     if key not in _probed:  # random inputs only on a first call: the hot path draws nothing from the RNG
-        one = torch.randn(1, *s.shape[-2:], device=s.device, dtype=s.dtype)
-        upstream = torch.randn_like(one)
-        _probed[key] = _verdict(impl, f"a random {tuple(s.shape[-2:])} matrix",
-                                lambda: _fast_forward_backward(impl, one, steps, upstream),
-                                lambda: _reference_forward_backward(one, steps, upstream))
+        with torch.inference_mode(False):  # the probe differentiates, also when its caller only infers
+            one = torch.randn(1, *s.shape[-2:], device=s.device, dtype=s.dtype)
+            upstream = torch.randn_like(one)
+            _probed[key] = _verdict(impl, f"a random {tuple(s.shape[-2:])} matrix",
+                                    lambda: _fast_forward_backward(impl, one, steps, upstream),
+                                    lambda: _reference_forward_backward(one, steps, upstream))
     return _probed[key]
 
 
@@ -267,10 +268,12 @@ def _probe_memory_mlp(w1, w2, z, ln, factors: bool, loss: str | None) -> str | N
     key = ("memory_mlp", dim, dv, hidden, ln is not None, factors, loss, z.dtype, z.device, _ns_precision)
     if key in _probed:  # random inputs only on a first call: the hot path draws nothing from the RNG
         return _probed[key]
-    inputs, upstream, reference, ref_upstream = random_memory_mlp_pass(
-        dim, dv, hidden, heads=1, tokens=40, with_ln=ln is not None, factors=factors, device=z.device, dtype=z.dtype)
-    _probed[key] = _verdict(MEMORY_MLP_KERNEL, f"a random pass (D={dim}, dv={dv}, hidden={hidden})",
-                            lambda: memory_mlp_pass_results(**inputs, loss=loss, upstream=upstream, kernel=True),
-                            lambda: memory_mlp_pass_results(**reference, loss=loss, upstream=ref_upstream,
-                                                            kernel=False))
+    with torch.inference_mode(False):  # the probe differentiates, also when its caller only infers
+        inputs, upstream, reference, ref_upstream = random_memory_mlp_pass(
+            dim, dv, hidden, heads=1, tokens=40, with_ln=ln is not None, factors=factors, device=z.device,
+            dtype=z.dtype)
+        _probed[key] = _verdict(MEMORY_MLP_KERNEL, f"a random pass (D={dim}, dv={dv}, hidden={hidden})",
+                                lambda: memory_mlp_pass_results(**inputs, loss=loss, upstream=upstream, kernel=True),
+                                lambda: memory_mlp_pass_results(**reference, loss=loss, upstream=ref_upstream,
+                                                                kernel=False))
     return _probed[key]

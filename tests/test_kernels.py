@@ -400,3 +400,20 @@ def test_bench_sets_the_timed_precision_and_the_triton_threshold(capsys, monkeyp
     with torch.random.fork_rng():
         assert bench_memory_scan.main(args) == 0
     assert (dispatch.TRITON_MAX_SHORT_SIDE, dispatch.settings()[1]) == (256, "bf16")
+
+
+def test_probes_run_under_inference_mode(monkeypatch):
+    """A model served under torch.inference_mode reaches the probes on its first call: they differentiate, so they
+    leave inference mode for their own inputs. Before, the NS probe raised there and the cuBLAS one fell back."""
+    from atlas_train.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_probed", {})
+    monkeypatch.setattr(dispatch, "_ns_precision", "ieee")
+    weights = [torch.randn(1, 1, *shape, dtype=torch.float64) * 0.3 for shape in ((4, 8), (8, 8))]
+    ln = {"ln_weight": torch.ones(1, 4, dtype=torch.float64), "ln_bias": torch.zeros(1, 4, dtype=torch.float64)}
+    with torch.inference_mode():
+        s = torch.randn(2, 8, 24, dtype=torch.float64)
+        assert dispatch._probe_newton_schulz("triton", s, 3) is None
+        assert dispatch._probe_newton_schulz("cublas", s, 3) is None
+        z = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+        assert dispatch._probe_memory_mlp(*weights, z, ln, True, "l2") is None
