@@ -127,7 +127,13 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
-@torch.compiler.disable  # runs eagerly even when the caller is being compiled
+def _probe(fn):
+    """How every first-use probe runs: eagerly even when its caller is being compiled, and outside inference mode
+    (it differentiates, also when its caller only infers: under torch.inference_mode it used to raise)."""
+    return torch.compiler.disable(torch.inference_mode(False)(fn))
+
+
+@_probe
 def _probe_newton_schulz(impl: str, s: torch.Tensor, steps: int) -> str | None:
     """Run an implementation's forward and backward on one random matrix shaped like s's and compare both with the
     float64 PyTorch path: the reason to fall back (failed to run, or disagrees beyond PROBE_TOLERANCE), or None.
@@ -139,12 +145,11 @@ def _probe_newton_schulz(impl: str, s: torch.Tensor, steps: int) -> str | None:
     """
     key = (impl, tuple(s.shape[-2:]), s.dtype, s.device, _ns_precision, steps)
     if key not in _probed:  # random inputs only on a first call: the hot path draws nothing from the RNG
-        with torch.inference_mode(False):  # the probe differentiates, also when its caller only infers
-            one = torch.randn(1, *s.shape[-2:], device=s.device, dtype=s.dtype)
-            upstream = torch.randn_like(one)
-            _probed[key] = _verdict(impl, f"a random {tuple(s.shape[-2:])} matrix",
-                                    lambda: _fast_forward_backward(impl, one, steps, upstream),
-                                    lambda: _reference_forward_backward(one, steps, upstream))
+        one = torch.randn(1, *s.shape[-2:], device=s.device, dtype=s.dtype)
+        upstream = torch.randn_like(one)
+        _probed[key] = _verdict(impl, f"a random {tuple(s.shape[-2:])} matrix",
+                                lambda: _fast_forward_backward(impl, one, steps, upstream),
+                                lambda: _reference_forward_backward(one, steps, upstream))
     return _probed[key]
 
 
@@ -260,7 +265,7 @@ def random_memory_mlp_pass(dim: int, dv: int, hidden: int, *, heads: int, tokens
     return inputs, upstream, reference, [on_cpu(u) for u in upstream]
 
 
-@torch.compiler.disable
+@_probe
 def _probe_memory_mlp(w1, w2, z, ln, factors: bool, loss: str | None) -> str | None:
     """The kernel's token pass on random inputs of this pass's sizes (one head, 40 tokens) against the float64
     PyTorch path: outputs and every input gradient (see `_verdict`)."""
@@ -268,12 +273,10 @@ def _probe_memory_mlp(w1, w2, z, ln, factors: bool, loss: str | None) -> str | N
     key = ("memory_mlp", dim, dv, hidden, ln is not None, factors, loss, z.dtype, z.device, _ns_precision)
     if key in _probed:  # random inputs only on a first call: the hot path draws nothing from the RNG
         return _probed[key]
-    with torch.inference_mode(False):  # the probe differentiates, also when its caller only infers
-        inputs, upstream, reference, ref_upstream = random_memory_mlp_pass(
-            dim, dv, hidden, heads=1, tokens=40, with_ln=ln is not None, factors=factors, device=z.device,
-            dtype=z.dtype)
-        _probed[key] = _verdict(MEMORY_MLP_KERNEL, f"a random pass (D={dim}, dv={dv}, hidden={hidden})",
-                                lambda: memory_mlp_pass_results(**inputs, loss=loss, upstream=upstream, kernel=True),
-                                lambda: memory_mlp_pass_results(**reference, loss=loss, upstream=ref_upstream,
-                                                                kernel=False))
+    inputs, upstream, reference, ref_upstream = random_memory_mlp_pass(
+        dim, dv, hidden, heads=1, tokens=40, with_ln=ln is not None, factors=factors, device=z.device, dtype=z.dtype)
+    _probed[key] = _verdict(MEMORY_MLP_KERNEL, f"a random pass (D={dim}, dv={dv}, hidden={hidden})",
+                            lambda: memory_mlp_pass_results(**inputs, loss=loss, upstream=upstream, kernel=True),
+                            lambda: memory_mlp_pass_results(**reference, loss=loss, upstream=ref_upstream,
+                                                            kernel=False))
     return _probed[key]

@@ -124,15 +124,18 @@ def _project(x, n, dv_ok, DV):
 
 
 @triton.jit
-def _program(H, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_HID: tl.constexpr):
-    """This program's (batch·head, token block), batch, head, token rows and the column ranges of its tiles.
+def _program(H, W1, W2, s_w1b, s_w1h, s_w2b, s_w2h, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_DV: tl.constexpr, BLOCK_HID: tl.constexpr):
+    """This program's (batch·head, token block), batch, head, token rows, the column ranges of its tiles, and its
+    head's weights (W1, W2 moved to them).
 
     The batch·head index is 64-bit so that every buffer offset derived from it is: the per-token-block weight
     gradients pass 2^31 elements at large decode batches (e.g. 8192 batch·heads x 4 blocks x 256 x 512)."""
     pid_bh, pid_t = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
     t_rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    return (pid_bh, pid_t, pid_bh // H, pid_bh % H, t_rows, tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV),
-            tl.arange(0, BLOCK_HID))
+    return (pid_bh, pid_t, b, h, t_rows, tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV), tl.arange(0, BLOCK_HID),
+            W1 + b * s_w1b + h * s_w1h, W2 + b * s_w2b + h * s_w2h)
 
 
 @triton.jit
@@ -141,10 +144,9 @@ def _token_pass_forward(Z, V, W1, W2, LNW, LNB, F, GO, HID, GP, H, N, D, DV, HID
                         eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                         BLOCK_HID: tl.constexpr, HAS_LN: tl.constexpr, L2: tl.constexpr, FACTORS: tl.constexpr,
                         PRECISION: tl.constexpr, ACC: tl.constexpr):
-    pid_bh, pid_t, b, h, t_rows, d_cols, dv_cols, j_cols = _program(H, BLOCK_T, BLOCK_D, BLOCK_DV, BLOCK_HID)
+    pid_bh, pid_t, b, h, t_rows, d_cols, dv_cols, j_cols, W1, W2 = _program(
+        H, W1, W2, s_w1b, s_w1h, s_w2b, s_w2h, BLOCK_T, BLOCK_D, BLOCK_DV, BLOCK_HID)
     dv_ok = dv_cols < DV
-    W1 += b * s_w1b + h * s_w1h
-    W2 += b * s_w2b + h * s_w2h
     z, f, normed, rstd, lw = _read(Z + b * s_zb + h * s_zh, W1, W2, LNW, LNB, HID + pid_bh * N * HIDDEN, h, t_rows, N,
                                    D, DV, HIDDEN, s_zt, s_w1o, s_w1i, s_w2o, s_w2i, eps, d_cols, dv_cols, j_cols,
                                    BLOCK_T, BLOCK_DV, BLOCK_HID, HAS_LN, FACTORS, PRECISION, ACC)
@@ -172,10 +174,9 @@ def _token_pass_backward(Z, V, W1, W2, LNW, LNB, DF, DGO, DA, DGP, DZ, DV_OUT, D
                          eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                          BLOCK_HID: tl.constexpr, HAS_LN: tl.constexpr, L2: tl.constexpr, FACTORS: tl.constexpr,
                          PRECISION: tl.constexpr, ACC: tl.constexpr):
-    pid_bh, pid_t, b, h, t_rows, d_cols, dv_cols, j_cols = _program(H, BLOCK_T, BLOCK_D, BLOCK_DV, BLOCK_HID)
+    pid_bh, pid_t, b, h, t_rows, d_cols, dv_cols, j_cols, W1, W2 = _program(
+        H, W1, W2, s_w1b, s_w1h, s_w2b, s_w2h, BLOCK_T, BLOCK_D, BLOCK_DV, BLOCK_HID)
     dv_ok = dv_cols < DV
-    W1 += b * s_w1b + h * s_w1h
-    W2 += b * s_w2b + h * s_w2h
     z, f, normed, rstd, lw = _read(Z + b * s_zb + h * s_zh, W1, W2, LNW, LNB, DA, h, t_rows, N, D, DV, HIDDEN, s_zt,
                                    s_w1o, s_w1i, s_w2o, s_w2i, eps, d_cols, dv_cols, j_cols, BLOCK_T, BLOCK_DV,
                                    BLOCK_HID, HAS_LN, False, PRECISION, ACC)
