@@ -81,6 +81,14 @@ def set_ns_precision(precision: str) -> None:
     _ns_precision = precision
 
 
+def memory_mlp_precision() -> str:
+    """The memory MLP kernel's operand precision: the one set here, but tf32 where that is bf16. In bf16 the kernel
+    doubled the chunk scan's error on an H100 (4.9e-2 and 4.1e-2 with it, 2.5e-2 and 2.3e-2 without, bound 5e-2;
+    benchmarks/RESULTS.md, seventh session): its products make the memory's output itself, where NS's bf16 only
+    perturbs an update direction; and at B·H = 16 the kernel is bound by occupancy, not by tensor-core rate."""
+    return "tf32" if _ns_precision == "bf16" else _ns_precision
+
+
 def noted_fallbacks(what: str) -> list[str]:
     """The reasons noted so far for not using `what` (e.g. MEMORY_MLP_KERNEL): a benchmark that asked for a fast
     path can then say that some of its rows ran without it."""
@@ -149,24 +157,24 @@ def _probe_newton_schulz(impl: str, s: torch.Tensor, steps: int) -> str | None:
         upstream = torch.randn_like(one)
         _probed[key] = _verdict(impl, f"a random {tuple(s.shape[-2:])} matrix",
                                 lambda: _fast_forward_backward(impl, one, steps, upstream),
-                                lambda: _reference_forward_backward(one, steps, upstream))
+                                lambda: _reference_forward_backward(one, steps, upstream), _ns_precision)
     return _probed[key]
 
 
-def _verdict(what: str, on: str, fast, reference) -> str | None:
+def _verdict(what: str, on: str, fast, reference, precision: str) -> str | None:
     """Why to fall back from a fast path (it failed to run, or one of its results is further than PROBE_TOLERANCE
-    from the float64 reference's), or None. `fast` and `reference` return the same tuple of results (outputs and
-    input gradients)."""
+    of its operand precision from the float64 reference's), or None. `fast` and `reference` return the same tuple
+    of results (outputs and input gradients)."""
     try:
         got = fast()
     except Exception as exc:  # noqa: BLE001 — any compile/launch failure means: use the next path
         return f"{what} failed to run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     errors = [relative_error(g, w) for g, w in zip(got, reference(), strict=True)]
-    bound = PROBE_TOLERANCE[_ns_precision]
+    bound = PROBE_TOLERANCE[precision]
     error = next((e for e in errors if not e <= bound), max(errors))  # NaN is never within the bound
     if error <= bound:
         return None
-    return f"{what} disagrees with the PyTorch path on {on}: relative error {error:.1e} > {bound:.0e} ({_ns_precision})"
+    return f"{what} disagrees with the PyTorch path on {on}: relative error {error:.1e} > {bound:.0e} ({precision})"
 
 
 def _candidates(s: torch.Tensor) -> tuple[str, ...]:
@@ -207,14 +215,14 @@ def memory_mlp_or_none(weights: dict, z: torch.Tensor, ln: dict | None, *, v: to
     if reason is not None:
         note_fallback(MEMORY_MLP_KERNEL, reason)
         return None
-    return memory_mlp_pass(z, weights["W1"], weights["W2"], ln, v=v, loss=loss, precision=_ns_precision)
+    return memory_mlp_pass(z, weights["W1"], weights["W2"], ln, v=v, loss=loss, precision=memory_mlp_precision())
 
 
 def memory_mlp_refusal(weights: dict, z: torch.Tensor, ln: dict | None, *, factors: bool, loss: str | None):
     """Why the kernel does not take such a pass at the current precision (does not cover it, or its probe fails),
     or None; what `memory_mlp_or_none` decides by, for checks that must know the kernel really ran."""
     w1, w2 = weights["W1"], weights["W2"]
-    return memory_mlp_unsupported(w1, w2, z, "W3" in weights, loss, _ns_precision) or _probe_memory_mlp(
+    return memory_mlp_unsupported(w1, w2, z, "W3" in weights, loss, memory_mlp_precision()) or _probe_memory_mlp(
         w1, w2, z, ln, factors, loss)
 
 
@@ -229,7 +237,7 @@ def memory_mlp_pass_results(z, w1, w2, ln, v, loss, upstream, kernel: bool) -> l
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         if kernel:
             outs = memory_mlp_pass(lz, lw1, lw2, ln_leaves, v=lv[0] if lv else None, loss=loss,
-                                   precision=_ns_precision)
+                                   precision=memory_mlp_precision())
         else:
             weights = {"W1": lw1, "W2": lw2}
             outs = memory_forward(weights, lz, lw1.shape[-2], ln_leaves)
@@ -270,7 +278,7 @@ def _probe_memory_mlp(w1, w2, z, ln, factors: bool, loss: str | None) -> str | N
     """The kernel's token pass on random inputs of this pass's sizes (one head, 40 tokens) against the float64
     PyTorch path: outputs and every input gradient (see `_verdict`)."""
     dim, (dv, hidden) = z.shape[-1], w1.shape[-2:]
-    key = ("memory_mlp", dim, dv, hidden, ln is not None, factors, loss, z.dtype, z.device, _ns_precision)
+    key = ("memory_mlp", dim, dv, hidden, ln is not None, factors, loss, z.dtype, z.device, memory_mlp_precision())
     if key in _probed:  # random inputs only on a first call: the hot path draws nothing from the RNG
         return _probed[key]
     inputs, upstream, reference, ref_upstream = random_memory_mlp_pass(
@@ -278,5 +286,5 @@ def _probe_memory_mlp(w1, w2, z, ln, factors: bool, loss: str | None) -> str | N
     _probed[key] = _verdict(MEMORY_MLP_KERNEL, f"a random pass (D={dim}, dv={dv}, hidden={hidden})",
                             lambda: memory_mlp_pass_results(**inputs, loss=loss, upstream=upstream, kernel=True),
                             lambda: memory_mlp_pass_results(**reference, loss=loss, upstream=ref_upstream,
-                                                            kernel=False))
+                                                            kernel=False), memory_mlp_precision())
     return _probed[key]

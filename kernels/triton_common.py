@@ -13,9 +13,14 @@ PRECISIONS = ("ieee", "tf32", "bf16")
 
 @triton.jit
 def mm(x, y, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """x @ y on tensor cores; 'bf16' rounds the operands, the accumulation stays in ACC (fp32 or fp64)."""
+    """x @ y on tensor cores, operands rounded to nearest in the operand precision, accumulation in ACC (fp32 or
+    fp64). tf32 rounds explicitly: on Hopper `tl.dot` with input_precision="tf32" truncates float32 operands (the
+    H100's errors match emulated truncation to two digits, benchmarks/RESULTS.md, seventh session), which left the
+    NS kernel 1.5-3x less exact than cuBLAS, whose tf32 rounds."""
     if PRECISION == "bf16":
         return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16), out_dtype=ACC)
+    elif PRECISION == "tf32":
+        return tl.dot(as_operand(x, PRECISION), as_operand(y, PRECISION), input_precision=PRECISION, out_dtype=ACC)
     else:
         return tl.dot(x, y, input_precision=PRECISION, out_dtype=ACC)
 
@@ -24,8 +29,9 @@ def mm(x, y, PRECISION: tl.constexpr, ACC: tl.constexpr):
 def as_operand(x, PRECISION: tl.constexpr):
     """float32 x rounded (to nearest even) to the value `mm` multiplies with in this precision: tf32 keeps 10
     mantissa bits, bf16 7; 'ieee' leaves x alone. Spelled out in bits, so the interpreter rounds as the GPU does (its
-    own float32 -> bfloat16 cast truncates). NaN passes through."""
-    if PRECISION == "ieee":
+    own float32 -> bfloat16 cast truncates). NaN passes through, and so does float64 (the interpreter's checks, where
+    tensor cores take no part)."""
+    if PRECISION == "ieee" or x.dtype != tl.float32:
         return x
     else:
         bits = x.to(tl.uint32, bitcast=True)

@@ -185,6 +185,28 @@ def test_dispatch_leaves_cpu_gated_and_not_opted_in_passes_to_pytorch(caplog, mo
     assert sum("gated memory (W3)" in r.getMessage() for r in caplog.records) == 1
 
 
+@pytest.mark.parametrize("ns_precision,kernel_precision", [("ieee", "ieee"), ("tf32", "tf32"), ("bf16", "tf32")])
+def test_kernel_runs_in_the_ns_precision_but_never_below_tf32(ns_precision, kernel_precision, monkeypatch):
+    """bf16 Newton–Schulz leaves the memory MLP kernel in tf32 (its bf16 doubled the chunk scan's error on an H100),
+    both in the pass it runs and in the probe that admits it, whose bound is the kernel's precision's."""
+    z, v, w1, w2, ln = _pass_inputs(seed=4, batch=1, heads=1, n=4, dim=8, dv=4, hidden=8, weight_batch=1,
+                                    with_ln=True)
+    passes, real = [], dispatch.memory_mlp_pass
+    monkeypatch.setattr(dispatch, "memory_mlp_pass",
+                        lambda *a, precision, **k: passes.append(precision) or real(*a, precision=precision, **k))
+    monkeypatch.setattr(dispatch, "_probed", {})
+    monkeypatch.setattr(dispatch, "_ns_precision", ns_precision)
+    monkeypatch.setattr(dispatch, "_mlp_kernel", True)
+    assert dispatch._probe_memory_mlp(w1, w2, z, ln, True, "l2") is None  # it ran the kernel, which passed
+    (key,) = dispatch._probed
+    assert key[-1] == kernel_precision
+    # As if on a GPU (the interpreter cannot run with that pretence, so the pass is only recorded now):
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(dispatch, "memory_mlp_pass", lambda *a, precision, **k: passes.append(precision) or "ran")
+    assert dispatch.memory_mlp_or_none({"W1": w1, "W2": w2}, z, ln, v=v, loss="l2") == "ran"
+    assert passes == [kernel_precision] * 2  # the probe's run, then the pass itself
+
+
 @pytest.mark.parametrize("corrupt", [None, "output", "gradient", "nan", "crash"])
 def test_probe_passes_the_kernel_and_rejects_wrong_numbers(corrupt, monkeypatch):
     """The probe runs the kernel on random inputs of the pass's sizes against the float64 PyTorch path: a kernel that
