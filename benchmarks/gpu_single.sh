@@ -2,9 +2,10 @@
 # One H100/H200, one call of at most 10 minutes per mode (from the repository root, .whl/ carried along):
 #   bash benchmarks/gpu_single.sh scan     issue 6: Newton-Schulz alone (Triton kernel, cuBLAS path, compiled
 #                                          PyTorch), then the scan at 4K, dh 64 and 128, against its baselines
-#   bash benchmarks/gpu_single.sh ns-rounding  issue 6: Newton-Schulz alone at dh 64 and 128 with its checks, then again
-#                                          with tf32 operands left to tl.dot (truncated on Hopper), the kernel before
-#                                          the seventh session, as the same-call baseline
+#   bash benchmarks/gpu_single.sh ns-rounding  issue 6: Newton-Schulz alone at dh 64 and 128 with its checks and the scan
+#                                          at 4K (graphs, tf32 and bf16), then NS and the tf32 scan again with tf32
+#                                          operands left to tl.dot (truncated on Hopper; the kernels before the
+#                                          seventh session) as the same-call baseline
 #   bash benchmarks/gpu_single.sh scan-table DH [--skip-checks]   issue 6's table for one head dim: the scan at
 #                                          4K/16K/64K, both updates, graphs vs the compiled baseline vs cuDNN SDPA
 #   bash benchmarks/gpu_single.sh scan-mlp issue 6: the opt-in memory MLP kernel (checks of the pass alone and of the
@@ -29,12 +30,18 @@ case "${1:-}" in
       --row-budget-s 12
     ;;
   ns-rounding)
-    step ns_only 250 python3 benchmarks/bench_memory_scan.py --ns-only --dh 64 128 --budget-s 230
+    scan=(python3 benchmarks/bench_memory_scan.py --dh 64 128 --lengths 4096 --variants graphs --row-budget-s 12
+          --skip-checks --budget-s 70)
+    step ns_only 200 python3 benchmarks/bench_memory_scan.py --ns-only --dh 64 128 --budget-s 180
+    step scan_tf32 90 "${scan[@]}"
+    step scan_bf16 90 "${scan[@]}" --ns-precision bf16
     # Same-call baseline: the kernels as they were, tf32 operands left to tl.dot (which truncates them on Hopper).
     # Edits only this machine's copy of the tree.
     sed -i 's/tl.dot(as_operand(x, PRECISION), as_operand(y, PRECISION),/tl.dot(x, y,/' kernels/triton_common.py
     ! grep -q "tl.dot(as_operand" kernels/triton_common.py || { echo "baseline edit failed"; exit 1; }
-    step ns_only_truncating 250 python3 benchmarks/bench_memory_scan.py --ns-only --dh 64 128 --budget-s 230
+    step ns_only_truncating 150 python3 benchmarks/bench_memory_scan.py --ns-only --dh 64 128 --budget-s 130 \
+      --skip-checks
+    step scan_tf32_truncating 90 "${scan[@]}"
     ;;
   scan-table)
     step "memory_scan_dh$2" 580 python3 benchmarks/bench_memory_scan.py --dh "$2" --lengths 4096 16384 65536 \

@@ -8,7 +8,12 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
+from atlas_train.kernels.runtime import INTERPRETED
+
 PRECISIONS = ("ieee", "tf32", "bf16")
+# Compiled for a GPU, one PTX instruction (cvt.rna: to nearest, ties away from zero) rounds float32 to tf32, where the
+# bit arithmetic below takes about seven; the interpreter runs no PTX. The two differ only on exact ties.
+_TF32_BY_PTX = tl.constexpr(not INTERPRETED)
 
 
 @triton.jit
@@ -27,12 +32,16 @@ def mm(x, y, PRECISION: tl.constexpr, ACC: tl.constexpr):
 
 @triton.jit
 def as_operand(x, PRECISION: tl.constexpr):
-    """float32 x rounded (to nearest even) to the value `mm` multiplies with in this precision: tf32 keeps 10
-    mantissa bits, bf16 7; 'ieee' leaves x alone. Spelled out in bits, so the interpreter rounds as the GPU does (its
-    own float32 -> bfloat16 cast truncates). NaN passes through, and so does float64 (the interpreter's checks, where
-    tensor cores take no part)."""
+    """float32 x rounded to nearest, to the value `mm` multiplies with in this precision: tf32 keeps 10 mantissa
+    bits, bf16 7; 'ieee' leaves x alone. Spelled out in bits (ties to even), so the interpreter rounds as the GPU does
+    (its own float32 -> bfloat16 cast truncates); tf32 on a GPU by cvt.rna (`_TF32_BY_PTX`). NaN stays NaN; float64
+    passes through (the interpreter's checks, where tensor cores take no part)."""
     if PRECISION == "ieee" or x.dtype != tl.float32:
         return x
+    elif PRECISION == "tf32" and _TF32_BY_PTX:
+        bits = tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,f", [x], dtype=tl.uint32, is_pure=True,
+                                         pack=1)
+        return bits.to(tl.float32, bitcast=True)
     else:
         bits = x.to(tl.uint32, bitcast=True)
         if PRECISION == "bf16":
