@@ -170,6 +170,7 @@ def check_mlp_kernel(device, shapes, tokens):
             dtype=torch.float32)
         loss = "l2" if factors else None
         want = memory_mlp_pass_results(**reference, loss=loss, upstream=ref_upstream, kernel=False)
+        setting = kernel_dispatch.settings()[1]
         for precision in precisions:
             kernels.set_ns_precision(precision)
             got = memory_mlp_pass_results(**inputs, loss=loss, upstream=upstream, kernel=True)
@@ -178,7 +179,7 @@ def check_mlp_kernel(device, shapes, tokens):
             rows.append((f"mlp kernel {dim}/{dv}/{hidden} {'factors' if factors else 'read'} {precision} "
                          f"(worst: {names[factors][worst]})", errs[worst], BOUNDS[precision]))
             print(f"  checked {rows[-1][0]}: {errs[worst]:.2e} (bound {BOUNDS[precision]:.0e})", flush=True)
-        kernels.set_ns_precision("tf32")
+        kernels.set_ns_precision(setting)
     return rows
 
 
@@ -193,12 +194,13 @@ def mlp_kernel_refusals(tensors, params) -> list[str]:
     return [r for r in reasons if r is not None]
 
 
-def check_memory_scan(device):
-    """memory_scan with kernels (each precision) against the float64 PyTorch path at a small real shape."""
-    rows = []
+def check_memory_scan(device, batch=2, length=4 * CHUNK, heads=8, dh=64):
+    """memory_scan with kernels (each precision, and the default for bf16 inputs) against the float64 PyTorch path
+    at a small real shape."""
+    rows, setting = [], kernel_dispatch.settings()[1]
     for update in ("token", "chunk"):
-        tensors, params = make_inputs(2, 4 * CHUNK, 8, 64, device, torch.float32)
-        upstream = torch.randn(2, 4 * CHUNK, 8, 64, device=device)
+        tensors, params = make_inputs(batch, length, heads, dh, device, torch.float32)
+        upstream = torch.randn(batch, length, heads, dh, device=device)
         as64 = lambda d: {k: t.detach().double().requires_grad_() for k, t in d.items()}  # noqa: E731
         with scan_settings(graphs=False, use_kernels=False, compiled=False):  # the reference: plain eager float64
             ref_y, ref_grads = scan_fwd_bwd(as64(tensors), as64(params), update, upstream.double())
@@ -223,7 +225,17 @@ def check_memory_scan(device):
             if mlp_kernel:  # a kernel that fell back would pass by being absent: why it did fails the check
                 rows += [(f"  mlp kernel not used: {reason[:70]}", math.nan, bound)
                          for reason in mlp_kernel_refusals(tensors, params)]
-        kernels.set_ns_precision("tf32")
+        kernels.set_ns_precision("auto")  # the default, as the timed rows run it: bf16 inputs, so bf16 NS
+        half, half_params = make_inputs(batch, length, heads, dh, device, torch.bfloat16)
+        with scan_settings(graphs=False, use_kernels=False, compiled=False):
+            ref_y, ref_grads = scan_fwd_bwd(as64(half), as64(half_params), update, upstream.bfloat16().double())
+        with scan_settings(graphs=True, use_kernels=True, compiled=False):
+            y, grads = scan_fwd_bwd(half, half_params, update, upstream.bfloat16())
+        errs = [relative_error(g, r) for g, r in zip((y, *grads), (ref_y, *ref_grads))]
+        worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
+        rows.append((f"memory_scan {update} default, bf16 inputs (worst: {names[worst]})", errs[worst],
+                     BOUNDS[kernel_dispatch.ns_precision(True)]))
+        kernels.set_ns_precision(setting)
     return rows
 
 
@@ -588,9 +600,9 @@ def main(argv=None):
     parser.add_argument("--count-ops", action="store_true",
                         help="instead of timings: operators per chunk (kernel launches on a GPU) of each update, "
                              "without and with the memory MLP kernel, at the first --dh and --lengths")
-    parser.add_argument("--ns-precision", choices=("ieee", "tf32", "bf16"), default="tf32",
-                        help="operand precision of the fast paths in the timed rows and the profile (the checks "
-                             "cover every precision)")
+    parser.add_argument("--ns-precision", choices=kernel_dispatch.NS_PRECISION_SETTINGS, default="auto",
+                        help="operand precision setting of the fast paths in the timed rows and the profile "
+                             "(default auto: bf16 NS for the timed rows' bf16 inputs; the checks cover every one)")
     parser.add_argument("--triton-max-short-side", type=int, metavar="N",
                         help="send NS matrices with a short side up to N to the Triton kernel, checks included "
                              f"(default {kernel_dispatch.TRITON_MAX_SHORT_SIDE}; bigger ones go to cuBLAS)")
@@ -685,8 +697,10 @@ def main(argv=None):
     print(f"\n== correctness: {len(checks)} checks, {len(failed)} failed (listed before the timings) ==")
     for reason in noted_fallbacks(MEMORY_MLP_KERNEL):  # then its "+mlp" rows ran (partly) without it
         print(f"memory MLP kernel not used for some passes: {reason}")
-    print(f"\n== forward+backward, B*H={HEADS}, c={WINDOW}, chunk={CHUNK}, ns={NS_STEPS}, {args.ns_precision} "
-          f"operands (Triton NS up to {kernel_dispatch.TRITON_MAX_SHORT_SIDE}); ceiling {ceiling:.3g} TFLOP/s; "
+    print(f"\n== forward+backward, B*H={HEADS}, c={WINDOW}, chunk={CHUNK}, ns={NS_STEPS}, NS operands "
+          f"{kernel_dispatch.ns_precision(on_gpu)} (setting {args.ns_precision}; inputs {'bf16' if on_gpu else 'fp32'}"
+          f"), memory MLP kernel {kernel_dispatch.memory_mlp_precision()}, Triton NS up to "
+          f"{kernel_dispatch.TRITON_MAX_SHORT_SIDE}; ceiling {ceiling:.3g} TFLOP/s; "
           "time, TFLOP/s, % of ceiling, peak memory of the row ==")
     for label, shape, result in bench.rows:
         print(f"{label:<34} {shape:<22} {result}")

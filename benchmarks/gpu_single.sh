@@ -11,10 +11,6 @@
 #   bash benchmarks/gpu_single.sh scan-mlp issue 6: the opt-in memory MLP kernel (checks of the pass alone and of the
 #                                          scan with and without it, then the default graphs path with and without
 #                                          it, 4K/16K, dh 64 and 128)
-#   bash benchmarks/gpu_single.sh scan-bf16 issue 6: bf16 Newton-Schulz in the scan at 4K, dh 64 and 128 (graphs):
-#                                          the tf32 default, then bf16 with the default routing and with every NS on
-#                                          the Triton kernel (whose arithmetic passes the token bound in the CPU
-#                                          emulation of benchmarks/ns_rounding.py --scan), each bf16 run with checks
 #   bash benchmarks/gpu_single.sh train    issue 4: 340M transformer (with the loader + logging overhead) and atlas
 #                                          (token and chunk update) at 4K, one call
 #   bash benchmarks/gpu_single.sh decode   issue 8: decode at 4K/32K, batch 1/32, eager and CUDA graph
@@ -33,7 +29,7 @@ case "${1:-}" in
     scan=(python3 benchmarks/bench_memory_scan.py --dh 64 128 --lengths 4096 --variants graphs --row-budget-s 12
           --skip-checks --budget-s 70)
     step ns_only 200 python3 benchmarks/bench_memory_scan.py --ns-only --dh 64 128 --budget-s 180
-    step scan_tf32 90 "${scan[@]}"
+    step scan_tf32 90 "${scan[@]}" --ns-precision tf32
     step scan_bf16 90 "${scan[@]}" --ns-precision bf16
     # Same-call baseline: the kernels as they were, tf32 operands left to tl.dot (which truncates them on Hopper).
     # Edits only this machine's copy of the tree.
@@ -41,7 +37,7 @@ case "${1:-}" in
     ! grep -q "tl.dot(as_operand" kernels/triton_common.py || { echo "baseline edit failed"; exit 1; }
     step ns_only_truncating 150 python3 benchmarks/bench_memory_scan.py --ns-only --dh 64 128 --budget-s 130 \
       --skip-checks
-    step scan_tf32_truncating 90 "${scan[@]}"
+    step scan_tf32_truncating 90 "${scan[@]}" --ns-precision tf32
     ;;
   scan-table)
     step "memory_scan_dh$2" 580 python3 benchmarks/bench_memory_scan.py --dh "$2" --lengths 4096 16384 65536 \
@@ -50,12 +46,6 @@ case "${1:-}" in
   scan-mlp)
     step memory_scan_mlp 580 python3 benchmarks/bench_memory_scan.py --dh 64 128 --lengths 4096 16384 \
       --variants graphs graphs-mlp --budget-s 520 --row-budget-s 25
-    ;;
-  scan-bf16)
-    common=(python3 benchmarks/bench_memory_scan.py --dh 64 128 --lengths 4096 --variants graphs --row-budget-s 12)
-    step scan_tf32 110 "${common[@]}" --skip-checks --budget-s 90
-    step scan_bf16_routing64 220 "${common[@]}" --ns-precision bf16 --budget-s 200
-    step scan_bf16_all_triton 220 "${common[@]}" --ns-precision bf16 --triton-max-short-side 256 --budget-s 200
     ;;
   train)
     step train_transformer 90 python3 benchmarks/bench_train.py --model configs/model/340m.yaml --mixers transformer \
@@ -72,7 +62,7 @@ case "${1:-}" in
     step recall_study 560 python3 benchmarks/recall_study.py --out "$OUT/recall" --work /tmp/recall --budget-minutes 8.5
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_single.sh scan|ns-rounding|scan-table DH [--skip-checks]|scan-mlp|scan-bf16|train|decode|recall" >&2
+    echo "usage: bash benchmarks/gpu_single.sh scan|ns-rounding|scan-table DH [--skip-checks]|scan-mlp|train|decode|recall" >&2
     exit 2
     ;;
 esac

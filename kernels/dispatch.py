@@ -1,9 +1,10 @@
 """Choosing the GPU fast path of `atlas_train.ops`, with a one-time note on every fallback.
 
 The ops code calls `newton_schulz_or_none` and `memory_mlp_or_none` (the memory MLP's token pass: reads and
-inner-loss gradient factors, `memory_mlp_kernel`); None means "run your plain PyTorch path" (float32 products). Both
-fast paths take their products in the one operand precision set here. On a GPU
-Newton–Schulz has two fast implementations, both with products in the operand precision set here: the Triton kernel
+inner-loss gradient factors, `memory_mlp_kernel`); None means "run your plain PyTorch path" (float32 products). The
+operand precision of the fast paths' products follows one setting (`set_ns_precision`): by default Newton–Schulz
+takes bf16 operands in a bf16/fp16 model and tf32 in a float32 one (`ns_precision`), the memory MLP kernel tf32
+(`memory_mlp_precision`). On a GPU Newton–Schulz has two fast implementations: the Triton kernel
 (one program per matrix) and cuBLAS batched GEMMs with a hand-written backward (newton_schulz_cublas). Which one
 takes a shape is a fixed rule from measurements, not a timing at run time, so that every run (and every resume)
 computes the same numbers: the kernel for a short side up to TRITON_MAX_SHORT_SIDE, cuBLAS above.
@@ -30,10 +31,12 @@ from atlas_train.kernels.triton_common import PRECISIONS
 log = logging.getLogger(__name__)
 _noted: set[str] = set()
 _probed: dict[tuple, str | None] = {}  # (shape, dtype, device, precision) -> failure of the probe, None if it ran
-# Operand precision of the fast paths' products (`set_ns_precision`); ATLAS_NS_PRECISION sets it for a process.
-_ns_precision = os.environ.get("ATLAS_NS_PRECISION", "tf32")
-if _ns_precision not in PRECISIONS:
-    raise ValueError(f"ATLAS_NS_PRECISION={_ns_precision!r} is not one of {', '.join(PRECISIONS)}")
+# Operand precision of the fast paths' products (`set_ns_precision`, `ns_precision`); ATLAS_NS_PRECISION sets it for
+# a process. 'auto' (the default) follows the model's dtype.
+NS_PRECISION_SETTINGS = ("auto", *PRECISIONS)
+_ns_precision = os.environ.get("ATLAS_NS_PRECISION", "auto")
+if _ns_precision not in NS_PRECISION_SETTINGS:
+    raise ValueError(f"ATLAS_NS_PRECISION={_ns_precision!r} is not one of {', '.join(NS_PRECISION_SETTINGS)}")
 # Relative L2 error against float64 that each operand precision may reach (output and gradient): the probe's bound,
 # and the benchmark's.
 PROBE_TOLERANCE = {"ieee": 1e-4, "tf32": 1e-2, "bf16": 5e-2}
@@ -71,22 +74,30 @@ def settings() -> tuple:
 
 
 def set_ns_precision(precision: str) -> None:
-    """Operand precision of the fast paths' products on the GPU (Newton–Schulz and the memory MLP's token pass):
-    'ieee' (fp32), 'tf32' (default; ATLAS_NS_PRECISION sets another) or 'bf16'. bf16 passes every bound on CPU
-    under emulated rounding (benchmarks/RESULTS.md, sixth session) but is not yet timed or checked on a GPU since
-    the sixth session's changes to it."""
+    """Operand precision of the fast paths' products on the GPU: 'auto' (default; ATLAS_NS_PRECISION sets another),
+    'ieee' (fp32), 'tf32' or 'bf16' (see `ns_precision` and `memory_mlp_precision` for what each path takes)."""
     global _ns_precision
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if precision not in NS_PRECISION_SETTINGS:
+        raise ValueError(f"precision {precision!r} is not one of {NS_PRECISION_SETTINGS}")
     _ns_precision = precision
 
 
+def ns_precision(half_inputs: bool) -> str:
+    """Newton–Schulz's operand precision for a model in half precision (bf16/fp16) or not. Under 'auto': bf16 for a
+    half-precision model, as ATLAS_SPEC 3.7 allows where the tolerance holds, and tf32 otherwise. On an H100 bf16 NS
+    kept the whole scan within the bf16 bound with room (worst 2.5e-2 and 3.0e-2 against 5e-2) and made it
+    1.09-1.19x faster than tf32 at 4K (benchmarks/RESULTS.md, seventh session); a float32 model keeps tf32's 1e-2."""
+    if _ns_precision != "auto":
+        return _ns_precision
+    return "bf16" if half_inputs else "tf32"
+
+
 def memory_mlp_precision() -> str:
-    """The memory MLP kernel's operand precision: the one set here, but tf32 where that is bf16. In bf16 the kernel
-    doubled the chunk scan's error on an H100 (4.9e-2 and 4.1e-2 with it, 2.5e-2 and 2.3e-2 without, bound 5e-2;
+    """The memory MLP kernel's operand precision: ieee if so set, else tf32, never bf16. In bf16 the kernel doubled
+    the chunk scan's error on an H100 (4.9e-2 and 4.1e-2 with it, 2.5e-2 and 2.3e-2 without, bound 5e-2;
     benchmarks/RESULTS.md, seventh session): its products make the memory's output itself, where NS's bf16 only
     perturbs an update direction; and at B·H = 16 the kernel is bound by occupancy, not by tensor-core rate."""
-    return "tf32" if _ns_precision == "bf16" else _ns_precision
+    return "ieee" if _ns_precision == "ieee" else "tf32"
 
 
 def noted_fallbacks(what: str) -> list[str]:
@@ -103,17 +114,17 @@ def note_fallback(what: str, reason: str) -> None:
         log.warning("atlas_train.kernels: %s is not used (%s)", what, reason)
 
 
-def _fast_forward_backward(impl: str, one: torch.Tensor, steps: int, upstream: torch.Tensor):
+def _fast_forward_backward(impl: str, one: torch.Tensor, steps: int, upstream: torch.Tensor, precision: str):
     """An implementation's output and input gradient for one matrix and an upstream gradient (the Triton kernel's
     ops called directly; the cuBLAS one through its autograd function, under identity hooks like the reference)."""
     if impl == "triton":
         with torch.no_grad():
-            out, iterates = torch.ops.atlas_train.newton_schulz_saving(one, steps, _ns_precision)
-            grad = torch.ops.atlas_train.newton_schulz_backward(one, iterates, upstream, steps, _ns_precision)
+            out, iterates = torch.ops.atlas_train.newton_schulz_saving(one, steps, precision)
+            grad = torch.ops.atlas_train.newton_schulz_backward(one, iterates, upstream, steps, precision)
         return out, grad
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         leaf = one.detach().clone().requires_grad_()
-        out = newton_schulz_cublas.newton_schulz(leaf, steps, _ns_precision)
+        out = newton_schulz_cublas.newton_schulz(leaf, steps, precision)
         (grad,) = torch.autograd.grad(out, leaf, upstream)
     return out.detach(), grad
 
@@ -142,7 +153,7 @@ def _probe(fn):
 
 
 @_probe
-def _probe_newton_schulz(impl: str, s: torch.Tensor, steps: int) -> str | None:
+def _probe_newton_schulz(impl: str, s: torch.Tensor, steps: int, precision: str) -> str | None:
     """Run an implementation's forward and backward on one random matrix shaped like s's and compare both with the
     float64 PyTorch path: the reason to fall back (failed to run, or disagrees beyond PROBE_TOLERANCE), or None.
 
@@ -151,13 +162,13 @@ def _probe_newton_schulz(impl: str, s: torch.Tensor, steps: int) -> str | None:
     activation-checkpointed forward, whose saved-tensor bookkeeping must see the same tensors when that forward is
     recomputed.
     """
-    key = (impl, tuple(s.shape[-2:]), s.dtype, s.device, _ns_precision, steps)
+    key = (impl, tuple(s.shape[-2:]), s.dtype, s.device, precision, steps)
     if key not in _probed:  # random inputs only on a first call: the hot path draws nothing from the RNG
         one = torch.randn(1, *s.shape[-2:], device=s.device, dtype=s.dtype)
         upstream = torch.randn_like(one)
         _probed[key] = _verdict(impl, f"a random {tuple(s.shape[-2:])} matrix",
-                                lambda: _fast_forward_backward(impl, one, steps, upstream),
-                                lambda: _reference_forward_backward(one, steps, upstream), _ns_precision)
+                                lambda: _fast_forward_backward(impl, one, steps, upstream, precision),
+                                lambda: _reference_forward_backward(one, steps, upstream), precision)
     return _probed[key]
 
 
@@ -182,24 +193,26 @@ def _candidates(s: torch.Tensor) -> tuple[str, ...]:
     return ("triton", "cublas") if min(s.shape[-2:]) <= TRITON_MAX_SHORT_SIDE else ("cublas",)
 
 
-def _unsupported(impl: str, s: torch.Tensor) -> str | None:
+def _unsupported(impl: str, s: torch.Tensor, precision: str) -> str | None:
     """Why an implementation cannot take s, or None."""
     if impl == "cublas":
         return None if s.dtype in (torch.float32, torch.float64) else f"dtype {s.dtype}"
-    return newton_schulz_unsupported(s, _ns_precision)
+    return newton_schulz_unsupported(s, precision)
 
 
-def newton_schulz_or_none(s: torch.Tensor, steps: int) -> torch.Tensor | None:
-    """NS(s) by the first fast path the rule offers for a CUDA tensor s that takes it and passes its probe, else
-    None: the caller's plain PyTorch path. Every reason to pass one by is noted once."""
+def newton_schulz_or_none(s: torch.Tensor, steps: int, half_inputs: bool = False) -> torch.Tensor | None:
+    """NS(s) by the first fast path the rule offers for a CUDA tensor s that takes it and passes its probe, in the
+    operand precision of `ns_precision(half_inputs)`, else None: the caller's plain PyTorch path. Every reason to
+    pass one by is noted once."""
     if not (_enabled and s.is_cuda):
         return None  # CPU runs, or fast paths switched off: the PyTorch path by design, nothing to note
+    precision = ns_precision(half_inputs)
     for impl in _candidates(s):
-        reason = _unsupported(impl, s) or _probe_newton_schulz(impl, s, steps)
+        reason = _unsupported(impl, s, precision) or _probe_newton_schulz(impl, s, steps, precision)
         if reason is None:
             if impl == "triton":
-                return newton_schulz(s, steps, _ns_precision)
-            return newton_schulz_cublas.newton_schulz(s, steps, _ns_precision)
+                return newton_schulz(s, steps, precision)
+            return newton_schulz_cublas.newton_schulz(s, steps, precision)
         note_fallback(f"Newton-Schulz on {impl}", reason)
     note_fallback("the fast Newton-Schulz", "the plain PyTorch path runs, with float32 products")
     return None

@@ -405,7 +405,29 @@ def test_probes_run_under_inference_mode(monkeypatch):
     ln = {"ln_weight": torch.ones(1, 4, dtype=torch.float64), "ln_bias": torch.zeros(1, 4, dtype=torch.float64)}
     with torch.inference_mode():
         s = torch.randn(2, 8, 24, dtype=torch.float64)
-        assert dispatch._probe_newton_schulz("triton", s, 3) is None
-        assert dispatch._probe_newton_schulz("cublas", s, 3) is None
+        assert dispatch._probe_newton_schulz("triton", s, 3, "ieee") is None
+        assert dispatch._probe_newton_schulz("cublas", s, 3, "ieee") is None
         z = torch.randn(1, 1, 4, 8, dtype=torch.float64)
         assert dispatch._probe_memory_mlp(*weights, z, ln, True, "l2") is None
+
+
+def test_ns_precision_follows_the_model_dtype_unless_set(monkeypatch):
+    """'auto' (the default): bf16 NS operands for a half-precision model, tf32 otherwise, the memory MLP kernel in tf32;
+    a set precision holds for both. The fast path is called in the resolved precision (its probe found it right)."""
+    from atlas_train.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_ns_precision", "auto")
+    assert (dispatch.ns_precision(True), dispatch.ns_precision(False), dispatch.memory_mlp_precision()) == (
+        "bf16", "tf32", "tf32")
+    s = torch.randn(2, 8, 24)
+    calls = []
+    monkeypatch.setattr(dispatch, "newton_schulz", lambda t, steps, precision: calls.append(precision) or t)
+    monkeypatch.setattr(dispatch, "_probed", {("triton", (8, 24), s.dtype, s.device, p, 2): None
+                                              for p in ("bf16", "tf32", "ieee")})
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
+    for half in (True, False):
+        assert dispatch.newton_schulz_or_none(s, 2, half) is s
+    monkeypatch.setattr(dispatch, "_ns_precision", "ieee")
+    for half in (True, False):
+        assert dispatch.newton_schulz_or_none(s, 2, half) is s
+    assert calls == ["bf16", "tf32", "ieee", "ieee"]

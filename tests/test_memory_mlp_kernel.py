@@ -185,7 +185,8 @@ def test_dispatch_leaves_cpu_gated_and_not_opted_in_passes_to_pytorch(caplog, mo
     assert sum("gated memory (W3)" in r.getMessage() for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize("ns_precision,kernel_precision", [("ieee", "ieee"), ("tf32", "tf32"), ("bf16", "tf32")])
+@pytest.mark.parametrize("ns_precision,kernel_precision",
+                         [("ieee", "ieee"), ("tf32", "tf32"), ("bf16", "tf32"), ("auto", "tf32")])
 def test_kernel_runs_in_the_ns_precision_but_never_below_tf32(ns_precision, kernel_precision, monkeypatch):
     """bf16 Newton–Schulz leaves the memory MLP kernel in tf32 (its bf16 doubled the chunk scan's error on an H100),
     both in the pass it runs and in the probe that admits it, whose bound is the kernel's precision's."""
@@ -271,11 +272,11 @@ def test_kernel_is_on_unless_the_environment_says_0(setting, enabled):
     assert done.stdout.split()[-1] == str(enabled)
 
 
-@pytest.mark.parametrize("setting,outcome", [(None, "tf32"), ("bf16", "bf16"), ("fp8", "ATLAS_NS_PRECISION='fp8'")])
+@pytest.mark.parametrize("setting,outcome", [(None, "auto"), ("bf16", "bf16"), ("fp8", "ATLAS_NS_PRECISION='fp8'")])
 def test_ns_precision_comes_from_the_environment_or_stops_with_one_line(setting, outcome):
     done = _settings_in_a_fresh_process("ATLAS_NS_PRECISION", setting)
     if setting == "fp8":
-        assert done.returncode != 0 and f"ValueError: {outcome} is not one of ieee, tf32, bf16" in done.stderr
+        assert done.returncode != 0 and f"ValueError: {outcome} is not one of auto, ieee, tf32, bf16" in done.stderr
     else:
         assert done.returncode == 0 and done.stdout.split()[1] == outcome, done.stderr[-2000:]
 
@@ -299,3 +300,21 @@ def test_bench_checks_the_kernel_alone_and_a_wrong_kernel_fails(monkeypatch):
     monkeypatch.setattr(dispatch, "memory_mlp_pass", off_by_one_percent)
     rows = bench_memory_scan.check_mlp_kernel(torch.device("cpu"), [(20, 12, 40)], tokens=21)
     assert not rows[1][1] <= rows[1][2], rows  # the factors' gradients are scaled by 1.01
+
+
+def test_bench_scan_check_covers_every_precision_and_the_default_for_bf16_inputs(monkeypatch):
+    """bench_memory_scan's whole-scan check (on a GPU: each operand precision with and without the memory MLP kernel,
+    then the default setting for bf16 inputs, which takes bf16 NS) runs at a small size; on CPU every row is the
+    PyTorch path, so all pass, and the setting it found is restored."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_memory_scan
+
+    monkeypatch.setattr(dispatch, "_ns_precision", "ieee")
+    rows = bench_memory_scan.check_memory_scan(torch.device("cpu"), batch=1, length=128, heads=2, dh=8)
+    names = [name.split(" (")[0] for name, _, _ in rows]
+    assert names[:9] == ["memory_scan token PyTorch fp32, eager", "memory_scan token PyTorch fp32, CUDA graphs",
+                         *(f"memory_scan token {p}{m}" for p in ("ieee", "tf32", "bf16") for m in ("", " +mlp kernel")),
+                         "memory_scan token default, bf16 inputs"]
+    assert len(rows) == 18 and rows[8][2] == rows[17][2] == 5e-2  # bf16 NS: the bf16 bound
+    assert all(err <= bound for _, err, bound in rows), rows
+    assert dispatch.settings()[1] == "ieee"

@@ -335,20 +335,21 @@ def test_static_calls_are_not_replayed_under_other_fast_path_settings(monkeypatc
     change of those settings the scan must build new calls, not replay the old choice (the benchmark's per-precision
     check once compared three precisions that all replayed the first one's graphs)."""
     from atlas_train.kernels import set_kernels_enabled, set_ns_precision
+    from atlas_train.kernels.dispatch import settings
 
     scan_module = importlib.import_module("atlas_train.ops.memory_scan")
     scan_module.clear_scan_graphs()
     monkeypatch.setenv("ATLAS_SCAN_CUDA_GRAPHS", "static")
     x, params = make_inputs(4, length=8, window=3)
     kw = dict(params=params, chunk_size=4, ns_steps=2, update="chunk")
-    counts = []
+    counts, setting = [], settings()[1]
     try:
         for change in (lambda: None, lambda: set_ns_precision("bf16"), lambda: set_kernels_enabled(False)):
             change()
             memory_scan(**x, **kw)
             counts.append(len(scan_module._STATIC_CALLS))
     finally:
-        set_ns_precision("tf32")
+        set_ns_precision(setting)
         set_kernels_enabled(True)
         scan_module.clear_scan_graphs()
     assert counts[0] > 0 and counts == [counts[0], 2 * counts[0], 3 * counts[0]]
@@ -413,3 +414,26 @@ def test_shape_constants_are_not_cached_while_a_cuda_graph_is_captured(monkeypat
     assert scan_chunks._window_lags(4, 3, torch.device("cpu"))[0] is cached[0]
     assert scan_chunks._window_lags.cache_info().currsize == 1
     assert torch.equal(lag, cached[0]) and torch.equal(in_span, cached[1])
+
+
+@pytest.mark.parametrize("update", ["token", "chunk"])
+def test_newton_schulz_learns_whether_the_model_runs_in_half_precision(update, monkeypatch):
+    """The scan and its one-token step tell Newton–Schulz whether the model's dtype is bf16/fp16: the GPU fast path's
+    default operand precision follows it (kernels.dispatch.ns_precision). The math stays float32."""
+    from atlas_train.ops import memory_step
+
+    seen, real = [], scan_chunks.newton_schulz
+
+    def recording(s, steps, half_inputs=False):
+        seen.append((half_inputs, s.dtype))
+        return real(s, steps, half_inputs)
+
+    monkeypatch.setattr(scan_chunks, "newton_schulz", recording)
+    monkeypatch.setattr(memory_step, "newton_schulz", recording)
+    for dtype, half in ((torch.float32, False), (torch.bfloat16, True)):
+        x, params = make_inputs(5, length=8, dtype=dtype)
+        _, state = memory_scan(**x, params=params, chunk_size=4, ns_steps=2, update=update)
+        memory_scan(**{k: t[:, :1] for k, t in x.items()}, params=params, chunk_size=4, ns_steps=2, update=update,
+                    state=state)  # one token: memory_step (chunk update: NS only where a chunk closes)
+        assert seen and set(seen) == {(half, torch.float32)}, (dtype, seen)
+        seen.clear()

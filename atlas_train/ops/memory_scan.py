@@ -16,6 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from atlas_train.ops.memory_step import memory_step
+from atlas_train.ops.newton_schulz import is_half
 from atlas_train.ops.scan_chunks import (
     ChunkInputs,
     ScanOptions,
@@ -64,7 +65,8 @@ def scan_torch(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start, state,
     batch, length, heads, _ = zq.shape
     dtype = torch.float64 if zq.dtype == torch.float64 else torch.float32
     weight_names = ("W1", "W2", "W3") if "W3" in params else ("W1", "W2")
-    opts = ScanOptions(update, loss, int(ns_steps), int(chunk_size), gamma.shape[-1], v.shape[-1], weight_names)
+    opts = ScanOptions(update, loss, int(ns_steps), int(chunk_size), gamma.shape[-1], v.shape[-1], weight_names,
+                       is_half(zq.dtype))
 
     def per_head(t):  # (B, T, H, ...) -> (B, H, T, ...) in the compute dtype
         return t.to(dtype).transpose(1, 2)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from atlas_train.ops.memory_mlp import loss_gradient_factors, memory_forward
-from atlas_train.ops.newton_schulz import newton_schulz
+from atlas_train.ops.newton_schulz import is_half, newton_schulz
 from atlas_train.ops.scan_chunks import ScanOptions, check_state
 
 
@@ -32,7 +32,8 @@ def memory_step(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start, state
     out_dtype = zq.dtype
     dtype = torch.float64 if zq.dtype == torch.float64 else torch.float32
     weight_names = ("W1", "W2", "W3") if "W3" in params else ("W1", "W2")
-    opts = ScanOptions(update, loss, ns_steps, chunk_size, gamma.shape[-1], v.shape[-1], weight_names)
+    opts = ScanOptions(update, loss, ns_steps, chunk_size, gamma.shape[-1], v.shape[-1], weight_names,
+                       is_half(zq.dtype))
     check_state(state, opts, zk.shape[0], zk.shape[2], zk.shape[-1])
     zq, zk, v, alpha, eta, theta, gamma = (t[:, 0].to(dtype) for t in (zq, zk, v, alpha, eta, theta, gamma))
     initial = {w: params[w].to(dtype).unsqueeze(0) for w in weight_names}  # (1, H, out, in)
@@ -54,7 +55,7 @@ def memory_step(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start, state
         for w in weight_names:
             momentum = restart(theta[..., None, None] * state[f"momentum.{w}"].to(dtype), 0.0) + update_sum[w]
             previous = restart(state[f"fast.{w}"].to(dtype), initial[w])
-            fast[w] = alpha[..., None, None] * previous - eta[..., None, None] * newton_schulz(momentum, ns_steps)
+            fast[w] = alpha[..., None, None] * previous - eta[..., None, None] * newton_schulz(momentum, ns_steps, opts.half_inputs)
             new.update({f"fast.{w}": fast[w], f"momentum.{w}": momentum,
                         f"anchor.{w}": torch.where(closes, fast[w], anchor[w])})
         y = memory_forward(fast, zq[:, :, None], opts.dv, ln)
@@ -68,7 +69,7 @@ def memory_step(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start, state
             momentum = restart(state[f"momentum.{w}"].to(dtype), 0.0)
             closed_momentum = mean[..., 1, None, None] * momentum + grad_sum
             stepped = (mean[..., 0, None, None] * anchor[w]
-                       - mean[..., 2, None, None] * newton_schulz(closed_momentum, ns_steps))
+                       - mean[..., 2, None, None] * newton_schulz(closed_momentum, ns_steps, opts.half_inputs))
             new.update({f"anchor.{w}": torch.where(closes, stepped, anchor[w]),
                         f"momentum.{w}": torch.where(closes, closed_momentum, momentum),
                         f"grad_sum.{w}": torch.where(closes, 0.0, grad_sum)})

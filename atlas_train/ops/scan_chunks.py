@@ -33,6 +33,7 @@ class ScanOptions(NamedTuple):
     window: int  # c
     dv: int
     weight_names: tuple  # ("W1", "W2") or ("W1", "W2", "W3")
+    half_inputs: bool  # the model runs in bf16/fp16: Newton–Schulz may take bf16 operands (`newton_schulz`)
 
 
 class ChunkInputs(NamedTuple):
@@ -215,7 +216,7 @@ def token_update_chunk(carry: dict, x: ChunkInputs, params: dict, ln, opts: Scan
         momentum = torch.addcmul(_outer_sum(mix, *factors[w]), c_theta[..., 0, None, None],
                                  carry[f"momentum.{w}"][:, :, None])
         fast[w] = TokenWeights(carry[f"fast.{w}"], c_alpha[..., 0], params[w], reset_weight,
-                               newton_schulz(momentum, opts.ns_steps), decay_in)
+                               newton_schulz(momentum, opts.ns_steps, opts.half_inputs), decay_in)
         out[f"fast.{w}"] = fast[w].last()
         out[f"momentum.{w}"] = momentum[:, :, -1]
         if closes:
@@ -253,7 +254,8 @@ def chunk_update_chunk(carry: dict, x: ChunkInputs, params: dict, ln, opts: Scan
         if closes:
             mean = gate_sum / count.to(gate_sum.dtype)[:, None, None]
             momentum = mean[..., 1, None, None] * momentum + grad_sum
-            start = mean[..., 0, None, None] * start - mean[..., 2, None, None] * newton_schulz(momentum, opts.ns_steps)
+            step = newton_schulz(momentum, opts.ns_steps, opts.half_inputs)
+            start = mean[..., 0, None, None] * start - mean[..., 2, None, None] * step
             grad_sum = torch.zeros_like(grad_sum)
         out.update({f"anchor.{w}": start, f"momentum.{w}": momentum, f"grad_sum.{w}": grad_sum})
     if closes:
