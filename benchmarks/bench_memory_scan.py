@@ -441,7 +441,7 @@ def _fast_paths_as_on_a_gpu(mlp_kernel):
         return memory_mlp_pass(z, weights["W1"], weights["W2"], ln, v=v, loss=loss, precision="ieee")
 
     saved = scan_chunks.newton_schulz, memory_mlp._kernel_pass
-    scan_chunks.newton_schulz = lambda s, steps: kernels.newton_schulz(s, steps, "ieee")
+    scan_chunks.newton_schulz = lambda s, steps, half_inputs: kernels.newton_schulz(s, steps, "ieee")
     memory_mlp._kernel_pass = kernel_pass
     try:
         yield

@@ -155,7 +155,7 @@ def scan_table(batch=1, length=128, heads=4, dh=64):
     plain, lines = scan_chunks.newton_schulz, []
     try:
         for operands, kernel_form, cublas_form, label in SCAN_CASES:
-            def emulated(s, steps, operands=operands, kernel_form=kernel_form, cublas_form=cublas_form):
+            def emulated(s, steps, half_inputs, operands=operands, kernel_form=kernel_form, cublas_form=cublas_form):
                 assert steps == STEPS, steps
                 form = kernel_form if min(s.shape[-2:]) <= TRITON_MAX_SHORT_SIDE else cublas_form
                 return _EmulatedNS.apply(s, OPERANDS[operands], form)

@@ -86,7 +86,7 @@ def test_token_update_with_bf16_newton_schulz_stays_within_the_bf16_bound(monkey
     upstream = torch.randn(1, 128, 4, 64, generator=torch.Generator().manual_seed(2))
     as64 = lambda d: {k: t.detach().double().requires_grad_() for k, t in d.items()}  # noqa: E731
     want = bench.scan_fwd_bwd(as64(tensors), as64(params), "token", upstream.double())
-    monkeypatch.setattr(scan_chunks, "newton_schulz", lambda s, steps: newton_schulz(s, steps, "bf16"))
+    monkeypatch.setattr(scan_chunks, "newton_schulz", lambda s, steps, half_inputs: newton_schulz(s, steps, "bf16"))
     got = bench.scan_fwd_bwd(tensors, params, "token", upstream)
     errors = [relative_error(g, w) for g, w in zip((got[0], *got[1]), (want[0], *want[1]), strict=True)]
     assert max(errors) < PROBE_TOLERANCE["bf16"], errors
