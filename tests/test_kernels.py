@@ -242,13 +242,13 @@ def test_probe_reports_an_implementation_that_cannot_run(impl, monkeypatch):
     """A kernel that fails to compile or launch on a GPU must become a fallback reason, not a crash."""
     from atlas_train.kernels import dispatch
 
-    assert dispatch._probe_newton_schulz(impl, torch.randn(2, 4, 8, dtype=torch.float64), 2) is None
+    assert dispatch._probe_newton_schulz(impl, torch.randn(2, 4, 8, dtype=torch.float64), 2, "ieee") is None
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of resource: shared memory\nmore detail")
 
     monkeypatch.setattr(dispatch, "_fast_forward_backward", broken)
-    reason = dispatch._probe_newton_schulz(impl, torch.randn(2, 5, 9, dtype=torch.float64), 2)
+    reason = dispatch._probe_newton_schulz(impl, torch.randn(2, 5, 9, dtype=torch.float64), 2, "ieee")
     assert reason == f"{impl} failed to run: RuntimeError: out of resource: shared memory"
 
 
@@ -261,15 +261,15 @@ def test_probe_rejects_an_implementation_that_computes_wrong_numbers(impl, corru
 
     real = dispatch._fast_forward_backward
 
-    def wrong(impl, one, steps, upstream):
-        out, grad = real(impl, one, steps, upstream)
+    def wrong(impl, one, steps, upstream, precision):
+        out, grad = real(impl, one, steps, upstream, precision)
         if corrupt == "nan":
             return out, grad * float("nan")
         return (out * 1.05, grad) if corrupt == "output" else (out, grad * 1.05)
 
     monkeypatch.setattr(dispatch, "_fast_forward_backward", wrong)
     monkeypatch.setattr(dispatch, "_probed", {})  # each case probes afresh: a cached verdict would hide a NaN's
-    reason = dispatch._probe_newton_schulz(impl, torch.randn(2, 6, 10, dtype=torch.float64), 2)
+    reason = dispatch._probe_newton_schulz(impl, torch.randn(2, 6, 10, dtype=torch.float64), 2, "ieee")
     assert reason is not None and reason.startswith(f"{impl} disagrees with the PyTorch path"), reason
 
 
@@ -280,9 +280,9 @@ def test_probe_draws_its_random_inputs_only_on_the_first_call(monkeypatch):
 
     monkeypatch.setattr(dispatch, "_probed", {})
     s = torch.randn(2, 5, 7, dtype=torch.float64)
-    assert dispatch._probe_newton_schulz("triton", s, 2) is None
+    assert dispatch._probe_newton_schulz("triton", s, 2, "ieee") is None
     state = torch.get_rng_state()
-    assert dispatch._probe_newton_schulz("triton", s, 2) is None
+    assert dispatch._probe_newton_schulz("triton", s, 2, "ieee") is None
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -293,7 +293,7 @@ def test_probe_saves_nothing_for_autograd(impl):
 
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        assert dispatch._probe_newton_schulz(impl, torch.randn(2, 3, 7, dtype=torch.float64), 2) is None
+        assert dispatch._probe_newton_schulz(impl, torch.randn(2, 3, 7, dtype=torch.float64), 2, "ieee") is None
     assert saved == []
 
 
