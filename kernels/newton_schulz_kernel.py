@@ -22,10 +22,12 @@ and the one rounded value serves bA, A^2 and the backward's products. Left in fl
 rounded: a polynomial of two different matrices, which spoils the cancellation NS relies on as it converges. On CPU,
 emulating the tensor cores' operand rounding (`benchmarks/ns_rounding.py`, which reproduces the GPU's errors of the
 old form), this cuts the error on random matrices 1.2-1.8x (bf16 dS at 8 x 40x200: 5.7e-2 -> 3.3e-2, over the 5e-2
-bound before) and leaves it about the same for matrices with decaying spectra. X is not rounded for aX, nor a
-folded into B as X <- (aI + B)X: either rounds the dominant aX term, which for small singular values (momentum has
-many) makes the error 3-14x larger: why that fold failed the scan's tf32 check on the GPU (RESULTS.md, fourth
-session).
+bound before) and leaves it about the same for matrices with decaying spectra; on the H100 the bf16 check passed at
+3.4e-2. It pays only if every other operand is rounded to nearest as well: Hopper's tf32 `tl.dot` truncates them,
+which made this form worse than float32 A, so `mm` rounds them first (RESULTS.md, seventh session). X is not rounded
+for aX, nor a folded into B as X <- (aI + B)X: either rounds the dominant aX term, which for small singular values
+(momentum has many) makes the error 3-14x larger: why that fold failed the scan's tf32 check on the GPU (RESULTS.md,
+fourth session).
 
 Hopper's 227 KiB of shared memory per program bounds every launch (tl.dot stages its operands there, once per
 software-pipeline stage): benchmarks/kernel_resources.py compiles each launch of the scan's shapes offline for

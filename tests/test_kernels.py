@@ -304,8 +304,8 @@ def test_dispatch_rule_gives_short_sides_above_64_to_cublas():
     assert dispatch._candidates(torch.zeros(4, 64, 256)) == ("triton", "cublas")
     assert dispatch._candidates(torch.zeros(4, 512, 64)) == ("triton", "cublas")
     assert dispatch._candidates(torch.zeros(4, 256, 128)) == ("cublas",)
-    assert dispatch._unsupported("cublas", torch.zeros(4, 256, 128)) is None
-    assert "dtype" in dispatch._unsupported("cublas", torch.zeros(4, 8, 8, dtype=torch.float16))
+    assert dispatch._unsupported("cublas", torch.zeros(4, 256, 128), "tf32") is None
+    assert "dtype" in dispatch._unsupported("cublas", torch.zeros(4, 8, 8, dtype=torch.float16), "tf32")
 
 
 def _resources(*code):
