@@ -604,11 +604,12 @@ def main(argv=None):
                         help="operand precision setting of the fast paths in the timed rows and the profile "
                              "(default auto: bf16 NS for the timed rows' bf16 inputs; the checks cover every one)")
     parser.add_argument("--triton-max-short-side", type=int, metavar="N",
-                        help="send NS matrices with a short side up to N to the Triton kernel, checks included "
-                             f"(default {kernel_dispatch.TRITON_MAX_SHORT_SIDE}; bigger ones go to cuBLAS)")
+                        help="send NS matrices with a short side up to N to the Triton kernel whatever their number "
+                             "and precision, checks included (default: the dispatcher's rule, triton_takes)")
     args = parser.parse_args(argv)
     if args.triton_max_short_side is not None:
         kernel_dispatch.TRITON_MAX_SHORT_SIDE = args.triton_max_short_side
+        kernel_dispatch.TRITON_MAX_SHORT_SIDE_BF16_MANY = args.triton_max_short_side
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
@@ -700,7 +701,8 @@ def main(argv=None):
     print(f"\n== forward+backward, B*H={HEADS}, c={WINDOW}, chunk={CHUNK}, ns={NS_STEPS}, NS operands "
           f"{kernel_dispatch.ns_precision(on_gpu)} (setting {args.ns_precision}; inputs {'bf16' if on_gpu else 'fp32'}"
           f"), memory MLP kernel {kernel_dispatch.memory_mlp_precision()}, Triton NS up to "
-          f"{kernel_dispatch.TRITON_MAX_SHORT_SIDE}; ceiling {ceiling:.3g} TFLOP/s; "
+          f"{kernel_dispatch.TRITON_MAX_SHORT_SIDE} (bf16, many matrices: "
+          f"{kernel_dispatch.TRITON_MAX_SHORT_SIDE_BF16_MANY}); ceiling {ceiling:.3g} TFLOP/s; "
           "time, TFLOP/s, % of ceiling, peak memory of the row ==")
     for label, shape, result in bench.rows:
         print(f"{label:<34} {shape:<22} {result}")

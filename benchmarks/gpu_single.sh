@@ -6,6 +6,9 @@
 #                                          at 4K (graphs, tf32 and bf16), then NS and the tf32 scan again with tf32
 #                                          operands left to tl.dot (truncated on Hopper; the kernels before the
 #                                          seventh session) as the same-call baseline
+#   bash benchmarks/gpu_single.sh ns-routing   issue 6: the scan at 4K (graphs, the default bf16 NS) with its checks under
+#                                          the dispatcher's rule, then under the rule before the seventh session
+#                                          (Triton NS only up to a short side of 64) as the same-call baseline
 #   bash benchmarks/gpu_single.sh scan-table DH [--skip-checks]   issue 6's table for one head dim: the scan at
 #                                          4K/16K/64K, both updates, graphs vs the compiled baseline vs cuDNN SDPA
 #   bash benchmarks/gpu_single.sh scan-mlp issue 6: the opt-in memory MLP kernel (checks of the pass alone and of the
@@ -39,6 +42,11 @@ case "${1:-}" in
       --skip-checks
     step scan_tf32_truncating 90 "${scan[@]}" --ns-precision tf32
     ;;
+  ns-routing)
+    scan=(python3 benchmarks/bench_memory_scan.py --dh 64 128 --lengths 4096 --variants graphs --row-budget-s 12)
+    step scan_rule 330 "${scan[@]}" --budget-s 300
+    step scan_short_side_64 100 "${scan[@]}" --budget-s 80 --skip-checks --triton-max-short-side 64
+    ;;
   scan-table)
     step "memory_scan_dh$2" 580 python3 benchmarks/bench_memory_scan.py --dh "$2" --lengths 4096 16384 65536 \
       --variants torch.compile graphs --budget-s 520 --row-budget-s 25 "${@:3}"
@@ -62,7 +70,7 @@ case "${1:-}" in
     step recall_study 560 python3 benchmarks/recall_study.py --out "$OUT/recall" --work /tmp/recall --budget-minutes 8.5
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_single.sh scan|ns-rounding|scan-table DH [--skip-checks]|scan-mlp|train|decode|recall" >&2
+    echo "usage: bash benchmarks/gpu_single.sh scan|ns-rounding|ns-routing|scan-table DH [--skip-checks]|scan-mlp|train|decode|recall" >&2
     exit 2
     ;;
 esac

@@ -18,7 +18,7 @@ Spectra: Gaussian matrices (flat spectrum, what the checks draw) and singular va
 (benchmarks/RESULTS.md, sixth session).
 
 --scan puts the emulated NS into memory_scan(update="token") at bench_memory_scan's check inputs (smaller: one row,
-128 tokens, 4 heads, dh 64), each matrix in the form its GPU path computes (short side <= TRITON_MAX_SHORT_SIDE: the
+128 tokens, 4 heads, dh 64), each matrix in the form its GPU path computes (`dispatch.triton_takes`: the
 Triton kernel, else cuBLAS), and reports the worst relative error of y and every gradient against float64.
 """
 
@@ -144,7 +144,7 @@ def scan_table(batch=1, length=128, heads=4, dh=64):
     """The token update's worst error (and its name) per case of SCAN_CASES, against the float64 scan."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_memory_scan as bench
-    from atlas_train.kernels.dispatch import TRITON_MAX_SHORT_SIDE
+    from atlas_train.kernels.dispatch import triton_takes
     from atlas_train.ops import scan_chunks
 
     tensors, params = bench.make_inputs(batch, length, heads, dh, torch.device("cpu"), torch.float32, seed=1)
@@ -157,7 +157,7 @@ def scan_table(batch=1, length=128, heads=4, dh=64):
         for operands, kernel_form, cublas_form, label in SCAN_CASES:
             def emulated(s, steps, half_inputs, operands=operands, kernel_form=kernel_form, cublas_form=cublas_form):
                 assert steps == STEPS, steps
-                form = kernel_form if min(s.shape[-2:]) <= TRITON_MAX_SHORT_SIDE else cublas_form
+                form = kernel_form if triton_takes(s, operands) else cublas_form
                 return _EmulatedNS.apply(s, OPERANDS[operands], form)
 
             scan_chunks.newton_schulz = emulated

@@ -7,7 +7,8 @@ takes bf16 operands in a bf16/fp16 model and tf32 in a float32 one (`ns_precisio
 (`memory_mlp_precision`). On a GPU Newton–Schulz has two fast implementations: the Triton kernel
 (one program per matrix) and cuBLAS batched GEMMs with a hand-written backward (newton_schulz_cublas). Which one
 takes a shape is a fixed rule from measurements, not a timing at run time, so that every run (and every resume)
-computes the same numbers: the kernel for a short side up to TRITON_MAX_SHORT_SIDE, cuBLAS above.
+computes the same numbers (`triton_takes`): the kernel for a short side up to TRITON_MAX_SHORT_SIDE, and in bf16
+over enough matrices to fill the card up to TRITON_MAX_SHORT_SIDE_BF16_MANY; cuBLAS above.
 
 The first call for each matrix shape (each token-pass shape) runs the chosen implementation's forward and backward
 once on a single random input of that shape and compares both with the float64 PyTorch path, so that a kernel
@@ -46,6 +47,12 @@ _enabled = True
 # one matrix per head (update="chunk") one program per matrix leaves most of the card idle (the dh-128 chunk scan
 # went from 722 ms with the kernel to 245 ms with this rule).
 TRITON_MAX_SHORT_SIDE = 64
+# In bf16 over many matrices (update="token": 1024 at B·H = 16) the kernel ran 256 x 128 at 1.19x the cuBLAS path,
+# whose bf16 pays for float32 iterates and their bf16 copies, and 128 x 512 on par (H100, RESULTS.md, seventh
+# session). Few matrices leave most SMs idle (one program each: the dh-128 chunk scan, 16 matrices of 128 x 512,
+# ran 3.3x slower on the kernel), so this needs two programs per SM.
+TRITON_MAX_SHORT_SIDE_BF16_MANY = 128
+H100_SMS = 132  # where the rule was measured; stands in for the SM count off a GPU (tests, CPU emulation)
 
 
 # The memory MLP kernel is on by default: timed on an H100 (benchmarks/RESULTS.md, sixth session) it made the
@@ -188,9 +195,19 @@ def _verdict(what: str, on: str, fast, reference, precision: str) -> str | None:
     return f"{what} disagrees with the PyTorch path on {on}: relative error {error:.1e} > {bound:.0e} ({precision})"
 
 
-def _candidates(s: torch.Tensor) -> tuple[str, ...]:
+def triton_takes(s: torch.Tensor, precision: str) -> bool:
+    """Whether the fixed rule gives NS of the matrices s (..., rows, cols) to the Triton kernel before cuBLAS."""
+    short = min(s.shape[-2:])
+    if short <= TRITON_MAX_SHORT_SIDE:
+        return True
+    matrices = s.numel() // max(1, s.shape[-2] * s.shape[-1])
+    sms = torch.cuda.get_device_properties(s.device).multi_processor_count if s.is_cuda else H100_SMS
+    return precision == "bf16" and short <= TRITON_MAX_SHORT_SIDE_BF16_MANY and matrices >= 2 * sms
+
+
+def _candidates(s: torch.Tensor, precision: str) -> tuple[str, ...]:
     """The fast paths for s in order of preference, by the fixed rule (see the module's docstring)."""
-    return ("triton", "cublas") if min(s.shape[-2:]) <= TRITON_MAX_SHORT_SIDE else ("cublas",)
+    return ("triton", "cublas") if triton_takes(s, precision) else ("cublas",)
 
 
 def _unsupported(impl: str, s: torch.Tensor, precision: str) -> str | None:
@@ -207,7 +224,7 @@ def newton_schulz_or_none(s: torch.Tensor, steps: int, half_inputs: bool = False
     if not (_enabled and s.is_cuda):
         return None  # CPU runs, or fast paths switched off: the PyTorch path by design, nothing to note
     precision = ns_precision(half_inputs)
-    for impl in _candidates(s):
+    for impl in _candidates(s, precision):
         reason = _unsupported(impl, s, precision) or _probe_newton_schulz(impl, s, steps, precision)
         if reason is None:
             if impl == "triton":

@@ -297,13 +297,22 @@ def test_probe_saves_nothing_for_autograd(impl):
     assert saved == []
 
 
-def test_dispatch_rule_gives_short_sides_above_64_to_cublas():
-    """The fixed rule (measured, see dispatch): the Triton kernel up to a short side of 64, cuBLAS above."""
+def test_dispatch_rule_gives_short_sides_above_64_to_cublas_unless_bf16_fills_the_card():
+    """The fixed rule (measured, see dispatch): the Triton kernel up to a short side of 64, cuBLAS above; in bf16 the
+    kernel up to 128 when there are at least two matrices per SM (an H100's 132 off a GPU)."""
     from atlas_train.kernels import dispatch
 
-    assert dispatch._candidates(torch.zeros(4, 64, 256)) == ("triton", "cublas")
-    assert dispatch._candidates(torch.zeros(4, 512, 64)) == ("triton", "cublas")
-    assert dispatch._candidates(torch.zeros(4, 256, 128)) == ("cublas",)
+    def many(count, rows, cols):  # a batch of matrices without the memory
+        return torch.zeros(1, rows, cols).expand(count, rows, cols)
+
+    for precision in ("tf32", "bf16"):
+        assert dispatch._candidates(torch.zeros(4, 64, 256), precision) == ("triton", "cublas")
+        assert dispatch._candidates(torch.zeros(4, 512, 64), precision) == ("triton", "cublas")
+        assert dispatch._candidates(torch.zeros(4, 256, 128), precision) == ("cublas",)
+        assert dispatch._candidates(many(1024, 512, 256), precision) == ("cublas",)
+    assert dispatch._candidates(many(1024, 256, 128), "tf32") == ("cublas",)
+    assert dispatch._candidates(many(2 * 132, 256, 128), "bf16") == ("triton", "cublas")
+    assert dispatch._candidates(many(2 * 132 - 1, 128, 512), "bf16") == ("cublas",)
     assert dispatch._unsupported("cublas", torch.zeros(4, 256, 128), "tf32") is None
     assert "dtype" in dispatch._unsupported("cublas", torch.zeros(4, 8, 8, dtype=torch.float16), "tf32")
 
@@ -386,12 +395,14 @@ def test_bench_sets_the_timed_precision_and_the_triton_threshold(capsys, monkeyp
     from atlas_train.kernels import dispatch
 
     monkeypatch.setattr(dispatch, "TRITON_MAX_SHORT_SIDE", dispatch.TRITON_MAX_SHORT_SIDE)  # restored afterwards
+    monkeypatch.setattr(dispatch, "TRITON_MAX_SHORT_SIDE_BF16_MANY", dispatch.TRITON_MAX_SHORT_SIDE_BF16_MANY)
     monkeypatch.setattr(dispatch, "_ns_precision", dispatch._ns_precision)
     args = ["--profile", "1", "--skip-checks", "--updates", "chunk", "--dh", "8", "--lengths", "64",
             "--ns-precision", "bf16", "--triton-max-short-side", "256"]
     with torch.random.fork_rng():
         assert bench_memory_scan.main(args) == 0
-    assert (dispatch.TRITON_MAX_SHORT_SIDE, dispatch.settings()[1]) == (256, "bf16")
+    assert (dispatch.TRITON_MAX_SHORT_SIDE, dispatch.TRITON_MAX_SHORT_SIDE_BF16_MANY, dispatch.settings()[1]) == (
+        256, 256, "bf16")
 
 
 def test_probes_run_under_inference_mode(monkeypatch):
