@@ -55,7 +55,8 @@ def memory_step(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start, state
         for w in weight_names:
             momentum = restart(theta[..., None, None] * state[f"momentum.{w}"].to(dtype), 0.0) + update_sum[w]
             previous = restart(state[f"fast.{w}"].to(dtype), initial[w])
-            fast[w] = alpha[..., None, None] * previous - eta[..., None, None] * newton_schulz(momentum, ns_steps, opts.half_inputs)
+            step = newton_schulz(momentum, ns_steps, opts.half_inputs)
+            fast[w] = alpha[..., None, None] * previous - eta[..., None, None] * step
             new.update({f"fast.{w}": fast[w], f"momentum.{w}": momentum,
                         f"anchor.{w}": torch.where(closes, fast[w], anchor[w])})
         y = memory_forward(fast, zq[:, :, None], opts.dv, ln)
