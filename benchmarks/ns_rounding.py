@@ -4,7 +4,8 @@
     python benchmarks/ns_rounding.py --scan     # the token update's worst error with each precision's NS forms
 
 Why: a GPU check can only say that an NS path is too inexact, not why. Here every product rounds its operands to
-tf32 or bf16 (to nearest even) and accumulates in float32, as tensor cores do, so the forms of one NS step can be
+tf32 or bf16 (to nearest even, as cuBLAS and now the Triton kernels do; "tf32 truncated" rounds toward zero, as
+Hopper's tf32 `tl.dot` does to float32 operands) and accumulates in float32, so the forms of one NS step can be
 compared at will. The forward and the analytic backward are those of kernels/newton_schulz_kernel.py
 (dB = G Xᵀ, dA = b dB + c (dB A + A dB), dX = a G + B G + (dA + dAᵀ) X). Forms:
   float32 A   the Gram matrix A = XXᵀ kept in float32: bA exact, A² from rounded operands (the Triton kernel before
@@ -14,8 +15,8 @@ compared at will. The forward and the analytic backward are those of kernels/new
   bf16 chain  every result stored in bf16 (the cuBLAS path's bf16 chain before the sixth session)
   fold        X <- (aI + B) X, one product (tried on the GPU in the fourth session)
 Spectra: Gaussian matrices (flat spectrum, what the checks draw) and singular values decaying to 1e-2 and 1e-4
-(closer to momentum). The errors of "float32 A" on Gaussian matrices match those measured on an H100 for the kernel
-(benchmarks/RESULTS.md, sixth session).
+(closer to momentum). With truncated tf32 operands, "float32 A" and "rounded A" match to two digits what an H100
+measured for the kernel before and after the sixth session (benchmarks/RESULTS.md, seventh session).
 
 --scan puts the emulated NS into memory_scan(update="token") at bench_memory_scan's check inputs (smaller: one row,
 128 tokens, 4 heads, dh 64), each matrix in the form its GPU path computes (`dispatch.triton_takes`: the
