@@ -62,6 +62,10 @@ SCAN_MODULE = importlib.import_module("atlas_train.ops.memory_scan")  # the modu
 logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break chatter would bury the table
 NS_STEPS, WINDOW, CHUNK, HEADS = 5, 64, 64, 16
 BOUNDS = PROBE_TOLERANCE  # relative L2 error vs float64, outputs and gradients, per NS operand precision
+# What the checks cover on a GPU: every operand precision the dispatcher can give each path (`ns_precision`,
+# `memory_mlp_precision`; a test keeps these in step with it).
+NS_PRECISIONS_CHECKED = ("ieee", "tf32", "bf16")
+MLP_PRECISIONS_CHECKED = ("ieee", "tf32")
 
 
 def sync(device):
@@ -102,7 +106,7 @@ def check_ns_paths(device, sizes):
 
     implementations = {"kernel": kernels.newton_schulz, "cuBLAS": newton_schulz_cublas.newton_schulz}
     rows = []
-    precisions = ("ieee", "tf32") if device.type == "cuda" else ("ieee",)  # bf16 runs it in tf32 (dispatch)
+    precisions = NS_PRECISIONS_CHECKED if device.type == "cuda" else ("ieee",)
     for shape in sizes:
         s = torch.randn(shape, device=device)
         upstream = torch.randn(shape, device=device)
@@ -161,8 +165,8 @@ def check_mlp_kernel(device, shapes, tokens):
     heads of `tokens` tokens; one row per pass and precision, its worst result named."""
     names = {False: ["f", "dz", "dW1", "dW2", "dln_w", "dln_b"],
              True: ["f", "g_out", "hidden", "g_pre", "dz", "dW1", "dW2", "dv", "dln_w", "dln_b"]}
-    precisions = ("ieee", "tf32") if device.type == "cuda" else ("ieee",)  # bf16 runs it in tf32 (dispatch)
-    rows = []
+    precisions = MLP_PRECISIONS_CHECKED if device.type == "cuda" else ("ieee",)
+    rows, setting = [], settings()[1]
     for (dim, dv, hidden), factors in itertools.product(shapes, (False, True)):
         heads = HEADS if device.type == "cuda" else 2
         inputs, upstream, reference, ref_upstream = random_memory_mlp_pass(
@@ -170,7 +174,6 @@ def check_mlp_kernel(device, shapes, tokens):
             dtype=torch.float32)
         loss = "l2" if factors else None
         want = memory_mlp_pass_results(**reference, loss=loss, upstream=ref_upstream, kernel=False)
-        setting = kernel_dispatch.settings()[1]
         for precision in precisions:
             kernels.set_ns_precision(precision)
             got = memory_mlp_pass_results(**inputs, loss=loss, upstream=upstream, kernel=True)
@@ -197,7 +200,7 @@ def mlp_kernel_refusals(tensors, params) -> list[str]:
 def check_memory_scan(device, batch=2, length=4 * CHUNK, heads=8, dh=64):
     """memory_scan with kernels (each precision, and the default for bf16 inputs) against the float64 PyTorch path
     at a small real shape."""
-    rows, setting = [], kernel_dispatch.settings()[1]
+    rows, setting = [], settings()[1]
     for update in ("token", "chunk"):
         tensors, params = make_inputs(batch, length, heads, dh, device, torch.float32)
         upstream = torch.randn(batch, length, heads, dh, device=device)

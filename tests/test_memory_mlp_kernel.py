@@ -318,3 +318,18 @@ def test_bench_scan_check_covers_every_precision_and_the_default_for_bf16_inputs
     assert len(rows) == 18 and rows[8][2] == rows[17][2] == 5e-2  # bf16 NS: the bf16 bound
     assert all(err <= bound for _, err, bound in rows), rows
     assert dispatch.settings()[1] == "ieee"
+
+
+def test_bench_checks_every_precision_the_dispatcher_can_choose(monkeypatch):
+    """The bench's GPU checks cover exactly the operand precisions each fast path can be given, under every setting
+    (the NS check once lost bf16, the new default, when the MLP kernel's list dropped it)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_memory_scan
+
+    ns, mlp = set(), set()
+    for setting in dispatch.NS_PRECISION_SETTINGS:
+        monkeypatch.setattr(dispatch, "_ns_precision", setting)
+        ns |= {dispatch.ns_precision(True), dispatch.ns_precision(False)}
+        mlp.add(dispatch.memory_mlp_precision())
+    assert set(bench_memory_scan.NS_PRECISIONS_CHECKED) == ns
+    assert set(bench_memory_scan.MLP_PRECISIONS_CHECKED) == mlp
