@@ -30,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -226,6 +227,7 @@ def _time_point(model, cache, dims, per_seq: int, context: int, batch: int, mode
     except RuntimeError as err:  # a failed capture costs this row, not the run's other rows
         if mode != "graph":
             raise
+        traceback.print_exc()  # the log keeps which operation broke the capture
         return {"skipped": f"graph capture failed: {str(err).splitlines()[0][:100]}"}
     return {"ms_per_step": 1000 * step_s, "tokens_per_s": batch / step_s}
 

@@ -16,7 +16,7 @@
 #                                          it, 4K/16K, dh 64 and 128)
 #   bash benchmarks/gpu_single.sh train    issue 4: 340M transformer (with the loader + logging overhead) and atlas
 #                                          (token and chunk update) at 4K, one call
-#   bash benchmarks/gpu_single.sh decode   issue 8: decode at 4K/32K, batch 1/32, eager and CUDA graph
+#   bash benchmarks/gpu_single.sh decode   issue 8: decode at 4K/32K, batch 1/32, eager and CUDA graph (cold Triton cache)
 #   bash benchmarks/gpu_single.sh recall   issue 8: five members trained at once (round-robin over however many GPUs
 #                                          are visible) and scored on MQAR, 8.5 minutes in all; afterwards, on a CPU
 #                                          machine with matplotlib: python benchmarks/recall_study.py --render DIR
@@ -64,7 +64,9 @@ case "${1:-}" in
       --seq-len 4096 --steps 1 --warmup 1 --log-every 1 --no-overhead
     ;;
   decode)
-    step decode 240 python3 benchmarks/bench_decode.py --cuda-graph --steps 8 --warmup 2 --out "$OUT/decode.json"
+    # An empty Triton cache, as on a fresh machine: the condition under which a capture once failed (static_calls)
+    step decode 240 env TRITON_CACHE_DIR="$(mktemp -d)" python3 benchmarks/bench_decode.py --cuda-graph --steps 8 \
+      --warmup 2 --out "$OUT/decode.json"
     ;;
   recall)
     step recall_study 560 python3 benchmarks/recall_study.py --out "$OUT/recall" --work /tmp/recall --budget-minutes 8.5

@@ -76,6 +76,26 @@ def test_static_decode_step_equals_plain_decoding():
     assert all(torch.equal(original[key], t) for key, t in given.items())  # the caller's cache is left as it was
 
 
+def test_a_dropped_static_decode_step_is_freed_at_once():
+    """No reference cycle: on a GPU the step holds a captured graph, which a cycle would free only when the garbage
+    collector runs, and a collection that lands inside another graph's capture invalidates that capture."""
+    import gc
+    import weakref
+
+    model = tiny_model("atlas")
+    cache = bench_decode.prefill(model, None, 6, 40, segment=4, device="cpu")
+    gc.collect()
+    gc.disable()
+    try:
+        static = StaticDecodeStep(model, cache)
+        static.step(torch.tensor([3]))
+        freed = weakref.ref(static._call)
+        del static
+        assert freed() is None
+    finally:
+        gc.enable()
+
+
 def test_static_decode_step_refuses_a_growing_cache():
     model = tiny_model("transformer")
     cache = bench_decode.prefill(model, None, 3, 40, segment=4, device="cpu")

@@ -11,6 +11,8 @@ buffers and are refused.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from atlas_train.ops.static_calls import StaticCall
@@ -32,28 +34,32 @@ class StaticDecodeStep:
         self.model = model
         self._keys = list(cache)
         token = torch.zeros(_batch_size(cache), 1, dtype=torch.long, device=next(iter(cache.values())).device)
-        self._call = StaticCall(self._forward, [token, *cache.values()], graph=use_graph)
+        # A function of the model and keys, not a bound method: the call would hold the step that holds the call, a
+        # cycle that frees the captured graph (and its memory pool) only when the garbage collector next runs.
+        forward = functools.partial(_decode_forward, model, tuple(self._keys))
+        self._call = StaticCall(forward, [token, *cache.values()], graph=use_graph)
         self.cache = dict(cache)
-
-    @torch.no_grad()
-    def _forward(self, token: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
-        out = self.model(token, cache=dict(zip(self._keys, values)), use_cache=True)
-        if set(out.cache) != set(self._keys):
-            raise GrowingCacheError(f"the decode step changed the cache's keys: {sorted(set(out.cache) ^ set(self._keys))}")
-        for key, old in zip(self._keys, values):
-            new = out.cache[key]
-            if new.shape != old.shape or new.dtype != old.dtype:
-                raise GrowingCacheError(f"cache entry {key!r} changes from {tuple(old.shape)} {old.dtype} to "
-                                        f"{tuple(new.shape)} {new.dtype} in a step: it cannot live in a static "
-                                        "buffer (a growing attention KV cache); decode this model without a static "
-                                        "step")
-        return [out.logits[:, -1], *(out.cache[key] for key in self._keys)]
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """token (B,) or (B, 1) int64 -> logits (B, V) of the next position; the cache advances by one token."""
         logits, *values = self._call(token.view(-1, 1), *(self.cache[key] for key in self._keys))
         self.cache = dict(zip(self._keys, values))  # static outputs: copied into the inputs by the next step
         return logits
+
+
+@torch.no_grad()
+def _decode_forward(model, keys: tuple, token: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
+    """(token, *cache values) -> [last logits, *new cache values in the same order]; refuses a cache that changes."""
+    out = model(token, cache=dict(zip(keys, values)), use_cache=True)
+    if set(out.cache) != set(keys):
+        raise GrowingCacheError(f"the decode step changed the cache's keys: {sorted(set(out.cache) ^ set(keys))}")
+    for key, old in zip(keys, values):
+        new = out.cache[key]
+        if new.shape != old.shape or new.dtype != old.dtype:
+            raise GrowingCacheError(f"cache entry {key!r} changes from {tuple(old.shape)} {old.dtype} to "
+                                    f"{tuple(new.shape)} {new.dtype} in a step: it cannot live in a static "
+                                    "buffer (a growing attention KV cache); decode this model without a static step")
+    return [out.logits[:, -1], *(out.cache[key] for key in keys)]
 
 
 def _batch_size(cache: dict) -> int:

@@ -13,11 +13,18 @@ Design choices, and why:
   the part that can go wrong besides capture itself — is exercised by the CPU test suite.
 * Capture uses `capture_error_mode="thread_local"`, so data-loader or communication threads that touch CUDA while a
   graph is first captured are not an error.
+* Python's cyclic garbage collector is paused while a graph is captured. A collection can run at any allocation; if
+  it frees a dead graph (one held in a reference cycle), the graph's destructor calls a CUDA API that is not
+  permitted during capture, which invalidates the capture in progress. PyTorch no longer collects before a capture
+  (`torch.compiler.config.force_cudagraph_gc`, off by default). Seen on an H100: the decode bench's fourth graph
+  failed to capture whenever Triton's on-disk cache was cold, i.e. whenever compiling had shifted the collector's
+  timing (benchmarks/RESULTS.md, eighth session).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from typing import Callable, Sequence
 
@@ -52,6 +59,19 @@ def forced_scan_mode(setting: str | None):
             os.environ[_ENV] = before
 
 
+@contextlib.contextmanager
+def collector_paused():
+    """No cyclic garbage collection inside the block (the collector's previous state after it): see the module's
+    docstring for why a capture needs this."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class StaticCall:
     """`fn(*inputs) -> list of tensors` bound to static input and output buffers, replayed as a CUDA graph on GPU.
 
@@ -82,7 +102,7 @@ class StaticCall:
         outputs = [torch.empty_like(r) for r in results]
         del results
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph, pool=pool, capture_error_mode="thread_local"):
+        with collector_paused(), torch.cuda.graph(self._graph, pool=pool, capture_error_mode="thread_local"):
             for out, r in zip(outputs, self._fn(*self._inputs)):
                 out.copy_(r.detach())
         return outputs
