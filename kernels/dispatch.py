@@ -107,6 +107,21 @@ def memory_mlp_precision() -> str:
     return "ieee" if _ns_precision == "ieee" else "tf32"
 
 
+def scan_product_precision(half_inputs: bool) -> str:
+    """Operand precision of the scan's own float32 products on the GPU (the cuBLAS matmuls around Newton–Schulz and
+    the memory MLP kernel: window gradients, momentum sums, reads): tf32 where NS takes bf16 operands (a bf16/fp16
+    model under 'auto', or 'bf16' set), exact float32 otherwise, and always with the fast paths off (the PyTorch
+    path that baselines time). Why: in float32 these ran on CUDA cores (sm80 FFMA GEMMs); tf32 made the bf16 token
+    scan 1.11x faster on an H100 with its error unchanged (3.0e-2 against 5e-2), while a float32 model's scan,
+    whose bound is tf32's 1e-2, went from 4e-3 to 9.4e-3 with them: too close (RESULTS.md, eighth session)."""
+    return "tf32" if _enabled and ns_precision(half_inputs) == "bf16" else "ieee"
+
+
+def scan_products(half_inputs: bool):
+    """Context in which the scan's float32 products on the GPU take `scan_product_precision(half_inputs)`."""
+    return newton_schulz_cublas.cublas_precision(scan_product_precision(half_inputs))
+
+
 def noted_fallbacks(what: str) -> list[str]:
     """The reasons noted so far for not using `what` (e.g. MEMORY_MLP_KERNEL): a benchmark that asked for a fast
     path can then say that some of its rows ran without it."""

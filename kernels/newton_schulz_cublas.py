@@ -32,8 +32,9 @@ from atlas_train.ops.newton_schulz import NS_COEFFICIENTS as NS_COEFFS, NS_NORM_
 
 
 @contextlib.contextmanager
-def _operand_precision(precision: str):
-    """cuBLAS may use TF32 tensor cores for float32 products inside this block when precision is 'tf32'."""
+def cublas_precision(precision: str):
+    """cuBLAS may use TF32 tensor cores for float32 products inside this block when precision is 'tf32', and
+    multiplies exactly in float32 otherwise; the previous setting after it."""
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:
@@ -116,7 +117,7 @@ class _NewtonSchulz(torch.autograd.Function):
         operand_dtype = torch.bfloat16 if precision == "bf16" else x.dtype
         x = x / (norm + NS_EPS)
         iterates = []
-        with _operand_precision(precision):
+        with cublas_precision(precision):
             for _ in range(steps):
                 operand = x.to(operand_dtype)
                 iterates.append(operand)
@@ -132,7 +133,7 @@ class _NewtonSchulz(torch.autograd.Function):
         a, b, c = NS_COEFFS
         tall = ctx.tall
         g = _flat(grad_out)
-        with _operand_precision(ctx.precision):
+        with cublas_precision(ctx.precision):
             for x in reversed(iterates):
                 gram, poly = _poly(x, tall)
                 g_operand = g.to(x.dtype)

@@ -7,8 +7,9 @@ small matrices per chunk. One launch handles all of them, one program per matrix
 A matrix is seen as M x N with M <= N (a tall one is read through swapped strides: the spec's "transpose, iterate,
 transpose back" for free). Three variants, by size (small heuristic in `_launch`, no autotune):
   registers  the whole (padded) matrix fits one register tile: load once, iterate, store once;
-  stream     M <= 64: the M x M Gram matrix A and polynomial B = bA + cA^2 in registers, X in the output buffer,
-             streamed in column tiles and updated in place (X'[:, cols] only needs X[:, cols] and B);
+  stream     M <= 64 (M <= 128 with bf16 operands): the M x M Gram matrix A and polynomial B = bA + cA^2 in
+             registers, X in the output buffer, streamed in column tiles and updated in place (X'[:, cols] only
+             needs X[:, cols] and B);
   scratch    M up to 256: A and B in a per-program scratch buffer, formed ROW_BLOCK rows at a time, X updated
              one column strip at a time.
 When a gradient is needed the forward also writes its iterates X_0..X_{k-1} to a buffer, and the backward walks them
@@ -53,6 +54,12 @@ from atlas_train.ops.newton_schulz import NS_COEFFICIENTS as NS_COEFFS, NS_NORM_
 MAX_SHORT_SIDE = 256  # the scratch variant's column strip (M x BLOCK_N) must fit in registers
 SINGLE_TILE_ELEMENTS = 64 * 256  # up to this many elements (padded) X stays in registers for all iterations
 REGISTER_GRAM_MAX = 64  # up to this short side the M x M Gram matrix and its helpers stay in registers
+# With bf16 operands the Gram matrix stays in registers up to 128 x 128, where the scratch variant sends A and B (and
+# the backward's dA, dB) through global memory. On an H100 at 256 x 128 over 1024 matrices (RESULTS.md, eighth
+# session) NS forward+backward took 3.03 ms, against 5.37 ms with the forward alone streamed and 6.42 ms with
+# neither; the backward's four such matrices spill (about 700 B a thread, benchmarks/kernel_resources.py) and are
+# still faster. tf32 operands (float32 in registers) spill in the forward too: not measured, left to scratch.
+REGISTER_GRAM_MAX_BF16 = 128
 SCRATCH_TILE_ELEMENTS = 8192  # register tiles of the streamed variants hold about this many elements
 # Software pipelining of the tile loops: every stage is another copy of the loop's tiles in shared memory. Triton's
 # default (3) overflows Hopper's 227 KiB for most shapes; benchmarks/kernel_resources.py checks these values.
@@ -337,7 +344,7 @@ def _launch(S: torch.Tensor, precision: str, backward: bool = False) -> _Launch:
     row_block = block_m
     if block_m * block_n <= SINGLE_TILE_ELEMENTS:
         variant, num_warps = "registers", 4 if block_m * block_n <= 4096 else 8
-    elif block_m <= REGISTER_GRAM_MAX:
+    elif block_m <= (REGISTER_GRAM_MAX_BF16 if precision == "bf16" else REGISTER_GRAM_MAX):
         variant, num_warps = "stream", 4 if block_m <= 32 else NUM_WARPS["stream"]
         block_n = max(16, min(block_n, SCRATCH_TILE_ELEMENTS // block_m))
     else:

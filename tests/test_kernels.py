@@ -442,3 +442,33 @@ def test_ns_precision_follows_the_model_dtype_unless_set(monkeypatch):
     for half in (True, False):
         assert dispatch.newton_schulz_or_none(s, 2, half) is s
     assert calls == ["bf16", "tf32", "ieee", "ieee"]
+
+
+@pytest.mark.parametrize("enabled,setting,half,want", [
+    (True, "auto", True, "tf32"), (True, "auto", False, "ieee"), (True, "bf16", False, "tf32"),
+    (True, "tf32", True, "ieee"), (True, "ieee", True, "ieee"), (False, "auto", True, "ieee")])
+def test_scan_products_take_tf32_where_newton_schulz_takes_bf16(enabled, setting, half, want, monkeypatch):
+    """The scan's own float32 products (cuBLAS) on the GPU: tf32 operands where NS runs in bf16 (whose bound has
+    room for them), exact float32 under a tf32 or ieee NS and with the fast paths off (the baselines' PyTorch path);
+    the caller's cuBLAS setting comes back after the block."""
+    from atlas_train.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_enabled", enabled)
+    monkeypatch.setattr(dispatch, "_ns_precision", setting)
+    assert dispatch.scan_product_precision(half) == want
+    before = torch.backends.cuda.matmul.allow_tf32
+    for caller in (True, False):
+        torch.backends.cuda.matmul.allow_tf32 = caller
+        with dispatch.scan_products(half):
+            assert torch.backends.cuda.matmul.allow_tf32 == (want == "tf32")
+        assert torch.backends.cuda.matmul.allow_tf32 == caller
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_bf16_keeps_gram_matrices_up_to_128_in_registers_both_ways():
+    """Measured faster on an H100 (RESULTS.md, eighth session); tf32 operands stay on the scratch variant."""
+    s = torch.zeros(2, 256, 128)
+    for backward in (False, True):
+        assert ns_kernel._launch(s, "bf16", backward).variant == "stream"
+        assert ns_kernel._launch(s, "tf32", backward).variant == "scratch"
+    assert ns_kernel._launch(torch.zeros(2, 512, 256), "bf16").variant == "scratch"

@@ -12,6 +12,8 @@ then launched by one call instead of one Python dispatch each. ATLAS_SCAN_CUDA_G
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -52,7 +54,7 @@ def memory_scan(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start=None, 
     _validate(zq, zk, v, alpha, eta, theta, gamma, params, doc_start, chunk_size, ns_steps, update, loss)
     inputs = (zq, zk, v, alpha, eta, theta, gamma, *params.values(), *(state or {}).values())
     if zq.shape[1] == 1 and state is not None and not _grad_wanted(inputs):
-        with _exact_precision(zq.device):  # decoding
+        with _scan_precision(zq.device, is_half(zq.dtype)):  # decoding
             return memory_step(zq, zk, v, alpha, eta, theta, gamma, params, doc_start=doc_start, state=state,
                                chunk_size=chunk_size, ns_steps=ns_steps, update=update, loss=loss)
     return scan_torch(zq, zk, v, alpha, eta, theta, gamma, params, doc_start=doc_start, state=state,
@@ -137,10 +139,20 @@ def _split_chunk_tensors(opts, has_ln, tensors):
     return carry, pieces, reset, params, ln, rest
 
 
-def _exact_precision(device: torch.device):
+@contextlib.contextmanager
+def _scan_precision(device: torch.device, half_inputs: bool):
     """Autocast off inside the scan: its math is float32 (float64) by the spec, whatever the caller's autocast, and
-    the recompute in backward (which runs outside the caller's autocast) then repeats the forward exactly."""
-    return torch.autocast(device_type=device.type, enabled=False)
+    the recompute in backward (which runs outside the caller's autocast) then repeats the forward exactly. On the
+    GPU its float32 products take the fast paths' operand precision for the model's dtype, also whatever the caller
+    set (`atlas_train.kernels.dispatch.scan_product_precision`: tf32 for a bf16/fp16 model by default)."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        if device.type != "cuda":
+            yield
+            return
+        from atlas_train.kernels.dispatch import scan_products  # imports Triton: only when needed
+
+        with scan_products(half_inputs):
+            yield
 
 
 def _chunk_forward(opts, closes, has_reset, has_ln):
@@ -149,7 +161,7 @@ def _chunk_forward(opts, closes, has_reset, has_ln):
 
     def run(*tensors):
         carry, pieces, reset, params, ln, _ = _split_chunk_tensors(opts, has_ln, tensors)
-        with torch.no_grad(), _exact_precision(tensors[0].device):
+        with torch.no_grad(), _scan_precision(tensors[0].device, opts.half_inputs):
             y, out = _run_chunk(opts, carry, pieces, reset, has_reset, params, ln, closes)
         return [y, *(out[k] for k in keys)]
 
@@ -169,16 +181,16 @@ def _chunk_backward(opts, closes, has_reset, has_ln):
         pieces = [t.detach().requires_grad_() for t in pieces]
         params = {k: t.detach().requires_grad_() for k, t in params.items()}
         ln = None if ln is None else {k: t.detach().requires_grad_() for k, t in ln.items()}
-        with torch.enable_grad(), _exact_precision(reset.device):
+        with torch.enable_grad(), _scan_precision(reset.device, opts.half_inputs):  # the backward's products too
             y, carry_out = _run_chunk(opts, carry, pieces, reset, has_reset, params, ln, closes)
-        outs, grads = [y], [grad_y]
-        for k in diff_keys:
-            if carry_out[k].requires_grad:
-                outs.append(carry_out[k])
-                grads.append(grad_carry[k])
-        targets = [carry[k] for k in diff_keys] + pieces + list(params.values()) + (
-            [] if ln is None else list(ln.values()))
-        found = torch.autograd.grad(outs, targets, grads, allow_unused=True)
+            outs, grads = [y], [grad_y]
+            for k in diff_keys:
+                if carry_out[k].requires_grad:
+                    outs.append(carry_out[k])
+                    grads.append(grad_carry[k])
+            targets = [carry[k] for k in diff_keys] + pieces + list(params.values()) + (
+                [] if ln is None else list(ln.values()))
+            found = torch.autograd.grad(outs, targets, grads, allow_unused=True)
         return [torch.zeros_like(t) if g is None else g for g, t in zip(found, targets)]
 
     return run
