@@ -13,7 +13,7 @@ iterates X_0..X_{k-1} and the backward replays the Triton kernel's analytic deri
 (a tall X, iterated as X ← aX + X B with A = Xᵀ X: dB = Xᵀ G and dX = a G + G B + X (dA + dAᵀ)),
 then of X0 = S / (n + eps): dS = dX0 / (n + eps) − <dX0, S> S / ((n + eps)² n), n = ‖S‖_F.
 'bf16' multiplies bfloat16 copies of the iterate X (and of the gradient G) and keeps X and G themselves in float32:
-aX and the product BX add up in float32 (`_bf16_product`, cuBLAS's float32 output). The Gram matrix A, B and the
+aX and the product BX add up in float32 (`_bf16_step`, in cuBLAS's float32 epilogue). The Gram matrix A, B and the
 backward's small products are bfloat16 results: each is rounded once and that one value serves every use.
 Why not a chain stored in bfloat16 (as Muon implementations do, and this path did until the sixth session): that
 rounds the dominant aX term at every step, which for matrices with small singular values (momentum) is ~10x less
@@ -63,26 +63,29 @@ def _apply(m: torch.Tensor, y: torch.Tensor, tall: bool, beta: float) -> torch.T
     return torch.baddbmm(y, y, m, beta=beta) if tall else torch.baddbmm(y, m, y, beta=beta)
 
 
-def _bf16_product(m: torch.Tensor, y: torch.Tensor, tall: bool) -> torch.Tensor:
-    """m·y (y·m for a tall y) of bfloat16 operands as float32. cuBLAS accumulates in float32 and here also returns
-    it (bmm's out_dtype, CUDA only); on CPU the operands are upcast, which multiplies the same values."""
+def _bf16_step(m: torch.Tensor, y: torch.Tensor, master: torch.Tensor, tall: bool, beta: float) -> torch.Tensor:
+    """master ← beta·master + m·y (y·m for a tall y), bfloat16 operands m and y, float32 master, in place: one GEMM
+    that accumulates in float32 and adds beta·master in its float32 epilogue (baddbmm's out_dtype, CUDA only). A
+    float32 product followed by a separate add read and wrote the matrices twice more. On CPU the operands are
+    upcast, which multiplies the same values."""
     p, q = (y, m) if tall else (m, y)
     if p.is_cuda:
-        return torch.bmm(p, q, out_dtype=torch.float32)
-    return torch.bmm(p.float(), q.float())
+        return torch.baddbmm(master, p, q, out_dtype=torch.float32, beta=beta, out=master)
+    return master.baddbmm_(p.float(), q.float(), beta=beta)
 
 
 def _step(m: torch.Tensor, y: torch.Tensor, master: torch.Tensor, tall: bool, beta: float) -> torch.Tensor:
-    """beta·master + m·y, y being master itself or (bf16) its bfloat16 copy, whose product adds up in float32."""
+    """beta·master + m·y, y being master itself or (bf16) its bfloat16 copy, whose product adds up in float32
+    (then master itself is updated: the caller owns it)."""
     if y.dtype == master.dtype:
         return _apply(m, master, tall, beta)
-    return _bf16_product(m, y, tall).add_(master, alpha=beta)
+    return _bf16_step(m, y, master, tall, beta)
 
 
 def _add_product(out: torch.Tensor, m: torch.Tensor, y: torch.Tensor, tall: bool) -> torch.Tensor:
     """out += m·y (y·m for a tall y) in place: no copy of out, as a baddbmm into a new tensor would make."""
     if y.dtype != out.dtype:
-        return out.add_(_bf16_product(m, y, tall))
+        return _bf16_step(m, y, out, tall, 1.0)
     return out.baddbmm_(y, m) if tall else out.baddbmm_(m, y)
 
 
@@ -133,6 +136,8 @@ class _NewtonSchulz(torch.autograd.Function):
         a, b, c = NS_COEFFS
         tall = ctx.tall
         g = _flat(grad_out)
+        if iterates and iterates[0].dtype != g.dtype:
+            g = g.clone()  # bf16: the steps update g in place, and it may be autograd's own gradient tensor
         with cublas_precision(ctx.precision):
             for x in reversed(iterates):
                 gram, poly = _poly(x, tall)
