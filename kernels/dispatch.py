@@ -4,7 +4,8 @@ The ops code calls `newton_schulz_or_none` and `memory_mlp_or_none` (the memory 
 inner-loss gradient factors, `memory_mlp_kernel`); None means "run your plain PyTorch path" (float32 products). The
 operand precision of the fast paths' products follows one setting (`set_ns_precision`): by default Newton–Schulz
 takes bf16 operands in a bf16/fp16 model and tf32 in a float32 one (`ns_precision`), the memory MLP kernel tf32
-(`memory_mlp_precision`). On a GPU Newton–Schulz has two fast implementations: the Triton kernel
+(`memory_mlp_precision`), and the scan's other float32 matmuls tf32 where NS takes bf16 (`scan_product_precision`).
+On a GPU Newton–Schulz has two fast implementations: the Triton kernel
 (one program per matrix) and cuBLAS batched GEMMs with a hand-written backward (newton_schulz_cublas). Which one
 takes a shape is a fixed rule from measurements, not a timing at run time, so that every run (and every resume)
 computes the same numbers (`triton_takes`): the kernel for a short side up to TRITON_MAX_SHORT_SIDE, and in bf16
@@ -112,7 +113,7 @@ def scan_product_precision(half_inputs: bool) -> str:
     the memory MLP kernel: window gradients, momentum sums, reads): tf32 where NS takes bf16 operands (a bf16/fp16
     model under 'auto', or 'bf16' set), exact float32 otherwise, and always with the fast paths off (the PyTorch
     path that baselines time). Why: in float32 these ran on CUDA cores (sm80 FFMA GEMMs); tf32 made the bf16 token
-    scan 1.11x faster on an H100 with its error unchanged (3.0e-2 against 5e-2), while a float32 model's scan,
+    scan 1.12x faster on an H100 with its error unchanged (3.0e-2 against 5e-2), while a float32 model's scan,
     whose bound is tf32's 1e-2, went from 4e-3 to 9.4e-3 with them: too close (RESULTS.md, eighth session)."""
     return "tf32" if _enabled and ns_precision(half_inputs) == "bf16" else "ieee"
 
