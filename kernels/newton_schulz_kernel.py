@@ -451,9 +451,14 @@ def _setup_context(ctx, inputs, output):
     S, ctx.steps, ctx.precision = inputs
     ctx.save_for_backward(S, output[1])
     ctx.mark_non_differentiable(output[1])
+    # The iterates never get a gradient: without this autograd would fill a zero tensor of their size (steps times
+    # the input's) for every backward, only for `_backward` to ignore it.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, _grad_iterates):
+    if grad_out is None:  # not materialised: nothing flows back through the output either
+        return None, None, None
     S, iterates = ctx.saved_tensors
     return _ns_backward_op(S, iterates, grad_out, ctx.steps, ctx.precision), None, None
 
