@@ -34,13 +34,26 @@ from atlas_train.ops.newton_schulz import NS_COEFFICIENTS as NS_COEFFS, NS_NORM_
 @contextlib.contextmanager
 def cublas_precision(precision: str):
     """cuBLAS may use TF32 tensor cores for float32 products inside this block when precision is 'tf32', and
-    multiplies exactly in float32 otherwise; the previous setting after it."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    multiplies exactly in float32 otherwise; the caller's settings after it.
+
+    PyTorch keeps this switch twice: the legacy `allow_tf32`/`set_float32_matmul_precision` and the newer
+    `fp32_precision` attributes. cuBLAS asks both and raises if they disagree, and so does reading the legacy one:
+    a caller who used only the new API (`torch.backends.cuda.matmul.fp32_precision = "tf32"`) would make a plain
+    read of `allow_tf32` raise. So the block sets the switch through the legacy setter, which keeps both in step,
+    and saves and restores what either API can change (the legacy enum where it can be read)."""
+    matmul, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    saved = matmul.fp32_precision, mkldnn.fp32_precision
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the caller mixed the two APIs: the legacy value cannot be read
+        legacy = None
+    matmul.allow_tf32 = precision == "tf32"
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        matmul.fp32_precision, mkldnn.fp32_precision = saved
 
 
 def _compute(t: torch.Tensor) -> torch.Tensor:

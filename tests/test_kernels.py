@@ -449,20 +449,63 @@ def test_ns_precision_follows_the_model_dtype_unless_set(monkeypatch):
     (True, "tf32", True, "ieee"), (True, "ieee", True, "ieee"), (False, "auto", True, "ieee")])
 def test_scan_products_take_tf32_where_newton_schulz_takes_bf16(enabled, setting, half, want, monkeypatch):
     """The scan's own float32 products (cuBLAS) on the GPU: tf32 operands where NS runs in bf16 (whose bound has
-    room for them), exact float32 under a tf32 or ieee NS and with the fast paths off (the baselines' PyTorch path);
-    the caller's cuBLAS setting comes back after the block."""
+    room for them), exact float32 under a tf32 or ieee NS and with the fast paths off (the baselines' PyTorch path)."""
     from atlas_train.kernels import dispatch
 
     monkeypatch.setattr(dispatch, "_enabled", enabled)
     monkeypatch.setattr(dispatch, "_ns_precision", setting)
     assert dispatch.scan_product_precision(half) == want
-    before = torch.backends.cuda.matmul.allow_tf32
-    for caller in (True, False):
-        torch.backends.cuda.matmul.allow_tf32 = caller
-        with dispatch.scan_products(half):
-            assert torch.backends.cuda.matmul.allow_tf32 == (want == "tf32")
-        assert torch.backends.cuda.matmul.allow_tf32 == caller
-    torch.backends.cuda.matmul.allow_tf32 = before
+    with dispatch.scan_products(half):
+        assert torch.backends.cuda.matmul.allow_tf32 == (want == "tf32")
+
+
+_MATMUL_SETTINGS = {  # how a caller may have set the TF32 switch before calling the scan (PyTorch's two APIs)
+    "default": lambda: None,
+    "legacy allow_tf32": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+    "legacy precision 'medium'": lambda: torch.set_float32_matmul_precision("medium"),
+    "new API, cuda matmul ieee": lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee"),
+    "new API, cuda matmul tf32": lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+}
+
+
+def _matmul_state():
+    def readable(read):
+        try:
+            return read()
+        except RuntimeError:  # PyTorch refuses to read the legacy value after a mix of the two APIs
+            return "unreadable"
+
+    return (readable(torch.get_float32_matmul_precision), torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.mkldnn.matmul.fp32_precision, torch.backends.fp32_precision)
+
+
+@pytest.fixture
+def matmul_settings_restored():
+    matmul, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    saved = torch.get_float32_matmul_precision(), matmul.fp32_precision, mkldnn.fp32_precision
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    matmul.fp32_precision, mkldnn.fp32_precision = saved[1:]
+
+
+@pytest.mark.parametrize("caller", list(_MATMUL_SETTINGS))
+@pytest.mark.parametrize("precision", ["tf32", "ieee"])
+def test_cublas_precision_works_under_either_tf32_api_and_restores_the_callers(caller, precision,
+                                                                             matmul_settings_restored):
+    """Inside the block cuBLAS's switch is readable and as asked, whichever of PyTorch's two APIs the caller used (a
+    read of `allow_tf32` raises after the new API alone); after it the caller's settings are back, except that a
+    mix of the two APIs, which makes cuBLAS raise on float32 products, may come back consistent."""
+    from atlas_train.kernels.newton_schulz_cublas import cublas_precision
+
+    _MATMUL_SETTINGS[caller]()
+    before = _matmul_state()
+    with cublas_precision(precision):
+        assert torch.backends.cuda.matmul.allow_tf32 == (precision == "tf32")
+    after = _matmul_state()
+    if before[0] == "unreadable":
+        assert after[1:] == before[1:]
+    else:
+        assert after == before
 
 
 def test_bf16_keeps_gram_matrices_up_to_128_in_registers_both_ways():
