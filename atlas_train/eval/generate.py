@@ -90,7 +90,7 @@ def generate(
         new: list[torch.Tensor] = []
         if max_new_tokens > 0:
             logits, cache = _forward_prompt(model, ids, prefill_chunk)
-            step = _decode_step(model, cache, cuda_graph)
+            step = _decode_step(model, cache, cuda_graph) if max_new_tokens > 1 else None  # no step for one token
             finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
             while True:
                 token = sample_next(logits, temperature, top_k, top_p, generator)
