@@ -80,11 +80,11 @@ def _bf16_step(m: torch.Tensor, y: torch.Tensor, master: torch.Tensor, tall: boo
     """master ← beta·master + m·y (y·m for a tall y), bfloat16 operands m and y, float32 master, in place: one GEMM
     that accumulates in float32 and adds beta·master in its float32 epilogue (baddbmm's out_dtype, CUDA only). A
     float32 product followed by a separate add read and wrote the matrices twice more. On CPU the operands are
-    upcast, which multiplies the same values."""
+    upcast to master's dtype, which multiplies the same values."""
     p, q = (y, m) if tall else (m, y)
     if p.is_cuda:
         return torch.baddbmm(master, p, q, out_dtype=torch.float32, beta=beta, out=master)
-    return master.baddbmm_(p.float(), q.float(), beta=beta)
+    return master.baddbmm_(p.to(master.dtype), q.to(master.dtype), beta=beta)
 
 
 def _step(m: torch.Tensor, y: torch.Tensor, master: torch.Tensor, tall: bool, beta: float) -> torch.Tensor:
@@ -149,8 +149,8 @@ class _NewtonSchulz(torch.autograd.Function):
         a, b, c = NS_COEFFS
         tall = ctx.tall
         g = _flat(grad_out)
-        if iterates and iterates[0].dtype != g.dtype:
-            g = g.clone()  # bf16: the steps update g in place, and it may be autograd's own gradient tensor
+        if ctx.precision == "bf16":
+            g = g.clone()  # the bf16 steps update g in place, and it may be autograd's own gradient tensor
         with cublas_precision(ctx.precision):
             for x in reversed(iterates):
                 gram, poly = _poly(x, tall)

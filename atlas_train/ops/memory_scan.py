@@ -145,14 +145,13 @@ def _scan_precision(device: torch.device, half_inputs: bool):
     the recompute in backward (which runs outside the caller's autocast) then repeats the forward exactly. On the
     GPU its float32 products take the fast paths' operand precision for the model's dtype, also whatever the caller
     set (`atlas_train.kernels.dispatch.scan_product_precision`: tf32 for a bf16/fp16 model by default)."""
-    with torch.autocast(device_type=device.type, enabled=False):
-        if device.type != "cuda":
-            yield
-            return
+    products = contextlib.nullcontext()
+    if device.type == "cuda":
         from atlas_train.kernels.dispatch import scan_products  # imports Triton: only when needed
 
-        with scan_products(half_inputs):
-            yield
+        products = scan_products(half_inputs)
+    with torch.autocast(device_type=device.type, enabled=False), products:
+        yield
 
 
 def _chunk_forward(opts, closes, has_reset, has_ln):
