@@ -8,8 +8,9 @@
     python benchmarks/bench_memory_scan.py --profile 20 --dh 64 --lengths 4096   # where a step's device time goes
     python benchmarks/bench_memory_scan.py --count-ops --skip-checks --dh 16 --lengths 128   # launches per chunk
 
-1. Checks (fresh random inputs, seed printed): both fast Newton–Schulz paths (Triton kernel, cuBLAS) and the memory
-   MLP kernel's token pass against a float64 PyTorch reference, per operand precision, outputs and gradients; then
+1. Checks (fresh random inputs, seed printed): both fast Newton–Schulz paths (Triton kernel, cuBLAS), the memory
+   MLP kernel's token pass and the token momenta kernel against a float64 PyTorch reference, per operand precision,
+   outputs and gradients; then
    the whole memory_scan with the fast paths (without and with the memory MLP kernel) against the float64
    PyTorch path (GPU only: the dispatch takes CUDA tensors). Relative error bounds per precision; NaN never passes.
 2. Speed (B·H = 16, hid = 4·dh, D = 2·dh as with the default sketch map, c = 64, chunk 64): memory_scan
@@ -51,8 +52,10 @@ from atlas_train.kernels.dispatch import (  # noqa: E402
     memory_mlp_refusal,
     noted_fallbacks,
     random_memory_mlp_pass,
+    random_token_momenta,
     relative_error,
     settings,
+    token_momenta_results,
 )
 from atlas_train.ops import memory_scan  # noqa: E402
 from atlas_train.ops import scan_chunks  # noqa: E402
@@ -66,6 +69,8 @@ BOUNDS = PROBE_TOLERANCE  # relative L2 error vs float64, outputs and gradients,
 # `memory_mlp_precision`; a test keeps these in step with it).
 NS_PRECISIONS_CHECKED = ("ieee", "tf32", "bf16")
 MLP_PRECISIONS_CHECKED = ("ieee", "tf32")
+MOMENTA_PRECISIONS_CHECKED = ("ieee", "tf32")  # `scan_product_precision`'s
+CHECK_GROUPS = ("ns", "mlp", "momenta", "scan")
 
 
 def sync(device):
@@ -183,6 +188,25 @@ def check_mlp_kernel(device, shapes, tokens):
                          f"(worst: {names[factors][worst]})", errs[worst], BOUNDS[precision]))
             print(f"  checked {rows[-1][0]}: {errs[worst]:.2e} (bound {BOUNDS[precision]:.0e})", flush=True)
         kernels.set_ns_precision(setting)
+    return rows
+
+
+def check_momenta_kernel(device, shapes, heads):
+    """The token momenta kernel alone per precision against float64 (the momenta and the gradients of mix, left,
+    right, scale and prev) at (L, K, out, in) shapes; one row per shape and precision, its worst result named."""
+    names = ["M", "dmix", "dleft", "dright", "dscale", "dprev"]
+    precisions = MOMENTA_PRECISIONS_CHECKED if device.type == "cuda" else ("ieee",)
+    rows = []
+    for length, keys, n_out, n_in in shapes:
+        inputs = random_token_momenta(length, keys, n_out, n_in, heads=heads, device=device, dtype=torch.float32)
+        want = token_momenta_results(*(t.double().cpu() for t in inputs), kernel=False)
+        for precision in precisions:
+            got = token_momenta_results(*inputs, kernel=True, precision=precision)
+            errs = [relative_error(g, w) for g, w in zip(got, want, strict=True)]
+            worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
+            rows.append((f"momenta kernel {length}/{keys}/{n_out}x{n_in} {precision} (worst: {names[worst]})",
+                         errs[worst], BOUNDS[precision]))
+            print(f"  checked {rows[-1][0]}: {errs[worst]:.2e} (bound {BOUNDS[precision]:.0e})", flush=True)
     return rows
 
 
@@ -429,13 +453,14 @@ class _OpCounter(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _fast_paths_as_on_a_gpu(mlp_kernel):
-    """On CPU, the NS kernel and (if asked) the memory MLP kernel in the scan where a GPU's dispatch would put them
-    (interpreted): op counts then match the GPU's. On a GPU, the dispatch itself."""
+    """On CPU, the NS kernel, the token momenta kernel and (if asked) the memory MLP kernel in the scan where a GPU's
+    dispatch would put them (interpreted): op counts then match the GPU's. On a GPU, the dispatch itself."""
     if torch.cuda.is_available():
         with scan_settings(graphs=False, use_kernels=True, compiled=False, mlp_kernel=mlp_kernel):
             yield
         return
     from atlas_train.kernels.memory_mlp_kernel import memory_mlp_pass
+    from atlas_train.kernels.token_momenta_kernel import token_momenta
     from atlas_train.ops import memory_mlp
 
     def kernel_pass(weights, z, ln, v=None, loss=None):
@@ -443,13 +468,14 @@ def _fast_paths_as_on_a_gpu(mlp_kernel):
             return None
         return memory_mlp_pass(z, weights["W1"], weights["W2"], ln, v=v, loss=loss, precision="ieee")
 
-    saved = scan_chunks.newton_schulz, memory_mlp._kernel_pass
+    saved = scan_chunks.newton_schulz, scan_chunks._token_momenta, memory_mlp._kernel_pass
     scan_chunks.newton_schulz = lambda s, steps, half_inputs: kernels.newton_schulz(s, steps, "ieee")
+    scan_chunks._token_momenta = lambda *tensors: token_momenta(*tensors[:5], "ieee")  # last: half_inputs
     memory_mlp._kernel_pass = kernel_pass
     try:
         yield
     finally:
-        scan_chunks.newton_schulz, memory_mlp._kernel_pass = saved
+        scan_chunks.newton_schulz, scan_chunks._token_momenta, memory_mlp._kernel_pass = saved
 
 
 def count_ops_table(length, dh, updates, device):
@@ -589,6 +615,9 @@ def main(argv=None):
     parser.add_argument("--dh", type=int, nargs="+", help="head dims to time (default 64 128; --quick: 64)")
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths to time (default 4K 16K 64K)")
     parser.add_argument("--skip-checks", action="store_true", help="timing only (not for reported numbers)")
+    parser.add_argument("--checks", nargs="+", choices=CHECK_GROUPS, default=CHECK_GROUPS,
+                        help="which checks to run (default all): NS paths, memory MLP kernel, token momenta kernel, "
+                             "the whole scan (GPU only)")
     parser.add_argument("--ns-only", action="store_true",
                         help="Newton-Schulz alone: NS checks, then kernel vs cuBLAS vs torch.compile (dh 64 128 256)")
     parser.add_argument("--ns-sweep", action="store_true",
@@ -630,14 +659,21 @@ def main(argv=None):
                     else [(3, 8, 24), (2, 24, 8)])
         if on_gpu and args.ns_only and args.dh:  # only the timed shapes (each compiles its own kernels) and one odd
             ns_sizes = [(8, *shape) for dh in args.dh for shape in ((dh, 4 * dh), (4 * dh, 2 * dh))] + [(8, 40, 200)]
-        groups = [("NS paths", lambda: check_ns_paths(device, ns_sizes))]
+        groups = [("ns", "NS paths", lambda: check_ns_paths(device, ns_sizes))]
         if not args.ns_only:  # the memory MLP kernel at the scan's (D, dv, hidden) and an odd one; c + chunk − 1 keys
             mlp_shapes = [(128, 64, 256), (256, 128, 512), (200, 100, 300)] if on_gpu else [(20, 12, 40)]
-            groups.append(("memory MLP kernel",
+            groups.append(("mlp", "memory MLP kernel",
                            lambda: check_mlp_kernel(device, mlp_shapes, WINDOW + CHUNK - 1 if on_gpu else 21)))
+            # the token momenta of W1 and W2 at dh 64 and W2 at dh 128 (c = 64, chunk 64), and an odd shape
+            momenta_shapes = ([(CHUNK, WINDOW + CHUNK - 1, *shape) for shape in ((64, 256), (256, 128), (512, 256))]
+                              + [(CHUNK, 150, 200, 100)]) if on_gpu else [(4, 7, 6, 10)]
+            groups.append(("momenta", "token momenta kernel",
+                           lambda: check_momenta_kernel(device, momenta_shapes, 4 if on_gpu else 1)))
         if on_gpu and not args.ns_only:
-            groups.append(("memory_scan", lambda: check_memory_scan(device)))
-        for name, run_checks in groups:
+            groups.append(("scan", "memory_scan", lambda: check_memory_scan(device)))
+        for group, name, run_checks in groups:
+            if group not in args.checks:
+                continue
             try:
                 checks += run_checks()
             except Exception as exc:  # noqa: BLE001 — a crashing check is a failed check, and the run goes on

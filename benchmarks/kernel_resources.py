@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_resources.py              # every scan shape x precision; exit 1 if one does not fit
     python benchmarks/kernel_resources.py --kernels mlp --precisions tf32   # the memory MLP's token pass only
+    python benchmarks/kernel_resources.py --kernels momenta   # the token momenta only
 
 Why offline: a kernel that needs more shared memory than the card has only fails when it is first launched on a GPU
 (the dispatcher then falls back to PyTorch). Triton ships ptxas and cuobjdump, so the exact launches that
@@ -28,6 +29,7 @@ from triton.runtime.jit import create_function_from_signature
 
 from atlas_train.kernels import memory_mlp_kernel as mlp
 from atlas_train.kernels import newton_schulz_kernel as ns
+from atlas_train.kernels import token_momenta_kernel as momenta
 from atlas_train.kernels.triton_common import PRECISIONS, KernelCall
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -42,7 +44,10 @@ SCAN_SHAPES = [(dh, 4 * dh) for dh in (64, 128, 256)] + [(4 * dh, dh) for dh in 
 # kernel's widest tiles (256 features, 1024 hidden); one head's keys of a chunk (L + c − 1 = 127 tokens).
 MLP_SHAPES = [(128, 64, 256), (256, 128, 512), (256, 256, 1024)]
 MLP_TOKENS = 127
-KERNELS = ("ns", "mlp")
+# The token momenta's launches, (L, K, out, in): W1 and W2 of dh 64 and W2 of dh 128 with chunks of 64 and c = 64
+# (K = 127), and c = 128 (K = 191: the key tile at its widest).
+MOMENTA_SHAPES = [(64, 127, 64, 256), (64, 127, 256, 128), (64, 127, 512, 256), (64, 191, 256, 128)]
+KERNELS = ("ns", "mlp", "momenta")
 
 
 def compile_offline(call: KernelCall, target: GPUTarget = HOPPER):
@@ -102,6 +107,24 @@ def _measure_mlp(shape_and_precision) -> list[tuple]:
     return out
 
 
+def _measure_momenta(shape_and_precision) -> list[tuple]:
+    """Resource rows of the token momenta's forward and three backward launches for one (L, K, out, in), B·H = 16."""
+    (length, keys, n_out, n_in), precision = shape_and_precision
+    mix, scale = torch.empty(1, 16, length, keys), torch.empty(1, 16, length)
+    left, right = torch.empty(1, 16, keys, n_out), torch.empty(1, 16, keys, n_in)
+    prev, grad = torch.empty(1, 16, n_out, n_in), torch.empty(1, 16, length, n_out, n_in)
+    calls = [("momenta forward", momenta.forward_call(mix, left, right, scale, prev, precision)[0]),
+             ("momenta d right", momenta.contraction_call(mix, left, grad, precision, transpose=False)[0]),
+             ("momenta d left", momenta.contraction_call(mix, right, grad, precision, transpose=True)[0]),
+             ("momenta d mix", momenta.mix_grad_call(grad, left, right, prev, mix, precision)[0])]
+    out = []
+    for name, call in calls:
+        compiled = compile_offline(call)
+        out.append((f"{length}/{keys}/{n_out}x{n_in}", precision, name, compiled.metadata.shared,
+                    *registers_and_spills(compiled), call.meta["num_warps"], compiled.metadata.num_stages))
+    return out
+
+
 def resource_rows(shapes=SCAN_SHAPES, precisions=PRECISIONS, workers=2, kernels=KERNELS, mlp_shapes=MLP_SHAPES):
     """(shape, precision, kernel, shared bytes, registers, spill bytes, num_warps, num_stages) for every launch the
     kernels make on these shapes; compiled in `workers` processes (Triton caches the binaries on disk)."""
@@ -110,6 +133,9 @@ def resource_rows(shapes=SCAN_SHAPES, precisions=PRECISIONS, workers=2, kernels=
         tasks += [(_measure, (shape, precision)) for shape in shapes for precision in precisions]
     if "mlp" in kernels:
         tasks += [(_measure_mlp, (shape, precision)) for shape in mlp_shapes for precision in precisions]
+    if "momenta" in kernels:
+        tasks += [(_measure_momenta, (shape, precision)) for shape in MOMENTA_SHAPES for precision in precisions
+                  if precision in momenta.SCAN_PRECISIONS]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         return [row for rows in pool.map(_run_task, tasks) for row in rows]
 
@@ -141,18 +167,19 @@ def main(argv=None) -> int:
                         help="matrices as ROWSxCOLS (default: every scan shape)")
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=PRECISIONS)
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=KERNELS,
-                        help="Newton-Schulz (ns) and/or the memory MLP's token pass (mlp, at MLP_SHAPES)")
+                        help="Newton-Schulz (ns), the memory MLP's token pass (mlp, at MLP_SHAPES), the token "
+                             "momenta (momenta, at MOMENTA_SHAPES)")
     args = parser.parse_args(argv)
     if ns.INTERPRETED:
         parser.error("TRITON_INTERPRET is set: the kernels are interpreted, not compiled; unset it")
     rows = resource_rows(args.shapes, args.precisions, args.workers, args.kernels)
     too_big = [r for r in rows if r[3] > HOPPER_SHARED_BYTES]
-    print(f"{'shape':<12} {'precision':<9} {'kernel':<22} {'shared B':>9} {'regs':>5} {'spill B':>7} "
+    print(f"{'shape':<14} {'precision':<9} {'kernel':<22} {'shared B':>9} {'regs':>5} {'spill B':>7} "
           f"{'warps':>5} {'stages':>6} {'progs/SM':>8}")
     for shape, precision, name, shared, regs, spill, warps, stages in rows:
         flag = "  > H100 limit" if shared > HOPPER_SHARED_BYTES else ""
         shape = shape if isinstance(shape, str) else f"{shape[0]}x{shape[1]}"
-        print(f"{shape:<12} {precision:<9} {name:<22} {shared:>9} {regs:>5} {spill:>7} {warps:>5} "
+        print(f"{shape:<14} {precision:<9} {name:<22} {shared:>9} {regs:>5} {spill:>7} {warps:>5} "
               f"{stages:>6} {programs_per_sm(shared, regs, warps):>8}{flag}")
     print(f"{len(rows)} kernels, {len(too_big)} over the {HOPPER_SHARED_BYTES} B of shared memory")
     return 1 if too_big else 0

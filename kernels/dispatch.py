@@ -28,6 +28,7 @@ import torch
 from atlas_train.kernels import newton_schulz_cublas
 from atlas_train.kernels.memory_mlp_kernel import memory_mlp_pass, memory_mlp_unsupported
 from atlas_train.kernels.newton_schulz_kernel import newton_schulz, newton_schulz_unsupported
+from atlas_train.kernels.token_momenta_kernel import token_momenta, token_momenta_unsupported
 from atlas_train.kernels.triton_common import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -333,4 +334,57 @@ def _probe_memory_mlp(w1, w2, z, ln, factors: bool, loss: str | None) -> str | N
                             lambda: memory_mlp_pass_results(**inputs, loss=loss, upstream=upstream, kernel=True),
                             lambda: memory_mlp_pass_results(**reference, loss=loss, upstream=ref_upstream,
                                                             kernel=False), memory_mlp_precision())
+    return _probed[key]
+
+
+TOKEN_MOMENTA_KERNEL = "the token momenta kernel"  # its name in fallback notes
+
+
+def token_momenta_or_none(mix, left, right, scale, prev, half_inputs: bool):
+    """Every token's momentum of a chunk (update="token", `token_momenta_kernel`) by the Triton kernel for CUDA
+    tensors it covers and whose probe passes, in the scan's product precision, else None: the caller's PyTorch
+    path. Reasons are noted once."""
+    if not (_enabled and mix.is_cuda):
+        return None
+    precision = scan_product_precision(half_inputs)
+    reason = token_momenta_unsupported(mix, left, right, precision) or _probe_token_momenta(mix, left, right,
+                                                                                            precision)
+    if reason is not None:
+        note_fallback(TOKEN_MOMENTA_KERNEL, reason)
+        return None
+    return token_momenta(mix, left, right, scale, prev, precision)
+
+
+def token_momenta_results(mix, left, right, scale, prev, upstream, kernel: bool, precision: str = "ieee"):
+    """The momenta and the gradients of the five inputs under `upstream`: the kernel's (in `precision`), or the
+    PyTorch path's (`scan_chunks.outer_sum_momenta`)."""
+    from atlas_train.ops.scan_chunks import outer_sum_momenta
+
+    leaves = [t.detach().clone().requires_grad_() for t in (mix, left, right, scale, prev)]
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        out = token_momenta(*leaves, precision) if kernel else outer_sum_momenta(*leaves)
+        grads = torch.autograd.grad(out, leaves, upstream)
+    return [out.detach(), *grads]
+
+
+def random_token_momenta(length: int, keys: int, n_out: int, n_in: int, *, heads: int, device, dtype) -> list:
+    """Random mix, left, right, scale, prev and an upstream gradient of the momenta, one batch row of `heads` heads:
+    the first six arguments of `token_momenta_results`."""
+    shapes = [(length, keys), (keys, n_out), (keys, n_in), (length,), (n_out, n_in), (length, n_out, n_in)]
+    return [torch.randn(1, heads, *shape, device=device, dtype=dtype) for shape in shapes]
+
+
+@_probe
+def _probe_token_momenta(mix, left, right, precision: str) -> str | None:
+    """The kernel on random inputs of one head of this call's sizes against the float64 PyTorch path: momenta and
+    every input gradient (see `_verdict`)."""
+    length, keys, n_out, n_in = mix.shape[-2], mix.shape[-1], left.shape[-1], right.shape[-1]
+    key = ("token_momenta", length, keys, n_out, n_in, mix.dtype, mix.device, precision)
+    if key not in _probed:  # random inputs only on a first call: the hot path draws nothing from the RNG
+        inputs = random_token_momenta(length, keys, n_out, n_in, heads=1, device=mix.device, dtype=mix.dtype)
+        _probed[key] = _verdict(TOKEN_MOMENTA_KERNEL, f"random momenta (L={length}, K={keys}, {n_out}x{n_in})",
+                                lambda: token_momenta_results(*inputs[:5], inputs[5], kernel=True,
+                                                              precision=precision),
+                                lambda: token_momenta_results(*(t.double().cpu() for t in inputs[:5]),
+                                                              inputs[5].double().cpu(), kernel=False), precision)
     return _probed[key]

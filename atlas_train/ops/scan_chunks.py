@@ -202,6 +202,24 @@ def _outer_sum(coef: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> t
     return torch.einsum("bhtk,bhko,bhki->bhtoi", coef, left, right)
 
 
+def outer_sum_momenta(mix: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: torch.Tensor,
+                      prev: torch.Tensor) -> torch.Tensor:
+    """Every token's momentum of a chunk, M_t = Σ_k mix[t, k] left_k ⊗ right_k + scale_t·prev → (B, H, L, out, in),
+    in PyTorch: the reference of the Triton kernel (atlas_train.kernels.token_momenta_kernel)."""
+    return torch.addcmul(_outer_sum(mix, left, right), scale[..., None, None], prev[:, :, None])
+
+
+def _token_momenta(mix, left, right, scale, prev, half_inputs: bool) -> torch.Tensor:
+    """`outer_sum_momenta` by the Triton kernel on CUDA where the dispatch takes it, else by PyTorch."""
+    if mix.is_cuda:
+        from atlas_train.kernels.dispatch import token_momenta_or_none  # imports Triton: only when needed
+
+        fast = token_momenta_or_none(mix, left, right, scale, prev, half_inputs)
+        if fast is not None:
+            return fast
+    return outer_sum_momenta(mix, left, right, scale, prev)
+
+
 def token_update_chunk(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanOptions, closes: bool):
     """Spec 3.4 for one chunk: per-token momentum, NS and weights, reads after each token's update."""
     factors, weights, token_doc, after_reset, window = _keys_and_factors(carry, x, params, ln, opts)
@@ -213,8 +231,7 @@ def token_update_chunk(carry: dict, x: ChunkInputs, params: dict, ln, opts: Scan
     reset_weight = (c_alpha[..., 1:] * ((1.0 - keep) * x.alpha)[..., None, :]).sum(-1)
     fast, out = {}, {}
     for w in opts.weight_names:
-        momentum = torch.addcmul(_outer_sum(mix, *factors[w]), c_theta[..., 0, None, None],
-                                 carry[f"momentum.{w}"][:, :, None])
+        momentum = _token_momenta(mix, *factors[w], c_theta[..., 0], carry[f"momentum.{w}"], opts.half_inputs)
         fast[w] = TokenWeights(carry[f"fast.{w}"], c_alpha[..., 0], params[w], reset_weight,
                                newton_schulz(momentum, opts.ns_steps, opts.half_inputs), decay_in)
         out[f"fast.{w}"] = fast[w].last()
