@@ -461,21 +461,21 @@ def _fast_paths_as_on_a_gpu(mlp_kernel):
         return
     from atlas_train.kernels.memory_mlp_kernel import memory_mlp_pass
     from atlas_train.kernels.token_momenta_kernel import token_momenta
-    from atlas_train.ops import memory_mlp
+    from atlas_train.ops import memory_mlp, outer_sums
 
     def kernel_pass(weights, z, ln, v=None, loss=None):
         if not mlp_kernel or any(isinstance(w, memory_mlp.TokenWeights) for w in weights.values()):
             return None
         return memory_mlp_pass(z, weights["W1"], weights["W2"], ln, v=v, loss=loss, precision="ieee")
 
-    saved = scan_chunks.newton_schulz, scan_chunks._token_momenta, memory_mlp._kernel_pass
+    saved = scan_chunks.newton_schulz, outer_sums.weighted_outer_sums, memory_mlp._kernel_pass
     scan_chunks.newton_schulz = lambda s, steps, half_inputs: kernels.newton_schulz(s, steps, "ieee")
-    scan_chunks._token_momenta = lambda *tensors: token_momenta(*tensors[:5], "ieee")  # last: half_inputs
+    outer_sums.weighted_outer_sums = lambda *tensors: token_momenta(*tensors[:5], "ieee")  # last: half_inputs
     memory_mlp._kernel_pass = kernel_pass
     try:
         yield
     finally:
-        scan_chunks.newton_schulz, scan_chunks._token_momenta, memory_mlp._kernel_pass = saved
+        scan_chunks.newton_schulz, outer_sums.weighted_outer_sums, memory_mlp._kernel_pass = saved
 
 
 def count_ops_table(length, dh, updates, device):

@@ -3,7 +3,9 @@
 What is a kernel today: the batched Newton–Schulz step with its backward (`newton_schulz`), beside a cuBLAS path for
 the larger matrices (`newton_schulz_cublas`); and the memory MLP's token pass (reads and inner-loss gradient factors
 of a chunk's tokens at shared weights, forward and second-order backward: `memory_mlp_kernel`), on by default
-where it covers the pass. `dispatch` decides per call which fast path applies and notes once why one does not.
+where it covers the pass; and the token update's weighted sums of outer products (its per-token momenta, and in
+backward the gradient of its per-token updates: `token_momenta_kernel`). `dispatch` decides per call which fast path
+applies and notes once why one does not.
 """
 
 from atlas_train.kernels.dispatch import (

@@ -1,12 +1,13 @@
 """Choosing the GPU fast path of `atlas_train.ops`, with a one-time note on every fallback.
 
-The ops code calls `newton_schulz_or_none` and `memory_mlp_or_none` (the memory MLP's token pass: reads and
-inner-loss gradient factors, `memory_mlp_kernel`); None means "run your plain PyTorch path" (float32 products). The
-operand precision of the fast paths' products follows one setting (`set_ns_precision`): by default Newton–Schulz
-takes bf16 operands in a bf16/fp16 model and tf32 in a float32 one (`ns_precision`), the memory MLP kernel tf32
-(`memory_mlp_precision`), and the scan's other float32 matmuls tf32 where NS takes bf16 (`scan_product_precision`).
-On a GPU Newton–Schulz has two fast implementations: the Triton kernel
-(one program per matrix) and cuBLAS batched GEMMs with a hand-written backward (newton_schulz_cublas). Which one
+The ops code calls `newton_schulz_or_none`, `memory_mlp_or_none` (the memory MLP's token pass: reads and
+inner-loss gradient factors, `memory_mlp_kernel`) and `token_momenta_or_none` (the token update's sums of outer
+products, `token_momenta_kernel`, in the scan's product precision); None means "run your plain PyTorch path"
+(float32 products). The operand precision of the fast paths' products follows one setting (`set_ns_precision`): by
+default Newton–Schulz takes bf16 operands in a bf16/fp16 model and tf32 in a float32 one (`ns_precision`), the
+memory MLP kernel tf32 (`memory_mlp_precision`), and the scan's other float32 matmuls tf32 where NS takes bf16
+(`scan_product_precision`). On a GPU Newton–Schulz has two fast implementations: the Triton kernel (one program per
+matrix) and cuBLAS batched GEMMs with a hand-written backward (newton_schulz_cublas). Which one
 takes a shape is a fixed rule from measurements, not a timing at run time, so that every run (and every resume)
 computes the same numbers (`triton_takes`): the kernel for a short side up to TRITON_MAX_SHORT_SIDE, and in bf16
 over enough matrices to fill the card up to TRITON_MAX_SHORT_SIDE_BF16_MANY; cuBLAS above.
@@ -357,12 +358,12 @@ def token_momenta_or_none(mix, left, right, scale, prev, half_inputs: bool):
 
 def token_momenta_results(mix, left, right, scale, prev, upstream, kernel: bool, precision: str = "ieee"):
     """The momenta and the gradients of the five inputs under `upstream`: the kernel's (in `precision`), or the
-    PyTorch path's (`scan_chunks.outer_sum_momenta`)."""
-    from atlas_train.ops.scan_chunks import outer_sum_momenta
+    PyTorch path's (`outer_sums.weighted_outer_sums_reference`)."""
+    from atlas_train.ops.outer_sums import weighted_outer_sums_reference
 
     leaves = [t.detach().clone().requires_grad_() for t in (mix, left, right, scale, prev)]
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        out = token_momenta(*leaves, precision) if kernel else outer_sum_momenta(*leaves)
+        out = token_momenta(*leaves, precision) if kernel else weighted_outer_sums_reference(*leaves)
         grads = torch.autograd.grad(out, leaves, upstream)
     return [out.detach(), *grads]
 

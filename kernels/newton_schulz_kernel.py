@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from atlas_train.kernels.runtime import INTERPRETED
-from atlas_train.kernels.triton_common import PRECISIONS, KernelCall, as_operand, mm
+from atlas_train.kernels.triton_common import PRECISIONS, KernelCall, as_operand, input_refusal, mm
 from atlas_train.ops.newton_schulz import NS_COEFFICIENTS as NS_COEFFS, NS_NORM_EPS as NS_EPS
 
 MAX_SHORT_SIDE = 256  # the scratch variant's column strip (M x BLOCK_N) must fit in registers
@@ -303,12 +303,9 @@ def _ns_backward_kernel(S, G, DS, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, 
 
 def newton_schulz_unsupported(S: torch.Tensor, precision: str = "tf32") -> str | None:
     """Why the kernel cannot take S, or None when it can."""
-    if precision not in PRECISIONS:
-        return f"precision {precision!r} is not one of {PRECISIONS}"
-    if not (S.is_cuda or INTERPRETED):
-        return "tensor is not on a CUDA device"
-    if S.dtype not in (torch.float32, torch.float64):
-        return f"dtype {S.dtype} (fast weights and momentum are float32)"
+    reason = input_refusal(S, precision, PRECISIONS)
+    if reason is not None:
+        return reason
     if S.dim() < 2 or min(S.shape[-2:]) > MAX_SHORT_SIDE:
         return f"matrix shape {tuple(S.shape[-2:])}: the short side must be <= {MAX_SHORT_SIDE}"
     return None

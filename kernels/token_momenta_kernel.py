@@ -5,7 +5,7 @@
 (B, H, L, out, in) from mix (B, H, L, K), the window gradients' factors left (B, H, K, out) and right (B, H, K, in),
 the carried momentum's decay scale (B, H, L) and the momentum carried in, prev (B, H, out, in).
 
-Why a kernel: the PyTorch path (`scan_chunks._outer_sum`, an einsum, then an addcmul) writes a (K, out) intermediate
+Why a kernel: the PyTorch path (`outer_sums.outer_sum`, an einsum, then an addcmul) writes a (K, out) intermediate
 per token, copies it into the layout its batched GEMM wants, writes the momenta and rewrites them with the carried
 term; its backward, autograd's, forms dM·rightᵀ for every token, (L, out, K) per head, and reduces it with further
 elementwise passes. Those are the largest tensors of the token update (the W2 momenta of dh 64 are 134 MB per chunk)
@@ -29,11 +29,16 @@ import triton
 import triton.language as tl
 
 from atlas_train.kernels.runtime import INTERPRETED
-from atlas_train.kernels.triton_common import KernelCall, mm
+from atlas_train.kernels.triton_common import KernelCall, input_refusal, mm
 
 MAX_KEYS = 256  # K = c − 1 + L in one register tile: window c ≤ 128 with chunks of 64 gives K ≤ 191
 SCAN_PRECISIONS = ("ieee", "tf32")  # the scan's products are never bf16 (dispatch.scan_product_precision)
-BLOCK = {"out": 64, "in": 128, "keys": 32}  # the forward's tiles: each program writes one (out, in) tile of one M_t
+# Launch constants (benchmarks/bench_momenta.py --sweep compares others on a GPU; kernel_resources.py compiles them):
+# The forward's tiles: each program writes one (out, in) tile of one M_t. 64x64 made the token scan 1.01x faster than
+# 64x128 on an H100, in six same-call pairs at dh 64 and 128 (RESULTS.md, ninth session).
+BLOCK = {"out": 64, "in": 64, "keys": 32}
+NUM_WARPS = {"forward": 4, "contraction": 8, "mix": 4}
+MIX_BLOCK_OUT = 32  # out rows per program of the dmix kernel (16 where K needs a 256-wide key tile)
 TARGET_PROGRAMS = 512  # the weighted contraction splits the tokens into groups until its grid has about this many
 
 
@@ -47,7 +52,8 @@ def _load(base, rows, cols, n_rows, n_cols, s_row, s_col, ACC: tl.constexpr):
 def _momenta_kernel(MIX, LEFT, RIGHT, SCALE, PREV, OUT, L, K, O, I,
                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                     PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """One (out, in) tile of M_t for one token row = (b·H + h)·L + t."""
+    """One (out, in) tile of M_t for one token row = (b·H + h)·L + t. (Programs of 2, 4 or 8 tokens, loading the
+    carried tile once, timed no faster in the scan on an H100: RESULTS.md, ninth session.)"""
     row = tl.program_id(0).to(tl.int64)
     head = row // L
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -120,12 +126,9 @@ def _mix_grad_kernel(DM, LEFT, RIGHT, PREV, DMIX_PART, DSCALE_PART, L, K, O, I,
 
 def token_momenta_unsupported(mix: torch.Tensor, left: torch.Tensor, right: torch.Tensor, precision: str) -> str | None:
     """Why the kernel cannot take these inputs, or None when it can."""
-    if precision not in SCAN_PRECISIONS:
-        return f"precision {precision!r} is not one of {SCAN_PRECISIONS}"
-    if not (mix.is_cuda or INTERPRETED):
-        return "tensor is not on a CUDA device"
-    if mix.dtype not in (torch.float32, torch.float64):
-        return f"dtype {mix.dtype} (the scan computes in float32)"
+    reason = input_refusal(mix, precision, SCAN_PRECISIONS)
+    if reason is not None:
+        return reason
     if mix.shape[-1] > MAX_KEYS:
         return f"{mix.shape[-1]} window keys per chunk (c - 1 + L): the kernel takes up to {MAX_KEYS}"
     return None
@@ -158,7 +161,7 @@ def forward_call(mix, left, right, scale, prev, precision: str):
     grid = (heads * length, triton.cdiv(n_out, block_o), triton.cdiv(n_in, block_i))
     call = KernelCall(_momenta_kernel, grid, (mix, left, right, scale, prev, out, length, keys, n_out, n_in), dict(
         BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_K=BLOCK["keys"], PRECISION=_operand_precision(mix, precision),
-        ACC=_acc(mix), num_warps=4, num_stages=2))
+        ACC=_acc(mix), num_warps=NUM_WARPS["forward"], num_stages=2))
     return call, out
 
 
@@ -179,7 +182,7 @@ def contraction_call(mix, factor, grad, precision: str, transpose: bool):
     call = KernelCall(_weighted_contraction, (heads, j_blocks, groups), (
         mix, factor, grad, part, length, keys, m_dim, j_dim, *strides, per_group), dict(
         BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_J=block_j, PRECISION=_operand_precision(mix, precision),
-        ACC=_acc(mix), num_warps=8, num_stages=2))
+        ACC=_acc(mix), num_warps=NUM_WARPS["contraction"], num_stages=2))
     return call, part
 
 
@@ -187,7 +190,7 @@ def mix_grad_call(grad, left, right, prev, mix, precision: str):
     """The launch of `_mix_grad_kernel`, with its buffers of per-out-block parts of dmix and dscale."""
     heads, length, keys, n_out, n_in = _sizes(mix, left, right)
     block_k = _key_block(keys)
-    block_o = min(32 if block_k <= 128 else 16, max(16, triton.next_power_of_2(n_out)))
+    block_o = min(MIX_BLOCK_OUT if block_k <= 128 else 16, max(16, triton.next_power_of_2(n_out)))
     block_i = min(64, max(16, triton.next_power_of_2(n_in)))
     o_blocks = triton.cdiv(n_out, block_o)
     dmix_part = mix.new_empty(o_blocks, heads * length, keys)
@@ -195,7 +198,7 @@ def mix_grad_call(grad, left, right, prev, mix, precision: str):
     call = KernelCall(_mix_grad_kernel, (heads * length, o_blocks), (
         grad, left, right, prev, dmix_part, dscale_part, length, keys, n_out, n_in), dict(
         BLOCK_K=block_k, BLOCK_O=block_o, BLOCK_I=block_i, PRECISION=_operand_precision(mix, precision),
-        ACC=_acc(mix), num_warps=4, num_stages=2))
+        ACC=_acc(mix), num_warps=NUM_WARPS["mix"], num_stages=2))
     return call, dmix_part, dscale_part
 
 

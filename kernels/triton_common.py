@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 import triton
 import triton.language as tl
 
@@ -49,6 +50,18 @@ def as_operand(x, PRECISION: tl.constexpr):
         else:
             rounded = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
         return tl.where(x == x, rounded.to(tl.float32, bitcast=True), x)
+
+
+def input_refusal(t, precision: str, precisions: tuple) -> str | None:
+    """Why a kernel cannot take tensor t with products in `precision` (one it has no mode for, a tensor off the GPU
+    outside the interpreter, a dtype other than float32 or float64), or None."""
+    if precision not in precisions:
+        return f"precision {precision!r} is not one of {precisions}"
+    if not (t.is_cuda or INTERPRETED):
+        return "tensor is not on a CUDA device"
+    if t.dtype not in (torch.float32, torch.float64):
+        return f"dtype {t.dtype} (the scan computes in float32)"
+    return None
 
 
 class KernelCall(NamedTuple):

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 import atlas_train.kernels.token_momenta_kernel as momenta_kernel  # noqa: E402
 from atlas_train.kernels import dispatch  # noqa: E402
 from atlas_train.kernels.runtime import INTERPRETED  # noqa: E402
-from atlas_train.ops import memory_scan, scan_chunks  # noqa: E402
+from atlas_train.ops import memory_scan, outer_sums  # noqa: E402
 
 assert INTERPRETED, "atlas_train.kernels was imported before TRITON_INTERPRET=1 was set: import order changed"
 
@@ -60,7 +60,7 @@ def test_an_expanded_carried_momentum_gets_its_gradient_summed():
     shared = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
     expanded = shared.expand(3, -1, -1, -1)
     out = momenta_kernel.token_momenta(*leaves[:4], expanded, "ieee")
-    want = scan_chunks.outer_sum_momenta(*leaves[:4], expanded)
+    want = outer_sums.weighted_outer_sums_reference(*leaves[:4], expanded)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
     (got,) = torch.autograd.grad(out, shared, upstream)
     (want,) = torch.autograd.grad(want, shared, upstream)
@@ -76,7 +76,7 @@ def _scan_results(use_kernel, monkeypatch):
             calls.append(mix.shape)
             return momenta_kernel.token_momenta(mix, left, right, scale, prev, "ieee")
 
-        monkeypatch.setattr(scan_chunks, "_token_momenta", kernel_momenta)
+        monkeypatch.setattr(outer_sums, "weighted_outer_sums", kernel_momenta)
     gen = torch.Generator().manual_seed(5)
     batch, length, heads, dim, dv, hid, window = 2, 11, 2, 6, 4, 9, 3
 

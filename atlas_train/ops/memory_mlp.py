@@ -8,25 +8,65 @@ of the matrix is what lets the scan form every window gradient of a chunk as one
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from atlas_train.ops import outer_sums
 
 LN_EPS = 1e-5
 WEIGHT_NAMES = ("W1", "W2", "W3")  # W1 (dv, hid), W2 (hid, D), W3 (hid, D): the fast (inner-loop) weights
 
 
-class TokenWeights(NamedTuple):
+class _TokenReads(torch.autograd.Function):
+    """(Σ_u mix[t, u] U_u x_t for every token t, Σ_u mix[L−1, u] U_u) as one autograd node: TokenWeights' reads and
+    its last matrix, so that U's gradient from both is one weighted sum of outer products,
+
+        dU_u = Σ_t mix[t, u] dread_t ⊗ x_t + mix[L−1, u]·dlast,
+
+    the token momenta's form (`outer_sums.weighted_outer_sums`: on a GPU one kernel writing dU once). Autograd made
+    the two parts separately, added them and copied the sum out of the transposed layout its GEMM left it in: four
+    passes over a tensor of the momenta's size (RESULTS.md, ninth session)."""
+
+    @staticmethod
+    def forward(ctx, updates, mix, x, half_inputs):
+        batch, heads, length, out, inp = updates.shape
+        flat = updates.reshape(batch, heads, length * out, inp)
+        every = x @ flat.transpose(-1, -2)  # [t, (u, o)] = U_u x_t
+        read = (mix.unsqueeze(-2) @ every.view(batch, heads, length, length, out)).squeeze(-2)
+        last = (mix[:, :, -1:] @ updates.reshape(batch, heads, length, out * inp)).view(batch, heads, out, inp)
+        ctx.save_for_backward(updates, mix, x, every)
+        ctx.half_inputs = half_inputs
+        return read, last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_read, d_last):
+        updates, mix, x, every = ctx.saved_tensors
+        batch, heads, length, out, inp = updates.shape
+        d_updates = outer_sums.weighted_outer_sums(mix.transpose(-1, -2), d_read, x, mix[:, :, -1], d_last,
+                                                   ctx.half_inputs)
+        d_every = (mix.unsqueeze(-1) * d_read.unsqueeze(-2)).view(batch, heads, length, length * out)
+        d_x = d_every @ updates.reshape(batch, heads, length * out, inp)
+        d_mix = (d_read.unsqueeze(-2) @ every.view(batch, heads, length, length, out).transpose(-1, -2)).squeeze(-2)
+        d_mix[:, :, -1] += (updates.reshape(batch, heads, length, out * inp)
+                            @ d_last.reshape(batch, heads, out * inp, 1)).squeeze(-1)
+        return d_updates, d_mix, d_x, None
+
+
+@dataclasses.dataclass(eq=False)
+class TokenWeights:
     """One weight matrix per token of a chunk, W_t = a_t·carried + b_t·initial − Σ_u mix[t, u]·updates[u] (the
     token update, spec 3.4), kept as that combination instead of a (B, H, L, out, in) tensor.
 
     Why: reads need W_t x_t only. Forming every token's matrix costs a GEMM writing L·out·in values per head plus
     elementwise passes over them, and the same again in backward; applying the combination costs one GEMM writing
-    L·L·out values (U_u x_t for all u, t) and a batched mix, which is less traffic whenever L < in and leaves
-    autograd only plain matmuls to differentiate. Measured on an H100 (benchmarks/RESULTS.md): the token scan
-    1.09–1.10× faster with CUDA graphs, and its compiled baseline at 0.61× the memory.
+    L·L·out values (U_u x_t for all u, t) and a batched mix, which is less traffic whenever L < in. Measured on an
+    H100 (benchmarks/RESULTS.md): the token scan 1.09–1.10× faster with CUDA graphs, and its compiled baseline at
+    0.61× the memory. The read and the last token's matrix are one autograd node (`_TokenReads`), so `last()` is
+    asked for after `apply()`.
     """
 
     carried: torch.Tensor  # (B, H, out, in): the weights before the chunk
@@ -35,22 +75,21 @@ class TokenWeights(NamedTuple):
     initial_scale: torch.Tensor  # (B, H, L): b_t
     updates: torch.Tensor  # (B, H, L, out, in): U_u
     mix: torch.Tensor  # (B, H, L, L): mix[t, u], zero for u > t
+    half_inputs: bool = False  # the model runs in bf16/fp16 (the precision of U's gradient on a GPU)
+    _last_mixed: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """W_t x_t for tokens x (B, H, L, in) → (B, H, L, out)."""
-        batch, heads, length, out, inp = self.updates.shape
-        every = x @ self.updates.reshape(batch, heads, length * out, inp).transpose(-1, -2)  # [t, (u, o)] = U_u x_t
-        mixed = (self.mix.unsqueeze(-2) @ every.view(batch, heads, length, length, out)).squeeze(-2)
+        mixed, self._last_mixed = _TokenReads.apply(self.updates, self.mix, x, self.half_inputs)
         return (self.carried_scale[..., None] * (x @ self.carried.transpose(-1, -2))
                 + self.initial_scale[..., None] * (x @ self.initial.transpose(-1, -2)) - mixed)
 
     def last(self) -> torch.Tensor:
-        """The last token's matrix (B, H, out, in): the weights the chunk hands on."""
-        batch, heads, length, out, inp = self.updates.shape
-        mixed = (self.mix[:, :, -1:] @ self.updates.reshape(batch, heads, length, out * inp)).view(
-            batch, heads, out, inp)
+        """The last token's matrix (B, H, out, in): the weights the chunk hands on (after `apply`, see the class)."""
+        if self._last_mixed is None:
+            raise RuntimeError("TokenWeights.last() needs apply() first: the two are one autograd node")
         return (self.carried_scale[..., -1, None, None] * self.carried
-                + self.initial_scale[..., -1, None, None] * self.initial - mixed)
+                + self.initial_scale[..., -1, None, None] * self.initial - self._last_mixed)
 
 
 def apply_linear(w: torch.Tensor | TokenWeights, x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from atlas_train.ops.memory_mlp import TokenWeights, loss_gradient_factors, memory_forward
+from atlas_train.ops import outer_sums
 from atlas_train.ops.newton_schulz import newton_schulz
 
 
@@ -197,29 +198,6 @@ def _keys_and_factors(carry, x: ChunkInputs, params, ln, opts: ScanOptions):
     return factors, weights, token_doc, after_reset, window
 
 
-def _outer_sum(coef: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Σ_k coef[..., t, k] left_k ⊗ right_k → (B, H, L, out, in)."""
-    return torch.einsum("bhtk,bhko,bhki->bhtoi", coef, left, right)
-
-
-def outer_sum_momenta(mix: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: torch.Tensor,
-                      prev: torch.Tensor) -> torch.Tensor:
-    """Every token's momentum of a chunk, M_t = Σ_k mix[t, k] left_k ⊗ right_k + scale_t·prev → (B, H, L, out, in),
-    in PyTorch: the reference of the Triton kernel (atlas_train.kernels.token_momenta_kernel)."""
-    return torch.addcmul(_outer_sum(mix, left, right), scale[..., None, None], prev[:, :, None])
-
-
-def _token_momenta(mix, left, right, scale, prev, half_inputs: bool) -> torch.Tensor:
-    """`outer_sum_momenta` by the Triton kernel on CUDA where the dispatch takes it, else by PyTorch."""
-    if mix.is_cuda:
-        from atlas_train.kernels.dispatch import token_momenta_or_none  # imports Triton: only when needed
-
-        fast = token_momenta_or_none(mix, left, right, scale, prev, half_inputs)
-        if fast is not None:
-            return fast
-    return outer_sum_momenta(mix, left, right, scale, prev)
-
-
 def token_update_chunk(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanOptions, closes: bool):
     """Spec 3.4 for one chunk: per-token momentum, NS and weights, reads after each token's update."""
     factors, weights, token_doc, after_reset, window = _keys_and_factors(carry, x, params, ln, opts)
@@ -231,16 +209,21 @@ def token_update_chunk(carry: dict, x: ChunkInputs, params: dict, ln, opts: Scan
     reset_weight = (c_alpha[..., 1:] * ((1.0 - keep) * x.alpha)[..., None, :]).sum(-1)
     fast, out = {}, {}
     for w in opts.weight_names:
-        momentum = _token_momenta(mix, *factors[w], c_theta[..., 0], carry[f"momentum.{w}"], opts.half_inputs)
+        scale, prev = c_theta[..., 0], carry[f"momentum.{w}"]
+        momentum = outer_sums.weighted_outer_sums(mix, *factors[w], scale, prev, opts.half_inputs)
         fast[w] = TokenWeights(carry[f"fast.{w}"], c_alpha[..., 0], params[w], reset_weight,
-                               newton_schulz(momentum, opts.ns_steps, opts.half_inputs), decay_in)
+                               newton_schulz(momentum, opts.ns_steps, opts.half_inputs), decay_in, opts.half_inputs)
+        # The momentum handed on, formed again for the last token alone: taken as momentum[:, :, -1], its gradient
+        # would be a zero tensor of the momenta's size with one token filled, added to theirs.
+        out[f"momentum.{w}"] = outer_sums.weighted_outer_sums_reference(mix[:, :, -1:], *factors[w],
+                                                                        scale[..., -1:], prev)[:, :, 0]
+    y = memory_forward(fast, x.zq, opts.dv, ln)  # before last(): each token weights' last matrix comes with its read
+    for w in opts.weight_names:
         out[f"fast.{w}"] = fast[w].last()
-        out[f"momentum.{w}"] = momentum[:, :, -1]
         if closes:
             out[f"anchor.{w}"] = out[f"fast.{w}"]
         else:
             out[f"anchor.{w}"] = _select(after_reset[:, -1:], params[w][:, :, None], carry[f"anchor.{w}"][:, :, None])[:, :, 0]
-    y = memory_forward(fast, x.zq, opts.dv, ln)
     out.update(window)
     return y, out
 
@@ -265,7 +248,8 @@ def chunk_update_chunk(carry: dict, x: ChunkInputs, params: dict, ln, opts: Scan
     count = torch.where(reset_seen, 0, carry["count"]) + (token_doc == token_doc[:, -1:]).sum(-1)
     out = {}
     for w in opts.weight_names:
-        grad_sum = keep[:, None, None, None] * carry[f"grad_sum.{w}"] + _outer_sum(key_coef, *factors[w])[:, :, 0]
+        grad_sum = (keep[:, None, None, None] * carry[f"grad_sum.{w}"]
+                    + outer_sums.outer_sum(key_coef, *factors[w])[:, :, 0])
         momentum = keep[:, None, None, None] * carry[f"momentum.{w}"]
         start = _select(reset_seen[:, None], params[w][:, :, None], carry[f"anchor.{w}"][:, :, None])[:, :, 0]
         if closes:
