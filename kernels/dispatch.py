@@ -342,9 +342,9 @@ TOKEN_MOMENTA_KERNEL = "the token momenta kernel"  # its name in fallback notes
 
 
 def token_momenta_or_none(mix, left, right, scale, prev, half_inputs: bool):
-    """Every token's momentum of a chunk (update="token", `token_momenta_kernel`) by the Triton kernel for CUDA
-    tensors it covers and whose probe passes, in the scan's product precision, else None: the caller's PyTorch
-    path. Reasons are noted once."""
+    """A weighted sum of outer products for every token of a chunk (update="token": the momenta, and the gradient of
+    the per-token updates; `token_momenta_kernel`) by the Triton kernel for CUDA tensors it covers and whose probe
+    passes, in the scan's product precision, else None: the caller's PyTorch path. Reasons are noted once."""
     if not (_enabled and mix.is_cuda):
         return None
     precision = scan_product_precision(half_inputs)

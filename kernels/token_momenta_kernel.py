@@ -3,7 +3,9 @@
     M_t = Σ_k mix[t, k] · left_k ⊗ right_k + scale_t · prev        for t < L, k < K = c − 1 + L
 
 (B, H, L, out, in) from mix (B, H, L, K), the window gradients' factors left (B, H, K, out) and right (B, H, K, in),
-the carried momentum's decay scale (B, H, L) and the momentum carried in, prev (B, H, out, in).
+the carried momentum's decay scale (B, H, L) and the momentum carried in, prev (B, H, out, in). The same function
+(K = L) is the gradient of the token update's per-token updates (`memory_mlp._TokenReads`): mix there is the reads'
+mixing matrix transposed, left and right the reads' output gradients and inputs, prev the last matrix's gradient.
 
 Why a kernel: the PyTorch path (`outer_sums.outer_sum`, an einsum, then an addcmul) writes a (K, out) intermediate
 per token, copies it into the layout its batched GEMM wants, writes the momenta and rewrites them with the carried

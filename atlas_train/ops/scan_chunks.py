@@ -19,8 +19,8 @@ from typing import NamedTuple
 
 import torch
 
-from atlas_train.ops.memory_mlp import TokenWeights, loss_gradient_factors, memory_forward
 from atlas_train.ops import outer_sums
+from atlas_train.ops.memory_mlp import TokenWeights, loss_gradient_factors, memory_forward
 from atlas_train.ops.newton_schulz import newton_schulz
 
 
