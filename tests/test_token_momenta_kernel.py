@@ -10,6 +10,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -180,3 +181,33 @@ def test_probe_passes_the_kernel_and_rejects_wrong_numbers(corrupt, monkeypatch)
         assert reason == "the token momenta kernel failed to run: RuntimeError: out of resource: shared memory"
     else:
         assert reason.startswith("the token momenta kernel disagrees with the PyTorch path"), reason
+
+
+def _benchmarks(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_momenta_bench_runs_and_prints_its_table_last(capsys, monkeypatch):
+    """CPU smoke run of `bench_momenta.py` (interpreted kernel, one tiny shape): a crash found here costs no GPU
+    time. Both rows time forward and forward+backward; none failed."""
+    _benchmarks(monkeypatch)
+    import bench_momenta
+
+    assert bench_momenta.main([]) == 0
+    table = capsys.readouterr().out.split("== token momenta")[-1].splitlines()[2:]
+    assert [line.split()[0] for line in table] == ["PyTorch", "kernel"]
+    assert all(len(line.split()) >= 4 and "Error" not in line for line in table), table
+
+
+def test_scan_bench_runs_only_the_check_groups_asked_for(capsys, monkeypatch):
+    """`bench_memory_scan.py --checks momenta` runs the momenta kernel's check alone (here interpreted, against
+    float64), not the NS or memory MLP checks."""
+    _benchmarks(monkeypatch)
+    import bench_memory_scan
+
+    with torch.random.fork_rng():  # the bench seeds the global generator afresh
+        assert bench_memory_scan.main(["--checks", "momenta", "--count-ops", "--updates", "chunk", "--dh", "8",
+                                       "--lengths", "64"]) == 0
+    checks = capsys.readouterr().out.split("== correctness (relative")[1].split("matmul ceiling")[0]
+    rows = [line for line in checks.splitlines() if line.startswith(("ok", "FAIL"))]
+    assert len(rows) == 1 and rows[0].startswith("ok   momenta kernel 4/7/6x10 ieee"), rows
