@@ -30,6 +30,7 @@ from triton.runtime.jit import create_function_from_signature
 from atlas_train.kernels import memory_mlp_kernel as mlp
 from atlas_train.kernels import newton_schulz_kernel as ns
 from atlas_train.kernels import token_momenta_kernel as momenta
+from atlas_train.kernels.runtime import INTERPRETED
 from atlas_train.kernels.triton_common import PRECISIONS, KernelCall
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
                         help="Newton-Schulz (ns), the memory MLP's token pass (mlp, at MLP_SHAPES), the token "
                              "momenta (momenta, at MOMENTA_SHAPES)")
     args = parser.parse_args(argv)
-    if ns.INTERPRETED:
+    if INTERPRETED:
         parser.error("TRITON_INTERPRET is set: the kernels are interpreted, not compiled; unset it")
     rows = resource_rows(args.shapes, args.precisions, args.workers, args.kernels)
     too_big = [r for r in rows if r[3] > HOPPER_SHARED_BYTES]

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from atlas_train.kernels.triton_common import PRECISIONS, KernelCall, mm
+from atlas_train.kernels.triton_common import PRECISIONS, KernelCall, accumulator, mm
 from atlas_train.ops.memory_mlp import LN_EPS
 
 MAX_FEATURES = 256  # D and dv: a token's row is one register tile
@@ -286,7 +286,7 @@ def _common(z, v, w1, w2, ln_weight, loss, factors, precision):
                *_weight_strides(w1), *_weight_strides(w2), LN_EPS)
     switches = dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_HID=BLOCK_HID,
                     HAS_LN=ln_weight is not None, L2=loss == "l2", FACTORS=factors, PRECISION=precision,
-                    ACC=tl.float64 if z.dtype == torch.float64 else tl.float32,
+                    ACC=accumulator(z.dtype),
                     num_warps=NUM_WARPS[max(128, block_d, block_dv)], num_stages=NUM_STAGES)
     return (batch * heads, n_blocks), sizes, strides, switches, n_blocks
 

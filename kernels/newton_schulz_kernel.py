@@ -47,8 +47,15 @@ import torch
 import triton
 import triton.language as tl
 
-from atlas_train.kernels.runtime import INTERPRETED
-from atlas_train.kernels.triton_common import PRECISIONS, KernelCall, as_operand, input_refusal, mm
+from atlas_train.kernels.triton_common import (
+    PRECISIONS,
+    KernelCall,
+    accumulator,
+    as_operand,
+    input_refusal,
+    launch_precision,
+    mm,
+)
 from atlas_train.ops.newton_schulz import NS_COEFFICIENTS as NS_COEFFS, NS_NORM_EPS as NS_EPS
 
 MAX_SHORT_SIDE = 256  # the scratch variant's column strip (M x BLOCK_N) must fit in registers
@@ -350,11 +357,9 @@ def _launch(S: torch.Tensor, precision: str, backward: bool = False) -> _Launch:
         row_block = max(16, min(block_m, SCRATCH_TILE_ELEMENTS // block_m))
     if backward and variant == "registers":  # the backward streams G and X_i: two tiles plus dot operands
         block_n = max(16, min(block_n, SCRATCH_TILE_ELEMENTS // block_m))
-    if INTERPRETED or mats.dtype == torch.float64:
-        precision = "ieee"  # the interpreter multiplies bf16 bit patterns (ENV.md); fp64 has no tf32/bf16 mode
-    acc = tl.float64 if mats.dtype == torch.float64 else tl.float32
     return _Launch(mats, M, N, strides, block_m, block_n, row_block, variant, num_warps,
-                   NUM_STAGES["backward" if backward else "forward"], precision, acc)
+                   NUM_STAGES["backward" if backward else "forward"], launch_precision(mats.dtype, precision),
+                   accumulator(mats.dtype))
 
 
 def _scratch(cfg: _Launch, squares: int) -> torch.Tensor:
@@ -368,7 +373,7 @@ def _iterates_layout(S: torch.Tensor, steps: int, precision: str):
     rows, cols = S.shape[-2:]
     shape = (steps, S.numel() // max(rows * cols, 1), min(rows, cols), max(rows, cols))
     # The backward only feeds iterates to tl.dot: with bf16 operands, storing them in bf16 loses nothing.
-    bf16 = precision == "bf16" and not INTERPRETED and S.dtype != torch.float64
+    bf16 = launch_precision(S.dtype, precision) == "bf16"
     return shape, torch.bfloat16 if bf16 else S.dtype
 
 

@@ -30,8 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from atlas_train.kernels.runtime import INTERPRETED
-from atlas_train.kernels.triton_common import KernelCall, input_refusal, mm
+from atlas_train.kernels.triton_common import KernelCall, accumulator, input_refusal, launch_precision, mm
 
 MAX_KEYS = 256  # K = c − 1 + L in one register tile: window c ≤ 128 with chunks of 64 gives K ≤ 191
 SCAN_PRECISIONS = ("ieee", "tf32")  # the scan's products are never bf16 (dispatch.scan_product_precision)
@@ -136,15 +135,6 @@ def token_momenta_unsupported(mix: torch.Tensor, left: torch.Tensor, right: torc
     return None
 
 
-def _acc(t: torch.Tensor):
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
-def _operand_precision(t: torch.Tensor, precision: str) -> str:
-    """float64 (the interpreter's checks) has no tf32 mode; the interpreter multiplies exactly anyway."""
-    return "ieee" if INTERPRETED or t.dtype == torch.float64 else precision
-
-
 def _sizes(mix: torch.Tensor, left: torch.Tensor, right: torch.Tensor):
     heads = mix.numel() // (mix.shape[-2] * mix.shape[-1])
     return heads, mix.shape[-2], mix.shape[-1], left.shape[-1], right.shape[-1]  # B·H, L, K, out, in
@@ -162,8 +152,8 @@ def forward_call(mix, left, right, scale, prev, precision: str):
     block_i = min(BLOCK["in"], max(16, triton.next_power_of_2(n_in)))
     grid = (heads * length, triton.cdiv(n_out, block_o), triton.cdiv(n_in, block_i))
     call = KernelCall(_momenta_kernel, grid, (mix, left, right, scale, prev, out, length, keys, n_out, n_in), dict(
-        BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_K=BLOCK["keys"], PRECISION=_operand_precision(mix, precision),
-        ACC=_acc(mix), num_warps=NUM_WARPS["forward"], num_stages=2))
+        BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_K=BLOCK["keys"], PRECISION=launch_precision(mix.dtype, precision),
+        ACC=accumulator(mix.dtype), num_warps=NUM_WARPS["forward"], num_stages=2))
     return call, out
 
 
@@ -183,8 +173,8 @@ def contraction_call(mix, factor, grad, precision: str, transpose: bool):
     part = mix.new_empty(groups, heads, keys, j_dim)
     call = KernelCall(_weighted_contraction, (heads, j_blocks, groups), (
         mix, factor, grad, part, length, keys, m_dim, j_dim, *strides, per_group), dict(
-        BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_J=block_j, PRECISION=_operand_precision(mix, precision),
-        ACC=_acc(mix), num_warps=NUM_WARPS["contraction"], num_stages=2))
+        BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_J=block_j, PRECISION=launch_precision(mix.dtype, precision),
+        ACC=accumulator(mix.dtype), num_warps=NUM_WARPS["contraction"], num_stages=2))
     return call, part
 
 
@@ -199,8 +189,8 @@ def mix_grad_call(grad, left, right, prev, mix, precision: str):
     dscale_part = mix.new_empty(o_blocks, heads * length)
     call = KernelCall(_mix_grad_kernel, (heads * length, o_blocks), (
         grad, left, right, prev, dmix_part, dscale_part, length, keys, n_out, n_in), dict(
-        BLOCK_K=block_k, BLOCK_O=block_o, BLOCK_I=block_i, PRECISION=_operand_precision(mix, precision),
-        ACC=_acc(mix), num_warps=NUM_WARPS["mix"], num_stages=2))
+        BLOCK_K=block_k, BLOCK_O=block_o, BLOCK_I=block_i, PRECISION=launch_precision(mix.dtype, precision),
+        ACC=accumulator(mix.dtype), num_warps=NUM_WARPS["mix"], num_stages=2))
     return call, dmix_part, dscale_part
 
 

@@ -64,6 +64,18 @@ def input_refusal(t, precision: str, precisions: tuple) -> str | None:
     return None
 
 
+def accumulator(dtype: torch.dtype):
+    """The accumulation dtype of a launch: float64 for float64 tensors (the interpreter's exact checks), else
+    float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def launch_precision(dtype: torch.dtype, precision: str) -> str:
+    """The operand precision a launch multiplies in: 'ieee' under the interpreter (it multiplies bf16 bit patterns,
+    ENV.md) and for float64 (no tf32/bf16 mode), else `precision`."""
+    return "ieee" if INTERPRETED or dtype == torch.float64 else precision
+
+
 class KernelCall(NamedTuple):
     """One kernel launch, spelled out so that it can also be compiled offline (benchmarks/kernel_resources.py)."""
 

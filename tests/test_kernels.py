@@ -21,6 +21,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import atlas_train.kernels.newton_schulz_kernel as ns_kernel  # noqa: E402
+import atlas_train.kernels.triton_common as triton_common  # noqa: E402
 from atlas_train.kernels import (  # noqa: E402
     newton_schulz,
     newton_schulz_or_none,
@@ -125,7 +126,7 @@ def test_newton_schulz_in_tf32_rounds_like_the_emulation(monkeypatch, variant):
     shape = (1, 33, 50)
     _force_variant(monkeypatch, variant, shape)
     monkeypatch.setattr(ns_rounding, "STEPS", 3)
-    monkeypatch.setattr(ns_kernel, "INTERPRETED", False)  # launch with 'tf32' (the interpreter's dot ignores it)
+    monkeypatch.setattr(triton_common, "INTERPRETED", False)  # launch with 'tf32' (the interpreter's dot ignores it)
     gen = torch.Generator().manual_seed(5)
     s = torch.randn(shape, generator=gen, dtype=torch.float64)
     upstream = torch.randn(shape, generator=gen, dtype=torch.float64)
