@@ -234,7 +234,7 @@ class Trainer:
         return self.plan.parallelize(full_model), flops_per_token
 
     def _read_resume_point(self, tag: Optional[str]) -> Optional[ResumePoint]:
-        """The checkpoint `tag`, checked against this run's layout, model and tokenizer before anything is built."""
+        """The checkpoint `tag`, checked against this run's layout, model and tokenizer before the engine is built."""
         if tag is None:
             return None
         client, dp_changed = read_resume_client(self.ckpt, tag, Layout.of_plan(self.plan))
