@@ -320,7 +320,8 @@ class Trainer:
         self.scheduler.step()
 
     def train_step(self, flags: Callable[[], tuple[bool, ...]] = tuple) -> tuple[torch.Tensor, bool, tuple[bool, ...]]:
-        """One optimizer step over `grad_accum` micro-batches.
+        """One optimizer step over `grad_accum` micro-batches; the step count, the schedule and the NaN guard advance
+        with it (the guard raises after too many skipped steps in a row).
 
         Returns (mean loss on this rank, still on the device; whether the step was applied; each of `flags()`, read
         after the last micro-batch's backward, OR-ed over ranks). The step's only device sync is the one the NaN
@@ -336,6 +337,8 @@ class Trainer:
                 self.engine.step()  # DeepSpeed counts the micro-batch; the update waits for the last one
         bad, *agreed = any_rank(~torch.isfinite(torch.stack(losses)).all(), *flags())
         self.optimizer_step(apply=not bad)
+        self.step += 1
+        self.guard.record(not bad, self.step)
         return torch.stack(losses).mean(), not bad, tuple(agreed)
 
     def log_step(self, local_loss: torch.Tensor, lr: float) -> None:
@@ -414,10 +417,8 @@ class Trainer:
                 while self.step < tc.steps:
                     lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
                     # Agreed on in the NaN check's all-reduce, which saves a collective (and a sync) per step.
-                    local_loss, applied, (preempted, out_of_time) = self.train_step(
+                    local_loss, _, (preempted, out_of_time) = self.train_step(
                         lambda: (preempt.requested, self.out_of_time()))
-                    self.step += 1
-                    self.guard.record(applied, self.step)
                     last = self.step == tc.steps
                     if self.step % tc.log_every == 0 or last:
                         self.log_step(local_loss, lr)
