@@ -242,6 +242,8 @@ class Trainer:
         return ResumePoint(tag, client, dp_changed)
 
     def _build_engine(self, universal: bool):
+        """DeepSpeed's engine over the model and the client optimizer; `universal`: set to load a universal checkpoint
+        (a resume under another data-parallel size)."""
         import deepspeed
 
         engine, _, _, _ = deepspeed.initialize(
