@@ -246,10 +246,9 @@ class Trainer:
         (a resume under another data-parallel size)."""
         import deepspeed
 
-        engine, _, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, config=build_deepspeed_config(self.tc, load_universal=universal),
-            mpu=self.plan.mpu,
-        )
+        config = build_deepspeed_config(self.tc, load_universal=universal)
+        engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer, config=config,
+                                               mpu=self.plan.mpu)
         return engine
 
     def _resume(self, point: ResumePoint) -> Optional[dict]:
