@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import itertools
 import logging
 import math
@@ -57,11 +56,9 @@ from atlas_train.kernels.dispatch import (  # noqa: E402
     settings,
     token_momenta_results,
 )
-from atlas_train.ops import memory_scan  # noqa: E402
-from atlas_train.ops import scan_chunks  # noqa: E402
-from atlas_train.ops.static_calls import forced_scan_mode  # noqa: E402
+from atlas_train.ops import chunked_scan, memory_scan, scan_chunks  # noqa: E402
+from atlas_train.ops.cuda_graphs import clear_scan_graphs, forced_scan_mode  # noqa: E402
 
-SCAN_MODULE = importlib.import_module("atlas_train.ops.memory_scan")  # the module, not the function it exports
 logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break chatter would bury the table
 NS_STEPS, WINDOW, CHUNK, HEADS = 5, 64, 64, 16
 BOUNDS = PROBE_TOLERANCE  # relative L2 error vs float64, outputs and gradients, per NS operand precision
@@ -288,13 +285,13 @@ def scan_flops(length, heads, dh, update):
 
 def compiled_chunk_steps():
     """Swap the scan's per-chunk step functions for torch.compile'd ones; returns a restore callback."""
-    saved = {name: getattr(SCAN_MODULE, name) for name in ("token_update_chunk", "chunk_update_chunk")}
+    saved = {name: getattr(chunked_scan, name) for name in ("step_token_update", "step_chunk_update")}
     for name in saved:
-        setattr(SCAN_MODULE, name, torch.compile(getattr(scan_chunks, name)))
+        setattr(chunked_scan, name, torch.compile(getattr(scan_chunks, name)))
 
     def restore():
         for name, fn in saved.items():
-            setattr(SCAN_MODULE, name, fn)
+            setattr(chunked_scan, name, fn)
     return restore
 
 
@@ -318,13 +315,13 @@ def scan_settings(graphs, use_kernels, compiled, mlp_kernel=True):
     kernels.set_kernels_enabled(use_kernels)
     kernels.set_memory_mlp_kernel(mlp_kernel)
     restore = compiled_chunk_steps() if compiled else (lambda: None)
-    SCAN_MODULE.clear_scan_graphs()
+    clear_scan_graphs()
     try:
         with forced_scan_mode("1" if graphs else "0"):
             yield
     finally:
         restore()
-        SCAN_MODULE.clear_scan_graphs()
+        clear_scan_graphs()
         kernels.set_kernels_enabled(enabled)
         kernels.set_memory_mlp_kernel(mlp_before)
 
@@ -468,14 +465,14 @@ def _fast_paths_as_on_a_gpu(mlp_kernel):
             return None
         return memory_mlp_pass(z, weights["W1"], weights["W2"], ln, v=v, loss=loss, precision="ieee")
 
-    saved = scan_chunks.newton_schulz, outer_sums.weighted_outer_sums, memory_mlp._kernel_pass
+    saved = scan_chunks.newton_schulz, outer_sums.weighted_outer_sums, memory_mlp._fast_pass
     scan_chunks.newton_schulz = lambda s, steps, half_inputs: kernels.newton_schulz(s, steps, "ieee")
     outer_sums.weighted_outer_sums = lambda *tensors: token_momenta(*tensors[:5], "ieee")  # last: half_inputs
-    memory_mlp._kernel_pass = kernel_pass
+    memory_mlp._fast_pass = kernel_pass
     try:
         yield
     finally:
-        scan_chunks.newton_schulz, outer_sums.weighted_outer_sums, memory_mlp._kernel_pass = saved
+        scan_chunks.newton_schulz, outer_sums.weighted_outer_sums, memory_mlp._fast_pass = saved
 
 
 def count_ops_table(length, dh, updates, device):

@@ -31,6 +31,10 @@ from atlas_train.kernels.memory_mlp_kernel import memory_mlp_pass, memory_mlp_un
 from atlas_train.kernels.newton_schulz_kernel import newton_schulz, newton_schulz_unsupported
 from atlas_train.kernels.token_momenta_kernel import token_momenta, token_momenta_unsupported
 from atlas_train.kernels.triton_common import PRECISIONS
+from atlas_train.ops import registry
+from atlas_train.ops.memory_mlp import loss_gradient_factors, memory_forward
+from atlas_train.ops.newton_schulz import newton_schulz as torch_newton_schulz
+from atlas_train.ops.outer_sums import weighted_outer_sums_reference
 
 log = logging.getLogger(__name__)
 _noted: set[str] = set()
@@ -156,8 +160,6 @@ def _fast_forward_backward(impl: str, one: torch.Tensor, steps: int, upstream: t
 
 def _reference_forward_backward(one: torch.Tensor, steps: int, upstream: torch.Tensor):
     """The PyTorch path's output and input gradient in float64 on the CPU (where no kernel is dispatched)."""
-    from atlas_train.ops.newton_schulz import newton_schulz as torch_newton_schulz
-
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         leaf = one.detach().double().cpu().requires_grad_()
         out = torch_newton_schulz(leaf, steps)
@@ -277,8 +279,6 @@ def memory_mlp_refusal(weights: dict, z: torch.Tensor, ln: dict | None, *, facto
 def memory_mlp_pass_results(z, w1, w2, ln, v, loss, upstream, kernel: bool) -> list[torch.Tensor]:
     """Outputs (f, and with v the factors g_out, hidden, g_pre) and then the gradients of z, W1, W2 (, v, the
     LayerNorm's weight and bias) of one token pass under `upstream`: the kernel's, or the PyTorch path's."""
-    from atlas_train.ops.memory_mlp import loss_gradient_factors, memory_forward
-
     leaves = [t.detach().clone().requires_grad_() for t in (z, w1, w2, *(() if v is None else (v,)))]
     ln_leaves = None if ln is None else {k: t.detach().clone().requires_grad_() for k, t in ln.items()}
     lz, lw1, lw2, *lv = leaves
@@ -359,8 +359,6 @@ def token_momenta_or_none(mix, left, right, scale, prev, half_inputs: bool):
 def token_momenta_results(mix, left, right, scale, prev, upstream, kernel: bool, precision: str = "ieee"):
     """The momenta and the gradients of the five inputs under `upstream`: the kernel's (in `precision`), or the
     PyTorch path's (`outer_sums.weighted_outer_sums_reference`)."""
-    from atlas_train.ops.outer_sums import weighted_outer_sums_reference
-
     leaves = [t.detach().clone().requires_grad_() for t in (mix, left, right, scale, prev)]
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         out = token_momenta(*leaves, precision) if kernel else weighted_outer_sums_reference(*leaves)
@@ -389,3 +387,13 @@ def _probe_token_momenta(mix, left, right, precision: str) -> str | None:
                                 lambda: token_momenta_results(*(t.double().cpu() for t in inputs[:5]),
                                                               inputs[5].double().cpu(), kernel=False), precision)
     return _probed[key]
+
+
+def register() -> None:
+    """Register the fast paths of this module with `atlas_train.ops.registry` (the entry point of the group
+    "atlas_train.fast_paths" in pyproject.toml, which the registry loads on its first lookup)."""
+    registry.register("newton_schulz", newton_schulz_or_none)
+    registry.register("memory_mlp_pass", memory_mlp_or_none)
+    registry.register("weighted_outer_sums", token_momenta_or_none)
+    registry.register("scan_products", scan_products)
+    registry.register("settings", settings)

@@ -13,7 +13,6 @@ os.environ["TRITON_INTERPRET"] = "1"
 import logging  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -36,8 +35,9 @@ from atlas_train.ops import memory_scan  # noqa: E402
 from atlas_train.ops import scan_chunks  # noqa: E402
 from atlas_train.ops.newton_schulz import newton_schulz as ns_torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import ns_rounding  # noqa: E402
+from benchmark_scripts import BENCHMARKS, load_benchmark  # noqa: E402
+
+ns_rounding = load_benchmark("ns_rounding")
 
 assert INTERPRETED, "atlas_train.kernels was imported before TRITON_INTERPRET=1 was set: import order changed"
 
@@ -318,19 +318,20 @@ def test_dispatch_rule_gives_short_sides_above_64_to_cublas_unless_bf16_fills_th
     assert "dtype" in dispatch._unsupported("cublas", torch.zeros(4, 8, 8, dtype=torch.float16), "tf32")
 
 
-def _resources(*code):
-    """Run benchmarks/kernel_resources.py (compiler, not interpreter: a fresh process without TRITON_INTERPRET)."""
+def _resources(*args, before=""):
+    """Run benchmarks/kernel_resources.py with `args` (compiler, not interpreter: a fresh process without
+    TRITON_INTERPRET), after the statement `before` (a change to a kernel's launch constants) in the same process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    script = ["import sys", "sys.path.insert(0, 'benchmarks')", "import kernel_resources as r", *code]
-    return subprocess.run([sys.executable, "-c", "\n".join(script)], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
+    script = str(BENCHMARKS / "kernel_resources.py")
+    run = f"import runpy, sys; sys.argv = {[script, *args]!r}; runpy.run_path({script!r}, run_name='__main__')"
+    return subprocess.run([sys.executable, "-c", f"{before}\n{run}"], env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_every_scan_shape_fits_hopper_shared_memory():
     """Each launch the kernels make for the scan's shapes (Newton–Schulz, the memory MLP's token pass, the token
     momenta), compiled offline for sm_90, fits 232448 B."""
-    done = _resources("sys.exit(r.main())")
+    done = _resources()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "116 kernels, 0 over the 232448 B" in done.stdout
 
@@ -338,17 +339,17 @@ def test_every_scan_shape_fits_hopper_shared_memory():
 def test_shared_memory_check_fails_on_a_kernel_that_does_not_fit():
     """Mutation: Triton's default three pipeline stages overflow Hopper's shared memory on this shape's backward
     (320 KiB; at 64 x 256 too until the sixth session's rounded Gram matrix left it 3 KiB under)."""
-    done = _resources("r.ns.NUM_STAGES = {'forward': 3, 'backward': 3}",
-                      "sys.exit(r.main(['--shapes', '128x256', '--precisions', 'tf32', '--kernels', 'ns']))")
+    done = _resources("--shapes", "128x256", "--precisions", "tf32", "--kernels", "ns",
+                      before="import atlas_train.kernels.newton_schulz_kernel as ns\n"
+                             "ns.NUM_STAGES = {'forward': 3, 'backward': 3}")
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "backward scratch" in done.stdout and "> H100 limit" in done.stdout
 
 
-def test_ns_only_bench_runs_and_prints_its_table_last(capsys, monkeypatch):
+def test_ns_only_bench_runs_and_prints_its_table_last(capsys):
     """CPU smoke run of `bench_memory_scan.py --ns-only` (interpreted kernel, tiny matrices): a crash found here
     does not cost GPU time."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_memory_scan
+    bench_memory_scan = load_benchmark("bench_memory_scan")
 
     with torch.random.fork_rng():  # the bench seeds the global generator afresh
         assert bench_memory_scan.main(["--ns-only", "--skip-checks", "--dh", "4"]) == 0
@@ -360,10 +361,9 @@ def test_ns_only_bench_runs_and_prints_its_table_last(capsys, monkeypatch):
     assert all("TFLOP/s" in line and "Error" not in line for line in table)
 
 
-def test_profile_mode_lists_the_costliest_ops_of_each_update(capsys, monkeypatch):
+def test_profile_mode_lists_the_costliest_ops_of_each_update(capsys):
     """CPU smoke run of `bench_memory_scan.py --profile` (the GPU call that attributes a step's time must not crash)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_memory_scan
+    bench_memory_scan = load_benchmark("bench_memory_scan")
 
     with torch.random.fork_rng():
         assert bench_memory_scan.main(["--profile", "3", "--skip-checks", "--dh", "8", "--lengths", "64"]) == 0
@@ -373,11 +373,10 @@ def test_profile_mode_lists_the_costliest_ops_of_each_update(capsys, monkeypatch
         assert len(table) == 3 and all(line.split()[0].endswith("%") for line in table), out[-2000:]
 
 
-def test_count_ops_mode_counts_fewer_operators_per_chunk_with_the_memory_mlp_kernel(capsys, monkeypatch):
+def test_count_ops_mode_counts_fewer_operators_per_chunk_with_the_memory_mlp_kernel(capsys):
     """CPU run of `bench_memory_scan.py --count-ops` (update=chunk, two chunks): the fast paths go in as a GPU's
     dispatch would put them, and the memory MLP kernel replaces its passes' many operators with one call each way."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_memory_scan
+    bench_memory_scan = load_benchmark("bench_memory_scan")
 
     args = ["--count-ops", "--skip-checks", "--updates", "chunk", "--dh", "8", "--lengths", "128"]
     with torch.random.fork_rng():
@@ -390,8 +389,7 @@ def test_count_ops_mode_counts_fewer_operators_per_chunk_with_the_memory_mlp_ker
 
 def test_bench_sets_the_timed_precision_and_the_triton_threshold(capsys, monkeypatch):
     """`--ns-precision` and `--triton-max-short-side` reach the dispatcher (for timing bf16 NS routed to the kernel)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_memory_scan
+    bench_memory_scan = load_benchmark("bench_memory_scan")
 
     from atlas_train.kernels import dispatch
 

@@ -1,15 +1,12 @@
 """benchmarks/ns_rounding.py: its emulated rounding, its NS backward, and the claims RESULTS.md draws from it."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import ns_rounding  # noqa: E402
+from atlas_train.ops.newton_schulz import newton_schulz as ns_reference
 
-from atlas_train.ops.newton_schulz import newton_schulz as ns_reference  # noqa: E402
+ns_rounding = load_benchmark("ns_rounding")
 
 
 def test_round_bits_is_round_to_nearest_even():

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from atlas_train.ops import outer_sums
+from atlas_train.ops.registry import fast_path
 
 LN_EPS = 1e-5
 WEIGHT_NAMES = ("W1", "W2", "W3")  # W1 (dv, hid), W2 (hid, D), W3 (hid, D): the fast (inner-loop) weights
@@ -106,19 +107,17 @@ def _ln_affine(ln: dict | None):
     return ln["ln_weight"][None, :, None, :], ln["ln_bias"][None, :, None, :]
 
 
-def _kernel_pass(weights: dict, z: torch.Tensor, ln: dict | None, v: torch.Tensor | None = None,
-                 loss: str | None = None):
-    """The Triton token pass on CUDA with shared weights (atlas_train.kernels.dispatch says when), else None."""
+def _fast_pass(weights: dict, z: torch.Tensor, ln: dict | None, v: torch.Tensor | None = None,
+               loss: str | None = None):
+    """The registered fast token pass on CUDA with shared weights (where it takes the pass), else None."""
     if not z.is_cuda or any(isinstance(w, TokenWeights) for w in weights.values()):
         return None
-    from atlas_train.kernels.dispatch import memory_mlp_or_none  # imports Triton: only when needed
-
-    return memory_mlp_or_none(weights, z, ln, v=v, loss=loss)
+    return fast_path("memory_mlp_pass", weights, z, ln, v=v, loss=loss)
 
 
 def memory_forward(weights: dict, z: torch.Tensor, dv: int, ln: dict | None) -> torch.Tensor:
     """f(P; z) = z[:dv] + LN(W1 · (gelu(W2 z) [⊙ W3 z])) for tokens z (B, H, L, D)."""
-    fast = _kernel_pass(weights, z, ln)
+    fast = _fast_pass(weights, z, ln)
     if fast is not None:
         return fast
     hidden = F.gelu(apply_linear(weights["W2"], z))
@@ -144,7 +143,7 @@ def loss_gradient_factors(weights: dict, z: torch.Tensor, v: torch.Tensor, ln: d
     Hand-derived backward of `memory_forward` for one token (e = ∂ℓ/∂f, then LN, W1, GELU (and gate), W2/W3);
     the tests check it, through the whole scan, against autograd on `memory_forward`.
     """
-    fast = _kernel_pass(weights, z, ln, v, loss)
+    fast = _fast_pass(weights, z, ln, v, loss)
     if fast is not None:
         _, g_out, hidden, g_pre = fast
         return {"W1": (g_out, hidden), "W2": (g_pre, z)}

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from atlas_train.ops.memory_mlp import loss_gradient_factors, memory_forward
-from atlas_train.ops.newton_schulz import is_half, newton_schulz
+from atlas_train.ops.newton_schulz import newton_schulz
+from atlas_train.ops.precision import compute_dtype, is_half
 from atlas_train.ops.scan_chunks import ScanOptions, check_state
 
 
@@ -30,7 +31,7 @@ def memory_step(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start, state
                 loss):
     """`memory_scan` for T = 1 with a `state` (inputs already validated): returns (y (B,1,H,dv), new state)."""
     out_dtype = zq.dtype
-    dtype = torch.float64 if zq.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(zq.dtype)
     weight_names = ("W1", "W2", "W3") if "W3" in params else ("W1", "W2")
     opts = ScanOptions(update, loss, ns_steps, chunk_size, gamma.shape[-1], v.shape[-1], weight_names,
                        is_half(zq.dtype))
