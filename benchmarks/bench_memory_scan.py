@@ -1,6 +1,6 @@
 """memory_scan on one device: correctness of the Triton kernels first, then forward+backward speed.
 
-    python benchmarks/bench_memory_scan.py            # on one H100: checks, then T = 4K/16K/64K, dh 64/128
+    python benchmarks/bench_memory_scan.py            # on one GPU: checks, then T = 4K/16K/64K, dh 64/128
     python benchmarks/bench_memory_scan.py --quick    # T = 4K, dh 64 only (on CPU: tiny sizes, a smoke run)
     python benchmarks/bench_memory_scan.py --dh 128 --skip-checks   # split a long run over two commands
     python benchmarks/bench_memory_scan.py --ns-only  # Newton-Schulz alone: Triton kernel, cuBLAS, torch.compile
@@ -499,8 +499,8 @@ def count_ops_table(length, dh, updates, device):
 
 
 # --ns-sweep: launch heuristics of the NS kernel to compare on the GPU (module constants of newton_schulz_kernel).
-# Not here: 2K-column tiles with 4 warps, whose backward hit an illegal memory access on an H100 at 64 x 256 in bf16
-# (the interpreter computes it exactly), which ended every later row of the run (RESULTS.md, eighth session).
+# Not here: 2K-column tiles with 4 warps, whose backward hits an illegal memory access on the GPU at 64 x 256 in bf16
+# (the interpreter computes it exactly), which ends every later row of the run.
 NS_SWEEP = [("stages 1", dict(NUM_STAGES={"forward": 1, "backward": 1})),
             ("stages 3/2", dict(NUM_STAGES={"forward": 3, "backward": 2})),
             ("streamed 4K tiles", dict(SINGLE_TILE_ELEMENTS=0, SCRATCH_TILE_ELEMENTS=4096)),

@@ -80,7 +80,8 @@ def test_a_cpu_scan_imports_no_kernels_and_the_installed_entry_point_registers_e
     out = _fresh_python(
         "import sys, torch\n"
         "from atlas_train.ops import memory_scan, registry\n"
-        "x = [torch.randn(1, 4, 1, 4) for _ in range(3)] + [torch.full((1, 4, 1), 0.5)] * 3 + [torch.ones(1, 4, 1, 2)]\n"
+        "x = [torch.randn(1, 4, 1, 4) for _ in range(3)] + [torch.full((1, 4, 1), 0.5)] * 3\n"
+        "x.append(torch.ones(1, 4, 1, 2))\n"
         "params = {'W1': torch.randn(1, 4, 8), 'W2': torch.randn(1, 8, 4)}\n"
         "_, state = memory_scan(*x, params, chunk_size=2)\n"
         "memory_scan(*(t[:, :1] for t in x), params, chunk_size=2, state=state)\n"

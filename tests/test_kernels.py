@@ -118,7 +118,7 @@ def test_as_operand_rounds_to_nearest_even_like_the_tensor_cores_see_it():
 def test_newton_schulz_in_tf32_rounds_like_the_emulation(monkeypatch, variant):
     """With tf32 operands every variant, forward and backward, rounds each product's operands to nearest (not by
     truncation, as Hopper's tf32 `tl.dot` would) and each Gram matrix A = XXᵀ once, one value for both bA and A²
-    (RESULTS.md, sixth and seventh sessions): the interpreter multiplies exactly in float32, so the kernel's results
+    (kernels/newton_schulz_kernel.py says why): the interpreter multiplies exactly in float32, so the kernel's results
     must follow benchmarks/ns_rounding.py's emulation of that arithmetic more closely than the exact chain. Not to
     float32 precision: a different accumulation order tips some roundings the other way, and NS's slope at small
     singular values (a ≈ 3.4 per step) spreads them; at three steps the kernel's distance to the emulation is
@@ -299,8 +299,8 @@ def test_probe_saves_nothing_for_autograd(impl):
 
 
 def test_dispatch_rule_gives_short_sides_above_64_to_cublas_unless_bf16_fills_the_card():
-    """The fixed rule (measured, see dispatch): the Triton kernel up to a short side of 64, cuBLAS above; in bf16 the
-    kernel up to 128 when there are at least two matrices per SM (an H100's 132 off a GPU)."""
+    """The fixed rule (timed, see dispatch): the Triton kernel up to a short side of 64, cuBLAS above; in bf16 the
+    kernel up to 128 when there are at least two matrices per SM (132 SMs off a GPU)."""
     from atlas_train.kernels import dispatch
 
     def many(count, rows, cols):  # a batch of matrices without the memory
@@ -338,7 +338,7 @@ def test_every_scan_shape_fits_hopper_shared_memory():
 
 def test_shared_memory_check_fails_on_a_kernel_that_does_not_fit():
     """Mutation: Triton's default three pipeline stages overflow Hopper's shared memory on this shape's backward
-    (320 KiB; at 64 x 256 too until the sixth session's rounded Gram matrix left it 3 KiB under)."""
+    (320 KiB)."""
     done = _resources("--shapes", "128x256", "--precisions", "tf32", "--kernels", "ns",
                       before="import atlas_train.kernels.newton_schulz_kernel as ns\n"
                              "ns.NUM_STAGES = {'forward': 3, 'backward': 3}")
@@ -508,7 +508,7 @@ def test_cublas_precision_works_under_either_tf32_api_and_restores_the_callers(c
 
 
 def test_bf16_keeps_gram_matrices_up_to_128_in_registers_both_ways():
-    """Measured faster on an H100 (RESULTS.md, eighth session); tf32 operands stay on the scratch variant."""
+    """Faster on the GPU (kernels/newton_schulz_kernel.py); tf32 operands stay on the scratch variant."""
     s = torch.zeros(2, 256, 128)
     for backward in (False, True):
         assert ns_kernel._launch(s, "bf16", backward).variant == "stream"
@@ -519,7 +519,7 @@ def test_bf16_keeps_gram_matrices_up_to_128_in_registers_both_ways():
 def test_backward_allocates_no_gradient_for_the_saved_iterates():
     """The iterates are a non-differentiable output of the saving forward: autograd must not fill a zero tensor of
     their size (steps x the input) for them in every backward (a 5 x 1024 x 256 x 128 float32 fill per chunk at dh 64
-    on the GPU, eighth session's profile)."""
+    of the token update)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class ZeroFills(TorchDispatchMode):

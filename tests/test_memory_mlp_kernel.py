@@ -188,7 +188,7 @@ def test_dispatch_leaves_cpu_gated_and_not_opted_in_passes_to_pytorch(caplog, mo
 @pytest.mark.parametrize("ns_precision,kernel_precision",
                          [("ieee", "ieee"), ("tf32", "tf32"), ("bf16", "tf32"), ("auto", "tf32")])
 def test_kernel_runs_in_the_ns_precision_but_never_below_tf32(ns_precision, kernel_precision, monkeypatch):
-    """bf16 Newton–Schulz leaves the memory MLP kernel in tf32 (its bf16 doubled the chunk scan's error on an H100),
+    """bf16 Newton–Schulz leaves the memory MLP kernel in tf32 (its bf16 about doubles the chunk scan's error),
     both in the pass it runs and in the probe that admits it, whose bound is the kernel's precision's."""
     z, v, w1, w2, ln = _pass_inputs(seed=4, batch=1, heads=1, n=4, dim=8, dv=4, hidden=8, weight_batch=1,
                                     with_ln=True)

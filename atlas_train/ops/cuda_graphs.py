@@ -19,7 +19,7 @@ Design choices, and why:
   it frees a dead graph (one held in a reference cycle), the graph's destructor calls a CUDA API that is not
   permitted during capture, which invalidates the capture in progress. PyTorch no longer collects before a capture
   (`torch.compiler.config.force_cudagraph_gc`, off by default), and when a collection happens depends on everything
-  else the process allocates (compiling kernels on a cold Triton cache, say), so a capture failed now and then.
+  else the process allocates (compiling kernels on a cold Triton cache, say), so a capture would fail now and then.
 * A chunk's forward and backward graphs are both captured when its forward first runs: capturing from inside the
   autograd engine (a backward, or a checkpointed forward recomputed there) is not permitted by CUDA, while a forward
   always runs before its backward on the caller's thread.

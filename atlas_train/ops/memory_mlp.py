@@ -27,9 +27,9 @@ class _TokenReads(torch.autograd.Function):
 
         dU_u = Σ_t mix[t, u] dread_t ⊗ x_t + mix[L−1, u]·dlast,
 
-    the token momenta's form (`outer_sums.weighted_outer_sums`: on a GPU one kernel writing dU once). Autograd made
-    the two parts separately, added them and copied the sum out of the transposed layout its GEMM left it in: four
-    passes over a tensor of the momenta's size (RESULTS.md, ninth session)."""
+    the token momenta's form (`outer_sums.weighted_outer_sums`: on a GPU one kernel writing dU once). Autograd makes
+    the two parts separately, adds them and copies the sum out of the transposed layout its GEMM leaves it in: four
+    passes over a tensor of the momenta's size."""
 
     @staticmethod
     def forward(ctx, updates, mix, x, half_inputs):
@@ -64,10 +64,9 @@ class TokenWeights:
 
     Why: reads need W_t x_t only. Forming every token's matrix costs a GEMM writing L·out·in values per head plus
     elementwise passes over them, and the same again in backward; applying the combination costs one GEMM writing
-    L·L·out values (U_u x_t for all u, t) and a batched mix, which is less traffic whenever L < in. Measured on an
-    H100 (benchmarks/RESULTS.md): the token scan 1.09–1.10× faster with CUDA graphs, and its compiled baseline at
-    0.61× the memory. The read and the last token's matrix are one autograd node (`_TokenReads`), so `last()` is
-    asked for after `apply()`.
+    L·L·out values (U_u x_t for all u, t) and a batched mix, which is less traffic whenever L < in (faster on the
+    GPU, and less memory; benchmarks/RESULTS.md keeps the figures). The read and the last token's matrix are one
+    autograd node (`_TokenReads`), so `last()` is asked for after `apply()`.
     """
 
     carried: torch.Tensor  # (B, H, out, in): the weights before the chunk

@@ -2,9 +2,8 @@
 
 `memory_scan` on a single token goes through the chunk machinery (gate-product matrices, window-weight gathers, an
 autograd function, a chunk schedule): Python and kernels spent on products over one token. This step computes the
-same function, reading and writing the same public state, with only the arithmetic the token needs (about 90 kernels
-per layer at the 340M shapes, 37 of them matmuls, mostly Newton–Schulz; CPU profile: 1.7x fewer ops and 1.7x less
-time per call than the scan at T = 1):
+same function, reading and writing the same public state, with only the arithmetic the token needs (a few dozen
+matmuls per layer, mostly Newton–Schulz, and far fewer operators than the scan at T = 1):
 
 * the Omega window is the c−1 cached keys plus the token's own key, all differentiated at one anchor (`params` when
   the token starts a document, where the cached keys weigh zero anyway);
