@@ -97,7 +97,7 @@ def set_ns_precision(precision: str) -> None:
 
 def ns_precision(half_inputs: bool) -> str:
     """Newton–Schulz's operand precision for a model in half precision (bf16/fp16) or not. Under 'auto': bf16 for a
-    half-precision model, as ATLAS_SPEC 3.7 allows where the tolerance holds (the whole scan stays within the bf16
+    half-precision model, as docs/math.md §3.7 allows where the tolerance holds (the whole scan stays within the bf16
     bound with room, and runs faster than with tf32), and tf32 otherwise, so that a float32 model keeps tf32's
     bound."""
     if _ns_precision != "auto":

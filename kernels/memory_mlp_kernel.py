@@ -1,5 +1,5 @@
 """The memory MLP's token pass in Triton, forward and backward: reads f(P; z) and the inner-loss gradient factors of
-every key of a chunk at one set of shared fast weights (ATLAS_SPEC.md 3.1-3.3).
+every key of a chunk at one set of shared fast weights (docs/math.md §3.1-3.3).
 
 Why a kernel: in PyTorch the gradient factors of one pass are 35 ops forward (two matmuls per layer, GELU and its
 derivative, LayerNorm and its hand-written backward, the error) and 81 in the scan's backward, which differentiates

@@ -1,4 +1,4 @@
-"""Batched Newton–Schulz on cuBLAS tensor cores, forward and a hand-written backward (ATLAS_SPEC.md section 3.7).
+"""Batched Newton–Schulz on cuBLAS tensor cores, forward and a hand-written backward (docs/math.md §3.7).
 
 Why, beside the Triton kernel: that kernel runs one program per matrix, so it only pays where many small matrices
 come at once. Timed forward+backward over many matrices in tf32, it beats this path at a short side of 64 (the token

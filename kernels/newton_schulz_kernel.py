@@ -1,6 +1,6 @@
-"""Batched Newton–Schulz (Muon) orthogonalisation in Triton, forward and backward (ATLAS_SPEC.md section 3.7).
+"""Batched Newton–Schulz (Muon) orthogonalisation in Triton, forward and backward (docs/math.md §3.7).
 
-Why a kernel: `update="token"` runs NS once per token, head and weight matrix (spec section 7), i.e. thousands of
+Why a kernel: `update="token"` runs NS once per token, head and weight matrix (docs/math.md §7), i.e. thousands of
 small matrices per chunk. One launch handles all of them, one program per matrix, every product on tensor cores
 (`tl.dot`: fp32 accumulation; 'ieee' fp32, 'tf32' or 'bf16' operands).
 
@@ -469,7 +469,7 @@ def newton_schulz(S: torch.Tensor, steps: int, precision: str = "tf32") -> torch
     """NS_steps(S) over the last two dims of S, batched over all leading dims; differentiable.
 
     `precision`: 'ieee' (exact fp32 products), 'tf32' or 'bf16' operands (fp32 accumulation). Callers check
-    `newton_schulz_unsupported(S)` first; steps == 0 is the identity (spec section 3.4).
+    `newton_schulz_unsupported(S)` first; steps == 0 is the identity (docs/math.md §3.4).
     """
     reason = newton_schulz_unsupported(S, precision)
     if reason is not None:

@@ -1,4 +1,4 @@
-"""Every token's momentum of a chunk in Triton, forward and backward (update="token", ATLAS_SPEC.md 3.4).
+"""Every token's momentum of a chunk in Triton, forward and backward (update="token", docs/math.md §3.4).
 
     M_t = Σ_k mix[t, k] · left_k ⊗ right_k + scale_t · prev        for t < L, k < K = c − 1 + L
 

@@ -1,4 +1,4 @@
-"""memory_scan (ATLAS_SPEC.md section 3) against the literal reference (ops/naive.py) in float64, and its state,
+"""memory_scan (docs/math.md §3) against the literal reference (ops/naive.py) in float64, and its state,
 autograd and memory contracts. Every case compares outputs and the gradients of every input on random inputs."""
 
 from __future__ import annotations

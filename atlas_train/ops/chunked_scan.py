@@ -1,4 +1,4 @@
-"""The chunk-parallel implementation of `memory_scan` (ATLAS_SPEC.md 3.3-3.6) and its autograd.
+"""The chunk-parallel implementation of `memory_scan` (docs/math.md §3.3-3.6) and its autograd.
 
 A call is cut into the pieces of the chunk grid (`_chunk_schedule`), and each piece advances the carry by one chunk
 step (scan_chunks.py: all tokens of the chunk at once). Activation memory is one carry (fast-weight snapshot) per

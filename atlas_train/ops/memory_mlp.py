@@ -1,4 +1,4 @@
-"""The memory network f(P; z) of ATLAS_SPEC.md 3.1 and the closed form of its inner-loss gradient.
+"""The memory network f(P; z) of docs/math.md §3.1 and the closed form of its inner-loss gradient.
 
 Layout used throughout `ops`: tokens are (B, H, L, features). A fast-weight matrix is (B|1, H, out, in) when all
 tokens share it (an anchor, `params`); the token update's reads, where every token has its own, use TokenWeights.
@@ -60,7 +60,7 @@ class _TokenReads(torch.autograd.Function):
 @dataclasses.dataclass(eq=False)
 class TokenWeights:
     """One weight matrix per token of a chunk, W_t = a_t·carried + b_t·initial − Σ_u mix[t, u]·updates[u] (the
-    token update, spec 3.4), kept as that combination instead of a (B, H, L, out, in) tensor.
+    token update, §3.4), kept as that combination instead of a (B, H, L, out, in) tensor.
 
     Why: reads need W_t x_t only. Forming every token's matrix costs a GEMM writing L·out·in values per head plus
     elementwise passes over them, and the same again in backward; applying the combination costs one GEMM writing

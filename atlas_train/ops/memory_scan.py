@@ -1,9 +1,9 @@
-"""`memory_scan`, the ATLAS memory run over a sequence (ATLAS_SPEC.md section 3): its public contract.
+"""`memory_scan`, the ATLAS memory run over a sequence (docs/math.md §3): its public contract.
 
 Tools outside the package call this function, so its signature and meaning stay fixed. This module checks the inputs
 and picks the implementation: `chunked_scan` (chunked_scan.py: chunk-parallel, with its own autograd and CUDA
 graphs) for a segment, `memory_step` (memory_step.py) for one token decoded without gradients. Both compute the
-function that naive.py writes out the way the spec states it: read `memory_scan_naive` first. Faster
+function that naive.py writes out the way docs/math.md states it: read `memory_scan_naive` first. Faster
 implementations of their steps plug in through registry.py.
 """
 
@@ -25,7 +25,7 @@ def memory_scan(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start=None, 
     """Run the ATLAS memory over a segment of tokens: each token's read of the fast-weight memory.
 
     The memory f(P; z) = z[:dv] + LN(W1·gelu(W2·z)) (gated: ⊙ W3·z) is trained as the tokens go by, on an inner loss
-    over a window of c keys (spec 3.1-3.2), with momentum and a Newton–Schulz step (3.4-3.7). Gradients flow to
+    over a window of c keys (§3.1-3.2), with momentum and a Newton–Schulz step (3.4-3.7). Gradients flow to
     every input, `params` and an incoming `state` included.
 
     Args:

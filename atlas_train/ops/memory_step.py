@@ -1,4 +1,4 @@
-"""One token of the memory recurrence (ATLAS_SPEC.md 3.4/3.5 with T = 1) for inference: `memory_scan`'s decode path.
+"""One token of the memory recurrence (docs/math.md §3.4/3.5 with T = 1) for inference: `memory_scan`'s decode path.
 
 `memory_scan` on a single token goes through the chunk machinery (gate-product matrices, window-weight gathers, an
 autograd function, a chunk schedule): Python and kernels spent on products over one token. This step computes the

@@ -1,7 +1,7 @@
-"""The memory recurrence written the way ATLAS_SPEC.md section 3 states it: the reference to read before the rest.
+"""The memory recurrence written the way docs/math.md §3 states it: the reference to read before the rest.
 
 `memory_scan_naive` computes what `memory_scan` computes, the obvious way: one batch row at a time, token by token
-(update="token", spec 3.4) or chunk by chunk (update="chunk", spec 3.5), in the order the spec writes the
+(update="token", §3.4) or chunk by chunk (update="chunk", §3.5), in the order the math writes the
 recurrence, every fast weight P, momentum S and window gradient U spelled out. The inner gradients ∇_P ℓ come from
 torch.autograd.grad with create_graph=True, so autograd differentiates the whole recurrence as well: the outer
 gradients need no code of their own. Heads are independent, so one gradient of the heads' summed losses gives every
@@ -18,14 +18,14 @@ import torch.nn.functional as F
 
 from atlas_train.ops.memory_scan import check_inputs
 
-NS_A, NS_B, NS_C = 3.4445, -4.7750, 2.0315  # spec 3.7
+NS_A, NS_B, NS_C = 3.4445, -4.7750, 2.0315  # §3.7
 NS_EPS = 1e-7
-LN_EPS = 1e-5  # spec 3.1
+LN_EPS = 1e-5  # §3.1
 
 
 def memory_scan_naive(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start=None, state=None, chunk_size=64,
                       ns_steps=5, update="token", loss="l2"):
-    """y (B, T, H, dv) of `memory_scan` called with the same arguments (see there), computed as the spec states it.
+    """y (B, T, H, dv) of `memory_scan` called with the same arguments (see there), computed as docs/math.md states it.
 
     For a fresh sequence only: `state` must be None (token 0 starts a document), and no state is returned. The
     arithmetic is in the inputs' dtype (`memory_scan` computes in float32 or float64)."""
@@ -40,7 +40,7 @@ def memory_scan_naive(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start=
         doc_start = torch.zeros(batch, length, dtype=torch.bool, device=zq.device)
 
     def window_loss(p: dict, b: int, tokens, doc_begin: int) -> torch.Tensor:
-        """Σ over `tokens` t of Σ_{j < c, t−j ≥ doc_begin} gamma[t, j] · ℓ_{t−j}(p): the Omega window (spec 3.4)."""
+        """Σ over `tokens` t of Σ_{j < c, t−j ≥ doc_begin} gamma[t, j] · ℓ_{t−j}(p): the Omega window (§3.4)."""
         total = 0.0
         for t in tokens:
             for j in range(c):
@@ -52,20 +52,20 @@ def memory_scan_naive(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start=
     for b in range(batch):
         starts = [t == 0 or bool(doc_start[b, t]) for t in range(length)]
         y = [None] * length
-        if update == "token":  # spec 3.4
+        if update == "token":  # §3.4
             for t in range(length):
-                if starts[t]:  # spec 3.6: the weights return to params, the momentum to zero, the window restarts
+                if starts[t]:  # §3.6: the weights return to params, the momentum to zero, the window restarts
                     P = {w: params[w] for w in names}
                     S = {w: torch.zeros_like(params[w]) for w in names}
                     doc_begin = t
-                if t % chunk_size == 0 or starts[t]:  # spec 3.3: a chunk starts, its gradients are taken here
+                if t % chunk_size == 0 or starts[t]:  # §3.3: a chunk starts, its gradients are taken here
                     anchor = P
                 U = gradient_at(anchor, window_loss, b, [t], doc_begin)
                 a, e, th = (g[b, t][:, None, None] for g in (alpha, eta, theta))
                 S = {w: th * S[w] + U[w] for w in names}
                 P = {w: a * P[w] - e * newton_schulz_per_head(S[w], ns_steps) for w in names}
                 y[t] = memory(P, zq[b, t], ln, dv)
-        else:  # spec 3.5: the chunks are cut at the grid and at document starts
+        else:  # §3.5: the chunks are cut at the grid and at document starts
             bounds = [t for t in range(length) if t % chunk_size == 0 or starts[t]] + [length]
             for t0, t1 in zip(bounds[:-1], bounds[1:]):
                 if starts[t0]:
@@ -84,7 +84,7 @@ def memory_scan_naive(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start=
 
 
 def memory(p: dict, z: torch.Tensor, ln, dv: int) -> torch.Tensor:
-    """f(P; z) = z[:dv] + LN(W1 · (gelu(W2 z) [⊙ W3 z])) (spec 3.1) for one token of every head: p[w] (H, out, in),
+    """f(P; z) = z[:dv] + LN(W1 · (gelu(W2 z) [⊙ W3 z])) (§3.1) for one token of every head: p[w] (H, out, in),
     z (H, D) -> (H, dv)."""
     h = F.gelu(torch.einsum("hoi,hi->ho", p["W2"], z))
     if "W3" in p:
@@ -96,7 +96,7 @@ def memory(p: dict, z: torch.Tensor, ln, dv: int) -> torch.Tensor:
 
 
 def inner_loss(p: dict, z: torch.Tensor, v: torch.Tensor, ln, loss: str) -> torch.Tensor:
-    """ℓ(P; z, v) per head (H,) (spec 3.2): ½‖f(P; z) − v‖² ("l2") or −⟨f(P; z), v⟩ ("dot")."""
+    """ℓ(P; z, v) per head (H,) (§3.2): ½‖f(P; z) − v‖² ("l2") or −⟨f(P; z), v⟩ ("dot")."""
     f = memory(p, z, ln, v.shape[-1])
     return 0.5 * ((f - v) ** 2).sum(-1) if loss == "l2" else -(f * v).sum(-1)
 
@@ -110,7 +110,7 @@ def gradient_at(anchor: dict, objective, *args) -> dict:
 
 
 def newton_schulz_naive(s: torch.Tensor, steps: int) -> torch.Tensor:
-    """NS(s) of one matrix (rows, cols) as spec 3.7 states it: normalise, iterate on the wide orientation."""
+    """NS(s) of one matrix (rows, cols) as §3.7 states it: normalise, iterate on the wide orientation."""
     if steps == 0:
         return s
     x = s / (torch.sqrt((s * s).sum()) + NS_EPS)

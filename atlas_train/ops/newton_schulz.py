@@ -1,4 +1,4 @@
-"""Newton–Schulz orthogonalisation (the Muon step), ATLAS_SPEC.md section 3.7.
+"""Newton–Schulz orthogonalisation (the Muon step), docs/math.md §3.7.
 
 Batched over every leading dimension, so the token update can orthogonalise all momenta of a chunk (B, H, L, rows,
 cols) in one matmul chain instead of one small matmul per token.
@@ -18,7 +18,7 @@ def newton_schulz(s: torch.Tensor, steps: int, half_inputs: bool = False) -> tor
     """Approximately orthogonalise each matrix in `s` (..., rows, cols); `steps=0` returns `s` unchanged.
 
     s is float32 or float64 whatever the model's dtype; `half_inputs` says that the model runs in bf16/fp16, where
-    the spec lets a fast path take bf16 operands if the tolerance holds (section 3.7; the fast path decides)."""
+    docs/math.md lets a fast path take bf16 operands if the tolerance holds (§3.7; the fast path decides)."""
     if steps == 0:
         return s
     if s.is_cuda:  # a registered fast path where it takes s (the kernels note once why they do not)

@@ -1,7 +1,7 @@
 """Weighted sums of outer products for every token of a chunk, Σ_k coef[t, k] left_k ⊗ right_k (+ scale_t·prev).
 
 The token update forms two tensors of this shape, the largest it has ((B, H, L, out, in): 134 MB per chunk for the
-W2 of dh 64): the momenta of its tokens (ATLAS_SPEC.md 3.4: window gradients are sums of outer products, memory_mlp)
+W2 of dh 64): the momenta of its tokens (docs/math.md §3.4: window gradients are sums of outer products, memory_mlp)
 and, in backward, the gradient of the tokens' Newton–Schulz updates (memory_mlp.TokenWeights). On a GPU both go to the
 fast path "weighted_outer_sums" (registry.py: the kernels' Triton kernel, which writes the result once); elsewhere,
 or where it declines, PyTorch's einsum computes the same function. Callers reach `weighted_outer_sums` through this

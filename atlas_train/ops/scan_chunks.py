@@ -1,7 +1,7 @@
-"""One chunk of the memory scan (ATLAS_SPEC.md 3.3-3.6), chunk-parallel, as a pure function of a carry.
+"""One chunk of the memory scan (docs/math.md §3.3-3.6), chunk-parallel, as a pure function of a carry.
 
 `step_token_update` and `step_chunk_update` are the chunk step of each update: they advance the carry over one chunk
-(or the piece of one grid chunk that a call holds) under update="token" (spec 3.4) or update="chunk" (spec 3.5).
+(or the piece of one grid chunk that a call holds) under update="token" (§3.4) or update="chunk" (§3.5).
 
 A carry is the flat dict of tensors that crosses a chunk boundary (fast weights, momentum, the chunk's anchor, the
 Omega window's cached keys, and for update="chunk" the open chunk's partial sums); `memory_scan`'s public state is
