@@ -25,7 +25,7 @@ def memory_scan(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start=None, 
     """Run the ATLAS memory over a segment of tokens: each token's read of the fast-weight memory.
 
     The memory f(P; z) = z[:dv] + LN(W1·gelu(W2·z)) (gated: ⊙ W3·z) is trained as the tokens go by, on an inner loss
-    over a window of c keys (§3.1-3.2), with momentum and a Newton–Schulz step (3.4-3.7). Gradients flow to
+    over a window of c keys (§3.1-3.2), with momentum and a Newton–Schulz step (§3.4-3.7). Gradients flow to
     every input, `params` and an incoming `state` included.
 
     Args:
@@ -39,15 +39,15 @@ def memory_scan(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start=None, 
         params: the initial fast weights (learned, shared by all sequences), float tensors: "W1" (H, dv, hid),
             "W2" (H, hid, D), optional "W3" (H, hid, D) (gated memory), optional "ln_weight" and "ln_bias" (H, dv)
             (the memory's LayerNorm; without them it has none).
-        doc_start: (B, T) bool, True at the first token of each document: the memory restarts there (3.6). Token 0
+        doc_start: (B, T) bool, True at the first token of each document: the memory restarts there (§3.6). Token 0
             of a call without `state` starts one in any case.
         state: the state that the previous call returned for the preceding tokens, or None for a fresh sequence.
             Any split point works (T = 1 calls decode one token at a time); the state is not detached, so gradients
             flow through it in both directions.
-        chunk_size: the chunk grid: boundaries at multiples of it counted from the sequence's first token (3.3).
+        chunk_size: the chunk grid: boundaries at multiples of it counted from the sequence's first token (§3.3).
         ns_steps: Newton–Schulz iterations per update (0: no orthogonalisation).
-        update: "token" (every token updates the memory, 3.4) or "chunk" (one update per chunk, 3.5).
-        loss: the inner loss, "l2" (½‖f(zk) − v‖², 3.2) or "dot" (−⟨f(zk), v⟩).
+        update: "token" (every token updates the memory, §3.4) or "chunk" (one update per chunk, §3.5).
+        loss: the inner loss, "l2" (½‖f(zk) − v‖², §3.2) or "dot" (−⟨f(zk), v⟩).
 
     Returns:
         (y, state): y (B, T, H, dv) in zq's dtype, and the state to pass to the next call. Its tensors are float32
