@@ -24,7 +24,6 @@ import gc
 import json
 import math
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
@@ -32,7 +31,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def write_random_dataset(out_dir: Path, *, seq_len: int, vocab_size: int, rows: int) -> None:

@@ -139,7 +139,7 @@ def equivalence(mixers: list[str], tp: int, cp: int, sp: bool, steps: int = 1, r
     import copy
 
     from atlas_train.model import build_model
-    from atlas_train.ops.static_calls import forced_scan_mode
+    from atlas_train.ops.cuda_graphs import forced_scan_mode
     from atlas_train.parallel import ParallelConfig, setup_parallel
 
     plan = setup_parallel(ParallelConfig(tensor_parallel=tp, context_parallel=cp, sequence_parallel=sp))

@@ -185,7 +185,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(mixer, scan_
     """Recomputing blocks in backward is a memory trade only: loss and every gradient are unchanged. With the scan
     on static buffers (the CUDA-graph path), its chunk calls are first built inside the checkpointed forward, whose
     saved-tensor bookkeeping must not see them."""
-    from atlas_train.ops.memory_scan import clear_scan_graphs
+    from atlas_train.ops.cuda_graphs import clear_scan_graphs
 
     monkeypatch.setenv("ATLAS_SCAN_CUDA_GRAPHS", "1" if scan_mode == "eager" else scan_mode)
     ids = tokens(2, 10)
