@@ -37,9 +37,6 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     init_std: float = 0.02
-    # Recompute each block in backward instead of keeping its activations (Megatron's "full" recompute): about one
-    # extra forward per step for activation memory of one block. The 340M+ ATLAS configs need it at 4K on 80 GB.
-    activation_checkpointing: bool = False
     max_seq_len: int = 4096  # RoPE table length and the longest context the model is built for
     rope_theta: float = 10000.0
 
