@@ -93,3 +93,38 @@ def test_engine_state_shrinks_with_zero_partitioning():
     assert engine_state_bytes(n, 0, 8) == 16 * n
     assert engine_state_bytes(n, 1, 8) == 12 * n / 8 + 4 * n
     assert engine_state_bytes(n, 2, 8) == 16 * n / 8
+
+
+@pytest.mark.parametrize("mixer,recompute", [("transformer", "selective"), ("atlas", "full")])
+def test_fast_training_path_gives_the_plain_losses(tmp_path, capsys, mixer, recompute):
+    """A few training steps with every speed setting on (compiled blocks, recompute, the fused loss under Triton's
+    interpreter) against the plain path: the same losses to float32 rounding."""
+    import json
+    from dataclasses import dataclass, field
+
+    from atlas_train.parallel import ParallelConfig
+    from atlas_train.train.config import TrainConfig
+    from atlas_train.train.trainer import train
+
+    @dataclass
+    class RunCfg:
+        model: ModelConfig = field(default_factory=lambda: ModelConfig(
+            mixer=mixer, vocab_size=96, d_model=32, n_layers=2, n_heads=2, mlp_hidden=64, chunk_size=8,
+            memory_expansion=2, max_seq_len=32, update="chunk"))
+        data: dict = field(default_factory=dict)
+        parallel: ParallelConfig = field(default_factory=ParallelConfig)
+        train: TrainConfig = field(default_factory=TrainConfig)
+
+    def run(name, **speed):
+        tc = TrainConfig(out_dir=str(tmp_path / name), steps=3, seq_len=16, micro_batch_size=2, warmup_steps=1,
+                         eval_every=0, save_every=0, progress=False, precision="fp32", lr=1e-2,
+                         synthetic_data=True, **speed)
+        assert train(RunCfg(train=tc)) == 0
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["train/loss"] for r in rows if "train/loss" in r]
+
+    plain = run("plain", activation_checkpointing="none", compile=False, fused_cross_entropy="off")
+    fast = run("fast", activation_checkpointing=recompute, compile=True, fused_cross_entropy="on")
+    assert f"activation checkpointing {recompute}, compile on, fused cross-entropy on" in capsys.readouterr().out
+    assert len(plain) == 3
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=1e-4, atol=1e-5)

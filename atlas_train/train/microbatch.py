@@ -83,11 +83,13 @@ def model_step_runner(model: torch.nn.Module, seq_len: int, vocab_size: int,
     """`run_step` for the probe: one forward + backward of `model` (on `device`, in its training dtype) on random
     tokens, returning the peak memory it took and leaving no gradients behind."""
 
+    gen = torch.Generator(device).manual_seed(0)  # the run's own random streams stay untouched
+
     def run(mb: int) -> float:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         try:
-            ids = torch.randint(0, vocab_size, (mb, seq_len + 1), device=device)
+            ids = torch.randint(0, vocab_size, (mb, seq_len + 1), device=device, generator=gen)
             model(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
             return float(torch.cuda.max_memory_allocated(device))
         finally:
@@ -95,3 +97,22 @@ def model_step_runner(model: torch.nn.Module, seq_len: int, vocab_size: int,
             torch.cuda.empty_cache()
 
     return run
+
+
+def batch_layout(tc, dp_size: int, probe: Callable[[list[int]], int]) -> tuple[int, int]:
+    """(micro_batch_size, grad_accum) for `tc` on `dp_size` data-parallel ranks.
+
+    Without `global_batch_size` both are as configured. With it, every rank owes global / dp rows per optimizer
+    step, cut into micro-batches of the configured size, or of the size `probe(candidates)` picks for `auto`.
+    """
+    if tc.global_batch_size is None:
+        return tc.micro_batch_size, tc.grad_accum
+    rows, rest = divmod(tc.global_batch_size, dp_size)
+    if rest:
+        raise ProbeError(f"train.global_batch_size {tc.global_batch_size} does not split over {dp_size} "
+                         "data-parallel ranks")
+    micro = probe(candidates(rows)) if tc.micro_batch_size == "auto" else tc.micro_batch_size
+    if rows % micro:
+        raise ProbeError(f"train.micro_batch_size {micro} does not divide the {rows} rows each of {dp_size} "
+                         f"data-parallel ranks owes train.global_batch_size {tc.global_batch_size}")
+    return micro, rows // micro

@@ -66,12 +66,17 @@ def compile_blocks(model: nn.Module) -> None:
 
 
 def apply_speed_settings(model: nn.Module, tc, *, tp_size: int = 1, cp_size: int = 1) -> SpeedSettings:
-    """Apply the train config's speed settings to `model` (after parallelisation, before the engine wraps it)."""
+    """Set the train config's recompute mode and loss on `model` (after parallelisation, before the engine wraps
+    it). Compilation is left to the caller (`compile_blocks`), after anything that runs the model at other shapes.
+
+    `fused_cross_entropy`: auto = on GPUs without tensor or context parallelism (their losses are the model's own);
+    on = wherever the model's loss is its own (on CPU only under Triton's interpreter, for tests).
+    """
     recompute = resolve_recompute(tc.activation_checkpointing, model)
     set_activation_checkpointing(model, recompute)
-    fused = bool(tc.fused_cross_entropy and torch.cuda.is_available() and tp_size == 1 and cp_size == 1)
+    own_loss = tp_size == 1 and cp_size == 1
+    fused = own_loss and (tc.fused_cross_entropy == "on"
+                          or (tc.fused_cross_entropy == "auto" and torch.cuda.is_available()))
     if fused:
         model.fused_loss = fused_linear_cross_entropy()
-    if tc.compile:
-        compile_blocks(model)
     return SpeedSettings(recompute, bool(tc.compile), fused)
