@@ -26,7 +26,7 @@ class TrainConfig:
     # Speed (speed.py): recompute "auto" = full for models with a memory layer, none for the transformer.
     activation_checkpointing: Literal["auto", "none", "selective", "full"] = "auto"
     compile: bool = False  # torch.compile each block
-    fused_cross_entropy: Literal["auto", "on", "off"] = "auto"  # liger-kernel's fused linear + CE; auto: on GPUs
+    fused_cross_entropy: Union[bool, Literal["auto"]] = "auto"  # liger-kernel's fused linear + CE; auto: on GPUs
     phase_timing: bool = False  # log the device time of forward, backward and optimizer (CUDA events)
 
     # AdamW + warmup/cosine.
