@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass for every member of the family (ATLAS_SPEC.md sections 1, 2, 4, 5).
+"""Model configuration: one dataclass for every member of the family (docs/math.md §§1, 2, 4, 5).
 
 Fields left as None take the family default of `mixer` (spec section 5 table) when the model is built; `resolved()`
 returns the config with every such field filled in, and that resolved form is what runs save with checkpoints.
