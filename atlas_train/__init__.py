@@ -10,3 +10,8 @@ if (_checkout / "kernels" / "__init__.py").is_file() and str(_checkout) not in _
     __path__.append(str(_checkout))
 
 __version__ = "0.1.0"
+
+# Hugging Face Auto classes learn the ATLAS model type once a program imports them (atlas_train/hf/__init__.py).
+from atlas_train.hf import register_on_import as _register_on_import  # noqa: E402
+
+_register_on_import()
