@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 from atlas_train.data_prep.errors import PrepError
+from atlas_train.data_prep.zst_file import ZstFile
 
 SUFFIXES = (".txt", ".txt.gz", ".txt.xz", ".txt.zst", ".jsonl", ".jsonl.gz", ".jsonl.xz", ".jsonl.zst", ".parquet")
 HF_DATASET = "hf-dataset"  # the kind of a folder that `Dataset.save_to_disk` wrote
@@ -89,8 +90,8 @@ def _open(path: Path) -> IO[bytes]:
         return gzip.open(path, "rb")
     if name.endswith(".xz"):
         return lzma.open(path, "rb")
-    if name.endswith(".zst"):  # buffered: the zstd reader alone cannot iterate lines
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    if name.endswith(".zst"):
+        return io.BufferedReader(ZstFile(path), buffer_size=1 << 20)
     return open(path, "rb")
 
 
