@@ -9,6 +9,7 @@ Tasks come from lm-eval's registry (their datasets need the hub, or its cache) o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def harness_model(loaded, batch_size: int):
 def evaluate(loaded, tasks: list[str], *, include_path: str | None = None, num_fewshot: int | None = None,
              limit: float | None = None, batch_size: int = 8, seed: int = 0, log_samples: bool = False) -> dict:
     """lm-eval's results for `tasks`: {"results": {task: {metric: value}}, "n-shot", "versions", ["samples"]}."""
+    if importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("transformers") is None:
+        raise UserError("--task lm-eval needs lm-eval and transformers: pip install 'atlas-train[hf]'")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable

@@ -9,6 +9,7 @@ tokenizer.json + tokenizer_config.json beside the original tokenizer.model.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def hf_model_and_tokenizer(model, tokenizer_path: Path | None):
 
 def export_hf(source: str | Path, out_dir: str | Path) -> Path:
     """Write the Hugging Face folder of `source` (run dir or native export) into `out_dir`; returns out_dir."""
+    if importlib.util.find_spec("transformers") is None:
+        raise CheckpointError("--format hf needs transformers: pip install 'atlas-train[hf]'")
     out_dir = Path(out_dir)
     model, tokenizer_path = load_source(source)
     hf_model, tokenizer = hf_model_and_tokenizer(model, tokenizer_path)
