@@ -81,7 +81,7 @@ def tokenizer_kind(path: str | Path) -> str:
 
 
 class JsonTokenizer:
-    """A Hugging Face `tokenizer.json` behind sentencepiece's encode / get_piece_size / eos_id.
+    """A Hugging Face `tokenizer.json` behind sentencepiece's encode / decode / get_piece_size / id_to_piece / eos_id.
 
     Text is encoded without the special tokens a post-processor would add (atlas-prep separates documents with
     EOS itself). EOS is the `eos_token` of a tokenizer_config.json beside the file, else the first special token
@@ -116,6 +116,9 @@ class JsonTokenizer:
 
     def get_piece_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._tokenizer.id_to_token(token_id)
 
     def eos_id(self) -> int:
         return self._eos

@@ -155,3 +155,29 @@ def test_a_fresh_process_loads_the_folder_after_import_atlas_train(tmp_path, tok
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("In the beginning")
+
+
+def test_a_run_prepared_with_a_tokenizer_json_exports_and_generates(tmp_path, capsys):
+    """A dataset tokenized with a Hugging Face tokenizer.json: its checkpoint carries that file (under the native
+    export's name), which the Hugging Face folder and atlas-generate both use."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from atlas_train.eval.generate import main as generate_main
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_sample_lines()[:500], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    export = write_export(tmp_path / "export", tmp_path / "tokenizer.json", mixer="titans")
+    assert generate_main(["--checkpoint", str(export), "--prompt", "In the beginning", "--max-new-tokens", "5",
+                          "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("In the beginning")
+    out = export_hf(export, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    for line in _sample_lines()[500:700]:
+        assert hf_tok.encode(line) == tok.encode(line, add_special_tokens=False).ids
+    assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.padding_side == "left"
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.eos_token_id == tok.token_to_id("<|endoftext|>")

@@ -67,11 +67,17 @@ def backend_tokenizer(path: str | Path):
 
 
 def hf_tokenizer(path: str | Path):
-    """A `PreTrainedTokenizerFast` for the sentencepiece model at `path`, padding on the left (what batched
-    generation of a recurrent model needs: see AtlasForCausalLM) with EOS when the model has no pad piece (padding
-    is masked, never read)."""
+    """A `PreTrainedTokenizerFast` for the tokenizer at `path` (a sentencepiece model, or the Hugging Face
+    tokenizer.json a dataset was prepared with), padding on the left (what batched generation of a recurrent model
+    needs: see AtlasForCausalLM) with EOS when there is no pad token (padding is masked, never read)."""
     from transformers import PreTrainedTokenizerFast
 
+    from atlas_train.data_prep.tokenizer import TOKENIZERS, JsonTokenizer, tokenizer_kind
+
+    if tokenizer_kind(path) == TOKENIZERS:
+        json_tokenizer = JsonTokenizer(Path(path))
+        eos = json_tokenizer.id_to_piece(json_tokenizer.eos_id()) if json_tokenizer.eos_id() >= 0 else None
+        return PreTrainedTokenizerFast(tokenizer_file=str(path), padding_side="left", eos_token=eos, pad_token=eos)
     proto = _read_proto(Path(path))
     ids = {"unk": proto.trainer_spec.unk_id, "eos": proto.trainer_spec.eos_id, "bos": proto.trainer_spec.bos_id,
            "pad": proto.trainer_spec.pad_id}
