@@ -57,7 +57,7 @@ class TrainConfig:
     resume: Literal["none", "auto"] = "none"  # auto: continue from checkpoints/latest when there is one
     progress: bool = True  # tqdm bar on rank 0
     wandb: WandbConfig = field(default_factory=WandbConfig)  # train.wandb.project=NAME turns it on
-    peak_tflops: float = 989.0  # per-device dense bf16 peak for MFU (H100 SXM); MFU is reported on GPU only
+    peak_tflops: float = 989.0  # the GPU's dense bf16 peak (datasheet TFLOP/s) for MFU; MFU is reported on GPU only
     synthetic_data: bool = False  # random tokens instead of the loader (benchmarks: isolates loader overhead)
 
     def validate(self) -> None:
