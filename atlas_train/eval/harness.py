@@ -15,7 +15,7 @@ from pathlib import Path
 
 from atlas_train.eval.checkpoint import UserError
 
-# The zero-shot table of the ATLAS paper (and of Titans, Atlas' predecessors): `--tasks` defaults to it.
+# The ATLAS paper's zero-shot commonsense and reasoning table: `--tasks` defaults to it.
 PAPER_TASKS = ("lambada_openai", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "social_iqa", "boolq")
 
 
