@@ -48,15 +48,18 @@ DEFAULT_ROWS = ("transformer@4096,atlas@4096,atlas:token@4096,titans@4096,atlas_
 
 
 def parse_row(text: str) -> dict:
-    """"mixer[:update]@seq_len" -> {"mixer", "update", "seq_len"} (update defaults to chunk for memory mixers)."""
-    name, _, length = text.partition("@")
+    """"mixer[:update]@seq_len[/key=value/...]" -> {"mixer", "update", "seq_len", "override"} (update defaults to
+    chunk for memory mixers; the overrides apply to this row only)."""
+    head, *overrides = text.split("/")
+    name, _, length = head.partition("@")
     mixer, _, update = name.partition(":")
-    return {"mixer": mixer, "update": update or "chunk", "seq_len": int(length)}
+    return {"mixer": mixer, "update": update or "chunk", "seq_len": int(length), "override": overrides}
 
 
 def row_label(row: dict) -> str:
     label = row["mixer"] if row["mixer"] == "transformer" else f"{row['mixer']}:{row['update']}"
-    return label + (" before" if row.get("baseline") else "")
+    tags = [o.rsplit(".", 1)[-1] for o in row.get("override", [])] + (["before"] if row.get("baseline") else [])
+    return " ".join([label, *tags])
 
 
 def write_random_dataset(out_dir: Path, *, seq_len: int, vocab_size: int, rows: int) -> None:
@@ -158,7 +161,7 @@ def child(spec: dict) -> None:
 # --------------------------------------------------------------------------------------------------------- parent
 
 
-HEADER = (f"{'row':<18} {'T':>6} {'mb':>3} {'acc':>3} {'recompute':>9} {'tokens/s':>9} {'MFU':>6} {'of ceil':>7} "
+HEADER = (f"{'row':<24} {'T':>6} {'mb':>3} {'acc':>3} {'recompute':>9} {'tokens/s':>9} {'MFU':>6} {'of ceil':>7} "
           f"{'step ms':>9} {'fwd':>8} {'bwd':>8} {'opt':>7} {'other':>7} {'peak GiB':>8} {'overhead':>8}")
 
 
@@ -172,7 +175,7 @@ def format_row(row: dict, r: dict, ceiling: float | None, peak: float) -> str:
     other = r["step_s"] - sum(phases) if None not in phases else None
     mem = f"{r['mem_gb']:.1f}" if r.get("mem_gb") is not None else "n/a"
     overhead = f"{100 * (r['step_s'] / r['synthetic_step_s'] - 1):.1f}%" if r.get("synthetic_step_s") else ""
-    return (f"{row_label(row):<18} {row['seq_len']:>6} {r['micro_batch']:>3} {r['grad_accum']:>3} "
+    return (f"{row_label(row):<24} {row['seq_len']:>6} {r['micro_batch']:>3} {r['grad_accum']:>3} "
             f"{r['recompute']:>9} {r['tokens_s']:>9.0f} {mfu:>6} {of_ceiling:>7} {ms(r['step_s']):>9} "
             f"{ms(phases[0]):>8} {ms(phases[1]):>8} {ms(phases[2]):>7} {ms(other):>7} {mem:>8} {overhead:>8}")
 
@@ -180,7 +183,8 @@ def format_row(row: dict, r: dict, ceiling: float | None, peak: float) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(REPO / "configs" / "model" / "340m.yaml"), help="model config YAML")
-    p.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated mixer[:update]@seq_len")
+    p.add_argument("--rows", default=DEFAULT_ROWS,
+                   help="comma-separated mixer[:update]@seq_len[/key=value...] (overrides for that row only)")
     p.add_argument("--tokens-per-step", type=int, default=32768, help="tokens per GPU per micro-step")
     p.add_argument("--micro-batch", default=None, help="fixed micro-batch, or auto (default: tokens-per-step / T)")
     p.add_argument("--grad-accum", type=int, default=1)
@@ -223,7 +227,7 @@ def main() -> None:
         datasets = {}
         for row in rows:
             if args.budget_s is not None and time.monotonic() - started > args.budget_s:
-                print(f"{row_label(row):<18} {row['seq_len']:>6}  not run: budget spent", flush=True)
+                print(f"{row_label(row):<24} {row['seq_len']:>6}  not run: budget spent", flush=True)
                 continue
             T = row["seq_len"]
             micro = args.micro_batch or str(max(1, args.tokens_per_step // T))
@@ -238,7 +242,7 @@ def main() -> None:
                     "grad_accum": args.grad_accum, "tokens_per_step": args.tokens_per_step,
                     "zero_stage": args.zero_stage, "workers": args.workers,
                     "warmup": warmup, "steps": steps, "peak_tflops": args.peak_tflops,
-                    "override": args.override + (BASELINE_OVERRIDES if row.get("baseline") else []),
+                    "override": args.override + row["override"] + (BASELINE_OVERRIDES if row.get("baseline") else []),
                     "overhead": row_label(row) in overhead_rows, "result": str(Path(tmp) / "result.json")}
             spec_path = Path(tmp) / "spec.json"
             spec_path.write_text(json.dumps(spec))
@@ -254,7 +258,7 @@ def main() -> None:
                 failed, reason = True, f"timed out after {args.row_timeout_s:.0f} s"
             if failed:
                 tail = log.read_text().strip().splitlines()[-3:] if log.exists() else []
-                print(f"{row_label(row):<18} {T:>6}  failed ({reason}): {' | '.join(tail)[-300:]}", flush=True)
+                print(f"{row_label(row):<24} {T:>6}  failed ({reason}): {' | '.join(tail)[-300:]}", flush=True)
                 continue
             result = json.loads(Path(spec["result"]).read_text())
             results.append({**row, **result})
