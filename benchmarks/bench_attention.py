@@ -277,7 +277,8 @@ def run_checks(args, device) -> int:
     checks = [("kernels", lambda: check_kernels(rows, args, device, backward)),
               ("attention module", lambda: check_attention_module(rows, args, device, backward))]
     if backward:
-        checks += [("block", lambda: check_block(rows, args, device)), ("model", lambda: check_model(rows, args, device))]
+        checks += [("block", lambda: check_block(rows, args, device)),
+                   ("model", lambda: check_model(rows, args, device))]
     print(f"{'check':<44} {'rel error':>10} {'bound':>8}  ok", flush=True)
     failed = 0
     for name, check in checks:

@@ -1,12 +1,14 @@
-"""Softmax attention with RoPE and SDPA: full causal (Transformer++ baseline) or sliding-window (hybrids).
+"""Softmax attention with RoPE, through SDPA or FlexAttention: full causal (Transformer++ baseline) or
+sliding-window (hybrids).
 
 Documents never see each other: a query attends to key j only when j is causal, inside the window, and in the same
-document. Without a cache, `doc_start=None` and a window that covers the call use SDPA's `is_causal` fast path
-(cuDNN/flash kernels on GPU). On GPUs, a call without a cache that needs a mask (documents, or a window shorter than
-the call) takes compiled FlexAttention with a block-sparse mask shared by all layers (document_mask.py); pass
-`doc_start=None` when no row has a document start after token 0 to keep the fast path. Elsewhere (CPU, and calls
-with a cache: decoding, context parallelism) SDPA gets a dense (B, T, Tk) mask, except for rows whose only document
-start is token 0.
+document. Which kernel does it, for a call without a cache (training, prefill):
+- no documents (`doc_start=None`) and a window that covers the call: SDPA's `is_causal` fast path (cuDNN on GPUs);
+- otherwise, on GPUs: compiled FlexAttention with a block-sparse mask shared by all layers (document_mask.py). A
+  `doc_start` that marks token 0 only also goes there: pass None instead (the trainer does) for the fast path;
+- otherwise (CPU, where FlexAttention has no backward): SDPA with a dense (B, T, Tk) mask, or the fast path when no
+  row has a document start after token 0.
+Calls with a cache (decoding, context parallelism) give SDPA a dense mask over the cached and new keys.
 
 Cache (flat dict, not detached so context parallelism can pass it between ranks with gradients):
 `pos` () int64 tokens seen; `k`, `v` (B, H, Tc, dh) the last keys/values after RoPE (all of them for full
@@ -42,9 +44,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torc
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-# Devices whose calls without a cache (training, prefill) that need a document or window mask take compiled
-# FlexAttention (document_mask.py) instead of SDPA with a dense (B, T, Tk) mask. Not CPU: torch's CPU FlexAttention
-# has no backward.
+# Devices where calls without a cache that need a document or window mask take FlexAttention (see the docstring).
 FLEX_DEVICE_TYPES = ("cuda",)
 
 
