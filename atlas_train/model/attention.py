@@ -1,7 +1,14 @@
-"""Softmax attention with RoPE and SDPA: full causal (Transformer++ baseline) or sliding-window (hybrids).
+"""Softmax attention with RoPE, through SDPA or FlexAttention: full causal (Transformer++ baseline) or
+sliding-window (hybrids).
 
 Documents never see each other: a query attends to key j only when j is causal, inside the window, and in the same
-document. Rows whose only document start is token 0 use SDPA's `is_causal` fast path (flash kernels on GPU).
+document. Which kernel does it, for a call without a cache (training, prefill):
+- no documents (`doc_start=None`) and a window that covers the call: SDPA's `is_causal` fast path (cuDNN on GPUs);
+- otherwise, on GPUs: compiled FlexAttention with a block-sparse mask shared by all layers (document_mask.py). A
+  `doc_start` that marks token 0 only also goes there: pass None instead (the trainer does) for the fast path;
+- otherwise (CPU, where FlexAttention has no backward): SDPA with a dense (B, T, Tk) mask, or the fast path when no
+  row has a document start after token 0.
+Calls with a cache (decoding, context parallelism) give SDPA a dense mask over the cached and new keys.
 
 Cache (flat dict, not detached so context parallelism can pass it between ranks with gradients):
 `pos` () int64 tokens seen; `k`, `v` (B, H, Tc, dh) the last keys/values after RoPE (all of them for full
@@ -20,6 +27,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from atlas_train.model.config import ModelConfig
+from atlas_train.model.document_mask import block_mask_for, flex_attend
 from atlas_train.model.rope import apply_rope
 
 
@@ -34,6 +42,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torc
         with sdpa_kernel(CUDA_BACKEND_ORDER, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, **kwargs)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+# Devices where calls without a cache that need a document or window mask take FlexAttention (see the docstring).
+FLEX_DEVICE_TYPES = ("cuda",)
 
 
 class Attention(nn.Module):
@@ -72,9 +84,10 @@ class Attention(nn.Module):
             k_doc = q_doc
             k_keep, v_keep, doc_keep = k[:, :, T - keep:], v[:, :, T - keep:], q_doc[:, T - keep:]
 
-        causal_only = n_cached == 0 and (self.window is None or T <= self.window) and (
-            doc_start is None or not bool(doc_start[:, 1:].any()))
-        if causal_only:
+        window = self.window if self.window is not None and T > self.window else None  # None: nothing falls out
+        if n_cached == 0 and q.device.type in FLEX_DEVICE_TYPES and (doc_start is not None or window is not None):
+            out = flex_attend(q, k, v, block_mask_for(doc_start, T, window, x.device))
+        elif n_cached == 0 and window is None and (doc_start is None or not bool(doc_start[:, 1:].any())):
             out = _attend(q, k, v, is_causal=True)
         else:
             k_pos = pos0 - n_cached + torch.arange(k.shape[2], device=x.device)

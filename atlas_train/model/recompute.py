@@ -23,12 +23,14 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 
 @lru_cache(maxsize=None)
 def _saved_operators() -> frozenset:
-    """Matrix products and attention kernels: the operators whose outputs `selective` keeps."""
+    """Matrix products and attention kernels (SDPA's and FlexAttention's): the operators whose outputs `selective`
+    keeps."""
     aten = torch.ops.aten
     names = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_efficient_attention",
              "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward", "_efficient_attention_forward")
-    return frozenset(getattr(aten, name).default for name in names if hasattr(aten, name))
+    return frozenset([getattr(aten, name).default for name in names if hasattr(aten, name)]
+                     + [torch.ops.higher_order.flex_attention])
 
 
 def _keep_products(ctx, func, *args, **kwargs) -> CheckpointPolicy:
