@@ -4,8 +4,9 @@ sliding-window (hybrids).
 Documents never see each other: a query attends to key j only when j is causal, inside the window, and in the same
 document. Which kernel does it, for a call without a cache (training, prefill):
 - no documents (`doc_start=None`) and a window that covers the call: SDPA's `is_causal` fast path (cuDNN on GPUs);
-- otherwise, on GPUs: compiled FlexAttention with a block-sparse mask shared by all layers (document_mask.py). A
-  `doc_start` that marks token 0 only also goes there: pass None instead (the trainer does) for the fast path;
+- otherwise, on GPUs with ATLAS_FLEX_ATTENTION=1: compiled FlexAttention with a block-sparse mask shared by all
+  layers (document_mask.py). A `doc_start` that marks token 0 only also goes there: pass None instead (the trainer
+  does) for the fast path;
 - otherwise (CPU, where FlexAttention has no backward): SDPA with a dense (B, T, Tk) mask, or the fast path when no
   row has a document start after token 0.
 Calls with a cache (decoding, context parallelism) give SDPA a dense mask over the cached and new keys.
@@ -19,6 +20,7 @@ place (`_append`), so a generated token costs amortised O(1) copying instead of 
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -45,7 +47,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torc
 
 
 # Devices where calls without a cache that need a document or window mask take FlexAttention (see the docstring).
-FLEX_DEVICE_TYPES = ("cuda",)
+# Opt-in (ATLAS_FLEX_ATTENTION=1) until benchmarks/bench_attention.py's GPU checks have passed on the project's GPU
+# stack; off, GPUs take the dense-mask SDPA path as CPUs do.
+FLEX_DEVICE_TYPES = ("cuda",) if os.environ.get("ATLAS_FLEX_ATTENTION", "0") == "1" else ()
 
 
 class Attention(nn.Module):
