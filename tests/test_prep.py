@@ -149,7 +149,7 @@ def test_bad_input_is_reported_and_counted(tmp_path, capsys):
 def test_user_errors_are_one_line(tmp_path, capsys, setup, message):
     setup(tmp_path)
     target = next(tmp_path.glob("missing*"), tmp_path / "missing")
-    assert prep(target, tmp_path / "out") == 1
+    assert prep(target, tmp_path / "out") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("atlas-prep: error: ") and "Traceback" not in err[0]
     assert re.search(message, err[0])
@@ -160,7 +160,7 @@ def test_given_tokenizer_is_copied_and_checked(corpus, tmp_path, capsys):
     root, _ = corpus
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"junk")
-    assert prep(root, tmp_path / "out", "--tokenizer", str(bad)) == 1
+    assert prep(root, tmp_path / "out", "--tokenizer", str(bad)) == 2
     assert "bad.model: not a sentencepiece model" in capsys.readouterr().err
     good = train_tokenizer(iter(make_docs(50, 3)), tmp_path / "good.model", 300, "bpe", 1 << 20)
     assert prep(root, tmp_path / "out", "--tokenizer", str(good)) == 0
@@ -176,6 +176,6 @@ def test_a_failed_rerun_leaves_no_manifest_and_no_temp_files(corpus, tmp_path):
     broken.mkdir()
     (broken / "a.txt.xz").write_bytes((root / "d.txt.xz").read_bytes())
     (broken / "z.jsonl.gz").write_bytes(gzip.compress(b'{"text": "fine"}\n')[:-12])  # truncated at the end
-    assert prep(broken, out, "--tokenizer", str(out / "tokenizer.model")) == 1
+    assert prep(broken, out, "--tokenizer", str(out / "tokenizer.model")) == 2
     assert not (out / "manifest.json").exists()
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,9 @@ import torch.distributed as dist
 import yaml
 
 from atlas_train.train.atomic import atomic_write_bytes
-from atlas_train.train.checkpoint import CheckpointError, CheckpointManager, read_latest
+from atlas_train.cli_errors import describe_os_error
+from atlas_train.config import ConfigError
+from atlas_train.train.checkpoint import CheckpointError, CheckpointManager, newest_intact, step_of, tag_for
 from atlas_train.train.deepspeed_config import build_deepspeed_config
 from atlas_train.train.distributed import any_rank, device, init_distributed
 from atlas_train.train.export import TP_LAYOUT, tp_layout
@@ -31,7 +35,7 @@ from atlas_train.train.nonfinite import NonFiniteGuard
 from atlas_train.train.optim import build_optimizer, build_scheduler, move_scheduler_to
 from atlas_train.train.resize import Layout, prepare_universal, read_resume_client, repairing_universal_load
 from atlas_train.train.rng import capture_rng_state, restore_rng_state, seed_everything
-from atlas_train.train.signals import EXIT_PREEMPTED, PreemptionFlag
+from atlas_train.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, PreemptionFlag
 from atlas_train.train.synthetic import SyntheticLoader
 
 
@@ -51,7 +55,24 @@ def check_dataset(data_cfg, model_cfg, seq_len: int) -> Optional[Path]:
 
     manifest = read_manifest(data_cfg.path)
     check_manifest(manifest, model_cfg.vocab_size, seq_len)
+    if model_cfg.vocab_size > manifest.vocab_size and dist.get_rank() == 0:
+        print(f"atlas-train: warning: model.vocab_size {model_cfg.vocab_size} is larger than the data's vocabulary "
+              f"{manifest.vocab_size} ({manifest.path}): {model_cfg.vocab_size - manifest.vocab_size} embedding rows "
+              "are never trained (model.vocab_size=auto takes the data's)", file=sys.stderr)
     return manifest.tokenizer_path
+
+
+def with_data_vocab(cfg):
+    """`cfg` with model.vocab_size `auto` replaced by the dataset's vocabulary (its manifest's vocab_size)."""
+    if cfg.model.vocab_size != "auto":
+        return cfg
+    if cfg.train.synthetic_data:
+        raise ConfigError("model.vocab_size: auto takes the dataset's vocabulary, but train.synthetic_data has none; "
+                          "set a number")
+    from atlas_train.data import read_manifest
+
+    vocab = read_manifest(cfg.data.path).vocab_size
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
 def default_builders() -> Builders:
@@ -172,12 +193,14 @@ class Trainer:
         """Set-up: the process group, the checked config and data, the model, optimizer and DeepSpeed engine, and,
         when resuming, everything restored from the checkpoint. Refuses a run dir that holds checkpoints unless
         `train.resume=auto`, and a checkpoint of another model or tokenizer."""
+        cfg = with_data_vocab(cfg)
         self.cfg, self.tc = cfg, cfg.train
         self.builders = builders or default_builders()
         init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = device()
         self.run_dir = Path(self.tc.out_dir)
+        self._make_run_dir()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.tc.keep_last, self.rank)
         resume_tag = self._resume_tag()
 
@@ -213,17 +236,44 @@ class Trainer:
         self.batches = BatchStream(self.loader, self.device)
         self.started = time.monotonic()
         self.clock = StepClock(self.step)
+        self.first_step = self.step
+        self.last_losses: dict[str, float] = {}  # the latest logged train/val loss, for the summary line
+        if resume is not None and self.rank == 0:
+            self.bar.write(f"resumed from {self.ckpt.dir / resume.tag} at step {self.step}")
 
     # -- set-up ----------------------------------------------------------------------------------------------------
 
+    def _make_run_dir(self) -> None:
+        """Create train.out_dir (rank 0) and check that it takes files, so that an impossible or read-only path
+        stops the run in one line before set-up rather than at the first save."""
+        problem = None
+        if self.rank == 0:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=self.run_dir).close()
+            except OSError as err:
+                problem = f"train.out_dir: cannot write to {self.run_dir} ({describe_os_error(err)})"
+        (failed,) = any_rank(problem is not None)
+        if failed:
+            raise ConfigError(problem or f"train.out_dir: rank 0 cannot write to {self.run_dir}")
+
     def _resume_tag(self) -> Optional[str]:
-        """The checkpoint tag to continue from under `train.resume=auto`, else None."""
-        tag = read_latest(self.ckpt.dir) if self.tc.resume == "auto" else None
-        if tag is None and (self.ckpt.dir / "latest").exists():
-            raise CheckpointError(
-                f"{self.run_dir} already holds checkpoints: pass train.resume=auto (or --resume) to continue, "
-                "or choose another train.out_dir"
-            )
+        """The checkpoint tag to continue from under `train.resume=auto` (the newest intact one, with a line naming
+        what was skipped and why), else None."""
+        if self.tc.resume != "auto":
+            if (self.ckpt.dir / "latest").exists():
+                raise CheckpointError(
+                    f"{self.run_dir} already holds checkpoints: pass train.resume=auto (or --resume) to continue, "
+                    "or choose another train.out_dir"
+                )
+            return None
+        tag, skipped = newest_intact(self.ckpt.dir)
+        if tag is None and skipped:
+            raise CheckpointError(f"no intact checkpoint to resume in {self.ckpt.dir}: {skipped[0]}")
+        if skipped and self.rank == 0:
+            more = f" ({len(skipped) - 1} more skipped)" if len(skipped) > 1 else ""
+            print(f"atlas-train: warning: {skipped[0]}{more}; resuming from {tag} (step {step_of(tag)}) instead",
+                  file=sys.stderr)
         return tag
 
     def _build_model(self) -> tuple[torch.nn.Module, Optional[float]]:
@@ -351,6 +401,7 @@ class Trainer:
         values["train/skipped_steps"] = self.guard.total
         values["perf/elapsed_s"] = time.monotonic() - self.started  # wall time, logging and data included
         self.logger.log(self.step, values)
+        self.last_losses["train"] = loss
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{values['train/lr']:.2e}", refresh=False)
         self.clock.restart(self.step)
 
@@ -369,8 +420,13 @@ class Trainer:
         if count == 0:
             from atlas_train.data import DataError
 
-            raise DataError("the validation split yielded no batch (train.eval_every=0 turns validation off)")
+            raise DataError(
+                f"the validation split of {self.cfg.data.path} holds no batch of train.micro_batch_size="
+                f"{self.tc.micro_batch_size} rows per rank: rerun atlas-prep with a larger --val-fraction (or a "
+                "smaller --seq-len), or set train.eval_every=0 to train without validation"
+            )
         val = self.plan.loss_for_logging(total / count)
+        self.last_losses["val"] = val
         ppl = math.exp(min(val, 50.0))
         self.logger.log(self.step, {"val/loss": val, "val/ppl": ppl})
         self.bar.write(f"step {self.step}: val loss {val:.4f}  ppl {ppl:.2f}")
@@ -393,9 +449,14 @@ class Trainer:
         """Whether `train.max_minutes` of wall time have passed since set-up."""
         return self.tc.max_minutes is not None and time.monotonic() - self.started > self.tc.max_minutes * 60
 
-    def stop(self, preempted: bool, out_of_time: bool) -> Optional[int]:
-        """The exit code when the run ends early after this step's checkpoint, else None: EXIT_PREEMPTED after a
-        preemption signal (the launcher requeues it), 0 when `train.max_minutes` ran out."""
+    def stop(self, preempted: bool, out_of_time: bool, interrupted: bool = False) -> Optional[int]:
+        """The exit code when the run ends early after this step's checkpoint, else None: EXIT_INTERRUPTED after
+        Ctrl-C, EXIT_PREEMPTED after a preemption signal (the launcher requeues it), 0 when `train.max_minutes` ran
+        out."""
+        if interrupted:
+            self.bar.write(f"interrupted: checkpoint {self.ckpt.dir / tag_for(self.step)} saved, exiting with "
+                           f"{EXIT_INTERRUPTED} (train.resume=auto continues; a second Ctrl-C stops at once)")
+            return EXIT_INTERRUPTED
         if preempted:
             self.bar.write(f"preempted: checkpoint {self.step} saved, exiting with {EXIT_PREEMPTED} for requeue")
             return EXIT_PREEMPTED
@@ -418,8 +479,8 @@ class Trainer:
                 while self.step < tc.steps:
                     lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
                     # Agreed on in the NaN check's all-reduce, which saves a collective (and a sync) per step.
-                    local_loss, _, (preempted, out_of_time) = self.train_step(
-                        lambda: (preempt.requested, self.out_of_time()))
+                    local_loss, _, (preempted, interrupted, out_of_time) = self.train_step(
+                        lambda: (preempt.requested, preempt.interrupted, self.out_of_time()))
                     last = self.step == tc.steps
                     if self.step % tc.log_every == 0 or last:
                         self.log_step(local_loss, lr)
@@ -427,15 +488,28 @@ class Trainer:
                     if tc.eval_every and (self.step % tc.eval_every == 0 or last or out_of_time):
                         self.validate()
                         self.clock.restart(self.step)
-                    if last or preempted or out_of_time or (tc.save_every and self.step % tc.save_every == 0):
+                    if last or preempted or interrupted or out_of_time or (
+                            tc.save_every and self.step % tc.save_every == 0):
                         self.save()
                         self.clock.restart(self.step)
-                    code = self.stop(preempted, out_of_time)
+                    code = self.stop(preempted, out_of_time, interrupted)
                     if code is not None:
                         return code
         finally:
             self.close()
+        self.summarize()
         return 0
+
+    def summarize(self) -> None:
+        """One line (rank 0) at the end of a finished run: steps, tokens, the final losses, where the checkpoint is."""
+        if self.rank != 0:
+            return
+        tc = self.tc
+        tokens = (self.step - self.first_step) * tc.micro_batch_size * tc.grad_accum * tc.seq_len * self.plan.dp_size
+        losses = "".join(f", {name} loss {value:.4f}" for name, value in self.last_losses.items())
+        self.bar.write(f"done: step {self.step} ({self.step - self.first_step} steps, {tokens:,} tokens this run"
+                       f"{losses}); checkpoint {self.ckpt.dir / tag_for(self.step)}; export it with: atlas-train "
+                       f"export --checkpoint {self.run_dir} --out {self.run_dir / 'export'}")
 
     def close(self) -> None:
         """Close the progress bar and the metrics files."""
