@@ -129,28 +129,28 @@ class CheckpointManager:
         """
         tag = tag_for(step)
         tag_dir = self.dir / tag
-        error = None
-        if self.rank == 0:
-            try:
+
+        def clear() -> None:
+            if self.rank == 0:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(tag_dir, ignore_errors=True)
-            except OSError as err:
-                error = err
-        (failed,) = any_rank(error is not None)  # also the barrier: no rank writes before the folder is ready
-        if not failed:
+
+        def write() -> None:
+            engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
+            atomic_write(tag_dir / f"client_rank{self.rank}.pt", lambda f: torch.save(client_state, f))
+            if self.rank == 0:
+                for name, data in files.items():
+                    atomic_write_bytes(tag_dir / name, data)
+
+        # Each phase ends in an all-reduce of "did it fail here": a barrier, and every rank stops together.
+        for phase in (clear, write, lambda: self._write_manifest(tag_dir)):
+            error = None
             try:
-                engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
-                atomic_write(tag_dir / f"client_rank{self.rank}.pt", lambda f: torch.save(client_state, f))
-                if self.rank == 0:
-                    for name, data in files.items():
-                        atomic_write_bytes(tag_dir / name, data)
+                phase()
             except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
                 error = err
-            (failed,) = any_rank(error is not None)  # also the barrier: every rank's files are written
-        if failed:
-            self._save_failed(tag_dir, error)
-        self._write_manifest(tag_dir)
-        _barrier()  # the manifest is on disk before `latest` may name the tag
+            if any_rank(error is not None)[0]:
+                self._save_failed(tag_dir, error)
         if self.rank == 0:
             atomic_write_text(self.dir / "latest", tag + "\n")
             self._prune(keep=tag)
@@ -162,10 +162,13 @@ class CheckpointManager:
         _barrier()
         if self.rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
-        free = shutil.disk_usage(self.dir if self.dir.is_dir() else self.dir.parent).free / 2**30
+        try:
+            free = f" ({shutil.disk_usage(self.dir.parent).free / 2**30:.1f} GiB free there)"
+        except OSError:
+            free = ""
         reason = one_line(error) if error is not None else "another rank could not write its files"
-        raise CheckpointError(f"could not write checkpoint {tag_dir}: {reason} ({free:.1f} GiB free there); the "
-                              "checkpoints saved before it are intact") from error
+        raise CheckpointError(f"could not write checkpoint {tag_dir}: {reason}{free}; the checkpoints saved before "
+                              "it are intact") from error
 
     def _write_manifest(self, tag_dir: Path) -> None:
         """Each rank checksums a share of the tag's files; rank 0 writes the manifest of them all."""

@@ -51,10 +51,13 @@ class Builders:
 
 def check_dataset(data_cfg, model_cfg, seq_len: int) -> Optional[Path]:
     """Stop early, with the file named, when the dataset is missing or does not fit the model; its tokenizer path."""
-    from atlas_train.data import check_manifest, read_manifest
+    from atlas_train.data import DataError, check_manifest, read_manifest
 
     manifest = read_manifest(data_cfg.path)
     check_manifest(manifest, model_cfg.vocab_size, seq_len)
+    if manifest.tokenizer_path is not None and not manifest.tokenizer_path.is_file():
+        raise DataError(f"{manifest.path / 'manifest.json'} names the tokenizer {manifest.tokenizer_path}, which is "
+                        "missing: rerun atlas-prep")
     if model_cfg.vocab_size > manifest.vocab_size and dist.get_rank() == 0:
         print(f"atlas-train: warning: model.vocab_size {model_cfg.vocab_size} is larger than the data's vocabulary "
               f"{manifest.vocab_size} ({manifest.path}): {model_cfg.vocab_size - manifest.vocab_size} embedding rows "
@@ -506,7 +509,8 @@ class Trainer:
             return
         tc = self.tc
         tokens = (self.step - self.first_step) * tc.micro_batch_size * tc.grad_accum * tc.seq_len * self.plan.dp_size
-        losses = "".join(f", {name} loss {value:.4f}" for name, value in self.last_losses.items())
+        losses = "".join(f", {name} loss {self.last_losses[name]:.4f}" for name in ("train", "val")
+                         if name in self.last_losses)
         self.bar.write(f"done: step {self.step} ({self.step - self.first_step} steps, {tokens:,} tokens this run"
                        f"{losses}); checkpoint {self.ckpt.dir / tag_for(self.step)}; export it with: atlas-train "
                        f"export --checkpoint {self.run_dir} --out {self.run_dir / 'export'}")
