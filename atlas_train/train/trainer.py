@@ -96,6 +96,10 @@ def resolve(cfg):
     return dataclasses.replace(cfg, model=cfg.model.resolved())
 
 
+VALIDATION_HINT = ("rerun atlas-prep with a larger --val-fraction (or a smaller --seq-len), or set train.eval_every=0 "
+                   "to train without validation")
+
+
 class BatchStream:
     """Endless batches on the device; starts a new pass over the loader when one ends."""
 
@@ -222,6 +226,8 @@ class Trainer:
         resume = self._read_resume_point(resume_tag)
         self.engine = self._build_engine(universal=resume is not None and resume.universal)
         self.loader = self.make_loader("train")
+        if self.tc.eval_every:
+            self._check_validation_split()
         self.guard = NonFiniteGuard(self.tc.max_nonfinite_in_row)
         self.step = 0
         rng_state = self._resume(resume) if resume is not None else None
@@ -324,6 +330,15 @@ class Trainer:
         seed_everything(self.tc.seed + self.step)
         return None
 
+    def _check_validation_split(self) -> None:
+        """Stop at set-up, naming the flags to change, when validation is on but the val split gives no batch."""
+        from atlas_train.data import DataError
+
+        try:
+            self.make_loader("val")
+        except DataError as err:
+            raise DataError(f"{err}; {VALIDATION_HINT}") from None
+
     def _checkpoint_files(self, tokenizer_bytes: Optional[bytes]) -> dict[str, bytes]:
         """What rank 0 writes beside every checkpoint, so that a tag alone can be exported and resumed."""
         files = {"config.yaml": self.config_yaml}
@@ -423,11 +438,7 @@ class Trainer:
         if count == 0:
             from atlas_train.data import DataError
 
-            raise DataError(
-                f"the validation split of {self.cfg.data.path} holds no batch of train.micro_batch_size="
-                f"{self.tc.micro_batch_size} rows per rank: rerun atlas-prep with a larger --val-fraction (or a "
-                "smaller --seq-len), or set train.eval_every=0 to train without validation"
-            )
+            raise DataError(f"the validation split of {self.cfg.data.path} gave no batch; {VALIDATION_HINT}")
         val = self.plan.loss_for_logging(total / count)
         self.last_losses["val"] = val
         ppl = math.exp(min(val, 50.0))
