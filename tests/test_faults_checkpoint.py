@@ -8,7 +8,9 @@ runs the corruption scenario with a loader that skips the checksums, and require
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -115,8 +117,14 @@ def test_export_verifies_the_checkpoint_it_reads(reference, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and f"{damaged} is damaged" in err
     assert not (tmp_path / "out").exists()
     # A run dir gives its newest intact checkpoint; the line names what was skipped.
-    export(run, tmp_path / "out", build_model=TinyLM)
+    umask = os.umask(0o022)
+    try:
+        export(run, tmp_path / "out", build_model=TinyLM)
+    finally:
+        os.umask(umask)
     assert f"{damaged} is damaged" in capsys.readouterr().err
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert modes == dict.fromkeys(["model.safetensors", "config.yaml", "manifest.json"], 0o644)
     model, _, _ = load_exported(tmp_path / "out", build_model=TinyLM)
     step4 = reference / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt"
     assert same_weights(model.state_dict(), torch.load(step4, weights_only=False)["module"])

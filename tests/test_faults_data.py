@@ -72,6 +72,16 @@ def test_a_validation_split_without_a_batch_stops_at_set_up(datasets, tmp_path, 
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # before the model ever ran
 
 
+def test_a_missing_tokenizer_is_one_line(tokenizer, tmp_path, capsys):
+    write_dataset(tmp_path / "data", {"train": _rows(16, 0), "val": _rows(4, 1)}, seq_len=SEQ, vocab_size=VOCAB,
+                  tokenizer_path=tokenizer)
+    (tmp_path / "data" / "tokenizer.model").unlink()
+    capsys.readouterr()
+    assert train_cli(["--config", _config(tmp_path, tmp_path / "data", "auto")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenizer.model, which is missing: rerun atlas-prep" in err
+
+
 # -- atlas-prep's splits ---------------------------------------------------------------------------------------------
 
 class RecordingPacker(RowPacker):

@@ -40,7 +40,8 @@ def _train_parser() -> argparse.ArgumentParser:
 def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="atlas-train export",
-        description="Write a run's latest checkpoint as fp32 model.safetensors + config.yaml + tokenizer.model.",
+        description="Write a run's newest intact checkpoint (or a named one) as fp32 model.safetensors + config.yaml + "
+                    "tokenizer.model + manifest.json.",
     )
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
                    help="the run dir (train.out_dir: its newest intact checkpoint) or one checkpoint, "
