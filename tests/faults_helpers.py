@@ -5,17 +5,38 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from atlas_train.train.checkpoint import read_latest
 from atlas_train.train.cli import main
 from test_train_loop import BUILDERS, VOCAB
 
 STEPS, SAVE_EVERY = 6, 2
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_process_group():
+    """Tear down the process group this module's in-process runs start (and the launch variables they set), so that
+    the modules after it find the process as they would alone."""
+    started = not dist.is_initialized()
+    saved = {k: os.environ.get(k) for k in LAUNCH_VARS}
+    yield
+    if started and dist.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def write_config(path: Path, out_dir: Path, **train) -> Path:

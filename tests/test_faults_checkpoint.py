@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 from eval_helpers import train_tokenizer, write_export
-from faults_helpers import (
+from faults_helpers import (  # noqa: F401 (own_process_group: fixture)
     damage,
     final_weights,
     losses,
+    own_process_group,
     run_cli,
     same_weights,
     stopped_at,

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import yaml
+from faults_helpers import own_process_group  # noqa: F401 (fixture)
 from test_prep import make_docs
 
 from atlas_train.data_prep.cli import main as prep

@@ -16,7 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from faults_helpers import final_weights, losses, same_weights
+from faults_helpers import (  # noqa: F401 (own_process_group: fixture)
+    LAUNCH_VARS,
+    final_weights,
+    losses,
+    own_process_group,
+    same_weights,
+)
 
 from atlas_train.data_prep.writer import write_dataset
 from atlas_train.train.checkpoint import verify_checkpoint
@@ -26,7 +32,6 @@ REPO = Path(__file__).resolve().parent.parent
 SEQ, VOCAB = 32, 64
 SAVE_FILES = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "client_rank0.pt",
               "config.yaml", "manifest.json", "latest"]
-LAUNCH_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 DRAWN = random.Random(21).choice([f"{when}:{name}@4" for when in ("before", "after") for name in SAVE_FILES])
 
 

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults_helpers import final_weights, losses, run_cli, same_weights, tiny_builders, write_config
+from faults_helpers import (  # noqa: F401 (own_process_group: fixture)
+    final_weights,
+    losses,
+    own_process_group,
+    run_cli,
+    same_weights,
+    tiny_builders,
+    write_config,
+)
 
 from atlas_train.train.checkpoint import read_latest
 from atlas_train.train.trainer import Trainer
