@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass for every member of the family (ATLAS_SPEC.md sections 1, 2, 4, 5).
+"""Model configuration: one dataclass for every member of the family (docs/math.md §§1, 2, 4, 5).
 
 Fields left as None take the family default of `mixer` (spec section 5 table) when the model is built; `resolved()`
 returns the config with every such field filled in, and that resolved form is what runs save with checkpoints.
@@ -37,9 +37,6 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     init_std: float = 0.02
-    # Recompute each block in backward instead of keeping its activations (Megatron's "full" recompute): about one
-    # extra forward per step for activation memory of one block. The 340M+ ATLAS configs need it at 4K on 80 GB.
-    activation_checkpointing: bool = False
     max_seq_len: int = 4096  # RoPE table length and the longest context the model is built for
     rope_theta: float = 10000.0
 

@@ -1,4 +1,4 @@
-"""The model family registry (ATLAS_SPEC.md section 5): `model.mixer` name → the sequence mixer of each block.
+"""The model family registry (docs/math.md §5): `model.mixer` name → the sequence mixer of each block.
 
 The memory members (atlas, atlas_pp, omeganet, titans, dla) share AtlasMixer and differ only by the family
 defaults that ModelConfig.resolved() fills in (memory gating, feature map, inner loss, Newton–Schulz steps,

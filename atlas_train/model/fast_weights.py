@@ -1,4 +1,4 @@
-"""The memory's learnable initial fast weights `params` (ATLAS_SPEC.md 3.1): outer-loop parameters shared by all
+"""The memory's learnable initial fast weights `params` (docs/math.md §3.1): outer-loop parameters shared by all
 sequences, from which every document's test-time training starts."""
 
 from __future__ import annotations

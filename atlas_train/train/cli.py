@@ -28,11 +28,17 @@ def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="atlas-train",
         description="Train an ATLAS-family model. `atlas-train export --help` for the export sub-command.",
+        epilog="Config keys: the dataclasses they build, with a comment per key: model.* atlas_train/model/config.py, "
+               "data.* atlas_train/data/config.py, parallel.* atlas_train/parallel/config.py, train.* "
+               "atlas_train/train/config.py (README: Configuration). --print-config shows every key with its value.",
     )
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config (repeatable, merged in order)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest intact checkpoint in <train.out_dir>/checkpoints (= train.resume=auto)")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error (always in the run's log)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the fully composed config (the files merged in order, the overrides on top, every "
+                        "other key at its default) as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
     return p
 
@@ -41,13 +47,17 @@ def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="atlas-train export",
         description="Write a run's newest intact checkpoint (or a named one) as fp32 model.safetensors + config.yaml + "
-                    "tokenizer.model + manifest.json.",
+                    "tokenizer.model + manifest.json, or "
+                    "(--format hf) as a Hugging Face folder: AutoModelForCausalLM / AutoTokenizer.from_pretrained(DIR) "
+                    "load it after `import atlas_train`.",
     )
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
                    help="the run dir (train.out_dir: its newest intact checkpoint) or one checkpoint, "
-                        "RUN_DIR/checkpoints/step_N")
+                        "RUN_DIR/checkpoints/step_N; with --format hf also an existing export dir, to convert it")
     p.add_argument("--out", required=True, metavar="DIR", help="output dir")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error (always in the run's log)")
+    p.add_argument("--format", choices=["native", "hf"], default="native",
+                   help="native: what atlas-eval/atlas-generate read (default); hf: Hugging Face transformers")
     return p
 
 
@@ -57,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if argv[:1] == ["export"]:
-            from atlas_train.train.export import export
+            if args.format == "hf":
+                from atlas_train.hf.convert import export_hf as export
+            else:
+                from atlas_train.train.export import export
 
             checkpoint = Path(args.checkpoint)
             run_dir.append(checkpoint.parent.parent if TAG_RE.match(checkpoint.name) else checkpoint)
@@ -65,18 +78,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"exported {args.checkpoint} -> {out}")
             return 0
         from atlas_train.config import load_config
-        from atlas_train.train.trainer import train
 
         overrides = list(args.overrides) + (["train.resume=auto"] if args.resume else [])
-        cfg = load_config(args.config, overrides)
-        run_dir.append(Path(cfg.train.out_dir))
-        return train(cfg)
+        config = load_config(args.config, overrides)
+        if args.print_config:
+            import yaml
+
+            from atlas_train.config import to_dict
+
+            print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+            return 0
+        from atlas_train.train.trainer import train
+
+        run_dir.append(Path(config.train.out_dir))
+        return train(config)
 
     if argv[:1] == ["export"]:
         args = _export_parser().parse_args(argv[1:])
     else:
         args = _train_parser().parse_args(argv)
-        if not args.config:
+        if not args.config and not args.print_config:
             _train_parser().error("at least one --config FILE is required")
     return run_cli("atlas-train", body, user_errors=_user_errors(), failures=(NonFiniteLossError,), debug=args.debug,
                    log_dir=lambda: run_dir[-1] if run_dir else None,

@@ -126,11 +126,10 @@ def find_checkpoint(path: str | Path) -> tuple[Path, str]:
     return ckpt_dir, tag
 
 
-def export(run_dir: str | Path, out_dir: str | Path, *, build_model: Optional[Callable] = None, config_cls=None) -> Path:
-    """Write the checkpoint `run_dir` names (find_checkpoint) into `out_dir`; returns out_dir."""
-    from safetensors.torch import save_model
-
-    out_dir = Path(out_dir)
+def checkpoint_model(run_dir: str | Path, *, build_model: Optional[Callable] = None, config_cls=None):
+    """(model with the full fp32 weights of the checkpoint `run_dir` names (find_checkpoint), TP shards merged; the
+    run's config; the checkpoint dir). The weights are loaded with strict key checking, so a model that would not
+    load is refused."""
     ckpt_dir, tag = find_checkpoint(run_dir)
     tag_dir = ckpt_dir / tag
     cfg = load_config([tag_dir / "config.yaml"], cls=config_cls)
@@ -147,6 +146,15 @@ def export(run_dir: str | Path, out_dir: str | Path, *, build_model: Optional[Ca
     else:
         state = consolidated_state_dict(ckpt_dir, tag, cfg.train.zero_stage)
     model.load_state_dict(state, strict=True)
+    return model, cfg, tag_dir
+
+
+def export(run_dir: str | Path, out_dir: str | Path, *, build_model: Optional[Callable] = None, config_cls=None) -> Path:
+    """Write the checkpoint `run_dir` names (find_checkpoint) into `out_dir`; returns out_dir."""
+    from safetensors.torch import save_model
+
+    out_dir = Path(out_dir)
+    model, _, tag_dir = checkpoint_model(run_dir, build_model=build_model, config_cls=config_cls)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # the folder counts as incomplete until the new one is written
     # save_model handles tied weights (one stored copy); each file is replaced whole.

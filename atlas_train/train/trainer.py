@@ -31,11 +31,15 @@ from atlas_train.train.deepspeed_config import build_deepspeed_config
 from atlas_train.train.distributed import any_rank, device, init_distributed
 from atlas_train.train.export import TP_LAYOUT, tp_layout
 from atlas_train.train.metrics import MetricsLogger
+from atlas_train.train.microbatch import ProbeError, batch_layout, engine_state_bytes, model_step_runner, \
+    probe_micro_batch
 from atlas_train.train.nonfinite import NonFiniteGuard
 from atlas_train.train.optim import build_optimizer, build_scheduler, move_scheduler_to
+from atlas_train.train.phase_timer import PhaseTimer
 from atlas_train.train.resize import Layout, prepare_universal, read_resume_client, repairing_universal_load
 from atlas_train.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from atlas_train.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, PreemptionFlag
+from atlas_train.train.speed import apply_speed_settings, compile_blocks
 from atlas_train.train.synthetic import SyntheticLoader
 
 
@@ -101,7 +105,12 @@ VALIDATION_HINT = ("rerun atlas-prep with a larger --val-fraction (or a smaller 
 
 
 class BatchStream:
-    """Endless batches on the device; starts a new pass over the loader when one ends."""
+    """Endless batches on the device; starts a new pass over the loader when one ends.
+
+    A batch whose rows hold one document each (no document starts after token 0) goes without `doc_start`: that is
+    what the model assumes by default, and attention then takes its causal fast path without asking the device. The
+    check runs on the loader's CPU tensors, so it costs no sync.
+    """
 
     def __init__(self, loader: Iterable, dev: torch.device):
         self.loader, self.dev = loader, dev
@@ -115,7 +124,9 @@ class BatchStream:
         except StopIteration:
             self._it = iter(self.loader)
             batch = next(self._it)
-        return {k: v.to(self.dev, non_blocking=True) for k, v in batch.items()}
+        packed = bool(batch["doc_start"][:, 1:-1].any())
+        return {k: (v.to(self.dev, non_blocking=True) if k != "doc_start" or packed else None)
+                for k, v in batch.items()}
 
 
 def _tokenizer_bytes(path: Optional[Path]) -> tuple[Optional[bytes], Optional[str]]:
@@ -212,8 +223,6 @@ class Trainer:
         resume_tag = self._resume_tag()
 
         self.resolved = resolve(cfg)
-        self.config_plain = plain(self.resolved)
-        self.config_yaml = yaml.safe_dump(self.config_plain, sort_keys=False).encode()
         tokenizer_path = None if self.tc.synthetic_data else self.builders.check_data(
             cfg.data, self.resolved.model, self.tc.seq_len)
         tokenizer_bytes, self.tokenizer_sha = _tokenizer_bytes(tokenizer_path)
@@ -221,6 +230,11 @@ class Trainer:
         seed_everything(self.tc.seed)  # same initial weights on every rank
         self.plan = self.builders.parallel(cfg.parallel)
         self.model, self.flops_per_token = self._build_model()
+        self._settle_batch_layout()
+        if self.tc.compile:  # after the probe, which runs eagerly at several shapes
+            compile_blocks(self.model)
+        self.config_plain = plain(self.resolved)
+        self.config_yaml = yaml.safe_dump(self.config_plain, sort_keys=False).encode()
         self.optimizer = build_optimizer(self.model, self.tc)
         self.scheduler = build_scheduler(self.optimizer, self.tc)
         resume = self._read_resume_point(resume_tag)
@@ -243,6 +257,8 @@ class Trainer:
         if rng_state is not None:  # last: nothing in set-up draws from the restored streams before the first step
             restore_rng_state(rng_state)
         self.batches = BatchStream(self.loader, self.device)
+        self.timer = PhaseTimer(self.tc.phase_timing, cuda=self.device.type == "cuda")
+        self.timed_step = self.step
         self.started = time.monotonic()
         self.clock = StepClock(self.step)
         self.first_step = self.step
@@ -286,11 +302,49 @@ class Trainer:
         return tag
 
     def _build_model(self) -> tuple[torch.nn.Module, Optional[float]]:
-        """The model as the plan parallelizes it, and its FLOPs per token (for MFU, on GPU only)."""
+        """The model as the plan parallelizes it, with the train config's recompute and loss settings, and its FLOPs
+        per token (for MFU, on GPU only)."""
         full_model = self.builders.model(self.resolved.model)
         # Counted on the whole model, before TP sharding or ZeRO-3 partitioning hide parameters from it.
         flops_per_token = full_model.flops_per_token(self.tc.seq_len) if torch.cuda.is_available() else None
-        return self.plan.parallelize(full_model), flops_per_token
+        model = self.plan.parallelize(full_model)
+        self.speed = apply_speed_settings(model, self.tc, tp_size=self.plan.tp_size, cp_size=self.plan.cp_size)
+        return model, flops_per_token
+
+    def _settle_batch_layout(self) -> None:
+        """Fix micro-batch and accumulation (probing the GPU for `micro_batch_size: auto`) and keep them, with the
+        recompute and loss settings that `auto` chose, in the config the run saves: the logs and a resumed run see
+        what ran."""
+        micro, accum = batch_layout(self.tc, self.plan.dp_size, self._probe_micro_batch)
+        self.tc = dataclasses.replace(self.tc, micro_batch_size=micro, grad_accum=accum, global_batch_size=None,
+                                      activation_checkpointing=self.speed.activation_checkpointing,
+                                      fused_cross_entropy=self.speed.fused_cross_entropy)
+        self.cfg = dataclasses.replace(self.cfg, train=self.tc)
+        self.resolved = dataclasses.replace(self.resolved, train=self.tc)
+        if self.rank == 0:
+            print(f"train: micro-batch {micro} x {accum} accumulation x {self.plan.dp_size} data-parallel ranks; "
+                  f"{self.speed.describe()}", flush=True)
+
+    def _probe_micro_batch(self, sizes: list[int]) -> int:
+        """The largest of `sizes` that fits every data-parallel rank's GPU (one forward + backward each)."""
+        if self.device.type != "cuda":
+            raise ProbeError("train.micro_batch_size auto probes GPU memory; on CPU give a number")
+        if self.plan.tp_size > 1 or self.plan.cp_size > 1:
+            raise ProbeError("train.micro_batch_size auto probes one rank alone, which tensor or context "
+                             "parallelism forbids (its layers talk to other ranks); give a number")
+        dtype = torch.bfloat16 if self.tc.precision == "bf16" else torch.float32
+        self.model.to(self.device, dtype)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        result = probe_micro_batch(
+            model_step_runner(self.model, self.tc.seq_len, self.resolved.model.vocab_size, self.device), sizes,
+            budget_bytes=0.9 * torch.cuda.get_device_properties(self.device).total_memory,
+            engine_bytes=engine_state_bytes(n_params, self.tc.zero_stage, self.plan.dp_size))
+        if self.rank == 0:
+            print(f"train: {result.describe()}", flush=True)
+        micro = torch.tensor(result.micro_batch_size, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(micro, op=dist.ReduceOp.MIN)
+        return int(micro)
 
     def _read_resume_point(self, tag: Optional[str]) -> Optional[ResumePoint]:
         """The checkpoint `tag`, checked against this run's layout, model and tokenizer before the engine is built."""
@@ -399,13 +453,17 @@ class Trainer:
         """
         losses = []
         for micro in range(self.tc.grad_accum):
-            loss = self.forward(self.next_batch())
-            self.backward(loss)
+            batch = self.next_batch()
+            with self.timer.phase("forward"):
+                loss = self.forward(batch)
+            with self.timer.phase("backward"):
+                self.backward(loss)
             losses.append(loss.detach().float())
             if micro < self.tc.grad_accum - 1:
                 self.engine.step()  # DeepSpeed counts the micro-batch; the update waits for the last one
         bad, *agreed = any_rank(~torch.isfinite(torch.stack(losses)).all(), *flags())
-        self.optimizer_step(apply=not bad)
+        with self.timer.phase("optimizer"):
+            self.optimizer_step(apply=not bad)
         self.step += 1
         self.guard.record(not bad, self.step)
         return torch.stack(losses).mean(), not bad, tuple(agreed)
@@ -418,6 +476,8 @@ class Trainer:
         values = _step_metrics(self.engine, self.tc, self.plan, loss, lr, dt, self.world_size, self.flops_per_token)
         values["train/skipped_steps"] = self.guard.total
         values["perf/elapsed_s"] = time.monotonic() - self.started  # wall time, logging and data included
+        values.update({f"perf/{name}_s": sec for name, sec in self.timer.collect(self.step - self.timed_step).items()})
+        self.timed_step = self.step
         self.logger.log(self.step, values)
         self.last_losses["train"] = loss
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{values['train/lr']:.2e}", refresh=False)
