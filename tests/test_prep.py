@@ -250,7 +250,7 @@ def test_a_rerun_after_a_failure_gives_the_clean_runs_bytes(hub_corpus, tokenize
     assert _prep_files(inputs, tmp_path / "clean", *given) == 0
     corrupt = tmp_path / "corrupt.jsonl.zst"
     corrupt.write_bytes(zstandard.ZstdCompressor().compress(b'{"body": "fine"}\n' * 50)[:-9])  # truncated
-    assert _prep_files([*inputs, str(corrupt)], tmp_path / "rerun", *given) == 1
+    assert _prep_files([*inputs, str(corrupt)], tmp_path / "rerun", *given) == 2
     assert not (tmp_path / "rerun" / "manifest.json").exists()
     assert _prep_files(inputs, tmp_path / "rerun", *given) == 0
     for path in (tmp_path / "clean").iterdir():
@@ -288,10 +288,10 @@ def test_a_bad_tokenizer_json_is_one_line(corpus, tmp_path, capsys):
     root, _ = corpus
     bad = tmp_path / "tokenizer.json"
     bad.write_text('{"version": "1.0", "model": ')
-    assert prep(root, tmp_path / "out", "--tokenizer", str(bad)) == 1
+    assert prep(root, tmp_path / "out", "--tokenizer", str(bad)) == 2
     assert "tokenizer.json: not a tokenizer.json" in capsys.readouterr().err
     from tokenizers import Tokenizer, models
 
     Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[])).save(str(bad))  # no EOS token
-    assert prep(root, tmp_path / "out", "--tokenizer", str(bad)) == 1
+    assert prep(root, tmp_path / "out", "--tokenizer", str(bad)) == 2
     assert "tokenizer.json: the tokenizer has no EOS id" in capsys.readouterr().err.strip().splitlines()[-1]
