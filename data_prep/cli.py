@@ -1,17 +1,22 @@
 """`atlas-prep`: raw text (txt, jsonl, parquet, Hugging Face datasets) into tokenized webdataset shards plus
-manifest.json."""
+manifest.json.
+
+Exit codes as cli_errors.py says (2 for a user error); the traceback of an error goes to `<output>/atlas-prep.log`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+from pathlib import Path
 
+from atlas_train.cli_errors import run_cli
 from atlas_train.data_prep.errors import PrepError
 from atlas_train.data_prep.prep import PrepOptions, run_prep
 from atlas_train.data_prep.shard_format import DataError
 
 
-def parse_args(argv: list[str] | None) -> PrepOptions:
+def parse_args(argv: list[str] | None) -> tuple[PrepOptions, bool]:
+    """The options, and whether --debug was given."""
     p = argparse.ArgumentParser(
         prog="atlas-prep",
         description="Tokenize text (sentencepiece, or a Hugging Face tokenizer.json) and pack it into webdataset "
@@ -40,26 +45,28 @@ def parse_args(argv: list[str] | None) -> PrepOptions:
                    help="JSON key / parquet or Hugging Face dataset column holding the text (default text)")
     p.add_argument("--txt-docs", choices=["file", "blank-line"], default="file",
                    help=".txt documents: one per file (default) or one per blank-line-separated block")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error (always in atlas-prep.log)")
     a = p.parse_args(argv)
     return PrepOptions(
         inputs=a.input, output=a.output, seq_len=a.seq_len, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
         model_type=a.model_type, tokenizer_train_mb=a.tokenizer_train_mb, val_fraction=a.val_fraction,
         shard_size_mb=a.shard_size_mb, workers=a.workers, text_field=a.text_field, txt_docs=a.txt_docs,
-    )
+    ), a.debug
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = parse_args(argv)
-    try:
+    opts, debug = parse_args(argv)
+
+    def body() -> int:
         run_prep(opts)
-    except (PrepError, DataError) as err:
-        print(f"atlas-prep: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("atlas-prep: interrupted; the output has no manifest until a run completes", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return run_cli("atlas-prep", body, user_errors=(PrepError, DataError), debug=debug,
+                   log_dir=lambda: Path(opts.output),
+                   interrupted="interrupted; the output has no manifest until a run completes")
 
 
 if __name__ == "__main__":
+    import sys
+
     sys.exit(main())

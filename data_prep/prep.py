@@ -3,7 +3,8 @@
 The main process reads documents and hands batches of them to a pool of encoder processes, taking the results
 back in submission order, so the shards do not depend on the worker count or timing. Each document goes to
 val when a hash of its text falls below `val_fraction`: the split is stable under reordering the corpus, and
-duplicate documents never straddle train and val.
+duplicate documents never straddle train and val. On a corpus too small for that to give every split a row,
+splits.py moves documents (or a slice of one) between them, or stops naming the flag to change.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from tqdm import tqdm
 from atlas_train.data_prep.encode import encode_batch, init_encoder
 from atlas_train.data_prep.errors import PrepError
 from atlas_train.data_prep.inputs import InputStats, find_inputs, iter_documents
-from atlas_train.data_prep.pack import RowPacker
 from atlas_train.data_prep.shard_format import TOKENIZER_NAME, Manifest
+from atlas_train.data_prep.splits import SplitRouter
 from atlas_train.data_prep.tokenizer import load_tokenizer, train_tokenizer
 from atlas_train.data_prep.writer import SplitWriter, begin_dataset, finish_dataset
 
@@ -101,8 +102,7 @@ def run_prep(opts: PrepOptions, log=None) -> Manifest:
 
     split_names = ["train", "val"] if opts.val_fraction > 0 else ["train"]
     writers = {s: SplitWriter(out_dir, s, opts.seq_len, vocab_size, opts.shard_size_mb) for s in split_names}
-    packers = {s: RowPacker(opts.seq_len, eos_id) for s in split_names}
-    docs_per_split = dict.fromkeys(split_names, 0)
+    router = SplitRouter(split_names, opts.seq_len, eos_id, opts.val_fraction)
     stats = InputStats()
     tokens_total = 0
     tasks = _batches(iter_documents(files, opts.txt_docs, opts.text_field, stats), opts.val_fraction)
@@ -112,20 +112,18 @@ def run_prep(opts: PrepOptions, log=None) -> Manifest:
     ) as bar:
         for encoded in _encode_in_order(pool, tasks, depth=2 * opts.workers + 1):
             for tokens, val in encoded:
-                split = "val" if val else "train"
-                docs_per_split[split] += 1
-                for row_tokens, row_starts in packers[split].add(tokens):
+                for split, row_tokens, row_starts in router.add("val" if val else "train", tokens):
                     writers[split].add(row_tokens, row_starts)
                 tokens_total += tokens.size + 1
                 bar.update(tokens.size + 1)
+    for split, row_tokens, row_starts in router.finish():
+        writers[split].add(row_tokens, row_starts)
     splits = {s: w.close() for s, w in writers.items()}
-    if splits["train"].samples == 0:
-        raise PrepError(f"the training split has {tokens_total} tokens, too few for one row of {opts.seq_len + 1}")
+    docs_per_split = router.documents
+    if router.note:
+        print(f"atlas-prep: {router.note}", file=log)
     for warning in stats.warnings():
         print(f"atlas-prep: warning: {warning}", file=log)
-    if "val" in splits and splits["val"].samples == 0:
-        print(f"atlas-prep: warning: the val split ({docs_per_split['val']} documents) is too small for one row",
-              file=log)
     info = {
         "producer": "atlas-prep",
         "inputs": [str(f) for f in files],
@@ -133,7 +131,7 @@ def run_prep(opts: PrepOptions, log=None) -> Manifest:
         "text_field": opts.text_field,
         "val_fraction": opts.val_fraction,
         "documents": docs_per_split,
-        "dropped_tokens": {s: p.dropped_tokens for s, p in packers.items()},
+        "dropped_tokens": {s: p.dropped_tokens for s, p in router.packers.items()},
         "invalid_utf8_bytes": stats.invalid_utf8_bytes,
         "bad_json_lines": stats.bad_json_lines,
     }

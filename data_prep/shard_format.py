@@ -197,7 +197,7 @@ def check_manifest(manifest: Manifest, vocab_size: int, seq_len: int) -> None:
     if manifest.vocab_size > vocab_size:
         raise DataError(
             f"{where}: the data's vocabulary has {manifest.vocab_size} tokens but model.vocab_size is {vocab_size}; "
-            f"set model.vocab_size >= {manifest.vocab_size}"
+            f"set model.vocab_size >= {manifest.vocab_size} (or auto, the data's)"
         )
     check_seq_len(manifest, seq_len)
 

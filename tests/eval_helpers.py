@@ -41,13 +41,14 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 1024, dummy_prefix: bool = 
 
 
 def write_export(out_dir: Path, tokenizer: Path | None, **model_kwargs) -> Path:
-    """An export dir (model.safetensors, config.yaml, tokenizer.model) of a freshly built tiny model."""
+    """An export dir (model.safetensors, config.yaml, tokenizer.model, manifest.json) of a freshly built tiny model."""
     from safetensors.torch import save_model
 
     from atlas_train.config import dump_yaml
     from atlas_train.model import build_model
     from atlas_train.model.config import ModelConfig
     from atlas_train.run_config import Config
+    from atlas_train.train.integrity import checksums, write_manifest
 
     model_cfg = ModelConfig(
         **{
@@ -71,4 +72,6 @@ def write_export(out_dir: Path, tokenizer: Path | None, **model_kwargs) -> Path:
     dump_yaml(Config(model=model_cfg), out_dir / "config.yaml")
     if tokenizer is not None:
         (out_dir / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+    names = ["model.safetensors", "config.yaml"] + (["tokenizer.model"] if tokenizer is not None else [])
+    write_manifest(out_dir, checksums(out_dir, names))  # last, as atlas-train export does
     return out_dir

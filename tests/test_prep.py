@@ -151,7 +151,7 @@ def test_bad_input_is_reported_and_counted(tmp_path, capsys):
 def test_user_errors_are_one_line(tmp_path, capsys, setup, message):
     setup(tmp_path)
     target = next(tmp_path.glob("missing*"), tmp_path / "missing")
-    assert prep(target, tmp_path / "out") == 1
+    assert prep(target, tmp_path / "out") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("atlas-prep: error: ") and "Traceback" not in err[0]
     assert re.search(message, err[0])
@@ -162,7 +162,7 @@ def test_given_tokenizer_is_copied_and_checked(corpus, tmp_path, capsys):
     root, _ = corpus
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"junk")
-    assert prep(root, tmp_path / "out", "--tokenizer", str(bad)) == 1
+    assert prep(root, tmp_path / "out", "--tokenizer", str(bad)) == 2
     assert "bad.model: not a sentencepiece model" in capsys.readouterr().err
     good = train_tokenizer(iter(make_docs(50, 3)), tmp_path / "good.model", 300, "bpe", 1 << 20)
     assert prep(root, tmp_path / "out", "--tokenizer", str(good)) == 0
@@ -178,7 +178,7 @@ def test_a_failed_rerun_leaves_no_manifest_and_no_temp_files(corpus, tmp_path):
     broken.mkdir()
     (broken / "a.txt.xz").write_bytes((root / "d.txt.xz").read_bytes())
     (broken / "z.jsonl.gz").write_bytes(gzip.compress(b'{"text": "fine"}\n')[:-12])  # truncated at the end
-    assert prep(broken, out, "--tokenizer", str(out / "tokenizer.model")) == 1
+    assert prep(broken, out, "--tokenizer", str(out / "tokenizer.model")) == 2
     assert not (out / "manifest.json").exists()
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
@@ -250,7 +250,7 @@ def test_a_rerun_after_a_failure_gives_the_clean_runs_bytes(hub_corpus, tokenize
     assert _prep_files(inputs, tmp_path / "clean", *given) == 0
     corrupt = tmp_path / "corrupt.jsonl.zst"
     corrupt.write_bytes(zstandard.ZstdCompressor().compress(b'{"body": "fine"}\n' * 50)[:-9])  # truncated
-    assert _prep_files([*inputs, str(corrupt)], tmp_path / "rerun", *given) == 1
+    assert _prep_files([*inputs, str(corrupt)], tmp_path / "rerun", *given) == 2
     assert not (tmp_path / "rerun" / "manifest.json").exists()
     assert _prep_files(inputs, tmp_path / "rerun", *given) == 0
     for path in (tmp_path / "clean").iterdir():
@@ -288,10 +288,10 @@ def test_a_bad_tokenizer_json_is_one_line(corpus, tmp_path, capsys):
     root, _ = corpus
     bad = tmp_path / "tokenizer.json"
     bad.write_text('{"version": "1.0", "model": ')
-    assert prep(root, tmp_path / "out", "--tokenizer", str(bad)) == 1
+    assert prep(root, tmp_path / "out", "--tokenizer", str(bad)) == 2
     assert "tokenizer.json: not a tokenizer.json" in capsys.readouterr().err
     from tokenizers import Tokenizer, models
 
     Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[])).save(str(bad))  # no EOS token
-    assert prep(root, tmp_path / "out", "--tokenizer", str(bad)) == 1
+    assert prep(root, tmp_path / "out", "--tokenizer", str(bad)) == 2
     assert "tokenizer.json: the tokenizer has no EOS id" in capsys.readouterr().err.strip().splitlines()[-1]

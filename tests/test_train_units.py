@@ -21,6 +21,7 @@ from atlas_train.train.atomic import atomic_write, atomic_write_text
 from atlas_train.train.checkpoint import CheckpointError, CheckpointManager, read_latest
 from atlas_train.train.config import TrainConfig
 from atlas_train.train.deepspeed_config import build_deepspeed_config
+from atlas_train.train.integrity import checksums, write_manifest
 from atlas_train.train.metrics import MetricsLogger
 from atlas_train.train.nonfinite import NonFiniteGuard, NonFiniteLossError
 from atlas_train.train.optim import SkippableAdamW, build_optimizer, build_scheduler, param_groups
@@ -241,10 +242,11 @@ def test_step_metrics_mfu_and_memory_health():
 def test_export_of_a_tensor_parallel_checkpoint_without_its_layout_is_a_clear_error(tmp_path):
     from atlas_train.train.export import export
 
-    tag = tmp_path / "run" / "checkpoints" / "step_4"
+    tag = tmp_path / "run" / "checkpoints" / "step_00000004"
     tag.mkdir(parents=True)
-    (tag / "config.yaml").write_text("parallel:\n  tensor_parallel: 2\n")
-    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_4\n")
+    (tag / "config.yaml").write_text("model:\n  vocab_size: 64\nparallel:\n  tensor_parallel: 2\n")
+    write_manifest(tag, checksums(tag, ["config.yaml"]))
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000004\n")
     with pytest.raises(CheckpointError, match="tensor_parallel=2 but has no tp_layout.json"):
         export(tmp_path / "run", tmp_path / "out")
 

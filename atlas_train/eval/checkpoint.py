@@ -1,4 +1,5 @@
-"""Loading an exported model for evaluation and generation, with user errors turned into one-line messages."""
+"""Loading an exported model for evaluation and generation, with user errors turned into one-line messages; the
+export's files are verified against its manifest before they are read."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto") -
     """The model of an `atlas-train export` dir, on `device` in `dtype`, in eval mode."""
     from atlas_train.config import ConfigError
     from atlas_train.train.export import load_exported
+    from atlas_train.train.integrity import IntegrityError
 
     path = Path(path)
     if not path.is_dir():
@@ -55,6 +57,8 @@ def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto") -
     dev = resolve_device(device)
     try:
         model, config, tokenizer_path = load_exported(path)
+    except IntegrityError as err:
+        raise UserError(f"{err}; export the run again (atlas-train export)") from None
     except (ConfigError, OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights that do not fit
         raise UserError(f"cannot load {path}: {err}") from None
     model = model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()

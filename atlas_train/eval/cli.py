@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error (always in atlas-eval.log)")
     g = p.add_argument_group("ppl")
     g.add_argument("--data", help="dataset dir with manifest.json (default: the run's data.path)")
     g.add_argument("--split", default="val")
@@ -296,25 +297,28 @@ TASKS = {"ppl": run_ppl, "mqar": run_mqar, "niah": run_niah, "lm-eval": run_lm_e
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes and error lines as cli_errors.py says; the traceback goes to the checkpoint's atlas-eval.log."""
+    from atlas_train.cli_errors import run_cli
     from atlas_train.config import ConfigError
     from atlas_train.data_prep.shard_format import DataError
 
     args = build_parser().parse_args(argv)
-    try:
-        if args.batch_size <= 0 or (args.samples is not None and args.samples <= 0) or args.max_rows < 0:
-            raise UserError("--batch-size and --samples must be positive, --max-rows >= 0")
-        if args.write_data:
-            if args.task in ("ppl", "lm-eval"):
-                raise UserError("--write-data makes synthetic shards: use it with --task mqar or niah")
-            print(write_data(args))
-            return 0
-        if not args.checkpoint:
-            raise UserError("--checkpoint DIR is required (or --write-data DIR to make synthetic shards)")
-        loaded = load_for_eval(args.checkpoint, device=args.device, dtype=args.dtype)
-        results, table = TASKS[args.task](args, loaded)
-    except (UserError, DataError, ConfigError, ValueError) as err:
-        print(f"atlas-eval: error: {err}", file=sys.stderr)
-        return 2
+    return run_cli("atlas-eval", lambda: _run(args), user_errors=(UserError, DataError, ConfigError, ValueError),
+                   debug=args.debug, log_dir=lambda: Path(args.write_data or args.checkpoint))
+
+
+def _run(args) -> int:
+    if args.batch_size <= 0 or (args.samples is not None and args.samples <= 0) or args.max_rows < 0:
+        raise UserError("--batch-size and --samples must be positive, --max-rows >= 0")
+    if args.write_data:
+        if args.task in ("ppl", "lm-eval"):
+            raise UserError("--write-data makes synthetic shards: use it with --task mqar or niah")
+        print(write_data(args))
+        return 0
+    if not args.checkpoint:
+        raise UserError("--checkpoint DIR is required (or --write-data DIR to make synthetic shards)")
+    loaded = load_for_eval(args.checkpoint, device=args.device, dtype=args.dtype)
+    results, table = TASKS[args.task](args, loaded)
     results["checkpoint"] = str(args.checkpoint)
     out = write_json(args.out or Path(args.checkpoint) / f"eval_{args.task}.json", results)
     print(table)

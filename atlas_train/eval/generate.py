@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -159,26 +160,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each decode step of a memory model as one CUDA graph (GPU only; a growing attention "
                         "cache decodes as without it)")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of an error (always in the checkpoint's atlas-generate.log)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from atlas_train.eval.checkpoint import UserError, load_for_eval, load_tokenizer, resolve_device
+    """Exit codes and error lines as cli_errors.py says; the traceback goes to the checkpoint's atlas-generate.log."""
+    from atlas_train.cli_errors import run_cli
+    from atlas_train.eval.checkpoint import UserError
 
     args = build_parser().parse_args(argv)
-    try:
-        if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 0:
-            raise UserError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, --max-new-tokens >= 0")
-        if args.cuda_graph and resolve_device(args.device).type != "cuda":
-            raise UserError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
-        loaded = load_for_eval(args.checkpoint, device=args.device, dtype=args.dtype)
-        tokenizer = load_tokenizer(loaded.tokenizer_path)
-        prompt_ids = tokenizer.encode(args.prompt)
-        if not prompt_ids:
-            raise UserError("--prompt encodes to no tokens")
-    except UserError as err:
-        print(f"atlas-generate: error: {err}", file=sys.stderr)
-        return 2
+    return run_cli("atlas-generate", lambda: _run(args), user_errors=(UserError,), debug=args.debug,
+                   log_dir=lambda: Path(args.checkpoint))
+
+
+def _run(args) -> int:
+    from atlas_train.eval.checkpoint import UserError, load_for_eval, load_tokenizer, resolve_device
+
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 0:
+        raise UserError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, --max-new-tokens >= 0")
+    if args.cuda_graph and resolve_device(args.device).type != "cuda":
+        raise UserError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
+    loaded = load_for_eval(args.checkpoint, device=args.device, dtype=args.dtype)
+    tokenizer = load_tokenizer(loaded.tokenizer_path)
+    prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        raise UserError("--prompt encodes to no tokens")
     generator = torch.Generator(device=loaded.device).manual_seed(args.seed)
     streamer = TextStreamer(tokenizer.decode, lambda s: (sys.stdout.write(s), sys.stdout.flush()), prompt_ids)
     sys.stdout.write(streamer.printed)

@@ -28,7 +28,7 @@ FAMILY_DEFAULTS: dict[str, dict] = {
 @dataclass
 class ModelConfig:
     mixer: str = "atlas"
-    vocab_size: int = 8192
+    vocab_size: int | Literal["auto"] = "auto"  # auto: the dataset's (its manifest's vocab_size), set when a run starts
     d_model: int = 128
     n_layers: int = 2
     n_heads: int = 4
@@ -70,7 +70,9 @@ class ModelConfig:
             raise ValueError(f"mixer {self.mixer!r} is not one of {list(MIXERS)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "chunk_size", "memory_expansion", "conv_kernel",
+        if self.vocab_size != "auto" and self.vocab_size <= 0:
+            raise ValueError("vocab_size must be positive (or auto)")
+        for name in ("d_model", "n_layers", "n_heads", "chunk_size", "memory_expansion", "conv_kernel",
                      "gate_rank", "swa_window", "max_seq_len", "mlp_multiple_of"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -108,7 +110,8 @@ class ModelConfig:
         return m * ((raw + m - 1) // m)
 
     def resolved(self) -> "ModelConfig":
-        """This config with every None family field filled from FAMILY_DEFAULTS[mixer] (and sketch_dim = dh)."""
+        """This config with every None family field filled from FAMILY_DEFAULTS[mixer] (and sketch_dim = dh).
+        A vocab_size of `auto` stays: a run replaces it with its dataset's before it builds the model."""
         fills = {k: v for k, v in FAMILY_DEFAULTS[self.mixer].items() if getattr(self, k) is None}
         if self.sketch_dim is None:
             fills["sketch_dim"] = self.head_dim

@@ -8,6 +8,10 @@ vocab-parallel embedding/head are joined on dim 0, row-parallel weights on dim 1
 (and must agree). megatron's vocab-parallel layers here need tensor_parallel to divide the vocabulary, so there is
 no padding to drop. The exported weights are loaded into a freshly built model with strict key checking before they
 are written, so an export that would not load is never produced.
+
+Integrity both ways: the checkpoint is verified against its manifest before it is read (a run dir gives its newest
+intact checkpoint, a named checkpoint folder must be intact), and the export folder gets a manifest of its own,
+written last, that `load_exported` verifies.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,8 +27,9 @@ from typing import Callable, Optional
 import torch
 
 from atlas_train.config import load_config
-from atlas_train.train.atomic import atomic_write_bytes
-from atlas_train.train.checkpoint import CheckpointError, read_latest
+from atlas_train.train.atomic import atomic_write_bytes, atomic_write_via
+from atlas_train.train.checkpoint import TAG_RE, CheckpointError, newest_intact, verify_checkpoint
+from atlas_train.train.integrity import MANIFEST, checksums, verify, write_manifest
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -98,16 +103,34 @@ def _default_build_model(model_cfg):
     return build_model(model_cfg)
 
 
-def checkpoint_model(run_dir: str | Path, *, build_model: Optional[Callable] = None, config_cls=None):
-    """(model with the latest checkpoint's full fp32 weights, TP shards merged; the run's config; the checkpoint
-    dir) of `run_dir`. The weights are loaded with strict key checking, so a model that would not load is refused."""
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run dir not found: {run_dir}")
-    tag = read_latest(ckpt_dir)
+def find_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """(checkpoints dir, tag) that `path` names: a run dir gives its newest intact checkpoint (a line on stderr
+    names any newer one skipped), one checkpoint's folder (`<run>/checkpoints/step_N`) must be intact itself."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"run dir not found: {path}")
+    if TAG_RE.match(path.name):
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise CheckpointError(f"{problem}; export the run dir {path.parent.parent} to take its newest intact "
+                                  "checkpoint")
+        return path.parent, path.name
+    ckpt_dir = path / "checkpoints"
+    tag, skipped = newest_intact(ckpt_dir)
     if tag is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint ({ckpt_dir / 'latest'} does not exist)")
+        if skipped:
+            raise CheckpointError(f"no intact checkpoint in {ckpt_dir}: {skipped[0]}")
+        raise CheckpointError(f"{path} has no checkpoint ({ckpt_dir / 'latest'} does not exist)")
+    if skipped:
+        print(f"atlas-train export: warning: {skipped[0]}; exporting {ckpt_dir / tag} instead", file=sys.stderr)
+    return ckpt_dir, tag
+
+
+def checkpoint_model(run_dir: str | Path, *, build_model: Optional[Callable] = None, config_cls=None):
+    """(model with the full fp32 weights of the checkpoint `run_dir` names (find_checkpoint), TP shards merged; the
+    run's config; the checkpoint dir). The weights are loaded with strict key checking, so a model that would not
+    load is refused."""
+    ckpt_dir, tag = find_checkpoint(run_dir)
     tag_dir = ckpt_dir / tag
     cfg = load_config([tag_dir / "config.yaml"], cls=config_cls)
     tp = getattr(getattr(cfg, "parallel", None), "tensor_parallel", 1)
@@ -127,26 +150,33 @@ def checkpoint_model(run_dir: str | Path, *, build_model: Optional[Callable] = N
 
 
 def export(run_dir: str | Path, out_dir: str | Path, *, build_model: Optional[Callable] = None, config_cls=None) -> Path:
-    """Write the latest checkpoint of `run_dir` into `out_dir`; returns out_dir."""
+    """Write the checkpoint `run_dir` names (find_checkpoint) into `out_dir`; returns out_dir."""
     from safetensors.torch import save_model
 
     out_dir = Path(out_dir)
     model, _, tag_dir = checkpoint_model(run_dir, build_model=build_model, config_cls=config_cls)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".model.safetensors.{os.getpid()}.tmp"
-    save_model(model.float(), str(tmp))  # handles tied weights (one stored copy)
-    os.replace(tmp, out_dir / "model.safetensors")  # atomic: a reader sees the old file or the whole new one
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # the folder counts as incomplete until the new one is written
+    # save_model handles tied weights (one stored copy); each file is replaced whole.
+    atomic_write_via(out_dir / "model.safetensors", lambda tmp: save_model(model.float(), str(tmp)))
     atomic_write_bytes(out_dir / "config.yaml", (tag_dir / "config.yaml").read_bytes())
+    written = ["model.safetensors", "config.yaml"]
     if (tag_dir / "tokenizer.model").is_file():
         atomic_write_bytes(out_dir / "tokenizer.model", (tag_dir / "tokenizer.model").read_bytes())
+        written.append("tokenizer.model")
+    else:
+        (out_dir / "tokenizer.model").unlink(missing_ok=True)  # an older export's, not this checkpoint's
+    write_manifest(out_dir, checksums(out_dir, written))
     return out_dir
 
 
 def load_exported(path: str | Path, *, build_model: Optional[Callable] = None, config_cls=None):
-    """(model in eval mode, fp32; the run's resolved config; tokenizer.model path or None) of an export dir."""
+    """(model in eval mode, fp32; the run's resolved config; tokenizer.model path or None) of an export dir, whose
+    files are verified against its manifest first (IntegrityError names a damaged or missing one)."""
     from safetensors.torch import load_model
 
     path = Path(path)
+    verify(path)
     cfg = load_config([path / "config.yaml"], cls=config_cls)
     model = (build_model or _default_build_model)(cfg.model)
     load_model(model, str(path / "model.safetensors"), strict=True)

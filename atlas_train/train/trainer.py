@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,9 @@ import torch.distributed as dist
 import yaml
 
 from atlas_train.train.atomic import atomic_write_bytes
-from atlas_train.train.checkpoint import CheckpointError, CheckpointManager, read_latest
+from atlas_train.cli_errors import describe_os_error
+from atlas_train.config import ConfigError
+from atlas_train.train.checkpoint import CheckpointError, CheckpointManager, newest_intact, step_of, tag_for
 from atlas_train.train.deepspeed_config import build_deepspeed_config
 from atlas_train.train.distributed import any_rank, device, init_distributed
 from atlas_train.train.export import TP_LAYOUT, tp_layout
@@ -34,7 +38,7 @@ from atlas_train.train.optim import build_optimizer, build_scheduler, move_sched
 from atlas_train.train.phase_timer import PhaseTimer
 from atlas_train.train.resize import Layout, prepare_universal, read_resume_client, repairing_universal_load
 from atlas_train.train.rng import capture_rng_state, restore_rng_state, seed_everything
-from atlas_train.train.signals import EXIT_PREEMPTED, PreemptionFlag
+from atlas_train.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, PreemptionFlag
 from atlas_train.train.speed import apply_speed_settings, compile_blocks
 from atlas_train.train.synthetic import SyntheticLoader
 
@@ -51,11 +55,31 @@ class Builders:
 
 def check_dataset(data_cfg, model_cfg, seq_len: int) -> Optional[Path]:
     """Stop early, with the file named, when the dataset is missing or does not fit the model; its tokenizer path."""
-    from atlas_train.data import check_manifest, read_manifest
+    from atlas_train.data import DataError, check_manifest, read_manifest
 
     manifest = read_manifest(data_cfg.path)
     check_manifest(manifest, model_cfg.vocab_size, seq_len)
+    if manifest.tokenizer_path is not None and not manifest.tokenizer_path.is_file():
+        raise DataError(f"{manifest.path / 'manifest.json'} names the tokenizer {manifest.tokenizer_path}, which is "
+                        "missing: rerun atlas-prep")
+    if model_cfg.vocab_size > manifest.vocab_size and dist.get_rank() == 0:
+        print(f"atlas-train: warning: model.vocab_size {model_cfg.vocab_size} is larger than the data's vocabulary "
+              f"{manifest.vocab_size} ({manifest.path}): {model_cfg.vocab_size - manifest.vocab_size} embedding rows "
+              "are never trained (model.vocab_size=auto takes the data's)", file=sys.stderr)
     return manifest.tokenizer_path
+
+
+def with_data_vocab(cfg):
+    """`cfg` with model.vocab_size `auto` replaced by the dataset's vocabulary (its manifest's vocab_size)."""
+    if cfg.model.vocab_size != "auto":
+        return cfg
+    if cfg.train.synthetic_data:
+        raise ConfigError("model.vocab_size: auto takes the dataset's vocabulary, but train.synthetic_data has none; "
+                          "set a number")
+    from atlas_train.data import read_manifest
+
+    vocab = read_manifest(cfg.data.path).vocab_size
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
 def default_builders() -> Builders:
@@ -74,6 +98,10 @@ def plain(obj) -> dict:
 def resolve(cfg):
     """The run's config with the model's family defaults filled in: what is saved and compared on resume."""
     return dataclasses.replace(cfg, model=cfg.model.resolved())
+
+
+VALIDATION_HINT = ("rerun atlas-prep with a larger --val-fraction (or a smaller --seq-len), or set train.eval_every=0 "
+                   "to train without validation")
 
 
 class BatchStream:
@@ -183,12 +211,14 @@ class Trainer:
         """Set-up: the process group, the checked config and data, the model, optimizer and DeepSpeed engine, and,
         when resuming, everything restored from the checkpoint. Refuses a run dir that holds checkpoints unless
         `train.resume=auto`, and a checkpoint of another model or tokenizer."""
+        cfg = with_data_vocab(cfg)
         self.cfg, self.tc = cfg, cfg.train
         self.builders = builders or default_builders()
         init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = device()
         self.run_dir = Path(self.tc.out_dir)
+        self._make_run_dir()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.tc.keep_last, self.rank)
         resume_tag = self._resume_tag()
 
@@ -210,6 +240,8 @@ class Trainer:
         resume = self._read_resume_point(resume_tag)
         self.engine = self._build_engine(universal=resume is not None and resume.universal)
         self.loader = self.make_loader("train")
+        if self.tc.eval_every:
+            self._check_validation_split()
         self.guard = NonFiniteGuard(self.tc.max_nonfinite_in_row)
         self.step = 0
         rng_state = self._resume(resume) if resume is not None else None
@@ -229,17 +261,44 @@ class Trainer:
         self.timed_step = self.step
         self.started = time.monotonic()
         self.clock = StepClock(self.step)
+        self.first_step = self.step
+        self.last_losses: dict[str, float] = {}  # the latest logged train/val loss, for the summary line
+        if resume is not None and self.rank == 0:
+            self.bar.write(f"resumed from {self.ckpt.dir / resume.tag} at step {self.step}")
 
     # -- set-up ----------------------------------------------------------------------------------------------------
 
+    def _make_run_dir(self) -> None:
+        """Create train.out_dir (rank 0) and check that it takes files, so that an impossible or read-only path
+        stops the run in one line before set-up rather than at the first save."""
+        problem = None
+        if self.rank == 0:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=self.run_dir).close()
+            except OSError as err:
+                problem = f"train.out_dir: cannot write to {self.run_dir} ({describe_os_error(err)})"
+        (failed,) = any_rank(problem is not None)
+        if failed:
+            raise ConfigError(problem or f"train.out_dir: rank 0 cannot write to {self.run_dir}")
+
     def _resume_tag(self) -> Optional[str]:
-        """The checkpoint tag to continue from under `train.resume=auto`, else None."""
-        tag = read_latest(self.ckpt.dir) if self.tc.resume == "auto" else None
-        if tag is None and (self.ckpt.dir / "latest").exists():
-            raise CheckpointError(
-                f"{self.run_dir} already holds checkpoints: pass train.resume=auto (or --resume) to continue, "
-                "or choose another train.out_dir"
-            )
+        """The checkpoint tag to continue from under `train.resume=auto` (the newest intact one, with a line naming
+        what was skipped and why), else None."""
+        if self.tc.resume != "auto":
+            if (self.ckpt.dir / "latest").exists():
+                raise CheckpointError(
+                    f"{self.run_dir} already holds checkpoints: pass train.resume=auto (or --resume) to continue, "
+                    "or choose another train.out_dir"
+                )
+            return None
+        tag, skipped = newest_intact(self.ckpt.dir)
+        if tag is None and skipped:
+            raise CheckpointError(f"no intact checkpoint to resume in {self.ckpt.dir}: {skipped[0]}")
+        if skipped and self.rank == 0:
+            more = f" ({len(skipped) - 1} more skipped)" if len(skipped) > 1 else ""
+            print(f"atlas-train: warning: {skipped[0]}{more}; resuming from {tag} (step {step_of(tag)}) instead",
+                  file=sys.stderr)
         return tag
 
     def _build_model(self) -> tuple[torch.nn.Module, Optional[float]]:
@@ -324,6 +383,15 @@ class Trainer:
         # Another DP size has other ranks: their RNG streams start afresh, the same way on every run.
         seed_everything(self.tc.seed + self.step)
         return None
+
+    def _check_validation_split(self) -> None:
+        """Stop at set-up, naming the flags to change, when validation is on but the val split gives no batch."""
+        from atlas_train.data import DataError
+
+        try:
+            self.make_loader("val")
+        except DataError as err:
+            raise DataError(f"{err}; {VALIDATION_HINT}") from None
 
     def _checkpoint_files(self, tokenizer_bytes: Optional[bytes]) -> dict[str, bytes]:
         """What rank 0 writes beside every checkpoint, so that a tag alone can be exported and resumed."""
@@ -411,6 +479,7 @@ class Trainer:
         values.update({f"perf/{name}_s": sec for name, sec in self.timer.collect(self.step - self.timed_step).items()})
         self.timed_step = self.step
         self.logger.log(self.step, values)
+        self.last_losses["train"] = loss
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{values['train/lr']:.2e}", refresh=False)
         self.clock.restart(self.step)
 
@@ -429,8 +498,9 @@ class Trainer:
         if count == 0:
             from atlas_train.data import DataError
 
-            raise DataError("the validation split yielded no batch (train.eval_every=0 turns validation off)")
+            raise DataError(f"the validation split of {self.cfg.data.path} gave no batch; {VALIDATION_HINT}")
         val = self.plan.loss_for_logging(total / count)
+        self.last_losses["val"] = val
         ppl = math.exp(min(val, 50.0))
         self.logger.log(self.step, {"val/loss": val, "val/ppl": ppl})
         self.bar.write(f"step {self.step}: val loss {val:.4f}  ppl {ppl:.2f}")
@@ -453,9 +523,14 @@ class Trainer:
         """Whether `train.max_minutes` of wall time have passed since set-up."""
         return self.tc.max_minutes is not None and time.monotonic() - self.started > self.tc.max_minutes * 60
 
-    def stop(self, preempted: bool, out_of_time: bool) -> Optional[int]:
-        """The exit code when the run ends early after this step's checkpoint, else None: EXIT_PREEMPTED after a
-        preemption signal (the launcher requeues it), 0 when `train.max_minutes` ran out."""
+    def stop(self, preempted: bool, out_of_time: bool, interrupted: bool = False) -> Optional[int]:
+        """The exit code when the run ends early after this step's checkpoint, else None: EXIT_INTERRUPTED after
+        Ctrl-C, EXIT_PREEMPTED after a preemption signal (the launcher requeues it), 0 when `train.max_minutes` ran
+        out."""
+        if interrupted:
+            self.bar.write(f"interrupted: checkpoint {self.ckpt.dir / tag_for(self.step)} saved, exiting with "
+                           f"{EXIT_INTERRUPTED} (train.resume=auto continues; a second Ctrl-C stops at once)")
+            return EXIT_INTERRUPTED
         if preempted:
             self.bar.write(f"preempted: checkpoint {self.step} saved, exiting with {EXIT_PREEMPTED} for requeue")
             return EXIT_PREEMPTED
@@ -478,8 +553,8 @@ class Trainer:
                 while self.step < tc.steps:
                     lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
                     # Agreed on in the NaN check's all-reduce, which saves a collective (and a sync) per step.
-                    local_loss, _, (preempted, out_of_time) = self.train_step(
-                        lambda: (preempt.requested, self.out_of_time()))
+                    local_loss, _, (preempted, interrupted, out_of_time) = self.train_step(
+                        lambda: (preempt.requested, preempt.interrupted, self.out_of_time()))
                     last = self.step == tc.steps
                     if self.step % tc.log_every == 0 or last:
                         self.log_step(local_loss, lr)
@@ -487,15 +562,29 @@ class Trainer:
                     if tc.eval_every and (self.step % tc.eval_every == 0 or last or out_of_time):
                         self.validate()
                         self.clock.restart(self.step)
-                    if last or preempted or out_of_time or (tc.save_every and self.step % tc.save_every == 0):
+                    if last or preempted or interrupted or out_of_time or (
+                            tc.save_every and self.step % tc.save_every == 0):
                         self.save()
                         self.clock.restart(self.step)
-                    code = self.stop(preempted, out_of_time)
+                    code = self.stop(preempted, out_of_time, interrupted)
                     if code is not None:
                         return code
         finally:
             self.close()
+        self.summarize()
         return 0
+
+    def summarize(self) -> None:
+        """One line (rank 0) at the end of a finished run: steps, tokens, the final losses, where the checkpoint is."""
+        if self.rank != 0:
+            return
+        tc = self.tc
+        tokens = (self.step - self.first_step) * tc.micro_batch_size * tc.grad_accum * tc.seq_len * self.plan.dp_size
+        losses = "".join(f", {name} loss {self.last_losses[name]:.4f}" for name in ("train", "val")
+                         if name in self.last_losses)
+        self.bar.write(f"done: step {self.step} ({self.step - self.first_step} steps, {tokens:,} tokens this run"
+                       f"{losses}); checkpoint {self.ckpt.dir / tag_for(self.step)}; export it with: atlas-train "
+                       f"export --checkpoint {self.run_dir} --out {self.run_dir / 'export'}")
 
     def close(self) -> None:
         """Close the progress bar and the metrics files."""
