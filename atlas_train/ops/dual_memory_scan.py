@@ -45,7 +45,8 @@ def dual_memory_scan(q, k, v, eta, gamma, params, *, doc_start=None, state=None,
         y: (B, T, H, dh).
         state: dict of tensors, float32 (float64 for float64 inputs) unless noted: "keys" (B, H, N, dh) and "coef"
             (B, H, N, hid) the written keys with their current coefficients (J less the persistent pairs; the first
-            c − 1 entries are placeholders), "valid" (B, N) bool (key in the current document), "window_v"
+            c − 1 entries are placeholders; keys outside the current document hold zeros), "valid" (B, N) bool (key
+            in the current document), "window_v"
             (B, H, c − 1, dh) the last values, "W1" (B, H, dh, hid), and the open chunk's anchor: "anchor_W1" and
             "anchor_coef" (B, H, c − 1, hid), the coefficients of the c − 1 keys before the chunk at its start.
             N − (c − 1) is the number of tokens seen: the chunk grid continues across calls. Not detached:
@@ -95,9 +96,9 @@ def _chunks(inputs, p: Params, state: dict, reset, opts: DualOptions, impl):
         opts, layout, impl, *padded, *p, state["keys"], state["coef"], state["W1"], state["window_v"], tok_doc,
         key_doc)
     total = carried + length
-    coef = coef[:, :, :total]
-    new = {"keys": torch.cat([state["keys"], k], dim=2), "coef": coef,
-           "valid": key_doc[:, :total] == tok_doc[:, length - 1:length],
+    valid = key_doc[:, :total] == tok_doc[:, length - 1:length]
+    coef = torch.where(valid[:, None, :, None], coef[:, :, :total], 0.0)  # keys outside the document hold none
+    new = {"keys": torch.cat([state["keys"], k], dim=2), "coef": coef, "valid": valid,
            "window_v": torch.cat([state["window_v"], v], dim=2)[:, :, length:length + past], "W1": w1}
     if length % size == 0:
         new.update(anchor_coef=coef[:, :, total - past:total], anchor_W1=w1)
@@ -105,7 +106,9 @@ def _chunks(inputs, p: Params, state: dict, reset, opts: DualOptions, impl):
         begin = length - length % size
         carry_doc = tok_doc[:, begin - 1] if begin > 0 else torch.zeros_like(tok_doc[:, 0])
         same = (tok_doc[:, length - 1] == carry_doc)[:, None, None, None]
-        new.update(anchor_coef=tail, anchor_W1=torch.where(same, w1_start, p.w1.unsqueeze(0)))
+        anchor_valid = valid[:, None, carried + begin - past:carried + begin, None]
+        new.update(anchor_coef=torch.where(anchor_valid, tail, 0.0),
+                   anchor_W1=torch.where(same, w1_start, p.w1.unsqueeze(0)))
     return y[:, :, :length], new
 
 

@@ -3,7 +3,8 @@ come before the chunk grid's next boundary.
 
 The state is J as a KV cache (every written key with its current coefficient, and whether it is in the current
 document) plus W1, the last c − 1 values (the Omega window), and the open chunk's anchor: W1 at the chunk's start and
-the coefficients that the c − 1 keys before the chunk had then (later keys had none). A step recomputes the window
+the coefficients that the c − 1 keys before the chunk had then (later keys had none). Keys outside the current
+document hold zero coefficients: J dropped them at the document's start. A step recomputes the window
 keys' inner gradients at that anchor (one pull of c points over J), writes the token and reads it. Plain PyTorch, so
 autograd runs through it like through any layer; J grows by one key per step, as a KV cache does.
 """
@@ -48,12 +49,14 @@ def dual_step(q, k, v, eta, gamma, p: Params, state: dict, reset, opts: DualOpti
     count = keys.shape[2]
     pos = position(state, opts)
     start = count - pos % size  # J index of the open chunk's first key
-    w1, anchor_w1 = state["W1"], state["anchor_W1"]
+    w1, anchor_w1, anchor_coef = state["W1"], state["anchor_W1"], state["anchor_coef"]
     if reset is not None:  # a document starts here: J keeps only the persistent pairs, W1 and the anchor restart
         valid = valid & ~reset[:, None]
-        initial = p.w1.unsqueeze(0)
-        w1 = torch.where(reset[:, None, None, None], initial, w1)
-        anchor_w1 = torch.where(reset[:, None, None, None], initial, anchor_w1)
+        coef = torch.where(valid[:, None, :, None], coef, 0.0)  # keys outside the document hold none
+        starts = reset[:, None, None, None]
+        w1 = torch.where(starts, p.w1.unsqueeze(0), w1)
+        anchor_w1 = torch.where(starts, p.w1.unsqueeze(0), anchor_w1)
+        anchor_coef = torch.where(starts, 0.0, anchor_coef)
 
     window_keys = torch.cat([keys[:, :, count - past:], k[:, :, None]], dim=2)  # (B, H, c, dh), oldest first
     window_v = torch.cat([state["window_v"], v[:, :, None]], dim=2)
@@ -63,7 +66,7 @@ def dual_step(q, k, v, eta, gamma, p: Params, state: dict, reset, opts: DualOpti
     h = persistent_h(window_keys, p, opts.kind) + impl.forward(
         window_keys, keys[:, :, :start - past], coef[:, :, :start - past], None, point_doc,
         key_doc[:, :start - past], opts.kind, p.theta) + impl.forward(
-        window_keys, keys[:, :, start - past:start], state["anchor_coef"], None, point_doc,
+        window_keys, keys[:, :, start - past:start], anchor_coef, None, point_doc,
         key_doc[:, start - past:start], opts.kind, p.theta)
     delta, g_out, hidden = key_gradients(h, anchor_w1, window_keys, window_v, p, opts.loss)
     weight = eta[..., None] * gamma.flip(-1) * window_valid[:, None].to(eta.dtype)  # key w is token t - (c - 1 - w)
@@ -80,6 +83,6 @@ def dual_step(q, k, v, eta, gamma, p: Params, state: dict, reset, opts: DualOpti
     y = memory_read(h_q, w1, q[:, :, None], p)[:, :, 0]
     closes = (pos + 1) % size == 0  # the next token starts a chunk: its anchor is the state after this one
     new = {"keys": keys, "coef": coef, "valid": valid, "window_v": window_v[:, :, 1:], "W1": w1,
-           "anchor_coef": coef[:, :, count + 1 - past:count + 1] if closes else state["anchor_coef"],
+           "anchor_coef": coef[:, :, count + 1 - past:count + 1] if closes else anchor_coef,
            "anchor_W1": w1 if closes else anchor_w1}
     return y, new
