@@ -61,7 +61,8 @@ class MemoryGates(nn.Module):
             self.gamma = None
 
     def forward(self, x: torch.Tensor, gamma_tail: Optional[torch.Tensor] = None):
-        """x (B, T, d) -> alpha (or None), eta, theta (B, T, H), gamma (B, T, H, c), new gamma_tail (token mode) or None.
+        """x (B, T, d) -> alpha (None without decay), eta, theta (B, T, H), gamma (B, T, H, c), new gamma_tail
+        (token mode) or None.
 
         gamma_tail: the previous segment's last c−1 token gates (B, c−1, H) in "token" mode; None at a sequence start.
         """

@@ -222,8 +222,9 @@ class DualScanFunction(torch.autograd.Function):
             dgains = fixed[:, :, window] + tail_sum[:, :, window]
             if n + 1 < chunks:
                 later = slice((n + 1) * width, None)
-                dgains = dgains + impl.forward(views.kwin[:, :, n], points[:, :, later], dh_pull.flatten(2, 3)[:, :, later],
-                                               None, views.win_doc[:, n], point_doc[:, later], opts.kind, theta)
+                dgains = dgains + impl.forward(views.kwin[:, :, n], points[:, :, later],
+                                               dh_pull.flatten(2, 3)[:, :, later], None, views.win_doc[:, n],
+                                               point_doc[:, later], opts.kind, theta)
             view = _chunk(views, n)
 
             def step_fn(h_pull_, w1c_, kw_, vw_, eta_, gamma_, *params, view=view, n=n):

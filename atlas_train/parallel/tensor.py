@@ -2,8 +2,9 @@
 
 Heads are independent, so every per-head projection becomes a megatron-core ColumnParallelLinear (this rank's heads),
 the projections back to d_model become RowParallelLinear, and every per-head parameter (conv channels, initial fast
-weights, head norms, feature-map sketches, the DeepTransformers' kernel scales) keeps only this rank's heads. Embedding, LM head and cross-entropy are
-vocab-parallel. Weights are sliced from the full model, so a TP run starts exactly where the one-device run starts.
+weights, head norms, feature-map sketches, the DeepTransformers' kernel scales) keeps only this rank's heads.
+Embedding, LM head and cross-entropy are vocab-parallel. Weights are sliced from the full model, so a TP run starts
+exactly where the one-device run starts.
 
 Sequence parallelism keeps the residual stream as this rank's share of the B·T tokens, flattened to (B·T/tp, d):
 norms and residual adds are per token, so any split works, and a flat split works for every B and T. Each sub-layer
