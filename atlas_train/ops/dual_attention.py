@@ -84,6 +84,29 @@ def attend_backward_torch(x, k, v, lim, x_doc, k_doc, kind, theta, grad_out, nee
     return dx, dk, dv, dtheta
 
 
+class _Attend(torch.autograd.Function):
+    """One pass by an implementation, differentiable: its backward is the implementation's."""
+
+    @staticmethod
+    def forward(ctx, impl, kind, lim, x, k, v, x_doc, k_doc, theta):
+        ctx.impl, ctx.kind, ctx.lim = impl, kind, lim
+        ctx.save_for_backward(x, k, v, x_doc, k_doc, theta)
+        return impl.forward(x, k, v, lim, x_doc, k_doc, kind, theta)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, k, v, x_doc, k_doc, theta = ctx.saved_tensors
+        dx, dk, dv, dtheta = ctx.impl.backward(x, k, v, ctx.lim, x_doc, k_doc, ctx.kind, theta, grad_out,
+                                               ctx.needs_input_grad[5])
+        return None, None, None, dx, dk, dv, None, None, dtheta
+
+
+def attend(impl, x, k, v, lim, x_doc, k_doc, kind, theta) -> torch.Tensor:
+    """`impl.forward` under autograd (the decode step's passes; the chunked scan calls the two functions itself)."""
+    return _Attend.apply(impl, kind, lim, x, k, v, x_doc, k_doc, theta)
+
+
 class Implementation(NamedTuple):
     """One implementation of the pass: `forward(x, k, v, lim, x_doc, k_doc, kind, theta)` -> out, and
     `backward(..., theta, grad_out, need_v)` -> (dx, dk, dv or None, dθ)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from atlas_train.ops.dual_attention import Implementation
+from atlas_train.ops.dual_attention import Implementation, attend
 from atlas_train.ops.dual_terms import DualOptions, Params, key_gradients, memory_read, persistent_h
 
 STATE_KEYS = ("keys", "coef", "valid", "window_v", "W1", "anchor_coef", "anchor_W1")
@@ -63,10 +63,10 @@ def dual_step(q, k, v, eta, gamma, p: Params, state: dict, reset, opts: DualOpti
     window_valid = torch.cat([valid[:, count - past:], valid.new_ones(valid.shape[0], 1)], dim=1)
     point_doc = _documents(window_valid)
     key_doc = _documents(valid)
-    h = persistent_h(window_keys, p, opts.kind) + impl.forward(
-        window_keys, keys[:, :, :start - past], coef[:, :, :start - past], None, point_doc,
-        key_doc[:, :start - past], opts.kind, p.theta) + impl.forward(
-        window_keys, keys[:, :, start - past:start], anchor_coef, None, point_doc,
+    h = persistent_h(window_keys, p, opts.kind) + attend(
+        impl, window_keys, keys[:, :, :start - past], coef[:, :, :start - past], None, point_doc,
+        key_doc[:, :start - past], opts.kind, p.theta) + attend(
+        impl, window_keys, keys[:, :, start - past:start], anchor_coef, None, point_doc,
         key_doc[:, start - past:start], opts.kind, p.theta)
     delta, g_out, hidden = key_gradients(h, anchor_w1, window_keys, window_v, p, opts.loss)
     weight = eta[..., None] * gamma.flip(-1) * window_valid[:, None].to(eta.dtype)  # key w is token t - (c - 1 - w)
@@ -77,9 +77,9 @@ def dual_step(q, k, v, eta, gamma, p: Params, state: dict, reset, opts: DualOpti
     keys = torch.cat([keys, k[:, :, None]], dim=2)
     valid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
 
-    h_q = persistent_h(q[:, :, None], p, opts.kind) + impl.forward(
-        q[:, :, None], keys, coef, None, valid.new_zeros(valid.shape[0], 1, dtype=torch.long), _documents(valid),
-        opts.kind, p.theta)
+    h_q = persistent_h(q[:, :, None], p, opts.kind) + attend(
+        impl, q[:, :, None], keys, coef, None, valid.new_zeros(valid.shape[0], 1, dtype=torch.long),
+        _documents(valid), opts.kind, p.theta)
     y = memory_read(h_q, w1, q[:, :, None], p)[:, :, 0]
     closes = (pos + 1) % size == 0  # the next token starts a chunk: its anchor is the state after this one
     new = {"keys": keys, "coef": coef, "valid": valid, "window_v": window_v[:, :, 1:], "W1": w1,
