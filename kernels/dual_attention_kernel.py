@@ -47,6 +47,21 @@ def _tile(base, rows, cols, n_rows, n_cols, ACC: tl.constexpr):
 
 
 @triton.jit
+def _points(X, LIM, XDOC, THETA, bh, batch, head, points, dims, M, D, ACC: tl.constexpr):
+    """A block of points: (x (BM, BD), their limits, their documents, θ of the head)."""
+    x = _tile(X + bh * M * D, points, dims, M, D, ACC)
+    lim = tl.load(LIM + points, mask=points < M, other=0)
+    x_doc = tl.load(XDOC + batch * M + points, mask=points < M, other=0)
+    return x, lim, x_doc, tl.load(THETA + head).to(ACC)
+
+
+@triton.jit
+def _keys(K, KDOC, bh, batch, keys, dims, N, D, ACC: tl.constexpr):
+    """A block of keys: (k (BN, BD), their documents)."""
+    return _tile(K + bh * N * D, keys, dims, N, D, ACC), tl.load(KDOC + batch * N + keys, mask=keys < N, other=0)
+
+
+@triton.jit
 def _kernel_values(x, k, points, keys, lim, x_doc, k_doc, n_keys, theta, PRECISION: tl.constexpr,
                    ACC: tl.constexpr):
     """(κ masked to the pairs that count, z − 1) for a block of points x (BM, BD) and keys k (BN, BD)."""
@@ -64,15 +79,11 @@ def _forward_kernel(X, K, V, LIM, XDOC, KDOC, THETA, OUT, H, M, N, D, E,
     points = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     values = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    x = _tile(X + bh * M * D, points, dims, M, D, ACC)
-    lim = tl.load(LIM + points, mask=points < M, other=0)
-    x_doc = tl.load(XDOC + batch * M + points, mask=points < M, other=0)
-    theta = tl.load(THETA + head).to(ACC)
+    x, lim, x_doc, theta = _points(X, LIM, XDOC, THETA, bh, batch, head, points, dims, M, D, ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_E), ACC)
     for start in range(0, tl.max(lim, axis=0), BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        k = _tile(K + bh * N * D, keys, dims, N, D, ACC)
-        k_doc = tl.load(KDOC + batch * N + keys, mask=keys < N, other=0)
+        k, k_doc = _keys(K, KDOC, bh, batch, keys, dims, N, D, ACC)
         kappa, _ = _kernel_values(x, k, points, keys, lim, x_doc, k_doc, N, theta, PRECISION, ACC)
         acc += mm(kappa, _tile(V + bh * N * E, keys, values, N, E, ACC), PRECISION, ACC)
     mask = (points[:, None] < M) & (values[None, :] < E)
@@ -88,15 +99,12 @@ def _dv_kernel(X, K, LIM, XDOC, KDOC, THETA, GRAD, FIRST, DV, H, M, N, D, E,
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     values = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    k = _tile(K + bh * N * D, keys, dims, N, D, ACC)
-    k_doc = tl.load(KDOC + batch * N + keys, mask=keys < N, other=0)
+    k, k_doc = _keys(K, KDOC, bh, batch, keys, dims, N, D, ACC)
     theta = tl.load(THETA + head).to(ACC)
     acc = tl.zeros((BLOCK_N, BLOCK_E), ACC)
     for start in range(tl.load(FIRST + pid_n), M, BLOCK_M):
         points = start + tl.arange(0, BLOCK_M)
-        x = _tile(X + bh * M * D, points, dims, M, D, ACC)
-        lim = tl.load(LIM + points, mask=points < M, other=0)
-        x_doc = tl.load(XDOC + batch * M + points, mask=points < M, other=0)
+        x, lim, x_doc, _ = _points(X, LIM, XDOC, THETA, bh, batch, head, points, dims, M, D, ACC)
         kappa, _ = _kernel_values(x, k, points, keys, lim, x_doc, k_doc, N, theta, PRECISION, ACC)
         acc += mm(tl.trans(kappa), _tile(GRAD + bh * M * E, points, values, M, E, ACC), PRECISION, ACC)
     mask = (keys[:, None] < N) & (values[None, :] < E)
@@ -123,16 +131,13 @@ def _dk_kernel(X, K, V, LIM, XDOC, KDOC, THETA, GRAD, FIRST, DK, DTHETA, H, M, N
     batch, head = bh // H, bh % H
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    k = _tile(K + bh * N * D, keys, dims, N, D, ACC)
-    k_doc = tl.load(KDOC + batch * N + keys, mask=keys < N, other=0)
+    k, k_doc = _keys(K, KDOC, bh, batch, keys, dims, N, D, ACC)
     theta = tl.load(THETA + head).to(ACC)
     acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     dtheta = tl.zeros((BLOCK_M, BLOCK_N), ACC)
     for start in range(tl.load(FIRST + pid_n), M, BLOCK_M):
         points = start + tl.arange(0, BLOCK_M)
-        x = _tile(X + bh * M * D, points, dims, M, D, ACC)
-        lim = tl.load(LIM + points, mask=points < M, other=0)
-        x_doc = tl.load(XDOC + batch * M + points, mask=points < M, other=0)
+        x, lim, x_doc, _ = _points(X, LIM, XDOC, THETA, bh, batch, head, points, dims, M, D, ACC)
         kappa, shifted = _kernel_values(x, k, points, keys, lim, x_doc, k_doc, N, theta, PRECISION, ACC)
         weighted = kappa * _grad_products(GRAD, V, bh, points, keys, M, N, E, BLOCK_M, BLOCK_N, BLOCK_E,
                                           PRECISION, ACC)
@@ -152,15 +157,11 @@ def _dx_kernel(X, K, V, LIM, XDOC, KDOC, THETA, GRAD, DX, H, M, N, D, E,
     batch, head = bh // H, bh % H
     points = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    x = _tile(X + bh * M * D, points, dims, M, D, ACC)
-    lim = tl.load(LIM + points, mask=points < M, other=0)
-    x_doc = tl.load(XDOC + batch * M + points, mask=points < M, other=0)
-    theta = tl.load(THETA + head).to(ACC)
+    x, lim, x_doc, theta = _points(X, LIM, XDOC, THETA, bh, batch, head, points, dims, M, D, ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC)
     for start in range(0, tl.max(lim, axis=0), BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        k = _tile(K + bh * N * D, keys, dims, N, D, ACC)
-        k_doc = tl.load(KDOC + batch * N + keys, mask=keys < N, other=0)
+        k, k_doc = _keys(K, KDOC, bh, batch, keys, dims, N, D, ACC)
         kappa, _ = _kernel_values(x, k, points, keys, lim, x_doc, k_doc, N, theta, PRECISION, ACC)
         weighted = kappa * _grad_products(GRAD, V, bh, points, keys, M, N, E, BLOCK_M, BLOCK_N, BLOCK_E,
                                           PRECISION, ACC)
@@ -169,16 +170,13 @@ def _dx_kernel(X, K, V, LIM, XDOC, KDOC, THETA, GRAD, DX, H, M, N, D, E,
     tl.store(DX + bh * M * D + points[:, None] * D + dims[None, :], acc.to(DX.dtype.element_ty), mask=mask)
 
 
-def dual_attention_unsupported(x: torch.Tensor, v: torch.Tensor, kind: str, precision: str) -> str | None:
+def dual_attention_unsupported(x: torch.Tensor, kind: str, precision: str) -> str | None:
     """Why the kernel cannot take such a pass, or None when it can."""
     if kind != "exp":
         return f"kernel {kind!r} (the Triton pass computes the exp kernel only)"
-    reason = input_refusal(x, precision, PRECISIONS)
-    if reason is not None:
-        return reason
     if x.shape[-1] > MAX_DIM:
         return f"head dim {x.shape[-1]} > {MAX_DIM}"
-    return None
+    return input_refusal(x, precision, PRECISIONS)
 
 
 def _block(size: int, cap: int) -> int:
@@ -214,7 +212,7 @@ class _Launch:
 
 def dual_attention_forward(x, k, v, lim, x_doc, k_doc, kind, theta, precision: str = "ieee") -> torch.Tensor:
     """`out` (B, H, M, e) of the module's docstring."""
-    _refuse(x, v, kind, precision, lim)
+    _refuse(x, kind, precision, lim)
     run = _Launch(x, k, v, lim, x_doc, k_doc, theta, precision)
     out = x.new_empty(run.batch, run.heads, run.m, run.e)
     _forward_kernel[run.grid(run.m, "points", triton.cdiv(run.e, run.meta["BLOCK_E"]))](
@@ -226,7 +224,7 @@ def dual_attention_forward(x, k, v, lim, x_doc, k_doc, kind, theta, precision: s
 def dual_attention_backward(x, k, v, lim, x_doc, k_doc, kind, theta, grad_out, need_v: bool = True,
                             precision: str = "ieee"):
     """(dx, dk, dv or None, dθ (H,)) of <grad_out, out>."""
-    _refuse(x, v, kind, precision, lim)
+    _refuse(x, kind, precision, lim)
     run = _Launch(x, k, v, lim, x_doc, k_doc, theta, precision)
     grad = grad_out.contiguous()
     first = run.first_points()
@@ -245,8 +243,8 @@ def dual_attention_backward(x, k, v, lim, x_doc, k_doc, kind, theta, grad_out, n
     return dx, dk, dv, dtheta.sum(dim=(0, 2))
 
 
-def _refuse(x, v, kind, precision, lim) -> None:
-    reason = dual_attention_unsupported(x, v, kind, precision)
+def _refuse(x, kind, precision, lim) -> None:
+    reason = dual_attention_unsupported(x, kind, precision)
     if reason is None and lim is not None and bool((lim[1:] < lim[:-1]).any()):
         reason = "limits must be nondecreasing"
     if reason is not None:
@@ -294,24 +292,25 @@ _probed: dict = {}  # (d, e, dtype, device, precision) -> why the probe failed, 
 
 
 @_probe
-def _probe_pass(x: torch.Tensor, v: torch.Tensor, precision: str) -> str | None:
+def _probe_pass(x: torch.Tensor, width: int, precision: str) -> str | None:
     """The kernel on random inputs of this pass's widths against the float64 PyTorch path (outputs and every
     gradient), once per (d, e, dtype, device, precision)."""
-    key = (x.shape[-1], v.shape[-1], x.dtype, x.device, precision)
+    key = (x.shape[-1], width, x.dtype, x.device, precision)
     if key not in _probed:  # random inputs only on a first call: the hot path draws nothing from the RNG
-        inputs, grad = random_pass(1, 2, 96, 150, x.shape[-1], v.shape[-1], device=x.device, dtype=x.dtype)
+        inputs, grad = random_pass(1, 2, 96, 150, x.shape[-1], width, device=x.device, dtype=x.dtype)
         reference = {n: t.double().cpu() if isinstance(t, torch.Tensor) and t.is_floating_point()
                      else t.cpu() if isinstance(t, torch.Tensor) else t for n, t in inputs.items()}
-        _probed[key] = _verdict(KERNEL_NAME, f"a random pass (d={x.shape[-1]}, e={v.shape[-1]})",
+        _probed[key] = _verdict(KERNEL_NAME, f"a random pass (d={x.shape[-1]}, e={width})",
                                 lambda: pass_results(implementation(precision), inputs, grad),
                                 lambda: pass_results(TORCH, reference, grad.double().cpu()), precision)
     return _probed[key]
 
 
-def fast_implementation(x: torch.Tensor, v: torch.Tensor, kind: str, precision: str) -> Implementation | None:
-    """The kernel for passes like (x, v) where it covers them and its probe passes, else None (the PyTorch pass);
-    each reason is noted once."""
-    reason = dual_attention_unsupported(x, v, kind, precision) or _probe_pass(x, v, precision)
+def fast_implementation(x: torch.Tensor, width: int, kind: str, precision: str) -> Implementation | None:
+    """The kernel for passes over points like x with values `width` wide where it covers them and its probe passes,
+    else None (the PyTorch pass); each reason is noted once. The signature of `atlas_train.ops.dual_attention.
+    implementation` with the operand precision added: what a registry entry calls."""
+    reason = dual_attention_unsupported(x, kind, precision) or _probe_pass(x, width, precision)
     if reason is not None:
         note_fallback(KERNEL_NAME, reason)
         return None

@@ -50,8 +50,8 @@ def test_no_limit_and_no_value_gradient(monkeypatch):
 
 def test_refusals():
     inputs, _ = kernel.random_pass(1, 1, 4, 4, 4, 4, device="cpu", dtype=torch.float64)
-    assert "exp kernel only" in kernel.dual_attention_unsupported(inputs["x"], inputs["v"], "poly2", "ieee")
-    assert "dtype" in kernel.dual_attention_unsupported(inputs["x"].bfloat16(), inputs["v"], "exp", "ieee")
+    assert "exp kernel only" in kernel.dual_attention_unsupported(inputs["x"], "poly2", "ieee")
+    assert "dtype" in kernel.dual_attention_unsupported(inputs["x"].bfloat16(), "exp", "ieee")
     with pytest.raises(ValueError, match="limits must be nondecreasing"):
         kernel.dual_attention_forward(**{**inputs, "lim": torch.tensor([3, 1, 2, 4])})
 
@@ -96,9 +96,9 @@ def test_the_whole_scan_with_the_kernel_equals_the_pytorch_path(window, docs, mo
 
 def test_the_probe_passes_and_notes_a_failure(monkeypatch, caplog):
     inputs, _ = kernel.random_pass(1, 1, 4, 4, 6, 10, device="cpu", dtype=torch.float64)
-    assert kernel.fast_implementation(inputs["x"], inputs["v"], "exp", "ieee") is not None
+    assert kernel.fast_implementation(inputs["x"], 10, "exp", "ieee") is not None
     monkeypatch.setattr(kernel, "_probed", {})
     monkeypatch.setattr(kernel, "dual_attention_forward", lambda *a, **k: dual_attention.TORCH.forward(*a[:8]) * 2)
     with caplog.at_level("WARNING"):
-        assert kernel.fast_implementation(inputs["x"], inputs["v"], "exp", "ieee") is None
+        assert kernel.fast_implementation(inputs["x"], 10, "exp", "ieee") is None
     assert "the dual attention kernel is not used" in caplog.text and "disagrees" in caplog.text

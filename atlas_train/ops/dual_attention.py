@@ -118,7 +118,7 @@ class Implementation(NamedTuple):
 TORCH = Implementation(attend_torch, attend_backward_torch)
 
 
-def implementation(x: torch.Tensor, kind: str) -> Implementation:
-    """The implementation the scan uses for points like x: the PyTorch one (where a fast path registers for CUDA
-    tensors of the "exp" kernel, this returns it instead)."""
+def implementation(x: torch.Tensor, width: int, kind: str) -> Implementation:
+    """The implementation the scan uses for points like x (B, H, M, d) with values `width` wide: the PyTorch one
+    (where a fast path registers for CUDA tensors of the "exp" kernel, this returns it instead)."""
     return TORCH

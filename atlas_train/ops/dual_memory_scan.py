@@ -59,7 +59,7 @@ def dual_memory_scan(q, k, v, eta, gamma, params, *, doc_start=None, state=None,
     theta = params["scale"] if kernel == "exp" else torch.as_tensor(a2, device=q.device).expand(heads)
     p = Params(*(params[name].to(dtype) for name in ("W1", "K0", "A0")), theta.to(dtype),
                *(params[name].to(dtype) if name in params else None for name in ("ln_weight", "ln_bias")))
-    impl = dual_attention.implementation(q, kernel)
+    impl = dual_attention.implementation(q, p.w1.shape[-1], kernel)
     inputs = [t.to(dtype).transpose(1, 2) for t in (q, k, v, eta, gamma)]
     reset = torch.zeros(batch, length, dtype=torch.bool, device=q.device) if doc_start is None else doc_start.clone()
     if state is None:
