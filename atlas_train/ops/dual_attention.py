@@ -4,9 +4,10 @@
                                                                           or (x·y) + θ·(x·y)²   ("poly2", tests)
 
 for points x (B, H, M, dh), keys k (B, H, N, dh) and values v (B, H, N, e) (coefficients of the first memory layer,
-e = hid, or gradients flowing back to them), θ (H,) per head. `lim` (M,) on the host, nondecreasing, or None for no
-limit: the keys a point may see by position (a chunk sees the keys written before it). Document ids (B, M), (B, N)
-keep documents apart. Unnormalised (no softmax): with unit keys and points every exp term is at most 1.
+e = hid, or gradients flowing back to them), θ (H,) per head. `lim` (M,) int64 on the points' device,
+nondecreasing, or None for no limit: the keys a point may see by position (a chunk sees the keys written before it).
+Document ids (B, M), (B, N) keep documents apart. Unnormalised (no softmax): with unit keys and points every exp term
+is at most 1.
 
 The scan uses it as the reads' and anchors' pull over J and, with the roles of points and keys swapped, to carry
 gradients back to the coefficients. The PyTorch implementation below works on blocks of points, so that it never
@@ -37,12 +38,13 @@ def _block_values(x, k, lim, x_doc, k_doc, kind, theta):
     values = kernel_values(x @ k.transpose(-1, -2), kind, theta)
     mask = x_doc[:, :, None] == k_doc[:, None, :]
     if lim is not None:
-        mask = mask & (torch.arange(k.shape[2], device=k.device)[None, :] < lim.to(k.device)[:, None])
+        mask = mask & (torch.arange(k.shape[2], device=k.device)[None, :] < lim[:, None])
     return values * mask[:, None].to(values.dtype)
 
 
 def _blocks(lim: torch.Tensor | None, n_points: int, n_keys: int):
-    """(start, end, keys seen) of each block of points."""
+    """(start, end, keys seen) of each block of points (on a GPU, reading the limits costs a sync per block: this is
+    the fallback there)."""
     for start in range(0, n_points, BLOCK):
         end = min(n_points, start + BLOCK)
         seen = n_keys if lim is None else min(n_keys, int(lim[start:end].max()))

@@ -43,19 +43,29 @@ class Layout(NamedTuple):
     chunks: int
     resets: tuple  # bool per chunk
     last_rows: tuple  # int per chunk
-    read_limits: torch.Tensor  # (chunks·L,) on the host: a query sees J's keys below this by the final coefficients
-    anchor_limits: torch.Tensor  # (chunks·W,) the same for the window keys as points of the anchor pass
 
 
 def make_layout(carried: int, length: int, opts: DualOptions, reset: torch.Tensor) -> Layout:
     """The layout of a call of `length` tokens after `carried` keys; reset (B, T) bool (one host sync)."""
-    size, past = opts.chunk_size, opts.window - 1
+    size = opts.chunk_size
     chunks = math.ceil(length / size)
     starts = set((reset.any(0).nonzero().flatten() // size).tolist())
-    limits = torch.tensor([carried + n * size - past for n in range(chunks)], dtype=torch.long)
     return Layout(carried, length, chunks, tuple(n in starts for n in range(chunks)),
-                  tuple(min(size, length - n * size) - 1 for n in range(chunks)),
-                  limits.repeat_interleave(size), limits.repeat_interleave(past + size))
+                  tuple(min(size, length - n * size) - 1 for n in range(chunks)))
+
+
+class _Limits(NamedTuple):
+    """The attention passes' key limits, on the device (made there: no host-to-device copy, which would sync)."""
+
+    starts: torch.Tensor  # (C,): J's size at each chunk's start, what its anchor pass sees
+    reads: torch.Tensor  # (C·L,): a query sees the keys before this by their final coefficients
+    anchors: torch.Tensor  # (C·W,): the same for the window keys as points of the anchor pass
+
+
+def _limits(layout: Layout, opts: DualOptions, device) -> _Limits:
+    size, past = opts.chunk_size, opts.window - 1
+    starts = layout.carried + size * torch.arange(layout.chunks, device=device)
+    return _Limits(starts, (starts - past).repeat_interleave(size), (starts - past).repeat_interleave(size + past))
 
 
 def windows(t: torch.Tensor, start: int, opts: DualOptions, chunks: int, dim: int = 2) -> torch.Tensor:
@@ -151,10 +161,11 @@ class DualScanFunction(torch.autograd.Function):
         views = _views(kall, vall, eta, gamma, tok_doc, key_doc, layout, opts)
         h_pulls, w1cs, tails, terms = [], [], [], []
         w1c = w1c0
+        limits = _limits(layout, opts, q.device)
         for n in range(layout.chunks):
             start = layout.carried + n * size
-            h_pull = impl.forward(views.kwin[:, :, n], kall[:, :, :start], coef[:, :, :start], None,
-                                  views.win_doc[:, n], key_doc[:, :start], opts.kind, theta)[:, :, None]
+            h_pull = impl.forward(views.kwin[:, :, n], kall, coef, limits.starts[n].expand(past + size),
+                                  views.win_doc[:, n], key_doc, opts.kind, theta)[:, :, None]
             tails.append(coef[:, :, start - past:start].clone())
             *chunk_terms, gains, w1_next = _local_step(h_pull, w1c[:, :, None], _chunk(views, n), p, opts,
                                                        layout.resets[n], layout.last_rows[n])
@@ -164,7 +175,7 @@ class DualScanFunction(torch.autograd.Function):
             terms.append(chunk_terms)
             w1c = w1_next[:, :, 0]
         h_pull, w1c_all, tails = torch.cat(h_pulls, 2), torch.stack(w1cs, 2), torch.stack(tails, 2)
-        h_main = impl.forward(q, kall, coef, layout.read_limits, tok_doc, key_doc, opts.kind, theta)
+        h_main = impl.forward(q, kall, coef, limits.reads, tok_doc, key_doc, opts.kind, theta)
         terms = [torch.cat(t, 2) for t in zip(*terms)]
         y = _reads(q, h_main, tails, terms, w1c_all, views, p, opts, any(layout.resets))
         ctx.opts, ctx.layout, ctx.impl = opts, layout, impl
@@ -203,17 +214,19 @@ class DualScanFunction(torch.autograd.Function):
         (dq, dkall, dvall, deta, dgamma, dh_main, dtails, ddelta, dg_out, dhidden, dw1c_read, *dparams) = _grads(
             read_fn, [q, kall, vall, eta, gamma, h_main, tails, *terms, w1c_all, *p], [dy])
         dparams = [g if g is None else g.clone() for g in dparams]
-        dq_main, dk_main, dcoef_read, dtheta = impl.backward(q, kall, coef, layout.read_limits, tok_doc, key_doc,
+        limits = _limits(layout, opts, q.device)
+        dq_main, dk_main, dcoef_read, dtheta = impl.backward(q, kall, coef, limits.reads, tok_doc, key_doc,
                                                              opts.kind, theta, dh_main, True)
         dq += dq_main
         dkall += dk_main
         dparams[3] += dtheta
 
-        # Reverse over chunks: the gains' gradient, then the chunk's terms.
+        # Reverse over chunks: the gains' gradient, then the chunk's terms. The window keys as points, and their h's
+        # gradients, are kept in reverse chunk order, so that the later chunks' are a prefix the pass can limit to.
         fixed = dcoef_out + dcoef_read  # gradient of the final coefficients
         tail_sum = torch.zeros_like(coef)  # Σ over later chunks of the gradients of their tails
-        dh_pull = torch.zeros_like(h_pull)
-        points, point_doc = views.kwin.flatten(2, 3), views.win_doc.flatten(1, 2)
+        dh_reversed = torch.zeros_like(h_pull)
+        points_reversed, doc_reversed = views.kwin.flip(2).flatten(2, 3), views.win_doc.flip(1).flatten(1, 2)
         width = past + size
         dw1_next = dw1_cur
         for n in reversed(range(chunks)):
@@ -221,10 +234,9 @@ class DualScanFunction(torch.autograd.Function):
             window = slice(start - past, start + size)
             dgains = fixed[:, :, window] + tail_sum[:, :, window]
             if n + 1 < chunks:
-                later = slice((n + 1) * width, None)
-                dgains = dgains + impl.forward(views.kwin[:, :, n], points[:, :, later],
-                                               dh_pull.flatten(2, 3)[:, :, later], None, views.win_doc[:, n],
-                                               point_doc[:, later], opts.kind, theta)
+                later = torch.full((width,), (chunks - 1 - n) * width, device=q.device)
+                dgains = dgains + impl.forward(views.kwin[:, :, n], points_reversed, dh_reversed.flatten(2, 3), later,
+                                               views.win_doc[:, n], doc_reversed, opts.kind, theta)
             view = _chunk(views, n)
 
             def step_fn(h_pull_, w1c_, kw_, vw_, eta_, gamma_, *params, view=view, n=n):
@@ -236,7 +248,7 @@ class DualScanFunction(torch.autograd.Function):
                                      view.gamma, *p],
                            [ddelta[:, :, n:n + 1], dg_out[:, :, n:n + 1], dhidden[:, :, n:n + 1], dgains[:, :, None],
                             dw1_next[:, :, None]])
-            dh_pull[:, :, n:n + 1] = grads[0]
+            dh_reversed[:, :, chunks - 1 - n] = grads[0][:, :, 0]
             dkall[:, :, window] += grads[2][:, :, 0]
             dvall[:, :, n * size:n * size + width] += grads[3][:, :, 0]
             deta[:, :, n * size:(n + 1) * size] += grads[4][:, :, 0]
@@ -249,8 +261,10 @@ class DualScanFunction(torch.autograd.Function):
 
         # The anchor passes' gradients with respect to points, keys and θ: the part over final coefficients in one
         # pass, each chunk's tail part in PyTorch.
-        dpoints, dk_pull, _, dtheta = impl.backward(points, kall, coef, layout.anchor_limits, point_doc, key_doc,
-                                                    opts.kind, theta, dh_pull.flatten(2, 3), False)
+        dh_pull = dh_reversed.flip(2)
+        dpoints, dk_pull, _, dtheta = impl.backward(views.kwin.flatten(2, 3), kall, coef, limits.anchors,
+                                                    views.win_doc.flatten(1, 2), key_doc, opts.kind, theta,
+                                                    dh_pull.flatten(2, 3), False)
         dkall += dk_pull + _unwindow(dpoints.view_as(views.kwin), kall.shape[2], n0 - past, opts)
         dparams[3] += dtheta
 
@@ -264,7 +278,8 @@ class DualScanFunction(torch.autograd.Function):
         dkall += dk_tail
         dparams[3] += dtheta_tail
         dcoef0 = fixed[:, :, :n0] + tail_sum[:, :, :n0] + impl.forward(
-            kall[:, :, :n0], points, dh_pull.flatten(2, 3), None, key_doc[:, :n0], point_doc, opts.kind, theta)
+            kall[:, :, :n0], points_reversed, dh_reversed.flatten(2, 3), None, key_doc[:, :n0], doc_reversed,
+            opts.kind, theta)
         assert len(dparams) == n_params
         return (None, None, None, dq, dkall[:, :, n0:], dvall[:, :, past:], deta, dgamma, *dparams,
                 dkall[:, :, :n0], dcoef0, dw1_next, dvall[:, :, :past], None, None)

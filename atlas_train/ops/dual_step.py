@@ -63,9 +63,9 @@ def dual_step(q, k, v, eta, gamma, p: Params, state: dict, reset, opts: DualOpti
     window_valid = torch.cat([valid[:, count - past:], valid.new_ones(valid.shape[0], 1)], dim=1)
     point_doc = _documents(window_valid)
     key_doc = _documents(valid)
+    final = torch.full((past + 1,), start - past, device=keys.device)  # keys before the tail: final coefficients
     h = persistent_h(window_keys, p, opts.kind) + attend(
-        impl, window_keys, keys[:, :, :start - past], coef[:, :, :start - past], None, point_doc,
-        key_doc[:, :start - past], opts.kind, p.theta) + attend(
+        impl, window_keys, keys, coef, final, point_doc, key_doc, opts.kind, p.theta) + attend(
         impl, window_keys, keys[:, :, start - past:start], anchor_coef, None, point_doc,
         key_doc[:, start - past:start], opts.kind, p.theta)
     delta, g_out, hidden = key_gradients(h, anchor_w1, window_keys, window_v, p, opts.loss)
