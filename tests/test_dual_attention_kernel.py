@@ -10,6 +10,9 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -35,7 +38,8 @@ def test_pass_and_its_gradients_match_the_pytorch_pass(sizes, dtype, tolerance, 
 
 
 def test_no_limit_and_no_value_gradient(monkeypatch):
-    """lim None (the backward's pull over later points) and need_v False (the anchor passes' point gradients)."""
+    """lim None (the pull that carries gradients to a state's coefficients) and need_v False (the anchor passes' point
+    gradients)."""
     monkeypatch.setattr(kernel, "BLOCK", SMALL)
     inputs, grad = kernel.random_pass(1, 2, 19, 33, 4, 6, device="cpu", dtype=torch.float64)
     inputs["lim"] = None
@@ -102,3 +106,19 @@ def test_the_probe_passes_and_notes_a_failure(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert kernel.fast_implementation(inputs["x"], 10, "exp", "ieee") is None
     assert "the dual attention kernel is not used" in caplog.text and "disagrees" in caplog.text
+
+
+def test_bench_smoke_run_prints_every_row_and_passes_its_checks(capsys):
+    """`bench_dual_scan.py --smoke` on the CPU (the kernel interpreted, tiny shapes): a crash found here costs no GPU
+    time. Every timing row, then every error check, within its bound."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dual_scan.py"
+    spec = importlib.util.spec_from_file_location("bench_dual_scan", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with torch.random.fork_rng():
+        assert bench.main(["--smoke", "--torch-pass"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0].strip() for line in lines[2:7]] == [
+        "scan (kernel)", "scan (torch)", "DualMixer", "Attention module", "SDPA (default)"]
+    checks = [line for line in lines if line.startswith(("ok", "FAIL"))]
+    assert len(checks) == 12 and all(line.startswith("ok") for line in checks), checks
