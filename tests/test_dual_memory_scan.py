@@ -207,3 +207,21 @@ def test_bad_shapes_are_one_line_errors():
     _, state = run(x, params)
     with pytest.raises(ValueError, match=r"state\['window_v'\] has shape"):
         run({**x, "gamma": x["gamma"][..., :2]}, params, state=state)
+
+
+def test_autocast_leaves_the_scan_in_float32():
+    """Under a caller's bf16 autocast the scan still computes in float32: same y and gradients as without it."""
+    x, params = make_inputs(9)
+    x = {n: t.detach().float().requires_grad_() for n, t in x.items()}
+    params = {n: t.detach().float().requires_grad_() for n, t in params.items()}
+    y, _ = run(x, params, chunk_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_auto, _ = run(x, params, chunk_size=4)
+    assert y_auto.dtype == torch.float32
+    torch.testing.assert_close(y_auto, y, rtol=0, atol=0)
+    leaves = {**x, **params}
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+    want = torch.autograd.grad((y * upstream).sum(), list(leaves.values()))
+    got = torch.autograd.grad((y_auto * upstream).sum(), list(leaves.values()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

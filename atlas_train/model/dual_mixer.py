@@ -6,7 +6,8 @@ features, kept in dual form (J: the written keys with their coefficients). The m
 inner loss and the Omega window, spec section 8's table).
 
 Cache: AtlasMixer's, with dual_memory_scan's state under `mem.<key>`. That state holds every written key, as a KV
-cache does, so it grows by one key per token.
+cache does, so it grows by one key per token. Context parallelism passes it like every block cache: rank r receives J
+of all earlier segments (every key with its coefficient) and W1, and sends their gradient back.
 """
 
 from __future__ import annotations

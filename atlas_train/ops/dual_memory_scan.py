@@ -53,6 +53,14 @@ def dual_memory_scan(q, k, v, eta, gamma, params, *, doc_start=None, state=None,
             gradients flow through it in both directions.
     """
     _validate(q, k, v, eta, gamma, params, doc_start, chunk_size, loss, kernel, a2)
+    # Autocast off: the math is float32 (float64) whatever the caller's autocast, and the backward's recomputation
+    # (which runs outside it) then repeats the forward exactly.
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _scan(q, k, v, eta, gamma, params, doc_start, state, chunk_size, loss, kernel, a2)
+
+
+def _scan(q, k, v, eta, gamma, params, doc_start, state, chunk_size, loss, kernel, a2):
+    """`dual_memory_scan` on validated inputs."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, length, heads = q.shape[:3]
     opts = DualOptions(loss, kernel, int(chunk_size), gamma.shape[-1])
