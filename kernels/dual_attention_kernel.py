@@ -213,7 +213,9 @@ def dual_attention_forward(x, k, v, lim, x_doc, k_doc, kind, theta, precision: s
     """`out` (B, H, M, e) of the module's docstring."""
     _refuse(x, kind, precision, lim)
     run = _Launch(x, k, v, lim, x_doc, k_doc, theta, precision)
-    out = x.new_empty(run.batch, run.heads, run.m, run.e)
+    out = x.new_zeros(run.batch, run.heads, run.m, run.e)
+    if run.m == 0 or run.n == 0:  # nothing to launch (a state without keys, say)
+        return out
     _forward_kernel[run.grid(run.m, "points", triton.cdiv(run.e, run.meta["BLOCK_E"]))](
         run.x, run.k, run.v, run.lim, run.x_doc, run.k_doc, run.theta, out, *run.sizes, **run.meta,
         num_warps=NUM_WARPS["forward"])
@@ -225,6 +227,9 @@ def dual_attention_backward(x, k, v, lim, x_doc, k_doc, kind, theta, grad_out, n
     """(dx, dk, dv or None, dθ (H,)) of <grad_out, out>."""
     _refuse(x, kind, precision, lim)
     run = _Launch(x, k, v, lim, x_doc, k_doc, theta, precision)
+    if run.m == 0 or run.n == 0:  # nothing to launch: every gradient is zero
+        return torch.zeros_like(x), torch.zeros_like(k), torch.zeros_like(v) if need_v else None, torch.zeros_like(
+            theta)
     grad = grad_out.contiguous()
     first = run.first_points()
     dx, dk = torch.empty_like(run.x), torch.empty_like(run.k)

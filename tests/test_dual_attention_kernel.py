@@ -52,6 +52,18 @@ def test_no_limit_and_no_value_gradient(monkeypatch):
         torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-12)
 
 
+def test_empty_points_or_keys_launch_nothing():
+    inputs, grad = kernel.random_pass(1, 2, 5, 6, 4, 3, device="cpu", dtype=torch.float64)
+    impl = kernel.implementation("ieee")
+    no_keys = {**inputs, "k": inputs["k"][:, :, :0], "v": inputs["v"][:, :, :0], "k_doc": inputs["k_doc"][:, :0],
+               "lim": None}
+    assert impl.forward(**no_keys).abs().sum() == 0
+    dx, dk, dv, dtheta = impl.backward(**no_keys, grad_out=grad)
+    assert dk.shape == (1, 2, 0, 4) and dx.abs().sum() == dtheta.abs().sum() == 0
+    no_points = {**inputs, "x": inputs["x"][:, :, :0], "x_doc": inputs["x_doc"][:, :0], "lim": None}
+    assert impl.forward(**no_points).shape == (1, 2, 0, 3)
+
+
 def test_refusals():
     inputs, _ = kernel.random_pass(1, 1, 4, 4, 4, 4, device="cpu", dtype=torch.float64)
     assert "exp kernel only" in kernel.dual_attention_unsupported(inputs["x"], "poly2", "ieee")

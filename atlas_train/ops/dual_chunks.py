@@ -193,7 +193,6 @@ class DualScanFunction(torch.autograd.Function):
         kall, vall = torch.cat([keys0, k], dim=2), torch.cat([window_v0, v], dim=2)
         views = _views(kall, vall, eta, gamma, tok_doc, key_doc, layout, opts)
         p = Params(w1, k0, a0, theta, ln_weight, ln_bias)
-        n_params = 6
         zero = [torch.zeros_like(t) if g is None else g for g, t in
                 zip((dcoef_out, dw1_cur, dtail_last, dw1c_last), (coef, w1c_all[:, :, 0], tails[:, :, 0],
                                                                    w1c_all[:, :, 0]))]
@@ -280,6 +279,5 @@ class DualScanFunction(torch.autograd.Function):
         dcoef0 = fixed[:, :, :n0] + tail_sum[:, :, :n0] + impl.forward(
             kall[:, :, :n0], points_reversed, dh_reversed.flatten(2, 3), None, key_doc[:, :n0], doc_reversed,
             opts.kind, theta)
-        assert len(dparams) == n_params
         return (None, None, None, dq, dkall[:, :, n0:], dvall[:, :, past:], deta, dgamma, *dparams,
                 dkall[:, :, :n0], dcoef0, dw1_next, dvall[:, :, :past], None, None)
