@@ -65,8 +65,9 @@ def _scan(q, k, v, eta, gamma, params, doc_start, state, chunk_size, loss, kerne
     batch, length, heads = q.shape[:3]
     opts = DualOptions(loss, kernel, int(chunk_size), gamma.shape[-1])
     theta = params["scale"] if kernel == "exp" else torch.as_tensor(a2, device=q.device).expand(heads)
-    p = Params(*(params[name].to(dtype) for name in ("W1", "K0", "A0")), theta.to(dtype),
-               *(params[name].to(dtype) if name in params else None for name in ("ln_weight", "ln_bias")))
+    ln = [params[name].to(dtype) if name in params else None for name in ("ln_weight", "ln_bias")]
+    p = Params(params["W1"].to(dtype), F.normalize(params["K0"].to(dtype), dim=-1, eps=1e-6), params["A0"].to(dtype),
+               theta.to(dtype), *ln)
     impl = dual_attention.implementation(q, p.w1.shape[-1], kernel)
     inputs = [t.to(dtype).transpose(1, 2) for t in (q, k, v, eta, gamma)]
     reset = torch.zeros(batch, length, dtype=torch.bool, device=q.device) if doc_start is None else doc_start.clone()

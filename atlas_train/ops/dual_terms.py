@@ -35,8 +35,8 @@ class DualOptions(NamedTuple):
 
 
 class Params(NamedTuple):
-    """The outer-loop parameters, in the compute dtype: W1 (H, dh, hid), K0 (H, P, dh), A0 (H, P, hid), θ (H,) (the
-    exp kernel's scale or poly2's a2), ln_weight / ln_bias (H, dh) or None."""
+    """The outer-loop parameters, in the compute dtype: W1 (H, dh, hid), K0 (H, P, dh) unit-normalised, A0 (H, P, hid),
+    θ (H,) (the exp kernel's scale or poly2's a2), ln_weight / ln_bias (H, dh) or None."""
 
     w1: torch.Tensor
     k0: torch.Tensor
@@ -53,7 +53,7 @@ def _per_head(t: torch.Tensor, dims: int) -> torch.Tensor:
 
 def persistent_h(x: torch.Tensor, p: Params, kind: str) -> torch.Tensor:
     """Σ_p κ(x, K̂0_p)·A0_p, the persistent pairs' part of h, for points x (B, H, ..., dh)."""
-    keys = _per_head(F.normalize(p.k0, dim=-1, eps=1e-6), x.dim())
+    keys = _per_head(p.k0, x.dim())
     return kernel_values(x @ keys.transpose(-1, -2), kind, p.theta) @ _per_head(p.a0, x.dim())
 
 
