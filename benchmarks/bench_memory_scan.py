@@ -1,6 +1,6 @@
 """memory_scan on one device: correctness of the Triton kernels first, then forward+backward speed.
 
-    python benchmarks/bench_memory_scan.py            # on one H100: checks, then T = 4K/16K/64K, dh 64/128
+    python benchmarks/bench_memory_scan.py            # on one GPU: checks, then T = 4K/16K/64K, dh 64/128
     python benchmarks/bench_memory_scan.py --quick    # T = 4K, dh 64 only (on CPU: tiny sizes, a smoke run)
     python benchmarks/bench_memory_scan.py --dh 128 --skip-checks   # split a long run over two commands
     python benchmarks/bench_memory_scan.py --ns-only  # Newton-Schulz alone: Triton kernel, cuBLAS, torch.compile
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import itertools
 import logging
 import math
@@ -57,11 +56,9 @@ from atlas_train.kernels.dispatch import (  # noqa: E402
     settings,
     token_momenta_results,
 )
-from atlas_train.ops import memory_scan  # noqa: E402
-from atlas_train.ops import scan_chunks  # noqa: E402
-from atlas_train.ops.static_calls import forced_scan_mode  # noqa: E402
+from atlas_train.ops import chunked_scan, memory_scan, scan_chunks  # noqa: E402
+from atlas_train.ops.cuda_graphs import clear_scan_graphs, forced_scan_mode  # noqa: E402
 
-SCAN_MODULE = importlib.import_module("atlas_train.ops.memory_scan")  # the module, not the function it exports
 logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break chatter would bury the table
 NS_STEPS, WINDOW, CHUNK, HEADS = 5, 64, 64, 16
 BOUNDS = PROBE_TOLERANCE  # relative L2 error vs float64, outputs and gradients, per NS operand precision
@@ -288,13 +285,13 @@ def scan_flops(length, heads, dh, update):
 
 def compiled_chunk_steps():
     """Swap the scan's per-chunk step functions for torch.compile'd ones; returns a restore callback."""
-    saved = {name: getattr(SCAN_MODULE, name) for name in ("token_update_chunk", "chunk_update_chunk")}
+    saved = {name: getattr(chunked_scan, name) for name in ("step_token_update", "step_chunk_update")}
     for name in saved:
-        setattr(SCAN_MODULE, name, torch.compile(getattr(scan_chunks, name)))
+        setattr(chunked_scan, name, torch.compile(getattr(scan_chunks, name)))
 
     def restore():
         for name, fn in saved.items():
-            setattr(SCAN_MODULE, name, fn)
+            setattr(chunked_scan, name, fn)
     return restore
 
 
@@ -318,13 +315,13 @@ def scan_settings(graphs, use_kernels, compiled, mlp_kernel=True):
     kernels.set_kernels_enabled(use_kernels)
     kernels.set_memory_mlp_kernel(mlp_kernel)
     restore = compiled_chunk_steps() if compiled else (lambda: None)
-    SCAN_MODULE.clear_scan_graphs()
+    clear_scan_graphs()
     try:
         with forced_scan_mode("1" if graphs else "0"):
             yield
     finally:
         restore()
-        SCAN_MODULE.clear_scan_graphs()
+        clear_scan_graphs()
         kernels.set_kernels_enabled(enabled)
         kernels.set_memory_mlp_kernel(mlp_before)
 
@@ -468,14 +465,14 @@ def _fast_paths_as_on_a_gpu(mlp_kernel):
             return None
         return memory_mlp_pass(z, weights["W1"], weights["W2"], ln, v=v, loss=loss, precision="ieee")
 
-    saved = scan_chunks.newton_schulz, outer_sums.weighted_outer_sums, memory_mlp._kernel_pass
+    saved = scan_chunks.newton_schulz, outer_sums.weighted_outer_sums, memory_mlp._fast_pass
     scan_chunks.newton_schulz = lambda s, steps, half_inputs: kernels.newton_schulz(s, steps, "ieee")
     outer_sums.weighted_outer_sums = lambda *tensors: token_momenta(*tensors[:5], "ieee")  # last: half_inputs
-    memory_mlp._kernel_pass = kernel_pass
+    memory_mlp._fast_pass = kernel_pass
     try:
         yield
     finally:
-        scan_chunks.newton_schulz, outer_sums.weighted_outer_sums, memory_mlp._kernel_pass = saved
+        scan_chunks.newton_schulz, outer_sums.weighted_outer_sums, memory_mlp._fast_pass = saved
 
 
 def count_ops_table(length, dh, updates, device):
@@ -502,8 +499,8 @@ def count_ops_table(length, dh, updates, device):
 
 
 # --ns-sweep: launch heuristics of the NS kernel to compare on the GPU (module constants of newton_schulz_kernel).
-# Not here: 2K-column tiles with 4 warps, whose backward hit an illegal memory access on an H100 at 64 x 256 in bf16
-# (the interpreter computes it exactly), which ended every later row of the run (RESULTS.md, eighth session).
+# Not here: 2K-column tiles with 4 warps, whose backward hits an illegal memory access on the GPU at 64 x 256 in bf16
+# (the interpreter computes it exactly), which ends every later row of the run.
 NS_SWEEP = [("stages 1", dict(NUM_STAGES={"forward": 1, "backward": 1})),
             ("stages 3/2", dict(NUM_STAGES={"forward": 3, "backward": 2})),
             ("streamed 4K tiles", dict(SINGLE_TILE_ELEMENTS=0, SCRATCH_TILE_ELEMENTS=4096)),

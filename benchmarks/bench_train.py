@@ -1,38 +1,58 @@
-"""Training throughput: tokens/s and MFU per model, and what the data loader + logging cost on top of the step.
+"""Training throughput of the real loop at production shapes: tokens/s, MFU, peak memory and where a step goes.
 
-For each mixer, two runs of the real training loop (`atlas_train.train.trainer.train`, same engine, same settings,
-same process):
-  real:      the shard loader on a prepared dataset, metrics logged at the configured interval (train.log_every of
-             configs/train/pretrain.yaml unless --log-every), tensorboard + metrics.jsonl
-  synthetic: random batches made in the loop (no loader), metrics logged only at the two timestamps
-Both run W warm-up steps and D timed steps (--warmup and --steps rounded up to multiples of the log interval); the
-synthetic run logs every gcd(W, D) steps (only at W and W + D when W == D), so that both ends of the timed window
-are logged steps of both runs. Per-step time is the wall time between them / D, so it includes everything the loop
-does; the overhead column is real / synthetic - 1 (target: under 3%). With --no-overhead the real run logs every
-step and nothing is rounded up (for models whose steps take minutes).
+Each row is one mixer (and update) at one context length, run through `atlas_train.train.trainer.train` in its own
+process (DeepSpeed engine, shard loader on a prepared random-token dataset, metrics logging, the train config's
+speed settings): W warm-up steps, then D timed steps. By default every micro-step holds 32K tokens per GPU
+(micro-batch 8 at 4K, 2 at 16K, 1 at 32K) with gradient accumulation 1; `--micro-batch auto` lets the trainer's
+probe pick it. Rows print as they finish, so a time-limited run keeps what it measured.
 
-One H100 (the issue's numbers):
-    python benchmarks/bench_train.py --model configs/model/340m.yaml --mixers atlas,transformer --seq-len 4096
+Columns:
+- tokens/s: tokens of the timed steps / their wall time (logging and data included).
+- MFU: model FLOPs per token (atlas_train/model/flops.py: dense layers, attention, the memory's inner loop with its
+  window gradients, Newton–Schulz and reads; recomputation not counted) × tokens/s / the card's dense bf16 peak
+  (--peak-tflops, 989 for an H100 SXM). "of ceiling": the same over the bf16 matmul rate measured at the start of
+  this run (8192³), which is what a perfect step of large matmuls could reach on this card.
+- fwd / bwd / opt: device time of the forward, backward and optimizer step per step (CUDA events, train.phase_timing);
+  other: the rest of the wall time (data loading, logging, host gaps).
+- overhead (rows listed in --overhead): the same row rerun on synthetic batches logged only at the two timestamps;
+  real / synthetic - 1 is what the loader and the logging cost.
+
+One GPU (the issue's table):
+    python benchmarks/bench_train.py --budget-s 540
 Tiny, on CPU:
-    python benchmarks/bench_train.py --model configs/model/demo.yaml --mixers atlas,transformer --seq-len 64 --steps 2 --log-every 2
+    python benchmarks/bench_train.py --model configs/model/demo.yaml --rows transformer@64,atlas@64 \
+        --tokens-per-step 128 --steps 2 --warmup 1 --overhead transformer
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
-import statistics
+import os
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+DEFAULT_ROWS = ("transformer@4096,atlas@4096,atlas:token@4096,titans@4096,atlas_mag@4096,"
+                "transformer@16384,atlas@16384,transformer@32768,atlas@32768")
+
+
+def parse_row(text: str) -> dict:
+    """"mixer[:update]@seq_len" -> {"mixer", "update", "seq_len"} (update defaults to chunk for memory mixers)."""
+    name, _, length = text.partition("@")
+    mixer, _, update = name.partition(":")
+    return {"mixer": mixer, "update": update or "chunk", "seq_len": int(length)}
+
+
+def row_label(row: dict) -> str:
+    return row["mixer"] if row["mixer"] == "transformer" else f"{row['mixer']}:{row['update']}"
 
 
 def write_random_dataset(out_dir: Path, *, seq_len: int, vocab_size: int, rows: int) -> None:
@@ -51,92 +71,180 @@ def write_random_dataset(out_dir: Path, *, seq_len: int, vocab_size: int, rows: 
                   shard_size_mb=64.0)
 
 
-def run_once(model_cfg: str, mixer: str, *, synthetic: bool, data_dir: Path, out_dir: Path, args) -> dict:
+def matmul_ceiling_tflops() -> float | None:
+    """The bf16 dense matmul rate of this card (8192³, median of 20), or None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
+
+
+# ---------------------------------------------------------------------------------------------------------- child
+
+
+def run_training(spec: dict, *, synthetic: bool, out_dir: Path) -> dict:
+    """One training run of `spec`'s row; its timed-window figures from metrics.jsonl."""
     from atlas_train.config import load_config
     from atlas_train.train.trainer import train
 
-    warm, span = args.warm, args.window
+    warm, span = spec["warmup"], spec["steps"]
     steps = warm + span
+    # synthetic: logged only at the end of warm-up and at the end (the two timestamps); real: every step
+    log_every = math.gcd(warm, span) if synthetic else 1
     overrides = [
-        f"model.mixer={mixer}", f"model.max_seq_len={args.seq_len}", f"data.path={data_dir}",
-        f"data.num_workers={args.workers}", f"train.out_dir={out_dir}", f"train.steps={steps}",
-        f"train.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1",
-        f"train.precision={'bf16' if torch.cuda.is_available() else 'fp32'}", f"train.zero_stage={args.zero_stage}",
+        f"model.mixer={spec['mixer']}", f"model.update={spec['update']}", f"model.max_seq_len={spec['seq_len']}",
+        f"data.path={spec['data_dir']}", f"data.num_workers={spec['workers']}", f"train.out_dir={out_dir}",
+        f"train.steps={steps}", f"train.seq_len={spec['seq_len']}",
+        f"train.micro_batch_size={spec['micro_batch']}", f"train.grad_accum={spec['grad_accum']}",
+        f"train.precision={'bf16' if torch.cuda.is_available() else 'fp32'}", f"train.zero_stage={spec['zero_stage']}",
         "train.eval_every=0", "train.save_every=0", "train.max_minutes=null", "train.resume=none",
-        "train.progress=false",
-        f"train.warmup_steps={steps}", f"train.synthetic_data={str(synthetic).lower()}",
-        # synthetic: log only at the end of warm-up and at the end (the two timestamps); real: the configured interval
-        f"train.log_every={math.gcd(warm, span) if synthetic else args.log_every}",
-        *args.override,
+        "train.progress=false", f"train.warmup_steps={steps}", f"train.synthetic_data={str(synthetic).lower()}",
+        f"train.log_every={log_every}", f"train.phase_timing={str(not synthetic).lower()}",
+        f"train.peak_tflops={spec['peak_tflops']}", *spec["override"],
     ]
-    cfg = load_config([REPO / "configs" / "train" / "demo.yaml", model_cfg, REPO / "configs" / "data" / "demo.yaml"],
-                      overrides)
+    cfg = load_config([REPO / "configs" / "train" / "pretrain.yaml", spec["model"]], overrides)
     train(cfg)
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in rows if "perf/elapsed_s" in r}
     step_s = (by_step[steps]["perf/elapsed_s"] - by_step[warm]["perf/elapsed_s"]) / span
     timed = [r for s, r in by_step.items() if s > warm]
-    mfu = statistics.mean(r["perf/mfu"] for r in timed) if "perf/mfu" in timed[0] else None
-    mem = max(r["perf/max_mem_gb"] for r in timed) if "perf/max_mem_gb" in timed[0] else None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    return {"step_s": step_s, "tokens_s": args.micro_batch * args.seq_len / step_s, "mfu": mfu, "mem_gb": mem}
+    resolved = load_config([out_dir / "config.yaml"]).train
+    tokens_per_step = resolved.micro_batch_size * resolved.grad_accum * spec["seq_len"]
+    result = {"step_s": step_s, "tokens_s": tokens_per_step / step_s, "micro_batch": resolved.micro_batch_size,
+              "grad_accum": resolved.grad_accum, "recompute": resolved.activation_checkpointing}
+
+    def mean(key):
+        values = [r[key] for r in timed if key in r]
+        return sum(values) / len(values) if values else None
+
+    result.update({name: mean(f"perf/{name}") for name in ("mfu", "forward_s", "backward_s", "optimizer_s")})
+    result["mem_gb"] = max((r["perf/max_mem_gb"] for r in timed if "perf/max_mem_gb" in r), default=None)
+    return result
+
+
+def child(spec: dict) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench_train_run_") as tmp:
+        result = run_training(spec, synthetic=False, out_dir=Path(tmp) / "real")
+        if spec["overhead"]:
+            result["synthetic_step_s"] = run_training(spec, synthetic=True, out_dir=Path(tmp) / "synth")["step_s"]
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------------------------------------- parent
+
+
+HEADER = (f"{'row':<18} {'T':>6} {'mb':>3} {'acc':>3} {'recompute':>9} {'tokens/s':>9} {'MFU':>6} {'of ceil':>7} "
+          f"{'step ms':>9} {'fwd':>8} {'bwd':>8} {'opt':>7} {'other':>7} {'peak GiB':>8} {'overhead':>8}")
+
+
+def format_row(row: dict, r: dict, ceiling: float | None, peak: float) -> str:
+    def ms(x):
+        return f"{1000 * x:.1f}" if x is not None else "n/a"
+
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+    of_ceiling = f"{100 * r['mfu'] * peak / ceiling:.1f}%" if r.get("mfu") is not None and ceiling else "n/a"
+    phases = [r.get(k) for k in ("forward_s", "backward_s", "optimizer_s")]
+    other = r["step_s"] - sum(phases) if None not in phases else None
+    mem = f"{r['mem_gb']:.1f}" if r.get("mem_gb") is not None else "n/a"
+    overhead = f"{100 * (r['step_s'] / r['synthetic_step_s'] - 1):.1f}%" if r.get("synthetic_step_s") else ""
+    return (f"{row_label(row):<18} {row['seq_len']:>6} {r['micro_batch']:>3} {r['grad_accum']:>3} "
+            f"{r['recompute']:>9} {r['tokens_s']:>9.0f} {mfu:>6} {of_ceiling:>7} {ms(r['step_s']):>9} "
+            f"{ms(phases[0]):>8} {ms(phases[1]):>8} {ms(phases[2]):>7} {ms(other):>7} {mem:>8} {overhead:>8}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(REPO / "configs" / "model" / "340m.yaml"), help="model config YAML")
-    p.add_argument("--mixers", default="atlas,transformer", help="comma-separated model.mixer values")
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=10,
-                   help="timed steps (rounded up to a multiple of the log interval)")
-    p.add_argument("--warmup", type=int, default=10, help="warm-up steps (rounded up like --steps)")
-    p.add_argument("--log-every", type=int, default=None,
-                   help="log interval of the real run (default: train.log_every of configs/train/pretrain.yaml)")
+    p.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated mixer[:update]@seq_len")
+    p.add_argument("--tokens-per-step", type=int, default=32768, help="tokens per GPU per micro-step")
+    p.add_argument("--micro-batch", default=None, help="fixed micro-batch, or auto (default: tokens-per-step / T)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=4, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up steps (compilation, graph capture)")
+    p.add_argument("--slow-steps", type=int, default=1,
+                   help="timed steps for memory rows with update=token (steps of tens of seconds)")
     p.add_argument("--zero-stage", type=int, default=1)
     p.add_argument("--workers", type=int, default=1, help="data loader workers per rank")
-    p.add_argument("--no-overhead", action="store_true",
-                   help="skip the synthetic-batch run (and the overhead column): for models whose steps take minutes")
-    p.add_argument("--override", nargs="*", default=[], metavar="key=value", help="extra config overrides")
+    p.add_argument("--overhead", default="transformer",
+                   help="comma-separated row labels that also run on synthetic batches (the overhead column)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100 SXM: 989)")
+    p.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds")
+    p.add_argument("--row-timeout-s", type=float, default=420.0)
+    p.add_argument("--json", default=None, help="write every row's figures here")
+    p.add_argument("--override", nargs="*", default=[], metavar="key=value", help="extra config overrides (all rows)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child:
+        child(json.loads(Path(args.child).read_text()))
+        return
 
     from atlas_train.config import load_config
 
-    if args.no_overhead:
-        args.log_every = 1
-    elif args.log_every is None:
-        args.log_every = load_config([REPO / "configs" / "train" / "pretrain.yaml"]).train.log_every
-    args.warm, args.window = (-(-n // args.log_every) * args.log_every for n in (args.warmup, args.steps))
-
+    started = time.monotonic()
+    rows = [parse_row(text) for text in args.rows.split(",")]
+    overhead_rows = set(args.overhead.split(",")) if args.overhead else set()
     vocab = load_config([args.model]).model.vocab_size
+    ceiling = matmul_ceiling_tflops()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"bench_train: {Path(args.model).name}, {args.tokens_per_step} tokens per micro-step, ZeRO-{args.zero_stage}, "
+          f"on {device}; bf16 matmul ceiling "
+          f"{f'{ceiling:.0f} TFLOP/s ({100 * ceiling / args.peak_tflops:.0f}% of peak)' if ceiling else 'n/a'}",
+          flush=True)
+    print(HEADER, flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        data_dir = Path(tmp) / "data"
-        rows = (args.warm + args.window + 2) * args.micro_batch
-        write_random_dataset(data_dir, seq_len=args.seq_len, vocab_size=vocab, rows=rows)
-        for mixer in args.mixers.split(","):
-            real = run_once(args.model, mixer, synthetic=False, data_dir=data_dir, out_dir=Path(tmp) / f"{mixer}_real",
-                            args=args)
-            synth = None if args.no_overhead else run_once(args.model, mixer, synthetic=True, data_dir=data_dir,
-                                                           out_dir=Path(tmp) / f"{mixer}_synth", args=args)
-            results.append((mixer, real, synth))
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"\nbench_train: {Path(args.model).name}, seq_len {args.seq_len}, micro-batch {args.micro_batch}, "
-          f"ZeRO-{args.zero_stage}, {args.window} timed steps after {args.warm}, real run logging every "
-          f"{args.log_every}, on {device}")
-    print(f"{'mixer':<12} {'tokens/s':>10} {'step ms':>9} {'MFU':>7} {'max mem GB':>11} {'synthetic ms':>13} "
-          f"{'loader+log overhead':>20}")
-    for mixer, real, synth in results:
-        mfu = f"{100 * real['mfu']:.1f}%" if real["mfu"] is not None else "n/a"
-        mem = f"{real['mem_gb']:.1f}" if real["mem_gb"] is not None else "n/a"
-        synth_ms = f"{1000 * synth['step_s']:.1f}" if synth else "n/a"
-        overhead = f"{100 * (real['step_s'] / synth['step_s'] - 1):.1f}%" if synth else "n/a"
-        print(f"{mixer:<12} {real['tokens_s']:>10.0f} {1000 * real['step_s']:>9.1f} {mfu:>7} {mem:>11} "
-              f"{synth_ms:>13} {overhead:>20}")
+        datasets = {}
+        for row in rows:
+            if args.budget_s is not None and time.monotonic() - started > args.budget_s:
+                print(f"{row_label(row):<18} {row['seq_len']:>6}  not run: budget spent", flush=True)
+                continue
+            T = row["seq_len"]
+            micro = args.micro_batch or str(max(1, args.tokens_per_step // T))
+            slow = row["mixer"] != "transformer" and row["update"] == "token"
+            steps = args.slow_steps if slow else args.steps
+            warmup = 1 if slow else args.warmup
+            if T not in datasets:
+                datasets[T] = Path(tmp) / f"data_{T}"
+                rows_needed = (warmup + steps + 2) * args.grad_accum * max(1, args.tokens_per_step // T) * 2
+                write_random_dataset(datasets[T], seq_len=T, vocab_size=vocab, rows=rows_needed)
+            spec = {**row, "model": args.model, "data_dir": str(datasets[T]), "micro_batch": micro,
+                    "grad_accum": args.grad_accum, "zero_stage": args.zero_stage, "workers": args.workers,
+                    "warmup": warmup, "steps": steps, "peak_tflops": args.peak_tflops, "override": args.override,
+                    "overhead": row_label(row) in overhead_rows, "result": str(Path(tmp) / "result.json")}
+            spec_path = Path(tmp) / "spec.json"
+            spec_path.write_text(json.dumps(spec))
+            Path(spec["result"]).unlink(missing_ok=True)
+            log = Path(tmp) / f"{row_label(row).replace(':', '_')}_{T}.log"
+            try:
+                with log.open("w") as out:
+                    proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)], stdout=out,
+                                          stderr=subprocess.STDOUT, timeout=args.row_timeout_s, env=os.environ.copy())
+                failed = proc.returncode != 0 or not Path(spec["result"]).exists()
+                reason = f"exit {proc.returncode}"
+            except subprocess.TimeoutExpired:
+                failed, reason = True, f"timed out after {args.row_timeout_s:.0f} s"
+            if failed:
+                tail = log.read_text().strip().splitlines()[-3:] if log.exists() else []
+                print(f"{row_label(row):<18} {T:>6}  failed ({reason}): {' | '.join(tail)[-300:]}", flush=True)
+                continue
+            result = json.loads(Path(spec["result"]).read_text())
+            results.append({**row, **result})
+            print(format_row(row, result, ceiling, args.peak_tflops), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "ceiling_tflops": ceiling, "rows": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,19 +4,19 @@
     python benchmarks/ns_rounding.py --scan     # the token update's worst error with each precision's NS forms
 
 Why: a GPU check can only say that an NS path is too inexact, not why. Here every product rounds its operands to
-tf32 or bf16 (to nearest even, as cuBLAS and now the Triton kernels do; "tf32 truncated" rounds toward zero, as
+tf32 or bf16 (to nearest even, as cuBLAS and the Triton kernels do; "tf32 truncated" rounds toward zero, as
 Hopper's tf32 `tl.dot` does to float32 operands) and accumulates in float32, so the forms of one NS step can be
 compared at will. The forward and the analytic backward are those of kernels/newton_schulz_kernel.py
 (dB = G Xᵀ, dA = b dB + c (dB A + A dB), dX = a G + B G + (dA + dAᵀ) X). Forms:
-  float32 A   the Gram matrix A = XXᵀ kept in float32: bA exact, A² from rounded operands (the Triton kernel before
-              the sixth session; cuBLAS tf32, whose baddbmm adds bA in float32, works the same way)
+  float32 A   the Gram matrix A = XXᵀ kept in float32: bA exact, A² from rounded operands (cuBLAS tf32, whose
+              baddbmm adds bA in float32)
   rounded A   A rounded once where it is formed, one value for bA, A² and the backward, X in float32 (the Triton
-              kernel now, and the cuBLAS path's bf16, which also rounds the backward's small products once)
-  bf16 chain  every result stored in bf16 (the cuBLAS path's bf16 chain before the sixth session)
-  fold        X <- (aI + B) X, one product (tried on the GPU in the fourth session)
+              kernel, and the cuBLAS path's bf16, which also rounds the backward's small products once)
+  bf16 chain  every result stored in bf16 (as Muon implementations do)
+  fold        X <- (aI + B) X, one product
 Spectra: Gaussian matrices (flat spectrum, what the checks draw) and singular values decaying to 1e-2 and 1e-4
-(closer to momentum). With truncated tf32 operands, "float32 A" and "rounded A" match to two digits what an H100
-measured for the kernel before and after the sixth session (benchmarks/RESULTS.md, seventh session).
+(closer to momentum). With truncated tf32 operands, "float32 A" and "rounded A" match what the GPU gives for a kernel
+of each form.
 
 --scan puts the emulated NS into memory_scan(update="token") at bench_memory_scan's check inputs (smaller: one row,
 128 tokens, 4 heads, dh 64), each matrix in the form its GPU path computes (`dispatch.triton_takes`: the
@@ -26,8 +26,6 @@ Triton kernel, else cuBLAS), and reports the worst relative error of y and every
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
@@ -104,16 +102,16 @@ def truncate_bits(t: torch.Tensor, mantissa_bits: int) -> torch.Tensor:
 
 
 # "tf32 truncated" is what Hopper's tf32 `tl.dot` does to float32 operands: with it the "float32 A" and "rounded A"
-# rows reproduce the H100's figures for the Triton kernel before and after the sixth session to two digits
-# (benchmarks/RESULTS.md, seventh session), which is why the kernels now round every tf32 operand themselves.
+# rows reproduce the GPU's errors for a Triton kernel of each form, which is why the kernels round every tf32 operand
+# themselves.
 OPERANDS = {"tf32": lambda t: round_bits(t, 10), "tf32 truncated": lambda t: truncate_bits(t, 10),
             "bf16": lambda t: round_bits(t, 7)}
-# (operands, form of the Triton kernel's matrices, form of cuBLAS's, label): the GPU paths before the sixth session,
-# with only the kernel's Gram matrix fixed, and now (cuBLAS bf16 with float32 iterates).
-SCAN_CASES = (("tf32", "rounded A", "float32 A", "tf32 now"),
-              ("bf16", "float32 A", "bf16 chain", "bf16 before the sixth session"),
-              ("bf16", "rounded A", "bf16 chain", "bf16, only the Triton kernel fixed"),
-              ("bf16", "rounded A", "rounded A", "bf16 now (cuBLAS: float32 iterates)"))
+# (operands, form of the Triton kernel's matrices, form of cuBLAS's, label): the GPU paths as they compute, and in bf16
+# the forms they avoid (a float32 Gram matrix, a chain stored in bf16), one or both at a time.
+SCAN_CASES = (("tf32", "rounded A", "float32 A", "tf32, the GPU paths' forms"),
+              ("bf16", "float32 A", "bf16 chain", "bf16, both avoided forms"),
+              ("bf16", "rounded A", "bf16 chain", "bf16, cuBLAS as a bf16 chain"),
+              ("bf16", "rounded A", "rounded A", "bf16, the GPU paths' forms"))
 
 
 class _EmulatedNS(torch.autograd.Function):
@@ -143,8 +141,7 @@ class _EmulatedNS(torch.autograd.Function):
 
 def scan_table(batch=1, length=128, heads=4, dh=64):
     """The token update's worst error (and its name) per case of SCAN_CASES, against the float64 scan."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_memory_scan as bench
+    import bench_memory_scan as bench  # this script's neighbour (found beside it when run as a script)
     from atlas_train.kernels.dispatch import triton_takes
     from atlas_train.ops import scan_chunks
 

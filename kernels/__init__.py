@@ -6,16 +6,20 @@ of a chunk's tokens at shared weights, forward and second-order backward: `memor
 where it covers the pass; and the token update's weighted sums of outer products (its per-token momenta, and in
 backward the gradient of its per-token updates: `token_momenta_kernel`). `dispatch` decides per call which fast path
 applies and notes once why one does not.
+
+The ops never import this package: `register` (the entry point of the group "atlas_train.fast_paths", pyproject.toml)
+hands dispatch's fast paths to `atlas_train.ops.registry`, which loads it on the ops' first lookup.
 """
 
 from atlas_train.kernels.dispatch import (
     newton_schulz_or_none,
     note_fallback,
+    register,
     set_kernels_enabled,
     set_memory_mlp_kernel,
     set_ns_precision,
 )
 from atlas_train.kernels.newton_schulz_kernel import newton_schulz, newton_schulz_unsupported
 
-__all__ = ["newton_schulz", "newton_schulz_unsupported", "newton_schulz_or_none", "note_fallback", "set_ns_precision",
-           "set_kernels_enabled", "set_memory_mlp_kernel"]
+__all__ = ["newton_schulz", "newton_schulz_unsupported", "newton_schulz_or_none", "note_fallback", "register",
+           "set_ns_precision", "set_kernels_enabled", "set_memory_mlp_kernel"]

@@ -1,16 +1,18 @@
 """Choosing the GPU fast path of `atlas_train.ops`, with a one-time note on every fallback.
 
-The ops code calls `newton_schulz_or_none`, `memory_mlp_or_none` (the memory MLP's token pass: reads and
-inner-loss gradient factors, `memory_mlp_kernel`) and `token_momenta_or_none` (the token update's sums of outer
-products, `token_momenta_kernel`, in the scan's product precision); None means "run your plain PyTorch path"
-(float32 products). The operand precision of the fast paths' products follows one setting (`set_ns_precision`): by
-default Newton–Schulz takes bf16 operands in a bf16/fp16 model and tf32 in a float32 one (`ns_precision`), the
-memory MLP kernel tf32 (`memory_mlp_precision`), and the scan's other float32 matmuls tf32 where NS takes bf16
-(`scan_product_precision`). On a GPU Newton–Schulz has two fast implementations: the Triton kernel (one program per
-matrix) and cuBLAS batched GEMMs with a hand-written backward (newton_schulz_cublas). Which one
-takes a shape is a fixed rule from measurements, not a timing at run time, so that every run (and every resume)
-computes the same numbers (`triton_takes`): the kernel for a short side up to TRITON_MAX_SHORT_SIDE, and in bf16
-over enough matrices to fill the card up to TRITON_MAX_SHORT_SIDE_BF16_MANY; cuBLAS above.
+The ops reach `newton_schulz_or_none`, `memory_mlp_or_none` (the memory MLP's token pass: reads and inner-loss
+gradient factors, `memory_mlp_kernel`) and `token_momenta_or_none` (the token update's sums of outer products,
+`token_momenta_kernel`, in the scan's product precision) through `atlas_train.ops.registry`, where `register` puts
+them; None means "run your plain PyTorch path" (float32 products).
+
+The operand precision of the fast paths' products follows one setting (`set_ns_precision`): by default Newton–Schulz
+takes bf16 operands in a bf16/fp16 model and tf32 in a float32 one (`ns_precision`), the memory MLP kernel tf32
+(`memory_mlp_precision`), and the scan's other float32 matmuls tf32 where NS takes bf16 (`scan_product_precision`). On a
+GPU Newton–Schulz has two fast implementations: the Triton kernel (one program per matrix) and cuBLAS batched GEMMs with
+a hand-written backward (newton_schulz_cublas). Which one takes a shape is a fixed rule from timings of both on the GPU,
+not a timing at run time, so that every run (and every resume) computes the same numbers (`triton_takes`): the kernel
+for a short side up to TRITON_MAX_SHORT_SIDE, and in bf16 over enough matrices to fill the card up to
+TRITON_MAX_SHORT_SIDE_BF16_MANY; cuBLAS above.
 
 The first call for each matrix shape (each token-pass shape) runs the chosen implementation's forward and backward
 once on a single random input of that shape and compares both with the float64 PyTorch path, so that a kernel
@@ -31,6 +33,10 @@ from atlas_train.kernels.memory_mlp_kernel import memory_mlp_pass, memory_mlp_un
 from atlas_train.kernels.newton_schulz_kernel import newton_schulz, newton_schulz_unsupported
 from atlas_train.kernels.token_momenta_kernel import token_momenta, token_momenta_unsupported
 from atlas_train.kernels.triton_common import PRECISIONS
+from atlas_train.ops import registry
+from atlas_train.ops.memory_mlp import loss_gradient_factors, memory_forward
+from atlas_train.ops.newton_schulz import newton_schulz as torch_newton_schulz
+from atlas_train.ops.outer_sums import weighted_outer_sums_reference
 
 log = logging.getLogger(__name__)
 _noted: set[str] = set()
@@ -45,23 +51,20 @@ if _ns_precision not in NS_PRECISION_SETTINGS:
 # and the benchmark's.
 PROBE_TOLERANCE = {"ieee": 1e-4, "tf32": 1e-2, "bf16": 5e-2}
 _enabled = True
-# Measured on an H200 (benchmarks/RESULTS.md), forward+backward of 1024 matrices in tf32: the kernel ran 64 x 256 at
-# 1.6x the cuBLAS path, while cuBLAS ran 256 x 128, 128 x 512 and 512 x 256 at 1.2x, 1.3x and 2.2x the kernel; with
-# one matrix per head (update="chunk") one program per matrix leaves most of the card idle (the dh-128 chunk scan
-# went from 722 ms with the kernel to 245 ms with this rule).
+# In tf32 (forward+backward over many matrices) the kernel is the faster path for a short side of 64 and cuBLAS for
+# 128 and more; with one matrix per head (update="chunk") one program per matrix also leaves most of the card idle,
+# which cuBLAS does not (benchmarks/RESULTS.md keeps the timings).
 TRITON_MAX_SHORT_SIDE = 64
-# In bf16 over many matrices (update="token": 1024 at B·H = 16) the kernel ran 256 x 128 at 1.19x the cuBLAS path,
-# whose bf16 pays for float32 iterates and their bf16 copies, and 128 x 512 on par (H100, RESULTS.md, seventh
-# session). Few matrices leave most SMs idle (one program each: the dh-128 chunk scan, 16 matrices of 128 x 512,
-# ran 3.3x slower on the kernel), so this needs two programs per SM.
+# In bf16 over many matrices (update="token": B·H·L of them) the kernel is ahead of the cuBLAS path up to a short
+# side of 128, since cuBLAS's bf16 pays for float32 iterates and their bf16 copies. Few matrices leave most SMs idle
+# (one program each), so this needs two programs per SM.
 TRITON_MAX_SHORT_SIDE_BF16_MANY = 128
-H100_SMS = 132  # where the rule was measured; stands in for the SM count off a GPU (tests, CPU emulation)
+SMS_OFF_GPU = 132  # the SM count the rule assumes off a GPU (tests, CPU emulation): the card it was timed on
 
 
-# The memory MLP kernel is on by default: timed on an H100 (benchmarks/RESULTS.md, sixth session) it made the
-# CUDA-graphed chunk scan 1.04-1.17x faster and the token scan 1.00-1.02x, passing every tf32 scan check with and
-# without it; its first-use probe still guards its numbers per shape and precision. ATLAS_MEMORY_MLP_KERNEL=0 or
-# set_memory_mlp_kernel(False) switches it off (the PyTorch pass runs).
+# The memory MLP kernel is on by default: it makes the CUDA-graphed scan faster and passes every tf32 scan check
+# (benchmarks/RESULTS.md); its first-use probe still guards its numbers per shape and precision.
+# ATLAS_MEMORY_MLP_KERNEL=0 or set_memory_mlp_kernel(False) switches it off (the PyTorch pass runs).
 _mlp_kernel = os.environ.get("ATLAS_MEMORY_MLP_KERNEL", "1") == "1"
 MEMORY_MLP_KERNEL = "the memory MLP kernel"  # its name in fallback notes
 
@@ -94,19 +97,19 @@ def set_ns_precision(precision: str) -> None:
 
 def ns_precision(half_inputs: bool) -> str:
     """Newton–Schulz's operand precision for a model in half precision (bf16/fp16) or not. Under 'auto': bf16 for a
-    half-precision model, as ATLAS_SPEC 3.7 allows where the tolerance holds, and tf32 otherwise. On an H100 bf16 NS
-    kept the whole scan within the bf16 bound with room (worst 2.5e-2 and 3.0e-2 against 5e-2) and made it
-    1.09-1.19x faster than tf32 at 4K (benchmarks/RESULTS.md, seventh session); a float32 model keeps tf32's 1e-2."""
+    half-precision model, as docs/math.md §3.7 allows where the tolerance holds (the whole scan stays within the bf16
+    bound with room, and runs faster than with tf32), and tf32 otherwise, so that a float32 model keeps tf32's
+    bound."""
     if _ns_precision != "auto":
         return _ns_precision
     return "bf16" if half_inputs else "tf32"
 
 
 def memory_mlp_precision() -> str:
-    """The memory MLP kernel's operand precision: ieee if so set, else tf32, never bf16. In bf16 the kernel doubled
-    the chunk scan's error on an H100 (4.9e-2 and 4.1e-2 with it, 2.5e-2 and 2.3e-2 without, bound 5e-2;
-    benchmarks/RESULTS.md, seventh session): its products make the memory's output itself, where NS's bf16 only
-    perturbs an update direction; and at B·H = 16 the kernel is bound by occupancy, not by tensor-core rate."""
+    """The memory MLP kernel's operand precision: ieee if so set, else tf32, never bf16. In bf16 the kernel about
+    doubles the chunk scan's error, close to the bf16 bound: its products make the memory's output itself, where
+    NS's bf16 only perturbs an update direction; and at small B·H the kernel is bound by occupancy, not by
+    tensor-core rate, so bf16 would buy little."""
     return "ieee" if _ns_precision == "ieee" else "tf32"
 
 
@@ -114,9 +117,9 @@ def scan_product_precision(half_inputs: bool) -> str:
     """Operand precision of the scan's own float32 products on the GPU (the cuBLAS matmuls around Newton–Schulz and
     the memory MLP kernel: window gradients, momentum sums, reads): tf32 where NS takes bf16 operands (a bf16/fp16
     model under 'auto', or 'bf16' set), exact float32 otherwise, and always with the fast paths off (the PyTorch
-    path that baselines time). Why: in float32 these ran on CUDA cores (sm80 FFMA GEMMs); tf32 made the bf16 token
-    scan 1.12x faster on an H100 with its error unchanged (3.0e-2 against 5e-2), while a float32 model's scan,
-    whose bound is tf32's 1e-2, went from 4e-3 to 9.4e-3 with them: too close (RESULTS.md, eighth session)."""
+    path that baselines time). Why: in float32 these run on CUDA cores (FFMA GEMMs); tf32 makes the bf16 token scan
+    faster with its error unchanged, while a float32 model's scan, whose bound is tf32's own, would come too close to
+    that bound with them."""
     return "tf32" if _enabled and ns_precision(half_inputs) == "bf16" else "ieee"
 
 
@@ -156,8 +159,6 @@ def _fast_forward_backward(impl: str, one: torch.Tensor, steps: int, upstream: t
 
 def _reference_forward_backward(one: torch.Tensor, steps: int, upstream: torch.Tensor):
     """The PyTorch path's output and input gradient in float64 on the CPU (where no kernel is dispatched)."""
-    from atlas_train.ops.newton_schulz import newton_schulz as torch_newton_schulz
-
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         leaf = one.detach().double().cpu().requires_grad_()
         out = torch_newton_schulz(leaf, steps)
@@ -173,7 +174,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def _probe(fn):
     """How every first-use probe runs: eagerly even when its caller is being compiled, and outside inference mode
-    (it differentiates, also when its caller only infers: under torch.inference_mode it used to raise)."""
+    (it differentiates, also when its caller only infers: under torch.inference_mode that would raise)."""
     return torch.compiler.disable(torch.inference_mode(False)(fn))
 
 
@@ -183,7 +184,7 @@ def _probe_newton_schulz(impl: str, s: torch.Tensor, steps: int, precision: str)
     float64 PyTorch path: the reason to fall back (failed to run, or disagrees beyond PROBE_TOLERANCE), or None.
 
     Checking the numbers, not only that it runs, guards against a compiler that miscompiles the kernel on some GPU
-    (GPU.md: Triton 3.6 on Hopper). Autograd runs under identity hooks: the probe may run inside an
+    (Triton 3.6 does on Hopper). Autograd runs under identity hooks: the probe may run inside an
     activation-checkpointed forward, whose saved-tensor bookkeeping must see the same tensors when that forward is
     recomputed.
     """
@@ -219,7 +220,7 @@ def triton_takes(s: torch.Tensor, precision: str) -> bool:
     if short <= TRITON_MAX_SHORT_SIDE:
         return True
     matrices = s.numel() // max(1, s.shape[-2] * s.shape[-1])
-    sms = torch.cuda.get_device_properties(s.device).multi_processor_count if s.is_cuda else H100_SMS
+    sms = torch.cuda.get_device_properties(s.device).multi_processor_count if s.is_cuda else SMS_OFF_GPU
     return precision == "bf16" and short <= TRITON_MAX_SHORT_SIDE_BF16_MANY and matrices >= 2 * sms
 
 
@@ -277,8 +278,6 @@ def memory_mlp_refusal(weights: dict, z: torch.Tensor, ln: dict | None, *, facto
 def memory_mlp_pass_results(z, w1, w2, ln, v, loss, upstream, kernel: bool) -> list[torch.Tensor]:
     """Outputs (f, and with v the factors g_out, hidden, g_pre) and then the gradients of z, W1, W2 (, v, the
     LayerNorm's weight and bias) of one token pass under `upstream`: the kernel's, or the PyTorch path's."""
-    from atlas_train.ops.memory_mlp import loss_gradient_factors, memory_forward
-
     leaves = [t.detach().clone().requires_grad_() for t in (z, w1, w2, *(() if v is None else (v,)))]
     ln_leaves = None if ln is None else {k: t.detach().clone().requires_grad_() for k, t in ln.items()}
     lz, lw1, lw2, *lv = leaves
@@ -359,8 +358,6 @@ def token_momenta_or_none(mix, left, right, scale, prev, half_inputs: bool):
 def token_momenta_results(mix, left, right, scale, prev, upstream, kernel: bool, precision: str = "ieee"):
     """The momenta and the gradients of the five inputs under `upstream`: the kernel's (in `precision`), or the
     PyTorch path's (`outer_sums.weighted_outer_sums_reference`)."""
-    from atlas_train.ops.outer_sums import weighted_outer_sums_reference
-
     leaves = [t.detach().clone().requires_grad_() for t in (mix, left, right, scale, prev)]
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         out = token_momenta(*leaves, precision) if kernel else weighted_outer_sums_reference(*leaves)
@@ -389,3 +386,13 @@ def _probe_token_momenta(mix, left, right, precision: str) -> str | None:
                                 lambda: token_momenta_results(*(t.double().cpu() for t in inputs[:5]),
                                                               inputs[5].double().cpu(), kernel=False), precision)
     return _probed[key]
+
+
+def register() -> None:
+    """Register the fast paths of this module with `atlas_train.ops.registry` (the entry point of the group
+    "atlas_train.fast_paths" in pyproject.toml, which the registry loads on its first lookup)."""
+    registry.register("newton_schulz", newton_schulz_or_none)
+    registry.register("memory_mlp_pass", memory_mlp_or_none)
+    registry.register("weighted_outer_sums", token_momenta_or_none)
+    registry.register("scan_products", scan_products)
+    registry.register("settings", settings)

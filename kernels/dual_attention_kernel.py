@@ -1,4 +1,4 @@
-"""The attention pass of `dual_memory_scan` in Triton, forward and backward, flash-style (ATLAS_SPEC.md section 8).
+"""The attention pass of `dual_memory_scan` in Triton, forward and backward, flash-style (docs/math.md §8).
 
     out[i] = Σ_{j < lim[i], doc_k[j] = doc_x[i]} exp(θ_h·(x_i·k_j − 1)) · v_j
 
@@ -19,7 +19,7 @@ k every term is at most 1, and fp32 accumulation holds the sum. Nothing of size 
 Products take `precision` ("ieee", "tf32", "bf16"; "ieee" under the interpreter and for float64), accumulation is
 float32 (float64 for float64 tensors, the interpreter's exact checks). `implementation(precision)` gives the scan the
 two functions it calls; `fast_implementation` adds a first-use probe against the PyTorch path, as `dispatch` does for
-the other kernels.
+the other kernels; `dual_attention_or_none` is the registry's fast path "dual_attention".
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from atlas_train.kernels.dispatch import _probe, _verdict, note_fallback
+from atlas_train.kernels.dispatch import _probe, _verdict, note_fallback, scan_product_precision, settings
 from atlas_train.kernels.triton_common import PRECISIONS, accumulator, input_refusal, launch_precision, mm
 from atlas_train.ops.dual_attention import TORCH, Implementation
 
@@ -319,3 +319,13 @@ def fast_implementation(x: torch.Tensor, width: int, kind: str, precision: str) 
         note_fallback(KERNEL_NAME, reason)
         return None
     return implementation(precision)
+
+
+def dual_attention_or_none(x: torch.Tensor, width: int, kind: str, half_inputs: bool) -> Implementation | None:
+    """The fast path "dual_attention" (`atlas_train.ops.dual_attention.implementation`'s arguments): the kernel for
+    CUDA points it covers and whose probe passes, in the scan's product precision (`dispatch.scan_product_precision`:
+    tf32 for a bf16/fp16 model, exact float32 otherwise), else None; nothing while the kernels are switched off."""
+    kernels_enabled = settings()[0]
+    if not (kernels_enabled and x.is_cuda):
+        return None
+    return fast_implementation(x, width, kind, scan_product_precision(half_inputs))

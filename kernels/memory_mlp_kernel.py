@@ -1,12 +1,12 @@
 """The memory MLP's token pass in Triton, forward and backward: reads f(P; z) and the inner-loss gradient factors of
-every key of a chunk at one set of shared fast weights (ATLAS_SPEC.md 3.1-3.3).
+every key of a chunk at one set of shared fast weights (docs/math.md §3.1-3.3).
 
 Why a kernel: in PyTorch the gradient factors of one pass are 35 ops forward (two matmuls per layer, GELU and its
 derivative, LayerNorm and its hand-written backward, the error) and 81 in the scan's backward, which differentiates
 that hand-written gradient once more (second derivatives of GELU and LayerNorm); a read is 8 and 17 (aten ops other
 than views, counted on CPU at dh 64). Every chunk of the scan runs them for its keys (and, with update="chunk", for
-its queries), on matrices so small that launches, not arithmetic, bound the chunk update (0.5% of the H100's
-ceiling at dh 64, benchmarks/RESULTS.md). Here a program owns BLOCK_T tokens of one (batch, head) and streams the
+its queries), on matrices so small that launches, not arithmetic, bound the chunk update (a small fraction of the
+card's matmul rate at dh 64). Here a program owns BLOCK_T tokens of one (batch, head) and streams the
 hidden layer through in BLOCK_HID-wide tiles, so the hidden activations never go to memory except as outputs:
 
   forward   p = W2 z, a = gelu(p), o = W1 a, f = z[:dv] + LN(o);  with FACTORS also e = f - v (l2) or -v (dot),

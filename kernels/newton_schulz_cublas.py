@@ -1,10 +1,9 @@
-"""Batched Newton–Schulz on cuBLAS tensor cores, forward and a hand-written backward (ATLAS_SPEC.md section 3.7).
+"""Batched Newton–Schulz on cuBLAS tensor cores, forward and a hand-written backward (docs/math.md §3.7).
 
 Why, beside the Triton kernel: that kernel runs one program per matrix, so it only pays where many small matrices
-come at once. Measured on an H200 (benchmarks/RESULTS.md, tf32, forward+backward of 1024 matrices) it beats this path
-at a short side of 64 (the token update's W1 at dh 64), while this path is 1.2–2.2× faster at a short side of 128 and
-above; at the chunk update's batch (B·H matrices, one per head) the kernel leaves most of the card idle (the dh-128
-chunk scan: 722 ms with the kernel, 245 ms with this path).
+come at once. Timed forward+backward over many matrices in tf32, it beats this path at a short side of 64 (the token
+update's W1 at dh 64), while this path is faster at a short side of 128 and above; at the chunk update's batch (B·H
+matrices, one per head) the kernel leaves most of the card idle (benchmarks/RESULTS.md keeps the timings).
 
 Why not autograd through the PyTorch chain: the operand precision ('tf32' is a cuBLAS mode, not a dtype) has to hold
 in the backward's products too, which autograd runs later, outside any context set here. So the forward saves the
@@ -15,11 +14,10 @@ then of X0 = S / (n + eps): dS = dX0 / (n + eps) − <dX0, S> S / ((n + eps)² n
 'bf16' multiplies bfloat16 copies of the iterate X (and of the gradient G) and keeps X and G themselves in float32:
 aX and the product BX add up in float32 (`_bf16_step`, in cuBLAS's float32 epilogue). The Gram matrix A, B and the
 backward's small products are bfloat16 results: each is rounded once and that one value serves every use.
-Why not a chain stored in bfloat16 (as Muon implementations do, and this path did until the sixth session): that
-rounds the dominant aX term at every step, which for matrices with small singular values (momentum) is ~10x less
-exact; emulated on CPU (benchmarks/ns_rounding.py --scan) it is what made the token update fail its bf16 bound
-(dgamma 1.0e-1), which the float32 iterate brings to 2.7e-2. The normalisation, its derivative and the result are
-float32.
+Why not a chain stored in bfloat16 (as Muon implementations do): that rounds the dominant aX term at every step,
+which for matrices with small singular values (momentum) is about ten times less exact; emulated on CPU
+(benchmarks/ns_rounding.py --scan) it makes the token update fail its bf16 bound, which the float32 iterate keeps.
+The normalisation, its derivative and the result are float32.
 """
 
 from __future__ import annotations
@@ -106,10 +104,9 @@ def _poly(x: torch.Tensor, tall: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A = X Xᵀ (Xᵀ X for a tall X) and B = bA + cA² of one iteration (the scalings fused into the GEMM).
 
     The step X ← aX + B X (aX + X B) stays one baddbmm, which copies X into its output before the product. Two ways
-    around the copy were measured on an H100 and dropped (RESULTS.md, fourth session): folding a into B (X ← (aI + B)
-    X, one bmm) made the token scan 1.16–1.23× faster but rounds a with B's tf32 operands, and the scan's tf32 check
-    failed (1.19e-2 against 1e-2); a Triton GEMM adding aX in its float32 epilogue was slower than cuBLAS (NS
-    forward 0.77–0.87× at 128×512 and 512×256) and failed the tf32 bound too."""
+    around the copy lose: folding a into B (X ← (aI + B) X, one bmm) is faster but rounds a with B's tf32 operands,
+    and the scan then fails its tf32 check; a Triton GEMM adding aX in its float32 epilogue is slower than cuBLAS
+    and fails the tf32 bound too."""
     _, b, c = NS_COEFFS
     gram = _small(x, x, tall)
     return gram, torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
@@ -121,8 +118,8 @@ class _NewtonSchulz(torch.autograd.Function):
     elementwise passes over the iterates would cost more memory traffic than the products themselves.
 
     A tall matrix is iterated as it lies (X ← aX + X B(XᵀX), the spec's transposed iteration written without
-    transposes), so the result keeps the input's layout: iterating its transpose returned a transposed view that
-    every later reshape of the token update copied (on an H100, 99 of 1567 ms of a 4K dh-64 step)."""
+    transposes), so the result keeps the input's layout: iterating its transpose would return a transposed view that
+    every later reshape of the token update copies (a visible share of a token-update step)."""
 
     @staticmethod
     def forward(ctx, s, steps, precision):

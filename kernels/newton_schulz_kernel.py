@@ -1,6 +1,6 @@
-"""Batched Newton–Schulz (Muon) orthogonalisation in Triton, forward and backward (ATLAS_SPEC.md section 3.7).
+"""Batched Newton–Schulz (Muon) orthogonalisation in Triton, forward and backward (docs/math.md §3.7).
 
-Why a kernel: `update="token"` runs NS once per token, head and weight matrix (spec section 7), i.e. thousands of
+Why a kernel: `update="token"` runs NS once per token, head and weight matrix (docs/math.md §7), i.e. thousands of
 small matrices per chunk. One launch handles all of them, one program per matrix, every product on tensor cores
 (`tl.dot`: fp32 accumulation; 'ieee' fp32, 'tf32' or 'bf16' operands).
 
@@ -21,23 +21,21 @@ then of X0 = S / (|S|_F + eps): dS = dX0 / (n + eps) - <dX0, S> S / ((n + eps)^2
 With tf32 or bf16 operands each Gram matrix A is rounded to that precision once, where it is formed (`as_operand`),
 and the one rounded value serves bA, A^2 and the backward's products. Left in float32, A entered bA exactly but A^2
 rounded: a polynomial of two different matrices, which spoils the cancellation NS relies on as it converges. On CPU,
-emulating the tensor cores' operand rounding (`benchmarks/ns_rounding.py`, which reproduces the GPU's errors of the
-old form), this cuts the error on random matrices 1.2-1.8x (bf16 dS at 8 x 40x200: 5.7e-2 -> 3.3e-2, over the 5e-2
-bound before) and leaves it about the same for matrices with decaying spectra; on the H100 the bf16 check passed at
-3.4e-2. It pays only if every other operand is rounded to nearest as well: Hopper's tf32 `tl.dot` truncates them,
-which made this form worse than float32 A, so `mm` rounds them first (RESULTS.md, seventh session). X is not rounded
-for aX, nor a folded into B as X <- (aI + B)X: either rounds the dominant aX term, which for small singular values
-(momentum has many) makes the error 3-14x larger: why that fold failed the scan's tf32 check on the GPU (RESULTS.md,
-fourth session).
+emulating the tensor cores' operand rounding (`benchmarks/ns_rounding.py`), this cuts the error on random matrices
+(in bf16 it takes dS from over the bf16 bound to within it) and leaves it about the same for matrices with decaying
+spectra. It pays only if every other operand is rounded to nearest as well: Hopper's tf32 `tl.dot` truncates them,
+which makes this form worse than float32 A, so `mm` rounds them first. X is not rounded for aX, nor a folded into B
+as X <- (aI + B)X: either rounds the dominant aX term, which for small singular values (momentum has many) makes the
+error several times larger, enough to fail the scan's tf32 check.
 
 Hopper's 227 KiB of shared memory per program bounds every launch (tl.dot stages its operands there, once per
 software-pipeline stage): benchmarks/kernel_resources.py compiles each launch of the scan's shapes offline for
 sm_90 and a test fails if one does not fit.
 
 Speed: each iteration is three dependent products (A = XX^T, A^2, BX), each waiting for the previous result to be
-staged in shared memory; at 255 registers x 8 warps one program fills an SM, so nothing hides those waits (one
-64x256 bf16 iteration measured ~7 us against ~0.9 us of tensor-core work). More programs per SM (fewer warps or
-registers: NUM_WARPS, MAX_REGISTERS) is the lever; `bench_memory_scan.py --ns-only --ns-sweep` compares them.
+staged in shared memory; at 255 registers x 8 warps one program fills an SM, so nothing hides those waits (an
+iteration takes several times its tensor-core work). More programs per SM (fewer warps or registers: NUM_WARPS,
+MAX_REGISTERS) is the lever; `bench_memory_scan.py --ns-only --ns-sweep` compares them.
 """
 from __future__ import annotations
 
@@ -62,10 +60,9 @@ MAX_SHORT_SIDE = 256  # the scratch variant's column strip (M x BLOCK_N) must fi
 SINGLE_TILE_ELEMENTS = 64 * 256  # up to this many elements (padded) X stays in registers for all iterations
 REGISTER_GRAM_MAX = 64  # up to this short side the M x M Gram matrix and its helpers stay in registers
 # With bf16 operands the Gram matrix stays in registers up to 128 x 128, where the scratch variant sends A and B (and
-# the backward's dA, dB) through global memory. On an H100 at 256 x 128 over 1024 matrices (RESULTS.md, eighth
-# session) NS forward+backward took 3.03 ms, against 5.37 ms with the forward alone streamed and 6.42 ms with
-# neither; the backward's four such matrices spill (about 700 B a thread, benchmarks/kernel_resources.py) and are
-# still faster. tf32 operands (float32 in registers) spill in the forward too: not measured, left to scratch.
+# the backward's dA, dB) through global memory: forward+backward is faster so, in both directions, although the
+# backward's four such matrices spill (benchmarks/kernel_resources.py shows how much). tf32 operands (float32 in
+# registers) spill in the forward too: not timed, left to scratch.
 REGISTER_GRAM_MAX_BF16 = 128
 SCRATCH_TILE_ELEMENTS = 8192  # register tiles of the streamed variants hold about this many elements
 # Software pipelining of the tile loops: every stage is another copy of the loop's tiles in shared memory. Triton's
@@ -472,7 +469,7 @@ def newton_schulz(S: torch.Tensor, steps: int, precision: str = "tf32") -> torch
     """NS_steps(S) over the last two dims of S, batched over all leading dims; differentiable.
 
     `precision`: 'ieee' (exact fp32 products), 'tf32' or 'bf16' operands (fp32 accumulation). Callers check
-    `newton_schulz_unsupported(S)` first; steps == 0 is the identity (spec section 3.4).
+    `newton_schulz_unsupported(S)` first; steps == 0 is the identity (docs/math.md §3.4).
     """
     reason = newton_schulz_unsupported(S, precision)
     if reason is not None:

@@ -1,4 +1,4 @@
-"""Every token's momentum of a chunk in Triton, forward and backward (update="token", ATLAS_SPEC.md 3.4).
+"""Every token's momentum of a chunk in Triton, forward and backward (update="token", docs/math.md §3.4).
 
     M_t = Σ_k mix[t, k] · left_k ⊗ right_k + scale_t · prev        for t < L, k < K = c − 1 + L
 
@@ -11,7 +11,7 @@ Why a kernel: the PyTorch path (`outer_sums.outer_sum`, an einsum, then an addcm
 per token, copies it into the layout its batched GEMM wants, writes the momenta and rewrites them with the carried
 term; its backward, autograd's, forms dM·rightᵀ for every token, (L, out, K) per head, and reduces it with further
 elementwise passes. Those are the largest tensors of the token update (the W2 momenta of dh 64 are 134 MB per chunk)
-and these passes a large part of its elementwise time (RESULTS.md, eighth session profile). Here the forward writes
+and these passes a large part of its elementwise time in a profile of the scan. Here the forward writes
 each momentum once, and the backward reads the momenta's gradient dM four times and writes no tensor of its size:
 
     dleft[k, o]  = Σ_t mix[t, k] Σ_i right[k, i] dM_t[o, i]      (`_weighted_contraction`, m = i, j = o)
@@ -35,8 +35,8 @@ from atlas_train.kernels.triton_common import KernelCall, accumulator, input_ref
 MAX_KEYS = 256  # K = c − 1 + L in one register tile: window c ≤ 128 with chunks of 64 gives K ≤ 191
 SCAN_PRECISIONS = ("ieee", "tf32")  # the scan's products are never bf16 (dispatch.scan_product_precision)
 # Launch constants (benchmarks/bench_momenta.py --sweep compares others on a GPU; kernel_resources.py compiles them):
-# The forward's tiles: each program writes one (out, in) tile of one M_t. 64x64 made the token scan 1.01x faster than
-# 64x128 on an H100, in six same-call pairs at dh 64 and 128 (RESULTS.md, ninth session).
+# The forward's tiles: each program writes one (out, in) tile of one M_t; 64x64 tiles made the token scan a little
+# faster than 64x128 at dh 64 and 128.
 BLOCK = {"out": 64, "in": 64, "keys": 32}
 NUM_WARPS = {"forward": 4, "contraction": 8, "mix": 4}
 MIX_BLOCK_OUT = 32  # out rows per program of the dmix kernel (16 where K needs a 256-wide key tile)
@@ -54,7 +54,7 @@ def _momenta_kernel(MIX, LEFT, RIGHT, SCALE, PREV, OUT, L, K, O, I,
                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                     PRECISION: tl.constexpr, ACC: tl.constexpr):
     """One (out, in) tile of M_t for one token row = (b·H + h)·L + t. (Programs of 2, 4 or 8 tokens, loading the
-    carried tile once, timed no faster in the scan on an H100: RESULTS.md, ninth session.)"""
+    carried tile once, are no faster in the scan.)"""
     row = tl.program_id(0).to(tl.int64)
     head = row // L
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)

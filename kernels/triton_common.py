@@ -21,8 +21,8 @@ _TF32_BY_PTX = tl.constexpr(not INTERPRETED)
 def mm(x, y, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """x @ y on tensor cores, operands rounded to nearest in the operand precision, accumulation in ACC (fp32 or
     fp64). tf32 rounds explicitly: on Hopper `tl.dot` with input_precision="tf32" truncates float32 operands (the
-    H100's errors match emulated truncation to two digits, benchmarks/RESULTS.md, seventh session), which left the
-    NS kernel 1.5-3x less exact than cuBLAS, whose tf32 rounds."""
+    GPU's errors match emulated truncation, benchmarks/ns_rounding.py), which leaves the NS kernel less exact than
+    cuBLAS, whose tf32 rounds."""
     if PRECISION == "bf16":
         return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16), out_dtype=ACC)
     elif PRECISION == "tf32":
@@ -71,8 +71,8 @@ def accumulator(dtype: torch.dtype):
 
 
 def launch_precision(dtype: torch.dtype, precision: str) -> str:
-    """The operand precision a launch multiplies in: 'ieee' under the interpreter (it multiplies bf16 bit patterns,
-    ENV.md) and for float64 (no tf32/bf16 mode), else `precision`."""
+    """The operand precision a launch multiplies in: 'ieee' under the interpreter (its bf16 `tl.dot` multiplies
+    the raw bit patterns) and for float64 (no tf32/bf16 mode), else `precision`."""
     return "ieee" if INTERPRETED or dtype == torch.float64 else precision
 
 

@@ -112,14 +112,13 @@ def groups(tp: int, cp: int) -> None:
     assert plan.loss_for_logging(torch.tensor(float(dist.get_rank()), device=_device())) == sum(ranks) / len(ranks)
 
 
-def _tiny_config(mixer: str, recompute: bool = False):
+def _tiny_config(mixer: str):
     from atlas_train.model import ModelConfig
 
     # Segments of 8 tokens = 2 chunks; the Omega window (3), conv (4) and SWA halo (5 keys) all cross segments.
     return ModelConfig(mixer=mixer, vocab_size=32, d_model=16, n_layers=2, n_heads=4, mlp_hidden=32,
                        memory_expansion=2, gate_rank=4, chunk_size=4, window=3, swa_window=6, max_seq_len=64,
-                       ns_steps=None if mixer in ("titans", "dla", "omeganet") else 2,
-                       activation_checkpointing=recompute)
+                       ns_steps=None if mixer in ("titans", "dla", "omeganet") else 2)
 
 
 def _reference_slice(plan, param, full: torch.Tensor) -> torch.Tensor:
@@ -139,7 +138,8 @@ def equivalence(mixers: list[str], tp: int, cp: int, sp: bool, steps: int = 1, r
     import copy
 
     from atlas_train.model import build_model
-    from atlas_train.ops.static_calls import forced_scan_mode
+    from atlas_train.model.block import set_activation_checkpointing
+    from atlas_train.ops.cuda_graphs import forced_scan_mode
     from atlas_train.parallel import ParallelConfig, setup_parallel
 
     plan = setup_parallel(ParallelConfig(tensor_parallel=tp, context_parallel=cp, sequence_parallel=sp))
@@ -149,7 +149,8 @@ def equivalence(mixers: list[str], tp: int, cp: int, sp: bool, steps: int = 1, r
     loss_tol, rtol, atol = (1e-9, 1e-7, 1e-10) if tp == 1 else (1e-6, 1e-5, 1e-7)
     for mixer in mixers:
         torch.manual_seed(0)
-        full = build_model(_tiny_config(mixer, recompute)).double().to(_device())
+        full = build_model(_tiny_config(mixer)).double().to(_device())
+        set_activation_checkpointing(full, "full" if recompute else "none")
         reference = copy.deepcopy(full)
         model = plan.parallelize(copy.deepcopy(full))
         gen = torch.Generator().manual_seed(1)

@@ -110,6 +110,13 @@ def test_the_whole_scan_with_the_kernel_equals_the_pytorch_path(window, docs, mo
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_the_registry_fast_path_takes_cuda_points_only():
+    """Off the GPU the fast path declines (the scan's PyTorch pass runs): the interpreter is for these tests."""
+    inputs, _ = kernel.random_pass(1, 1, 4, 4, 6, 10, device="cpu", dtype=torch.float32)
+    assert kernel.dual_attention_or_none(inputs["x"], 10, "exp", True) is None
+    assert dual_attention.implementation(inputs["x"], 10, "exp", True) is dual_attention.TORCH
+
+
 def test_the_probe_passes_and_notes_a_failure(monkeypatch, caplog):
     inputs, _ = kernel.random_pass(1, 1, 4, 4, 6, 10, device="cpu", dtype=torch.float64)
     assert kernel.fast_implementation(inputs["x"], 10, "exp", "ieee") is not None

@@ -1,4 +1,4 @@
-"""dual_memory_scan (ATLAS_SPEC.md section 8) against the literal float64 reference and against memory_scan (the
+"""dual_memory_scan (docs/math.md §8) against the literal float64 reference and against memory_scan (the
 finite-kernel check that pins the dual form), and its document, state and decoding contracts. Every comparison
 covers outputs and the gradients of every input on random inputs."""
 

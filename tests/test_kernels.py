@@ -13,7 +13,6 @@ os.environ["TRITON_INTERPRET"] = "1"
 import logging  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -36,8 +35,9 @@ from atlas_train.ops import memory_scan  # noqa: E402
 from atlas_train.ops import scan_chunks  # noqa: E402
 from atlas_train.ops.newton_schulz import newton_schulz as ns_torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import ns_rounding  # noqa: E402
+from benchmark_scripts import BENCHMARKS, load_benchmark  # noqa: E402
+
+ns_rounding = load_benchmark("ns_rounding")
 
 assert INTERPRETED, "atlas_train.kernels was imported before TRITON_INTERPRET=1 was set: import order changed"
 
@@ -118,7 +118,7 @@ def test_as_operand_rounds_to_nearest_even_like_the_tensor_cores_see_it():
 def test_newton_schulz_in_tf32_rounds_like_the_emulation(monkeypatch, variant):
     """With tf32 operands every variant, forward and backward, rounds each product's operands to nearest (not by
     truncation, as Hopper's tf32 `tl.dot` would) and each Gram matrix A = XXᵀ once, one value for both bA and A²
-    (RESULTS.md, sixth and seventh sessions): the interpreter multiplies exactly in float32, so the kernel's results
+    (kernels/newton_schulz_kernel.py says why): the interpreter multiplies exactly in float32, so the kernel's results
     must follow benchmarks/ns_rounding.py's emulation of that arithmetic more closely than the exact chain. Not to
     float32 precision: a different accumulation order tips some roundings the other way, and NS's slope at small
     singular values (a ≈ 3.4 per step) spreads them; at three steps the kernel's distance to the emulation is
@@ -299,8 +299,8 @@ def test_probe_saves_nothing_for_autograd(impl):
 
 
 def test_dispatch_rule_gives_short_sides_above_64_to_cublas_unless_bf16_fills_the_card():
-    """The fixed rule (measured, see dispatch): the Triton kernel up to a short side of 64, cuBLAS above; in bf16 the
-    kernel up to 128 when there are at least two matrices per SM (an H100's 132 off a GPU)."""
+    """The fixed rule (timed, see dispatch): the Triton kernel up to a short side of 64, cuBLAS above; in bf16 the
+    kernel up to 128 when there are at least two matrices per SM (132 SMs off a GPU)."""
     from atlas_train.kernels import dispatch
 
     def many(count, rows, cols):  # a batch of matrices without the memory
@@ -318,37 +318,38 @@ def test_dispatch_rule_gives_short_sides_above_64_to_cublas_unless_bf16_fills_th
     assert "dtype" in dispatch._unsupported("cublas", torch.zeros(4, 8, 8, dtype=torch.float16), "tf32")
 
 
-def _resources(*code):
-    """Run benchmarks/kernel_resources.py (compiler, not interpreter: a fresh process without TRITON_INTERPRET)."""
+def _resources(*args, before=""):
+    """Run benchmarks/kernel_resources.py with `args` (compiler, not interpreter: a fresh process without
+    TRITON_INTERPRET), after the statement `before` (a change to a kernel's launch constants) in the same process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    script = ["import sys", "sys.path.insert(0, 'benchmarks')", "import kernel_resources as r", *code]
-    return subprocess.run([sys.executable, "-c", "\n".join(script)], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
+    script = str(BENCHMARKS / "kernel_resources.py")
+    run = f"import runpy, sys; sys.argv = {[script, *args]!r}; runpy.run_path({script!r}, run_name='__main__')"
+    return subprocess.run([sys.executable, "-c", f"{before}\n{run}"], env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_every_scan_shape_fits_hopper_shared_memory():
     """Each launch the kernels make for the scan's shapes (Newton–Schulz, the memory MLP's token pass, the token
     momenta), compiled offline for sm_90, fits 232448 B."""
-    done = _resources("sys.exit(r.main())")
+    done = _resources()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "116 kernels, 0 over the 232448 B" in done.stdout
 
 
 def test_shared_memory_check_fails_on_a_kernel_that_does_not_fit():
     """Mutation: Triton's default three pipeline stages overflow Hopper's shared memory on this shape's backward
-    (320 KiB; at 64 x 256 too until the sixth session's rounded Gram matrix left it 3 KiB under)."""
-    done = _resources("r.ns.NUM_STAGES = {'forward': 3, 'backward': 3}",
-                      "sys.exit(r.main(['--shapes', '128x256', '--precisions', 'tf32', '--kernels', 'ns']))")
+    (320 KiB)."""
+    done = _resources("--shapes", "128x256", "--precisions", "tf32", "--kernels", "ns",
+                      before="import atlas_train.kernels.newton_schulz_kernel as ns\n"
+                             "ns.NUM_STAGES = {'forward': 3, 'backward': 3}")
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "backward scratch" in done.stdout and "> H100 limit" in done.stdout
 
 
-def test_ns_only_bench_runs_and_prints_its_table_last(capsys, monkeypatch):
+def test_ns_only_bench_runs_and_prints_its_table_last(capsys):
     """CPU smoke run of `bench_memory_scan.py --ns-only` (interpreted kernel, tiny matrices): a crash found here
     does not cost GPU time."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_memory_scan
+    bench_memory_scan = load_benchmark("bench_memory_scan")
 
     with torch.random.fork_rng():  # the bench seeds the global generator afresh
         assert bench_memory_scan.main(["--ns-only", "--skip-checks", "--dh", "4"]) == 0
@@ -360,10 +361,9 @@ def test_ns_only_bench_runs_and_prints_its_table_last(capsys, monkeypatch):
     assert all("TFLOP/s" in line and "Error" not in line for line in table)
 
 
-def test_profile_mode_lists_the_costliest_ops_of_each_update(capsys, monkeypatch):
+def test_profile_mode_lists_the_costliest_ops_of_each_update(capsys):
     """CPU smoke run of `bench_memory_scan.py --profile` (the GPU call that attributes a step's time must not crash)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_memory_scan
+    bench_memory_scan = load_benchmark("bench_memory_scan")
 
     with torch.random.fork_rng():
         assert bench_memory_scan.main(["--profile", "3", "--skip-checks", "--dh", "8", "--lengths", "64"]) == 0
@@ -373,11 +373,10 @@ def test_profile_mode_lists_the_costliest_ops_of_each_update(capsys, monkeypatch
         assert len(table) == 3 and all(line.split()[0].endswith("%") for line in table), out[-2000:]
 
 
-def test_count_ops_mode_counts_fewer_operators_per_chunk_with_the_memory_mlp_kernel(capsys, monkeypatch):
+def test_count_ops_mode_counts_fewer_operators_per_chunk_with_the_memory_mlp_kernel(capsys):
     """CPU run of `bench_memory_scan.py --count-ops` (update=chunk, two chunks): the fast paths go in as a GPU's
     dispatch would put them, and the memory MLP kernel replaces its passes' many operators with one call each way."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_memory_scan
+    bench_memory_scan = load_benchmark("bench_memory_scan")
 
     args = ["--count-ops", "--skip-checks", "--updates", "chunk", "--dh", "8", "--lengths", "128"]
     with torch.random.fork_rng():
@@ -390,8 +389,7 @@ def test_count_ops_mode_counts_fewer_operators_per_chunk_with_the_memory_mlp_ker
 
 def test_bench_sets_the_timed_precision_and_the_triton_threshold(capsys, monkeypatch):
     """`--ns-precision` and `--triton-max-short-side` reach the dispatcher (for timing bf16 NS routed to the kernel)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_memory_scan
+    bench_memory_scan = load_benchmark("bench_memory_scan")
 
     from atlas_train.kernels import dispatch
 
@@ -510,7 +508,7 @@ def test_cublas_precision_works_under_either_tf32_api_and_restores_the_callers(c
 
 
 def test_bf16_keeps_gram_matrices_up_to_128_in_registers_both_ways():
-    """Measured faster on an H100 (RESULTS.md, eighth session); tf32 operands stay on the scratch variant."""
+    """Faster on the GPU (kernels/newton_schulz_kernel.py); tf32 operands stay on the scratch variant."""
     s = torch.zeros(2, 256, 128)
     for backward in (False, True):
         assert ns_kernel._launch(s, "bf16", backward).variant == "stream"
@@ -521,7 +519,7 @@ def test_bf16_keeps_gram_matrices_up_to_128_in_registers_both_ways():
 def test_backward_allocates_no_gradient_for_the_saved_iterates():
     """The iterates are a non-differentiable output of the saving forward: autograd must not fill a zero tensor of
     their size (steps x the input) for them in every backward (a 5 x 1024 x 256 x 128 float32 fill per chunk at dh 64
-    on the GPU, eighth session's profile)."""
+    of the token update)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class ZeroFills(TorchDispatchMode):

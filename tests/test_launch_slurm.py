@@ -1,4 +1,4 @@
-"""End to end under a real one-node slurm (launch/local_slurm.py): the demo training through launch/submit.sh and
+"""End to end under a real one-node slurm (tests/local_slurm.py): the demo training through launch/submit.sh and
 launch/slurm.sbatch with 2 gloo processes, finishing; and a job preempted twice (SIGUSR1, then `scontrol requeue`)
 that resumes from its checkpoints and logs the same per-step losses as the uninterrupted job.
 
@@ -7,7 +7,6 @@ The cluster is installed (apt-get) and started here and stopped after; no daemon
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -17,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import local_slurm
 import numpy as np
 import pytest
 
@@ -34,16 +34,8 @@ TINY = [
 ]
 
 
-def _load_local_slurm():
-    spec = importlib.util.spec_from_file_location("local_slurm", REPO / "launch" / "local_slurm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    local_slurm = _load_local_slurm()
     root = Path(tempfile.mkdtemp(prefix="atlas-slurm-"))
     slurm = local_slurm.LocalSlurm(root)
     try:

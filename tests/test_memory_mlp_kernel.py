@@ -12,10 +12,10 @@ os.environ["TRITON_INTERPRET"] = "1"
 import logging  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from benchmark_scripts import load_benchmark  # noqa: E402
 
 import atlas_train.kernels.memory_mlp_kernel as mlp_kernel  # noqa: E402
 from atlas_train.kernels import dispatch  # noqa: E402
@@ -135,7 +135,7 @@ def _scan_results(update, use_kernel, monkeypatch):
             calls.append(z.shape)
             return mlp_kernel.memory_mlp_pass(z, weights["W1"], weights["W2"], ln, v=v, loss=loss, precision="ieee")
 
-        monkeypatch.setattr(memory_mlp, "_kernel_pass", kernel_pass)
+        monkeypatch.setattr(memory_mlp, "_fast_pass", kernel_pass)
     tensors, params, doc_start = _scan_inputs(seed=4)
     split = 6
     first = {k: t[:, :split] for k, t in tensors.items()}
@@ -188,7 +188,7 @@ def test_dispatch_leaves_cpu_gated_and_not_opted_in_passes_to_pytorch(caplog, mo
 @pytest.mark.parametrize("ns_precision,kernel_precision",
                          [("ieee", "ieee"), ("tf32", "tf32"), ("bf16", "tf32"), ("auto", "tf32")])
 def test_kernel_runs_in_the_ns_precision_but_never_below_tf32(ns_precision, kernel_precision, monkeypatch):
-    """bf16 Newton–Schulz leaves the memory MLP kernel in tf32 (its bf16 doubled the chunk scan's error on an H100),
+    """bf16 Newton–Schulz leaves the memory MLP kernel in tf32 (its bf16 about doubles the chunk scan's error),
     both in the pass it runs and in the probe that admits it, whose bound is the kernel's precision's."""
     z, v, w1, w2, ln = _pass_inputs(seed=4, batch=1, heads=1, n=4, dim=8, dv=4, hidden=8, weight_batch=1,
                                     with_ln=True)
@@ -239,8 +239,7 @@ def test_probe_passes_the_kernel_and_rejects_wrong_numbers(corrupt, monkeypatch)
 def test_bench_check_fails_when_the_kernel_would_not_run(monkeypatch):
     """bench_memory_scan's '+mlp kernel' checks would pass by the kernel's absence if its probe refused it: the bench
     asks the dispatch why it would refuse the check's passes, and each reason becomes a failed check."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_memory_scan
+    bench_memory_scan = load_benchmark("bench_memory_scan")
 
     tensors, params = bench_memory_scan.make_inputs(1, 8, 2, 8, torch.device("cpu"), torch.float32, seed=0)
     monkeypatch.setattr(dispatch, "_probed", {})
@@ -284,8 +283,7 @@ def test_ns_precision_comes_from_the_environment_or_stops_with_one_line(setting,
 def test_bench_checks_the_kernel_alone_and_a_wrong_kernel_fails(monkeypatch):
     """bench_memory_scan's per-precision check of the pass (here interpreted, float32 against float64): it passes the
     kernel, and a kernel whose gradients are off by 1% fails it."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_memory_scan
+    bench_memory_scan = load_benchmark("bench_memory_scan")
 
     rows = bench_memory_scan.check_mlp_kernel(torch.device("cpu"), [(20, 12, 40)], tokens=21)
     assert [name.split(" (")[0] for name, _, _ in rows] == ["mlp kernel 20/12/40 read ieee",
@@ -306,8 +304,7 @@ def test_bench_scan_check_covers_every_precision_and_the_default_for_bf16_inputs
     """bench_memory_scan's whole-scan check (on a GPU: each operand precision with and without the memory MLP kernel,
     then the default setting for bf16 inputs, which takes bf16 NS) runs at a small size; on CPU every row is the
     PyTorch path, so all pass, and the setting it found is restored."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_memory_scan
+    bench_memory_scan = load_benchmark("bench_memory_scan")
 
     monkeypatch.setattr(dispatch, "_ns_precision", "ieee")
     rows = bench_memory_scan.check_memory_scan(torch.device("cpu"), batch=1, length=128, heads=2, dh=8)
@@ -323,8 +320,7 @@ def test_bench_scan_check_covers_every_precision_and_the_default_for_bf16_inputs
 def test_bench_checks_every_precision_the_dispatcher_can_choose(monkeypatch):
     """The bench's GPU checks cover exactly the operand precisions each fast path can be given, under every setting
     (the NS check once lost bf16, the new default, when the MLP kernel's list dropped it)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_memory_scan
+    bench_memory_scan = load_benchmark("bench_memory_scan")
 
     ns, mlp = set(), set()
     for setting in dispatch.NS_PRECISION_SETTINGS:

@@ -1,16 +1,17 @@
-"""memory_scan (ATLAS_SPEC.md section 3) against the literal float64 reference, and its state, autograd and memory
-contracts. Every case compares outputs and the gradients of every input on random inputs."""
+"""memory_scan (docs/math.md §3) against the literal reference (ops/naive.py) in float64, and its state,
+autograd and memory contracts. Every case compares outputs and the gradients of every input on random inputs."""
 
 from __future__ import annotations
 
+import doctest
 import importlib
 import itertools
 
 import pytest
 import torch
 
-from atlas_train.ops import memory_scan, newton_schulz, scan_chunks
-from memory_scan_reference import newton_schulz_heads, reference_memory_scan
+from atlas_train.ops import cuda_graphs, memory_scan, memory_scan_naive, newton_schulz, scan_chunks
+from atlas_train.ops.naive import newton_schulz_per_head
 
 F64 = torch.float64
 
@@ -113,7 +114,7 @@ def test_matches_reference(update, ns, loss, gated, ln, wide, window, docs, leng
     kwargs = dict(params=params, doc_start=doc_starts(docs, 2, length, chunk), chunk_size=chunk, ns_steps=ns,
                   update=update, loss=loss)
     y, _ = memory_scan(**x, **kwargs)
-    y_ref = reference_memory_scan(**x, **kwargs)
+    y_ref = memory_scan_naive(**x, **kwargs)
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
     inputs = leaves(x, params)
     assert_close_grads(grads_of(y, inputs), grads_of(y_ref, inputs))
@@ -124,7 +125,7 @@ def test_newton_schulz_matches_literal_steps():
     for rows, cols in ((3, 7), (7, 3), (4, 4)):
         s = torch.randn(2, 3, rows, cols, generator=gen, dtype=F64)
         for steps in (0, 1, 5):
-            want = newton_schulz_heads(s.reshape(-1, rows, cols), steps).reshape(s.shape)
+            want = newton_schulz_per_head(s.reshape(-1, rows, cols), steps).reshape(s.shape)
             torch.testing.assert_close(newton_schulz(s, steps), want, rtol=1e-12, atol=1e-12)
     ortho = newton_schulz(torch.randn(5, 12, generator=gen, dtype=F64), 5)
     singular_values = torch.linalg.svdvals(ortho)
@@ -293,6 +294,20 @@ def test_bad_inputs_raise_clear_value_errors(change, message):
         memory_scan(**args)
 
 
+def test_the_reference_takes_the_same_arguments_and_refuses_a_state():
+    x, params = make_inputs(0)
+    with pytest.raises(ValueError, match="update must be one of"):
+        memory_scan_naive(**x, params=params, update="muon")
+    with pytest.raises(ValueError, match="fresh sequence only: state must be None"):
+        memory_scan_naive(**x, params=params, state={})
+
+
+def test_the_example_in_memory_scans_docstring_runs_as_written():
+    module = importlib.import_module("atlas_train.ops.memory_scan")  # the module, not the function
+    failed, attempted = doctest.testmod(module)
+    assert attempted > 0 and failed == 0
+
+
 @pytest.mark.parametrize("update", ["token", "chunk"])
 def test_static_buffer_path_equals_eager(update, monkeypatch):
     """The chunk loop on static buffers (the CUDA-graph path without capture) gives the eager results (to rounding:
@@ -300,8 +315,6 @@ def test_static_buffer_path_equals_eager(update, monkeypatch):
 
     Two scans of different data share the cached calls (same shapes), with document starts in some chunks only
     and a split mid-chunk, so stale buffers, a skipped copy or a missed gradient would show."""
-    scan_module = importlib.import_module("atlas_train.ops.memory_scan")  # the module, not the function
-
     def run(seed):
         x, params = make_inputs(seed, length=13, window=3, gated=True, ln=True)
         doc = doc_starts("several_per_row", 2, 13, 4)
@@ -312,18 +325,18 @@ def test_static_buffer_path_equals_eager(update, monkeypatch):
         return outs, grads_of(outs, leaves(x, params))
 
     eager = [run(seed) for seed in (1, 2)]
-    scan_module.clear_scan_graphs()
+    cuda_graphs.clear_scan_graphs()
     monkeypatch.setenv("ATLAS_SCAN_CUDA_GRAPHS", "static")
     static = [run(seed) for seed in (1, 2)]
-    calls = scan_module._STATIC_CALLS
+    calls = cuda_graphs._SCAN_CALLS
     assert len(calls) >= 4  # forward and backward, with and without a document start
     assert all(call.calls > 0 for call in calls.values())  # every captured backward was found and replayed
-    scan_module.clear_scan_graphs()
+    cuda_graphs.clear_scan_graphs()
     with torch.no_grad():  # inference builds forward calls only
         run_forward_only = make_inputs(3, length=13, window=3, gated=True, ln=True)
         memory_scan(**run_forward_only[0], params=run_forward_only[1], chunk_size=4, ns_steps=2, update=update)
     assert len(calls) > 0 and all(key[0] == "forward" for key in calls._calls)
-    scan_module.clear_scan_graphs()
+    cuda_graphs.clear_scan_graphs()
     for (outs_e, grads_e), (outs_s, grads_s) in zip(eager, static):
         for a, b in zip(outs_s, outs_e):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -337,8 +350,7 @@ def test_static_calls_are_not_replayed_under_other_fast_path_settings(monkeypatc
     from atlas_train.kernels import set_kernels_enabled, set_ns_precision
     from atlas_train.kernels.dispatch import settings
 
-    scan_module = importlib.import_module("atlas_train.ops.memory_scan")
-    scan_module.clear_scan_graphs()
+    cuda_graphs.clear_scan_graphs()
     monkeypatch.setenv("ATLAS_SCAN_CUDA_GRAPHS", "static")
     x, params = make_inputs(4, length=8, window=3)
     kw = dict(params=params, chunk_size=4, ns_steps=2, update="chunk")
@@ -347,11 +359,11 @@ def test_static_calls_are_not_replayed_under_other_fast_path_settings(monkeypatc
         for change in (lambda: None, lambda: set_ns_precision("bf16"), lambda: set_kernels_enabled(False)):
             change()
             memory_scan(**x, **kw)
-            counts.append(len(scan_module._STATIC_CALLS))
+            counts.append(len(cuda_graphs._SCAN_CALLS))
     finally:
         set_ns_precision(setting)
         set_kernels_enabled(True)
-        scan_module.clear_scan_graphs()
+        cuda_graphs.clear_scan_graphs()
     assert counts[0] > 0 and counts == [counts[0], 2 * counts[0], 3 * counts[0]]
 
 

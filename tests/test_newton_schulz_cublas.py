@@ -6,13 +6,13 @@ bf16 path within the precision's bound, on decaying spectra too.
 """
 
 import os
-import sys
-from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # importing atlas_train.kernels decorates the Triton kernels: see test_kernels.py
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from benchmark_scripts import load_benchmark  # noqa: E402
 
 from atlas_train.kernels.dispatch import PROBE_TOLERANCE, relative_error  # noqa: E402
 from atlas_train.kernels.newton_schulz_cublas import newton_schulz  # noqa: E402
@@ -60,10 +60,7 @@ def test_bf16_operands_stay_within_their_bound(shape):
 def test_bf16_keeps_the_iterate_in_float32_where_singular_values_decay():
     """Singular values from 1 down to 1e-4 (as momentum's fall): a chain stored in bf16 rounds the dominant aX term
     and misses by ~1e-1 (benchmarks/ns_rounding.py); float32 iterates multiplied through bf16 copies stay near 1e-2."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from ns_rounding import random_matrices
-
-    s = random_matrices((8, 40, 200), 1e-4, torch.Generator().manual_seed(7))
+    s = load_benchmark("ns_rounding").random_matrices((8, 40, 200), 1e-4, torch.Generator().manual_seed(7))
     errors = _bf16_errors(s)
     assert max(errors) < 2e-2, errors
 
@@ -77,8 +74,7 @@ def test_token_update_with_bf16_newton_schulz_stays_within_the_bf16_bound(monkey
     """The whole token update with every NS on this path in bf16, against float64, at bench_memory_scan's check inputs
     (smaller): within the 5e-2 bound, which the chain stored in bf16 missed on the GPU (dgamma 9e-2) and here (1e-1,
     benchmarks/ns_rounding.py --scan)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_memory_scan as bench
+    bench = load_benchmark("bench_memory_scan")
 
     from atlas_train.ops import scan_chunks
 

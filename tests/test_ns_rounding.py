@@ -1,15 +1,12 @@
-"""benchmarks/ns_rounding.py: its emulated rounding, its NS backward, and the claims RESULTS.md draws from it."""
-
-import sys
-from pathlib import Path
+"""benchmarks/ns_rounding.py: its emulated rounding, its NS backward, and the findings the kernels' design rests on."""
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import ns_rounding  # noqa: E402
+from atlas_train.ops.newton_schulz import newton_schulz as ns_reference
 
-from atlas_train.ops.newton_schulz import newton_schulz as ns_reference  # noqa: E402
+ns_rounding = load_benchmark("ns_rounding")
 
 
 def test_round_bits_is_round_to_nearest_even():
@@ -48,9 +45,8 @@ def _errors(spectrum, form, shape=(8, 40, 200), operands="bf16"):
 
 
 def test_truncated_tf32_operands_undo_the_rounded_gram_matrix_and_nearest_rounding_restores_it():
-    """RESULTS.md, seventh session: with operands truncated (Hopper's tf32 tl.dot) the rounded Gram matrix is worse
-    than a float32 one, as the H100 measured (dS 1.2e-2 against the 1e-2 bound); rounding every operand to nearest,
-    as the kernels now do, is better than both."""
+    """With operands truncated (Hopper's tf32 tl.dot) the rounded Gram matrix is worse than a float32 one (dS over
+    the 1e-2 bound, as on the GPU); rounding every operand to nearest, as the kernels do, is better than both."""
     float32_a, rounded_a = (_errors(None, form, operands="tf32 truncated") for form in ("float32 A", "rounded A"))
     nearest = _errors(None, "rounded A", operands="tf32")
     assert rounded_a[1] > 1e-2 > float32_a[1] > 1.5 * nearest[1]
@@ -58,9 +54,8 @@ def test_truncated_tf32_operands_undo_the_rounded_gram_matrix_and_nearest_roundi
 
 
 def test_rounding_the_gram_matrix_once_is_the_more_accurate_bf16_form():
-    """The two findings of RESULTS.md (sixth session), in bf16: one rounded Gram matrix beats a float32 one on
-    Gaussian matrices (and passes the 5e-2 bound the old form failed), and storing X in bf16 is far worse once
-    singular values decay."""
+    """In bf16, one rounded Gram matrix beats a float32 one on Gaussian matrices (and passes the 5e-2 bound the
+    float32 one fails), and storing X in bf16 is far worse once singular values decay."""
     old, new = _errors(None, "float32 A"), _errors(None, "rounded A")
     assert old[1] > 5e-2 > new[1]
     assert new[0] < 0.7 * old[0] and new[1] < 0.7 * old[1]

@@ -1,8 +1,8 @@
 """StaticCall's capture: the garbage collector is paused while a CUDA graph is being captured.
 
 A collection inside a capture that frees a dead graph invalidates the capture (CUDA forbids the graph's destructor
-there); an H100 showed it (benchmarks/RESULTS.md, eighth session). CUDA's capture calls are replaced by recorders here,
-so the CPU suite checks the collector's state at the moment the capture would run, and the result plumbing around it.
+there; ops/cuda_graphs.py). CUDA's capture calls are replaced by recorders here, so the CPU suite checks the
+collector's state at the moment the capture would run, and the result plumbing around it.
 """
 
 import contextlib
@@ -10,7 +10,7 @@ import gc
 
 import torch
 
-from atlas_train.ops import static_calls
+from atlas_train.ops import cuda_graphs
 
 
 class _Recorder:
@@ -39,7 +39,7 @@ def test_capture_pauses_the_garbage_collector_and_restores_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph", _recording_graph)
     _Recorder.collector_during_capture = []
     assert gc.isenabled()
-    call = static_calls.StaticCall(lambda x: [2 * x], [torch.ones(3)], graph=True)
+    call = cuda_graphs.StaticCall(lambda x: [2 * x], [torch.ones(3)], graph=True)
     assert _Recorder.collector_during_capture == [False]
     assert gc.isenabled()
     assert torch.equal(call.outputs[0], torch.full((3,), 2.0))
@@ -48,7 +48,7 @@ def test_capture_pauses_the_garbage_collector_and_restores_it(monkeypatch):
 def test_collector_paused_keeps_a_disabled_collector_disabled():
     gc.disable()
     try:
-        with static_calls.collector_paused():
+        with cuda_graphs.collector_paused():
             assert not gc.isenabled()
         assert not gc.isenabled()
     finally:

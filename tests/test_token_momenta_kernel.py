@@ -10,10 +10,10 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import logging  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from benchmark_scripts import load_benchmark  # noqa: E402
 
 import atlas_train.kernels.token_momenta_kernel as momenta_kernel  # noqa: E402
 from atlas_train.kernels import dispatch  # noqa: E402
@@ -183,15 +183,10 @@ def test_probe_passes_the_kernel_and_rejects_wrong_numbers(corrupt, monkeypatch)
         assert reason.startswith("the token momenta kernel disagrees with the PyTorch path"), reason
 
 
-def _benchmarks(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-
-def test_momenta_bench_runs_and_prints_its_table_last(capsys, monkeypatch):
+def test_momenta_bench_runs_and_prints_its_table_last(capsys):
     """CPU smoke run of `bench_momenta.py` (interpreted kernel, one tiny shape): a crash found here costs no GPU
     time. Both rows time forward and forward+backward; none failed."""
-    _benchmarks(monkeypatch)
-    import bench_momenta
+    bench_momenta = load_benchmark("bench_momenta")
 
     assert bench_momenta.main([]) == 0
     table = capsys.readouterr().out.split("== token momenta")[-1].splitlines()[2:]
@@ -199,11 +194,10 @@ def test_momenta_bench_runs_and_prints_its_table_last(capsys, monkeypatch):
     assert all(len(line.split()) >= 4 and "Error" not in line for line in table), table
 
 
-def test_scan_bench_runs_only_the_check_groups_asked_for(capsys, monkeypatch):
+def test_scan_bench_runs_only_the_check_groups_asked_for(capsys):
     """`bench_memory_scan.py --checks momenta` runs the momenta kernel's check alone (here interpreted, against
     float64), not the NS or memory MLP checks."""
-    _benchmarks(monkeypatch)
-    import bench_memory_scan
+    bench_memory_scan = load_benchmark("bench_memory_scan")
 
     with torch.random.fork_rng():  # the bench seeds the global generator afresh
         assert bench_memory_scan.main(["--checks", "momenta", "--count-ops", "--updates", "chunk", "--dh", "8",

@@ -27,7 +27,7 @@ from atlas_train.train.signals import EXIT_PREEMPTED
 from atlas_train.train.distributed import shutdown_distributed
 from torchrun_helper import run_under_torchrun
 from atlas_train.train.synthetic import SyntheticLoader
-from atlas_train.train.trainer import Builders, train
+from atlas_train.train.trainer import Builders, Trainer, train
 
 VOCAB = 32
 
@@ -233,6 +233,27 @@ def test_only_logging_steps_reduce_and_read_the_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(ParallelPlan, "loss_for_logging", lambda self, loss: calls.append(1) or reduce(self, loss))
     assert train(make_cfg(tmp_path, steps=6, log_every=3, eval_every=0), BUILDERS) == 0
     assert len(calls) == 2 and sorted(losses(tmp_path)) == [3, 6]
+
+
+def test_trainer_phases_called_by_hand_reproduce_fit(tmp_path):
+    """The phases work on their own (what a probe or a per-phase timer builds on): steps taken with `train_step`,
+    and a `save` afterwards, give fit's losses and a checkpoint that resumes."""
+    assert train(make_cfg(tmp_path / "fit", steps=4, eval_every=0), BUILDERS) == 0
+    trainer = Trainer(make_cfg(tmp_path / "hand", steps=4, eval_every=0), BUILDERS)
+    try:
+        got = {}
+        for _ in range(3):
+            local_loss, applied, flags = trainer.train_step()
+            assert applied and flags == ()
+            got[trainer.step] = trainer.plan.loss_for_logging(local_loss)
+        trainer.save()
+    finally:
+        trainer.close()
+    assert got == {step: loss for step, loss in losses(tmp_path / "fit").items() if step <= 3}
+    assert read_latest(tmp_path / "hand" / "checkpoints") == "step_00000003"
+    resumed = Trainer(make_cfg(tmp_path / "hand", steps=4, eval_every=0, resume="auto"), BUILDERS)
+    assert resumed.step == 3
+    assert resumed.fit() == 0 and sorted(losses(tmp_path / "hand")) == [4]
 
 
 def _dist_worker(root: str) -> None:

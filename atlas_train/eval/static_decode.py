@@ -3,7 +3,7 @@
 A decode step of a memory model is thousands of small kernels whose launch cost dwarfs their work. Its cache has
 fixed shapes (fast weights, momentum, window, conv tails), so the step can run on buffers that never move: the token
 goes into a static input, the model reads the static cache, the new cache comes out in static buffers and goes back
-in at the next step. Captured once as a CUDA graph (`atlas_train.ops.static_calls`, the same machinery as the scan's
+in at the next step. Captured once as a CUDA graph (`atlas_train.ops.cuda_graphs`, the same machinery as the scan's
 chunk graphs), a step is then one graph launch. Without a graph (CPU, or `use_graph=False`) the same buffer logic
 runs eagerly, which is how the tests check it. Caches that grow (an attention KV cache) cannot live in static
 buffers and are refused.
@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from atlas_train.ops.static_calls import StaticCall
+from atlas_train.ops.cuda_graphs import StaticCall
 
 
 class GrowingCacheError(ValueError):

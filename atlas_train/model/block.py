@@ -19,6 +19,7 @@ from atlas_train.model.config import ModelConfig
 from atlas_train.model.family import build_mixer
 from atlas_train.model.hybrid import join_cache, split_cache
 from atlas_train.model.norms import RMSNorm
+from atlas_train.model.recompute import RECOMPUTE_MODES, selective_context
 
 
 class SwiGLU(nn.Module):
@@ -44,17 +45,19 @@ class Block(nn.Module):
             self.swa_norm = self.swa = None
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
-        self.recompute = cfg.activation_checkpointing
+        self.recompute = "none"  # set from outside: set_activation_checkpointing
+        self.has_memory = not isinstance(self.mixer, Attention)  # a scan inside: `selective` does not apply
 
     def forward(self, x: torch.Tensor, doc_start: Optional[torch.Tensor] = None, cache: Optional[dict] = None,
                 return_cache: bool = False) -> tuple[torch.Tensor, Optional[dict]]:
-        """With activation checkpointing, only the block's inputs are kept for backward, which recomputes the body.
+        """With activation checkpointing, backward recomputes the body (all of it, or its element-wise work).
 
         The checkpoint wraps the body, not the module call, so hooks on the block (context parallelism's state
         exchange) run once per step, never again during recomputation.
         """
-        if self.recompute and self.training and torch.is_grad_enabled():
-            return checkpoint(self._body, x, doc_start, cache, return_cache, use_reentrant=False)
+        if self.recompute != "none" and self.training and torch.is_grad_enabled():
+            kwargs = {"context_fn": selective_context} if self.recompute == "selective" else {}
+            return checkpoint(self._body, x, doc_start, cache, return_cache, use_reentrant=False, **kwargs)
         return self._body(x, doc_start, cache, return_cache)
 
     def _body(self, x: torch.Tensor, doc_start: Optional[torch.Tensor], cache: Optional[dict],
@@ -67,3 +70,15 @@ class Block(nn.Module):
             x = x + y
         x = x + self.ffn(self.ffn_norm(x))
         return x, (join_cache({"mixer.": mixer_cache, "swa.": swa_cache}) if return_cache else None)
+
+
+def set_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Make every block of `model` recompute in `mode`: "none", "selective" or "full" (see recompute.py)."""
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"activation checkpointing {mode!r} is not one of {list(RECOMPUTE_MODES)}")
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    if mode == "selective" and any(block.has_memory for block in blocks):
+        raise ValueError("activation checkpointing 'selective' covers attention-only blocks; a model with a memory "
+                         "layer uses 'full' (or 'none' where it fits)")
+    for block in blocks:
+        block.recompute = mode

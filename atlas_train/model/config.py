@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass for every member of the family (ATLAS_SPEC.md sections 1, 2, 4, 5).
+"""Model configuration: one dataclass for every member of the family (docs/math.md §§1, 2, 4, 5).
 
 Fields left as None take the family default of `mixer` (spec section 5 table) when the model is built; `resolved()`
 returns the config with every such field filled in, and that resolved form is what runs save with checkpoints.
@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 MIXERS = ("atlas", "atlas_pp", "omeganet", "titans", "dla", "transformer", "atlas_mag", "atlas_mal", "deep_transformer",
           "swdt", "dot")
-DUAL_MIXERS = ("deep_transformer", "swdt", "dot")  # the DeepTransformers (spec section 8): dual_memory_scan
+DUAL_MIXERS = ("deep_transformer", "swdt", "dot")  # the DeepTransformers (§8): dual_memory_scan
 
 # Spec section 5: what each member fixes. Keys are ModelConfig fields; values replace None in the user's config.
 FAMILY_DEFAULTS: dict[str, dict] = {
@@ -24,7 +24,7 @@ FAMILY_DEFAULTS: dict[str, dict] = {
     "transformer": dict(memory_gated=False, feature_map="identity", inner_loss="l2", ns_steps=0, use_momentum=False, window=1),
     "atlas_mag": dict(memory_gated=False, feature_map="sketch", inner_loss="l2", ns_steps=5, use_momentum=True, window=64),
     "atlas_mal": dict(memory_gated=False, feature_map="sketch", inner_loss="l2", ns_steps=5, use_momentum=True, window=64),
-    # Spec section 8: plain gradient descent (theta 0, no Newton–Schulz, no decay) on the exp kernel's features.
+    # §8: plain gradient descent (theta 0, no Newton–Schulz, no decay) on the exp kernel's features.
     "deep_transformer": dict(memory_gated=False, feature_map="identity", inner_loss="dot", ns_steps=0, use_momentum=False,
                              window=1),
     "swdt": dict(memory_gated=False, feature_map="identity", inner_loss="dot", ns_steps=0, use_momentum=False, window=64),
@@ -44,9 +44,6 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     init_std: float = 0.02
-    # Recompute each block in backward instead of keeping its activations (Megatron's "full" recompute): about one
-    # extra forward per step for activation memory of one block. The 340M+ ATLAS configs need it at 4K on 80 GB.
-    activation_checkpointing: bool = False
     max_seq_len: int = 4096  # RoPE table length and the longest context the model is built for
     rope_theta: float = 10000.0
 
@@ -71,7 +68,7 @@ class ModelConfig:
     eta_init: float = 0.01
     gamma_init: float = 0.5  # Omega-window gates at init (spec 4 leaves it open; sigmoid(0))
     conv_kernel: int = 4
-    n_persistent: int = 64  # DeepTransformers: learnable (key, coefficient) pairs that start J (spec section 8)
+    n_persistent: int = 64  # DeepTransformers: learnable (key, coefficient) pairs that start J (§8)
 
     # Attention (transformer baseline and the hybrids' sliding-window attention).
     swa_window: int = 2048  # query i sees keys i-swa_window+1 .. i

@@ -1,9 +1,9 @@
-"""The DeepTransformers' mixer (ATLAS_SPEC.md section 8): deep_transformer, swdt and dot.
+"""The DeepTransformers' mixer (docs/math.md §8): deep_transformer, swdt and dot.
 
-The ATLAS mixer's pipeline (section 1, AtlasMixer) with another memory: no feature map, gates eta and gamma only
-(section 4; no decay, no momentum), and dual_memory_scan, whose first layer lives on the exponential kernel's infinite
+The ATLAS mixer's pipeline (§1, AtlasMixer) with another memory: no feature map, gates eta and gamma only
+(§4; no decay, no momentum), and dual_memory_scan, whose first layer lives on the exponential kernel's infinite
 features, kept in dual form (J: the written keys with their coefficients). The members differ only in config (the
-inner loss and the Omega window, spec section 8's table).
+inner loss and the Omega window, §8's table).
 
 Cache: AtlasMixer's, with dual_memory_scan's state under `mem.<key>`. That state holds every written key, as a KV
 cache does, so it grows by one key per token. Context parallelism passes it like every block cache: rank r receives J
@@ -28,7 +28,7 @@ from atlas_train.ops import dual_memory_scan
 class DualMixer(AtlasMixer):
     def _build_memory(self, cfg: ModelConfig) -> None:
         """Gates eta and gamma; W1, the persistent pairs (K0, A0) and LN; the kernel's scale s_h per head, stored
-        softplus-inverse and starting at sqrt(dh) (spec section 8)."""
+        softplus-inverse and starting at sqrt(dh) (§8)."""
         H, dh = cfg.n_heads, cfg.head_dim
         self.scan_options = dict(chunk_size=cfg.chunk_size, loss=cfg.inner_loss)
         self.gates = MemoryGates(cfg, decay=False)

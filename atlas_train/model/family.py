@@ -1,9 +1,9 @@
-"""The model family registry (ATLAS_SPEC.md section 5): `model.mixer` name → the sequence mixer of each block.
+"""The model family registry (docs/math.md §5): `model.mixer` name → the sequence mixer of each block.
 
 The memory members (atlas, atlas_pp, omeganet, titans, dla) share AtlasMixer and differ only by the family
 defaults that ModelConfig.resolved() fills in (memory gating, feature map, inner loss, Newton–Schulz steps,
 momentum, window). atlas_mal's second (attention) sub-layer is added by Block. The DeepTransformers (deep_transformer,
-swdt, dot; spec section 8) share DualMixer and differ by inner loss and window.
+swdt, dot; §8) share DualMixer and differ by inner loss and window.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The memory's learnable initial fast weights `params` (ATLAS_SPEC.md 3.1): outer-loop parameters shared by all
+"""The memory's learnable initial fast weights `params` (docs/math.md §3.1): outer-loop parameters shared by all
 sequences, from which every document's test-time training starts."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ class FastWeightInit(nn.Module):
 
     Weights start at N(0, 1/fan_in) so the memory MLP's activations are O(1) whatever its size (a 0.02 init would make
     the pre-LN output tiny and the LN gradient huge). Head-major, so tensor parallelism splits dim 0 with the heads.
-    With `persistent` (the DeepTransformers, ATLAS_SPEC.md section 8) W2 is in dual form, Σ_p A0_p φ*(K0_p)ᵀ: K0
+    With `persistent` (the DeepTransformers, docs/math.md §8) W2 is in dual form, Σ_p A0_p φ*(K0_p)ᵀ: K0
     (H, persistent, D) Gaussian keys (unit-normalised where used) and A0 (H, persistent, hid) standard normal.
     """
 

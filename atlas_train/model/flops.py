@@ -1,23 +1,28 @@
 """Training FLOPs per token (forward + backward) for MFU, counted from the built model's layers.
 
-Conventions: a multiply-add is 2 FLOPs; dense layers and attention cost 3× their forward in training (forward,
-input gradient, weight gradient). memory_scan's custom backward recomputes each chunk's forward before
-backpropagating it, so the memory's inner loop costs 4× its forward. The inner loop is counted as the algorithm
-does it, per token and head (P = number of fast-weight entries, L = chunk_size, c = window):
+Conventions: a multiply-add is 2 FLOPs; every layer costs 3× its forward in training (forward, input gradient,
+weight gradient), the memory's inner loop included. These are model FLOPs, what MFU counts: recomputation is left
+out, whether activation checkpointing's or memory_scan's own (its backward recomputes each chunk's forward from the
+chunk's saved fast weights, one more forward of the memory: `executed_flops_per_token` adds it, and a test holds
+that figure against torch.utils.flop_counter). Causal attention counts the keys a query really sees (about half of
+T on average). The inner loop is counted as the algorithm does it, per token and head (P = number of fast-weight
+entries, L = chunk_size, c = window):
 - key gradients at the anchor weights: a forward and a backward through the memory MLP (≈ 4P) for each key,
   keys of the previous chunk's window included (× (1 + (c−1)/L));
 - update="token": U_t sums c rank-1 gradients per weight matrix (2cP), momentum and decay (4P), Newton–Schulz on
   every weight matrix at every token, and the read f(P_t; zq_t) (2P);
 - update="chunk": one weighted rank-1 sum per key (2P), momentum, decay and Newton–Schulz once per chunk (/L), the
   read (2P).
-The DeepTransformers (DualMixer, spec section 8) read and write J with attention-like passes: the reads, and the
-anchor pass over (c − 1 + L)/L points per token, each over the keys written before its chunk plus the persistent
-pairs, with value dimension hid; they count 3× in training, as attention does (their backward recomputes the kernel
-values). Their window and W1 terms (per window key a forward and a backward through W1, per token the W1 read and
-the window's kernel values) count 4×, like the memory's inner loop.
+The DeepTransformers (DualMixer, §8) read and write J with attention-like passes, counted with the mixing like
+attention: the reads, and the anchor pass over (c − 1 + L)/L points per token, each over the keys written before its
+chunk plus the persistent pairs, with value dimension hid. Their window and W1 terms (per window key a forward and a
+backward through W1, per token the W1 read and the window's kernel values) are the memory's inner loop, which their
+backward recomputes too.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -79,21 +84,43 @@ def feature_map_forward_flops(fmap: FeatureMap, n_heads: int) -> float:
     return 2.0 * n_heads * per_head
 
 
-def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
+@dataclass(frozen=True)
+class ForwardFlops:
+    """Forward FLOPs per token of a whole model, split by where they are spent."""
+
+    dense: float  # every nn.Linear (projections, feed-forward, LM head)
+    mixing: float  # attention scores and values (dual_memory_scan's passes too), feature maps, convolutions
+    memory: float  # memory_scan's inner loop (dual_memory_scan's window terms)
+
+
+def forward_flops_per_token(model: nn.Module, seq_len: int) -> ForwardFlops:
     dense = 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    other = 0.0
+    mixing = 0.0
     memory = 0.0
     for module in model.modules():
         if isinstance(module, Attention):
-            other += 4.0 * module.n_heads * module.head_dim * attended_keys(seq_len, module.window)
+            mixing += 4.0 * module.n_heads * module.head_dim * attended_keys(seq_len, module.window)
         elif isinstance(module, DualMixer):
             attention, window_terms = dual_memory_forward_flops(module, seq_len)
-            other += attention
+            mixing += attention
             memory += window_terms
         elif isinstance(module, AtlasMixer):
             memory += memory_forward_flops(module)
-            other += feature_map_forward_flops(module.feature_map, module.n_heads)
+            mixing += feature_map_forward_flops(module.feature_map, module.n_heads)
         if isinstance(module, AtlasMixer):  # DualMixer included
             for conv in (module.q_conv, module.k_conv, module.v_conv):
-                other += 2.0 * conv.weight.numel()
-    return 3.0 * (dense + other) + 4.0 * memory
+                mixing += 2.0 * conv.weight.numel()
+    return ForwardFlops(dense, mixing, memory)
+
+
+def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Model FLOPs per token of a training step (forward + backward, no recomputation): what MFU divides by."""
+    f = forward_flops_per_token(model, seq_len)
+    return 3.0 * (f.dense + f.mixing + f.memory)
+
+
+def executed_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """FLOPs per token the training step executes without activation checkpointing: the model FLOPs plus the
+    scan's recomputation of the memory's forward in its backward."""
+    f = forward_flops_per_token(model, seq_len)
+    return training_flops_per_token(model, seq_len) + f.memory

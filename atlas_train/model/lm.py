@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ class AtlasLM(nn.Module):
         self._init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # (hidden (N, d), head weight (V, d), labels (N,)) -> mean loss without the (N, V) logits; set from outside
+        # (training on a GPU: a fused linear + cross-entropy), None: logits, then `cross_entropy`.
+        self.fused_loss: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
     def _init_weights(self) -> None:
         std = self.config.init_std
@@ -64,7 +67,10 @@ class AtlasLM(nn.Module):
         caches = {}
         for i, layer in enumerate(self.layers):
             h, caches[f"layers.{i}."] = layer(h, doc_start, split_cache(cache, f"layers.{i}."), use_cache)
-        logits = self.lm_head(self.norm(h))
+        h = self.norm(h)
+        if labels is not None and self.fused_loss is not None and self.training and not use_cache:
+            return LMOutput(logits=None, loss=self.fused_loss(h.flatten(0, 1), self.lm_head.weight, labels.flatten()))
+        logits = self.lm_head(h)
         loss = None
         if labels is not None:
             loss = self.cross_entropy(logits, labels)

@@ -1,4 +1,4 @@
-"""The attention pass of `dual_memory_scan` (ATLAS_SPEC.md section 8): h at a set of points from the written keys.
+"""The attention pass of `dual_memory_scan` (docs/math.md §8): h at a set of points from the written keys.
 
     out[i] = Σ_{j < lim[i], doc_k[j] = doc_x[i]} κ(x_i, k_j) · v_j,     κ(x, y) = exp(θ·(x·y − 1))  ("exp")
                                                                           or (x·y) + θ·(x·y)²   ("poly2", tests)
@@ -12,7 +12,8 @@ is at most 1.
 The scan uses it as the reads' and anchors' pull over J and, with the roles of points and keys swapped, to carry
 gradients back to the coefficients. The PyTorch implementation below works on blocks of points, so that it never
 holds more than BLOCK × N kernel values; its backward recomputes a block under autograd. A fast implementation (a
-flash-style Triton kernel) provides the same two functions; `implementation` is where the scan gets them from.
+flash-style Triton kernel) provides the same two functions; `implementation` is where the scan gets them from
+(the registry's "dual_attention").
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
+
+from atlas_train.ops.registry import fast_path
 
 KERNELS = ("exp", "poly2")
 BLOCK = 512  # points per block of the PyTorch implementation
@@ -120,7 +123,9 @@ class Implementation(NamedTuple):
 TORCH = Implementation(attend_torch, attend_backward_torch)
 
 
-def implementation(x: torch.Tensor, width: int, kind: str) -> Implementation:
-    """The implementation the scan uses for points like x (B, H, M, d) with values `width` wide: the PyTorch one
-    (where a fast path registers for CUDA tensors of the "exp" kernel, this returns it instead)."""
-    return TORCH
+def implementation(x: torch.Tensor, width: int, kind: str, half_inputs: bool) -> Implementation:
+    """The implementation the scan uses for points like x (B, H, M, d) with values `width` wide, for a model in half
+    precision or not: the fast path "dual_attention" of the registry on CUDA where it takes the pass (the kernels'
+    Triton pass), else the PyTorch one."""
+    fast = fast_path("dual_attention", x, width, kind, half_inputs) if x.is_cuda else None
+    return TORCH if fast is None else fast

@@ -1,4 +1,4 @@
-"""The chunk-parallel implementation of `dual_memory_scan` (ATLAS_SPEC.md section 8), with its own backward.
+"""The chunk-parallel implementation of `dual_memory_scan` (docs/math.md §8), with its own backward.
 
 J, the first memory layer in dual form, is the written keys with a coefficient each (a KV cache whose values change).
 A chunk n of L tokens, starting at a grid position, reads and writes only its window: its c − 1 preceding keys and its

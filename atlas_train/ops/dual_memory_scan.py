@@ -1,4 +1,4 @@
-"""`dual_memory_scan` (ATLAS_SPEC.md section 8): the DeepTransformers' memory, whose first layer lives on the
+"""`dual_memory_scan` (docs/math.md §8): the DeepTransformers' memory, whose first layer lives on the
 exponential kernel's infinite features and is therefore kept in dual form, a sum over the keys written so far.
 
 The public entry point validates its inputs and runs the tokens up to the chunk grid's next boundary one by one
@@ -68,7 +68,7 @@ def _scan(q, k, v, eta, gamma, params, doc_start, state, chunk_size, loss, kerne
     ln = [params[name].to(dtype) if name in params else None for name in ("ln_weight", "ln_bias")]
     p = Params(params["W1"].to(dtype), F.normalize(params["K0"].to(dtype), dim=-1, eps=1e-6), params["A0"].to(dtype),
                theta.to(dtype), *ln)
-    impl = dual_attention.implementation(q, p.w1.shape[-1], kernel)
+    impl = dual_attention.implementation(q, p.w1.shape[-1], kernel, q.dtype in (torch.bfloat16, torch.float16))
     inputs = [t.to(dtype).transpose(1, 2) for t in (q, k, v, eta, gamma)]
     reset = torch.zeros(batch, length, dtype=torch.bool, device=q.device) if doc_start is None else doc_start.clone()
     if state is None:

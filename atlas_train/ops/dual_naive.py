@@ -1,6 +1,6 @@
-"""Slow, literal reference of `dual_memory_scan` (ATLAS_SPEC.md section 8): the recurrence token by token.
+"""Slow, literal reference of `dual_memory_scan` (docs/math.md §8): the recurrence token by token.
 
-One batch row at a time, in the order the spec states it. The memory's first layer is kept as the list J of
+One batch row at a time, in the order docs/math.md §8 states it. The memory's first layer is kept as the list J of
 (key, coefficient) pairs it is defined by: writing token i appends (k_i, a). Inner gradients come from
 torch.autograd.grad(create_graph=True) on the memory function at the chunk's anchor, so gradients of the whole
 reference with respect to every input come from autograd as well. Heads are independent, so a sum over heads of

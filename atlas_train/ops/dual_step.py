@@ -1,4 +1,4 @@
-"""One token of `dual_memory_scan` (ATLAS_SPEC.md section 8 with T = 1): decoding, and the tokens of a call that
+"""One token of `dual_memory_scan` (docs/math.md §8 with T = 1): decoding, and the tokens of a call that
 come before the chunk grid's next boundary.
 
 The state is J as a KV cache (every written key with its current coefficient, and whether it is in the current

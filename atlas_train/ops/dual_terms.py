@@ -1,4 +1,4 @@
-"""The per-chunk terms of `dual_memory_scan` (ATLAS_SPEC.md section 8), batched over chunks, in PyTorch.
+"""The per-chunk terms of `dual_memory_scan` (docs/math.md §8), batched over chunks, in PyTorch.
 
 Layout: (B, H, C, rows, features) for C chunks of L tokens; a chunk's window holds its c − 1 preceding keys, then its
 own L keys (W = c − 1 + L rows). Everything here is differentiable and cheap next to the attention pass over all
@@ -8,7 +8,7 @@ graph in forward and recomputes them under autograd in backward.
 * `anchor_terms`: each window key's inner gradient at the chunk's anchor, from h at the key: δ = ∂ℓ/∂h (the
   coefficient direction a key is written with) and g_out, gelu(h) (∇W1 ℓ = g_out ⊗ gelu(h)).
 * `mixing`: M[t, w] = Σ_{u ≤ t} η_u·G[u, w], how much of key w's gradient token t's weights hold (G: the Omega
-  window's gamma, spec 3.4, restricted to the document), so that P_t = P_anchor − Σ_w M[t, w]·∇ℓ_w.
+  window's gamma, §3.4, restricted to the document), so that P_t = P_anchor − Σ_w M[t, w]·∇ℓ_w.
 * `reads`: y_t = f(P_t; q_t), with h(q_t) = persistent + (the pull over earlier keys) + the window's part.
 * `chunk_step`: what a chunk hands on: the coefficients its window keys gain and W1 after its last token.
 """

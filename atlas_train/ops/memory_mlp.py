@@ -1,4 +1,4 @@
-"""The memory network f(P; z) of ATLAS_SPEC.md 3.1 and the closed form of its inner-loss gradient.
+"""The memory network f(P; z) of docs/math.md §3.1 and the closed form of its inner-loss gradient.
 
 Layout used throughout `ops`: tokens are (B, H, L, features). A fast-weight matrix is (B|1, H, out, in) when all
 tokens share it (an anchor, `params`); the token update's reads, where every token has its own, use TokenWeights.
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from atlas_train.ops import outer_sums
+from atlas_train.ops.registry import fast_path
 
 LN_EPS = 1e-5
 WEIGHT_NAMES = ("W1", "W2", "W3")  # W1 (dv, hid), W2 (hid, D), W3 (hid, D): the fast (inner-loop) weights
@@ -26,9 +27,9 @@ class _TokenReads(torch.autograd.Function):
 
         dU_u = Σ_t mix[t, u] dread_t ⊗ x_t + mix[L−1, u]·dlast,
 
-    the token momenta's form (`outer_sums.weighted_outer_sums`: on a GPU one kernel writing dU once). Autograd made
-    the two parts separately, added them and copied the sum out of the transposed layout its GEMM left it in: four
-    passes over a tensor of the momenta's size (RESULTS.md, ninth session)."""
+    the token momenta's form (`outer_sums.weighted_outer_sums`: on a GPU one kernel writing dU once). Autograd makes
+    the two parts separately, adds them and copies the sum out of the transposed layout its GEMM leaves it in: four
+    passes over a tensor of the momenta's size."""
 
     @staticmethod
     def forward(ctx, updates, mix, x, half_inputs):
@@ -59,14 +60,13 @@ class _TokenReads(torch.autograd.Function):
 @dataclasses.dataclass(eq=False)
 class TokenWeights:
     """One weight matrix per token of a chunk, W_t = a_t·carried + b_t·initial − Σ_u mix[t, u]·updates[u] (the
-    token update, spec 3.4), kept as that combination instead of a (B, H, L, out, in) tensor.
+    token update, §3.4), kept as that combination instead of a (B, H, L, out, in) tensor.
 
     Why: reads need W_t x_t only. Forming every token's matrix costs a GEMM writing L·out·in values per head plus
     elementwise passes over them, and the same again in backward; applying the combination costs one GEMM writing
-    L·L·out values (U_u x_t for all u, t) and a batched mix, which is less traffic whenever L < in. Measured on an
-    H100 (benchmarks/RESULTS.md): the token scan 1.09–1.10× faster with CUDA graphs, and its compiled baseline at
-    0.61× the memory. The read and the last token's matrix are one autograd node (`_TokenReads`), so `last()` is
-    asked for after `apply()`.
+    L·L·out values (U_u x_t for all u, t) and a batched mix, which is less traffic whenever L < in (faster on the
+    GPU, and less memory; benchmarks/RESULTS.md keeps the figures). The read and the last token's matrix are one
+    autograd node (`_TokenReads`), so `last()` is asked for after `apply()`.
     """
 
     carried: torch.Tensor  # (B, H, out, in): the weights before the chunk
@@ -106,19 +106,17 @@ def _ln_affine(ln: dict | None):
     return ln["ln_weight"][None, :, None, :], ln["ln_bias"][None, :, None, :]
 
 
-def _kernel_pass(weights: dict, z: torch.Tensor, ln: dict | None, v: torch.Tensor | None = None,
-                 loss: str | None = None):
-    """The Triton token pass on CUDA with shared weights (atlas_train.kernels.dispatch says when), else None."""
+def _fast_pass(weights: dict, z: torch.Tensor, ln: dict | None, v: torch.Tensor | None = None,
+               loss: str | None = None):
+    """The registered fast token pass on CUDA with shared weights (where it takes the pass), else None."""
     if not z.is_cuda or any(isinstance(w, TokenWeights) for w in weights.values()):
         return None
-    from atlas_train.kernels.dispatch import memory_mlp_or_none  # imports Triton: only when needed
-
-    return memory_mlp_or_none(weights, z, ln, v=v, loss=loss)
+    return fast_path("memory_mlp_pass", weights, z, ln, v=v, loss=loss)
 
 
 def memory_forward(weights: dict, z: torch.Tensor, dv: int, ln: dict | None) -> torch.Tensor:
     """f(P; z) = z[:dv] + LN(W1 · (gelu(W2 z) [⊙ W3 z])) for tokens z (B, H, L, D)."""
-    fast = _kernel_pass(weights, z, ln)
+    fast = _fast_pass(weights, z, ln)
     if fast is not None:
         return fast
     hidden = F.gelu(apply_linear(weights["W2"], z))
@@ -144,7 +142,7 @@ def loss_gradient_factors(weights: dict, z: torch.Tensor, v: torch.Tensor, ln: d
     Hand-derived backward of `memory_forward` for one token (e = ∂ℓ/∂f, then LN, W1, GELU (and gate), W2/W3);
     the tests check it, through the whole scan, against autograd on `memory_forward`.
     """
-    fast = _kernel_pass(weights, z, ln, v, loss)
+    fast = _fast_pass(weights, z, ln, v, loss)
     if fast is not None:
         _, g_out, hidden, g_pre = fast
         return {"W1": (g_out, hidden), "W2": (g_pre, z)}

@@ -1,10 +1,9 @@
-"""One token of the memory recurrence (ATLAS_SPEC.md 3.4/3.5 with T = 1) for inference: `memory_scan`'s decode path.
+"""One token of the memory recurrence (docs/math.md §3.4/3.5 with T = 1) for inference: `memory_scan`'s decode path.
 
 `memory_scan` on a single token goes through the chunk machinery (gate-product matrices, window-weight gathers, an
 autograd function, a chunk schedule): Python and kernels spent on products over one token. This step computes the
-same function, reading and writing the same public state, with only the arithmetic the token needs (about 90 kernels
-per layer at the 340M shapes, 37 of them matmuls, mostly Newton–Schulz; CPU profile: 1.7x fewer ops and 1.7x less
-time per call than the scan at T = 1):
+same function, reading and writing the same public state, with only the arithmetic the token needs (a few dozen
+matmuls per layer, mostly Newton–Schulz, and far fewer operators than the scan at T = 1):
 
 * the Omega window is the c−1 cached keys plus the token's own key, all differentiated at one anchor (`params` when
   the token starts a document, where the cached keys weigh zero anyway);
@@ -22,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from atlas_train.ops.memory_mlp import loss_gradient_factors, memory_forward
-from atlas_train.ops.newton_schulz import is_half, newton_schulz
+from atlas_train.ops.newton_schulz import newton_schulz
+from atlas_train.ops.precision import compute_dtype, is_half
 from atlas_train.ops.scan_chunks import ScanOptions, check_state
 
 
@@ -30,7 +30,7 @@ def memory_step(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start, state
                 loss):
     """`memory_scan` for T = 1 with a `state` (inputs already validated): returns (y (B,1,H,dv), new state)."""
     out_dtype = zq.dtype
-    dtype = torch.float64 if zq.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(zq.dtype)
     weight_names = ("W1", "W2", "W3") if "W3" in params else ("W1", "W2")
     opts = ScanOptions(update, loss, ns_steps, chunk_size, gamma.shape[-1], v.shape[-1], weight_names,
                        is_half(zq.dtype))

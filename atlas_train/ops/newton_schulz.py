@@ -1,4 +1,4 @@
-"""Newton–Schulz orthogonalisation (the Muon step), ATLAS_SPEC.md section 3.7.
+"""Newton–Schulz orthogonalisation (the Muon step), docs/math.md §3.7.
 
 Batched over every leading dimension, so the token update can orthogonalise all momenta of a chunk (B, H, L, rows,
 cols) in one matmul chain instead of one small matmul per token.
@@ -8,27 +8,21 @@ from __future__ import annotations
 
 import torch
 
+from atlas_train.ops.registry import fast_path
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_NORM_EPS = 1e-7
-
-
-def is_half(dtype: torch.dtype) -> bool:
-    """Whether a model computing in `dtype` runs in half precision (what `newton_schulz`'s half_inputs means)."""
-    return dtype in (torch.bfloat16, torch.float16)
 
 
 def newton_schulz(s: torch.Tensor, steps: int, half_inputs: bool = False) -> torch.Tensor:
     """Approximately orthogonalise each matrix in `s` (..., rows, cols); `steps=0` returns `s` unchanged.
 
     s is float32 or float64 whatever the model's dtype; `half_inputs` says that the model runs in bf16/fp16, where
-    the spec lets the fast path take bf16 operands if the tolerance holds (section 3.7; atlas_train.kernels.dispatch
-    decides)."""
+    docs/math.md lets a fast path take bf16 operands if the tolerance holds (§3.7; the fast path decides)."""
     if steps == 0:
         return s
-    if s.is_cuda:  # the Triton kernel when it covers s (atlas_train.kernels notes once why not otherwise)
-        from atlas_train.kernels import newton_schulz_or_none
-
-        out = newton_schulz_or_none(s, steps, half_inputs)
+    if s.is_cuda:  # a registered fast path where it takes s (the kernels note once why they do not)
+        out = fast_path("newton_schulz", s, steps, half_inputs)
         if out is not None:
             return out
     a, b, c = NS_COEFFICIENTS

@@ -1,16 +1,18 @@
 """Weighted sums of outer products for every token of a chunk, Σ_k coef[t, k] left_k ⊗ right_k (+ scale_t·prev).
 
 The token update forms two tensors of this shape, the largest it has ((B, H, L, out, in): 134 MB per chunk for the
-W2 of dh 64): the momenta of its tokens (ATLAS_SPEC.md 3.4: window gradients are sums of outer products, memory_mlp)
-and, in backward, the gradient of the tokens' Newton–Schulz updates (memory_mlp.TokenWeights). On a GPU both go to one
-Triton kernel (atlas_train.kernels.token_momenta_kernel), which writes the result once; elsewhere, or where its
-dispatch declines, PyTorch's einsum computes the same function. Callers reach `weighted_outer_sums` through this
-module's attribute, so that tests can stand the kernel in for it on CPU.
+W2 of dh 64): the momenta of its tokens (docs/math.md §3.4: window gradients are sums of outer products, memory_mlp)
+and, in backward, the gradient of the tokens' Newton–Schulz updates (memory_mlp.TokenWeights). On a GPU both go to the
+fast path "weighted_outer_sums" (registry.py: the kernels' Triton kernel, which writes the result once); elsewhere,
+or where it declines, PyTorch's einsum computes the same function. Callers reach `weighted_outer_sums` through this
+module's attribute, so that tests can stand a kernel in for it on CPU.
 """
 
 from __future__ import annotations
 
 import torch
+
+from atlas_train.ops.registry import fast_path
 
 
 def outer_sum(coef: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -27,12 +29,10 @@ def weighted_outer_sums_reference(coef: torch.Tensor, left: torch.Tensor, right:
 
 
 def weighted_outer_sums(coef, left, right, scale, prev, half_inputs: bool) -> torch.Tensor:
-    """`weighted_outer_sums_reference` by the Triton kernel on CUDA where the dispatch takes it (in the scan's
-    product precision for a model in half precision or not), else by PyTorch."""
+    """`weighted_outer_sums_reference` by the registered fast path on CUDA where it takes these tensors (in the
+    scan's product precision for a model in half precision or not), else by PyTorch."""
     if coef.is_cuda:
-        from atlas_train.kernels.dispatch import token_momenta_or_none  # imports Triton: only when needed
-
-        fast = token_momenta_or_none(coef, left, right, scale, prev, half_inputs)
+        fast = fast_path("weighted_outer_sums", coef, left, right, scale, prev, half_inputs)
         if fast is not None:
             return fast
     return weighted_outer_sums_reference(coef, left, right, scale, prev)

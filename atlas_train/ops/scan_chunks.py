@@ -1,4 +1,7 @@
-"""One chunk of the memory scan (ATLAS_SPEC.md 3.3-3.6), chunk-parallel, as a pure function of a carry.
+"""One chunk of the memory scan (docs/math.md §3.3-3.6), chunk-parallel, as a pure function of a carry.
+
+`step_token_update` and `step_chunk_update` are the chunk step of each update: they advance the carry over one chunk
+(or the piece of one grid chunk that a call holds) under update="token" (§3.4) or update="chunk" (§3.5).
 
 A carry is the flat dict of tensors that crosses a chunk boundary (fast weights, momentum, the chunk's anchor, the
 Omega window's cached keys, and for update="chunk" the open chunk's partial sums); `memory_scan`'s public state is
@@ -198,7 +201,7 @@ def _keys_and_factors(carry, x: ChunkInputs, params, ln, opts: ScanOptions):
     return factors, weights, token_doc, after_reset, window
 
 
-def token_update_chunk(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanOptions, closes: bool):
+def step_token_update(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanOptions, closes: bool):
     """Spec 3.4 for one chunk: per-token momentum, NS and weights, reads after each token's update."""
     factors, weights, token_doc, after_reset, window = _keys_and_factors(carry, x, params, ln, opts)
     keep = 1.0 - x.reset.to(x.alpha.dtype)[:, None, :]
@@ -223,12 +226,13 @@ def token_update_chunk(carry: dict, x: ChunkInputs, params: dict, ln, opts: Scan
         if closes:
             out[f"anchor.{w}"] = out[f"fast.{w}"]
         else:
-            out[f"anchor.{w}"] = _select(after_reset[:, -1:], params[w][:, :, None], carry[f"anchor.{w}"][:, :, None])[:, :, 0]
+            out[f"anchor.{w}"] = _select(after_reset[:, -1:], params[w][:, :, None],
+                                         carry[f"anchor.{w}"][:, :, None])[:, :, 0]
     out.update(window)
     return y, out
 
 
-def chunk_update_chunk(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanOptions, closes: bool):
+def step_chunk_update(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanOptions, closes: bool):
     """Spec 3.5 for (a piece of) one grid chunk: reads at the anchor, one Muon step when the grid chunk closes.
 
     A document start inside the chunk ends the open chunk (its update would be discarded by the reset), so only

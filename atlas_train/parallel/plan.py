@@ -87,10 +87,12 @@ class ParallelPlan:
 
         Accepts the loader's {"tokens": (B, L+1), "doc_start": (B, L+1)} (split here into input = tokens[:, :-1],
         labels = tokens[:, 1:], doc_start[:, :-1]) or an already split {"input_ids", "labels", "doc_start"}.
+        A `doc_start` of None (no document starts after token 0) stays None.
         """
         if "tokens" in batch:
             tokens, doc_start = batch["tokens"], batch["doc_start"]
-            batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "doc_start": doc_start[:, :-1]}
+            batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:],
+                     "doc_start": None if doc_start is None else doc_start[:, :-1]}
         if self.cp_size == 1:
             return dict(batch)
         length = batch["input_ids"].shape[1]
@@ -101,7 +103,7 @@ class ParallelPlan:
                 f"of a multiple of chunk_size {self.chunk_size}"
             )
         start = self.cp_rank * segment
-        return {key: value[:, start : start + segment] for key, value in batch.items()}
+        return {key: None if value is None else value[:, start : start + segment] for key, value in batch.items()}
 
     def loss_for_logging(self, loss: torch.Tensor) -> float:
         """The loss averaged over DP × CP ranks (each CP rank's loss covers an equal-length segment)."""

@@ -3,7 +3,8 @@
 Layout under `<run>/checkpoints/`: one folder per tag (`step_00000100/`) holding DeepSpeed's files, `client_rank<r>.pt`
 (data position, RNG states, counters: they differ per rank) and the run's `config.yaml` and `tokenizer.model`, plus
 a `latest` file naming the newest complete tag (DeepSpeed's own format, so its tools read it too). A crash while
-saving leaves `latest` on the previous tag; only the last `keep_last` published tags are kept.
+saving leaves `latest` on the previous tag; only the last `keep_last` published tags are kept. A tag resumed under
+another data-parallel size also holds `universal/`, its DeepSpeed universal conversion (made by resize.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from atlas_train.train.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
+UNIVERSAL = "universal"  # sub-folder of a tag dir holding its universal conversion
 
 
 class CheckpointError(RuntimeError):
@@ -89,8 +91,6 @@ class CheckpointManager:
         `universal`: from the tag's DeepSpeed universal conversion (a resume under another data-parallel size).
         """
         if universal:
-            from atlas_train.train.resize import UNIVERSAL
-
             load_dir, load_tag = self.dir / tag, UNIVERSAL
         else:
             load_dir, load_tag = self.dir, tag

@@ -7,7 +7,7 @@ validated source of truth and a typo is caught with its key path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 
 @dataclass
@@ -17,8 +17,17 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps
     max_minutes: Optional[float] = None  # stop (checkpoint, export-ready) after this wall time; None: no limit
     seq_len: int = 256  # tokens per row fed to the model (the shards hold rows of seq_len + 1)
-    micro_batch_size: int = 8  # rows per data-parallel rank per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
+    # Rows per data-parallel rank per micro-step; "auto": the largest that fits the GPU (a probe at start-up,
+    # microbatch.py; needs global_batch_size).
+    micro_batch_size: Union[int, Literal["auto"]] = 8
+    grad_accum: int = 1  # micro-steps per optimizer step (derived instead when global_batch_size is set)
+    global_batch_size: Optional[int] = None  # rows per optimizer step over all data-parallel ranks
+
+    # Speed (speed.py): recompute "auto" = full for models with a memory layer, none for the transformer.
+    activation_checkpointing: Literal["auto", "none", "selective", "full"] = "auto"
+    compile: bool = False  # torch.compile each block
+    fused_cross_entropy: Literal["auto", "on", "off"] = "auto"  # liger-kernel's fused linear + CE; auto: on GPUs
+    phase_timing: bool = False  # log the device time of forward, backward and optimizer (CUDA events)
 
     # AdamW + warmup/cosine.
     lr: float = 3e-4
@@ -45,13 +54,23 @@ class TrainConfig:
     keep_last: int = 3
     resume: Literal["none", "auto"] = "none"  # auto: continue from checkpoints/latest when there is one
     progress: bool = True  # tqdm bar on rank 0
-    peak_tflops: float = 989.0  # per-device dense bf16 peak for MFU (H100 SXM); MFU is reported on GPU only
+    peak_tflops: float = 989.0  # the GPU's dense bf16 peak (datasheet TFLOP/s) for MFU; MFU is reported on GPU only
     synthetic_data: bool = False  # random tokens instead of the loader (benchmarks: isolates loader overhead)
 
     def validate(self) -> None:
-        for name in ("steps", "seq_len", "micro_batch_size", "grad_accum", "log_every", "keep_last", "eval_batches"):
+        for name in ("steps", "seq_len", "grad_accum", "log_every", "keep_last", "eval_batches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.micro_batch_size != "auto" and self.micro_batch_size <= 0:
+            raise ValueError("micro_batch_size must be positive (or auto)")
+        if self.global_batch_size is not None:
+            if self.global_batch_size <= 0:
+                raise ValueError("global_batch_size must be positive")
+            if self.grad_accum != 1:
+                raise ValueError("set one of grad_accum and global_batch_size (the other is derived)")
+        elif self.micro_batch_size == "auto":
+            raise ValueError("micro_batch_size auto needs global_batch_size (rows per optimizer step), which "
+                             "gradient accumulation then keeps")
         for name in ("warmup_steps", "eval_every", "save_every", "max_nonfinite_in_row", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")

@@ -25,10 +25,8 @@ from pathlib import Path
 
 import torch
 
-from atlas_train.train.checkpoint import CheckpointError, CheckpointManager
+from atlas_train.train.checkpoint import UNIVERSAL, CheckpointError, CheckpointManager
 from atlas_train.train.distributed import any_rank
-
-UNIVERSAL = "universal"  # sub-folder of a tag dir holding its universal conversion
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """The training loop: one code path for one CPU process and for many GPUs (DeepSpeed ZeRO + our ParallelPlan).
 
-Each optimizer step runs `grad_accum` micro-batches through the DeepSpeed engine; a non-finite loss on any rank
-cancels that step's update everywhere (the schedule and the data still advance). Checkpoints carry everything a
-bitwise-identical continuation needs: engine state (weights, AdamW moments) from DeepSpeed, and per rank
-the data position, the RNG states and the counters.
+`Trainer` holds one run and gives each phase a method (set-up and resume, the step and its parts, validation, saving,
+stopping); `train` is the entry point the CLI and tests call. Checkpoints carry everything a bitwise-identical
+continuation needs: engine state (weights, AdamW moments) from DeepSpeed, and per rank the data position, the RNG
+states and the counters.
 """
 
 from __future__ import annotations
@@ -27,11 +27,15 @@ from atlas_train.train.deepspeed_config import build_deepspeed_config
 from atlas_train.train.distributed import any_rank, device, init_distributed
 from atlas_train.train.export import TP_LAYOUT, tp_layout
 from atlas_train.train.metrics import MetricsLogger
+from atlas_train.train.microbatch import ProbeError, batch_layout, engine_state_bytes, model_step_runner, \
+    probe_micro_batch
 from atlas_train.train.nonfinite import NonFiniteGuard
 from atlas_train.train.optim import build_optimizer, build_scheduler, move_scheduler_to
+from atlas_train.train.phase_timer import PhaseTimer
 from atlas_train.train.resize import Layout, prepare_universal, read_resume_client, repairing_universal_load
 from atlas_train.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from atlas_train.train.signals import EXIT_PREEMPTED, PreemptionFlag
+from atlas_train.train.speed import apply_speed_settings, compile_blocks
 from atlas_train.train.synthetic import SyntheticLoader
 
 
@@ -73,7 +77,12 @@ def resolve(cfg):
 
 
 class BatchStream:
-    """Endless batches on the device; starts a new pass over the loader when one ends."""
+    """Endless batches on the device; starts a new pass over the loader when one ends.
+
+    A batch whose rows hold one document each (no document starts after token 0) goes without `doc_start`: that is
+    what the model assumes by default, and attention then takes its causal fast path without asking the device. The
+    check runs on the loader's CPU tensors, so it costs no sync.
+    """
 
     def __init__(self, loader: Iterable, dev: torch.device):
         self.loader, self.dev = loader, dev
@@ -87,54 +96,9 @@ class BatchStream:
         except StopIteration:
             self._it = iter(self.loader)
             batch = next(self._it)
-        return {k: v.to(self.dev, non_blocking=True) for k, v in batch.items()}
-
-
-def _forward(engine, plan, batch: dict) -> torch.Tensor:
-    part = plan.shard_batch(batch)
-    return engine(part["input_ids"], doc_start=part["doc_start"], labels=part["labels"]).loss
-
-
-def train_step(engine, optimizer, scheduler, batches: BatchStream, plan, grad_accum: int,
-               flags: Callable[[], tuple[bool, ...]] = tuple) -> tuple[torch.Tensor, bool, tuple[bool, ...]]:
-    """One optimizer step over `grad_accum` micro-batches.
-
-    Returns (mean loss on this rank, still on the device; whether the step was applied; each of `flags()`, read
-    after the last micro-batch's backward, OR-ed over ranks). The loop's only device sync in a step is the one the
-    NaN policy needs before the update; the run's other per-step agreements (preemption, time limit) ride on the same
-    all-reduce. The schedule is stepped here, not by DeepSpeed: DeepSpeed holds its scheduler back on the steps it
-    finds non-finite itself (some ZeRO/precision paths only), and a skipped step must cost the same on every path.
-    """
-    losses = []
-    finite, agreed = True, ()
-    for micro in range(grad_accum):
-        loss = _forward(engine, plan, batches.next())
-        engine.backward(loss)
-        losses.append(loss.detach().float())
-        if micro == grad_accum - 1:
-            bad, *agreed = any_rank(~torch.isfinite(torch.stack(losses)).all(), *flags())
-            finite = not bad
-            optimizer.skip = bad
-        engine.step()
-    optimizer.skip = False
-    scheduler.step()
-    return torch.stack(losses).mean(), finite, tuple(agreed)
-
-
-@torch.no_grad()
-def evaluate(engine, plan, loader: Iterable, n_batches: int, dev: torch.device) -> float:
-    """Mean loss over the first `n_batches` validation batches (the same ones every time), averaged over ranks."""
-    engine.eval()
-    total, count = torch.zeros((), device=dev), 0
-    for _, batch in zip(range(n_batches), loader):
-        total += _forward(engine, plan, {k: v.to(dev) for k, v in batch.items()}).float()
-        count += 1
-    engine.train()
-    if count == 0:
-        from atlas_train.data import DataError
-
-        raise DataError("the validation split yielded no batch (train.eval_every=0 turns validation off)")
-    return plan.loss_for_logging(total / count)
+        packed = bool(batch["doc_start"][:, 1:-1].any())
+        return {k: (v.to(self.dev, non_blocking=True) if k != "doc_start" or packed else None)
+                for k, v in batch.items()}
 
 
 def _tokenizer_bytes(path: Optional[Path]) -> tuple[Optional[bytes], Optional[str]]:
@@ -174,159 +138,368 @@ def _step_metrics(engine, tc, plan, loss: float, lr: float, dt: float, world_siz
     return values
 
 
-def train(cfg, builders: Optional[Builders] = None) -> int:
-    """Train `cfg` (a run Config with model/data/parallel/train sections); returns the process exit code."""
-    b = builders or default_builders()
-    tc = cfg.train
-    init_distributed()
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    dev = device()
-    run_dir = Path(tc.out_dir)
-    ckpt = CheckpointManager(run_dir / "checkpoints", tc.keep_last, rank)
-    resume_tag = read_latest(ckpt.dir) if tc.resume == "auto" else None
-    if resume_tag is None and (ckpt.dir / "latest").exists():
-        raise CheckpointError(
-            f"{run_dir} already holds checkpoints: pass train.resume=auto (or --resume) to continue, "
-            "or choose another train.out_dir"
-        )
+class StepClock:
+    """Mean seconds per step since the last restart.
 
-    resolved = resolve(cfg)
-    resolved_plain = plain(resolved)
-    config_yaml = yaml.safe_dump(resolved_plain, sort_keys=False).encode()
-    tokenizer_path = None if tc.synthetic_data else b.check_data(cfg.data, resolved.model, tc.seq_len)
-    tokenizer_bytes, tokenizer_sha = _tokenizer_bytes(tokenizer_path)
+    Between logged steps the host runs ahead of the device unsynced, so only a mean over a span of steps that ends in
+    a sync (the logged loss) is a step time. The loop restarts the clock after logging, validation and saving, so
+    that those pauses are not counted as step time.
+    """
 
-    seed_everything(tc.seed)  # same initial weights on every rank
-    plan = b.parallel(cfg.parallel)
-    full_model = b.model(resolved.model)
-    # Counted on the whole model, before TP sharding or ZeRO-3 partitioning hide parameters from it.
-    flops_per_token = full_model.flops_per_token(tc.seq_len) if torch.cuda.is_available() else None
-    model = plan.parallelize(full_model)
-    optimizer = build_optimizer(model, tc)
-    scheduler = build_scheduler(optimizer, tc)
-    client, dp_changed = None, False
-    if resume_tag is not None:
-        client, dp_changed = read_resume_client(ckpt, resume_tag, Layout.of_plan(plan))
-        _check_resumable(client, resolved_plain, tokenizer_sha, ckpt.dir / resume_tag)
-    # ZeRO 1-3 partitions must be re-cut for another DP size (resize.py); ZeRO 0 files are whole already.
-    universal = dp_changed and client["config"]["train"]["zero_stage"] >= 1
-    import deepspeed
+    def __init__(self, step: int):
+        self.restart(step)
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=build_deepspeed_config(tc, load_universal=universal), mpu=plan.mpu
-    )
+    def restart(self, step: int) -> None:
+        self.start, self.step = time.perf_counter(), step
 
-    def make_loader(split: str):
+    def seconds_per_step(self, step: int) -> float:
+        return (time.perf_counter() - self.start) / (step - self.step)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run continues from: its tag, the client state this rank takes, whether the DP size changed."""
+
+    tag: str
+    client: dict
+    dp_changed: bool
+
+    @property
+    def universal(self) -> bool:
+        """Whether the engine loads the tag's universal conversion: ZeRO 1-3 partitions must be re-cut for another DP
+        size (resize.py); ZeRO 0 files are whole already."""
+        return self.dp_changed and self.client["config"]["train"]["zero_stage"] >= 1
+
+
+class Trainer:
+    """One training run, a method per phase: set-up and resume (the constructor), `train_step`, `validate`, `save`,
+    `stop`, strung together by `fit`.
+
+    A step is `next_batch`, `forward` and `backward` for each of `grad_accum` micro-batches, then `optimizer_step`;
+    a non-finite loss on any rank cancels that step's update everywhere (the schedule and the data still advance).
+    """
+
+    def __init__(self, cfg, builders: Optional[Builders] = None):
+        """Set-up: the process group, the checked config and data, the model, optimizer and DeepSpeed engine, and,
+        when resuming, everything restored from the checkpoint. Refuses a run dir that holds checkpoints unless
+        `train.resume=auto`, and a checkpoint of another model or tokenizer."""
+        self.cfg, self.tc = cfg, cfg.train
+        self.builders = builders or default_builders()
+        init_distributed()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = device()
+        self.run_dir = Path(self.tc.out_dir)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.tc.keep_last, self.rank)
+        resume_tag = self._resume_tag()
+
+        self.resolved = resolve(cfg)
+        tokenizer_path = None if self.tc.synthetic_data else self.builders.check_data(
+            cfg.data, self.resolved.model, self.tc.seq_len)
+        tokenizer_bytes, self.tokenizer_sha = _tokenizer_bytes(tokenizer_path)
+
+        seed_everything(self.tc.seed)  # same initial weights on every rank
+        self.plan = self.builders.parallel(cfg.parallel)
+        self.model, self.flops_per_token = self._build_model()
+        self._settle_batch_layout()
+        if self.tc.compile:  # after the probe, which runs eagerly at several shapes
+            compile_blocks(self.model)
+        self.config_plain = plain(self.resolved)
+        self.config_yaml = yaml.safe_dump(self.config_plain, sort_keys=False).encode()
+        self.optimizer = build_optimizer(self.model, self.tc)
+        self.scheduler = build_scheduler(self.optimizer, self.tc)
+        resume = self._read_resume_point(resume_tag)
+        self.engine = self._build_engine(universal=resume is not None and resume.universal)
+        self.loader = self.make_loader("train")
+        self.guard = NonFiniteGuard(self.tc.max_nonfinite_in_row)
+        self.step = 0
+        rng_state = self._resume(resume) if resume is not None else None
+
+        if self.rank == 0:
+            atomic_write_bytes(self.run_dir / "config.yaml", self.config_yaml)
+        self.files = self._checkpoint_files(tokenizer_bytes)
+        self.logger = MetricsLogger(self.run_dir, enabled=self.rank == 0, resume_step=self.step)
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.tc.steps, initial=self.step, disable=not (self.rank == 0 and self.tc.progress),
+                        dynamic_ncols=True, desc="train")
+        if rng_state is not None:  # last: nothing in set-up draws from the restored streams before the first step
+            restore_rng_state(rng_state)
+        self.batches = BatchStream(self.loader, self.device)
+        self.timer = PhaseTimer(self.tc.phase_timing, cuda=self.device.type == "cuda")
+        self.timed_step = self.step
+        self.started = time.monotonic()
+        self.clock = StepClock(self.step)
+
+    # -- set-up ----------------------------------------------------------------------------------------------------
+
+    def _resume_tag(self) -> Optional[str]:
+        """The checkpoint tag to continue from under `train.resume=auto`, else None."""
+        tag = read_latest(self.ckpt.dir) if self.tc.resume == "auto" else None
+        if tag is None and (self.ckpt.dir / "latest").exists():
+            raise CheckpointError(
+                f"{self.run_dir} already holds checkpoints: pass train.resume=auto (or --resume) to continue, "
+                "or choose another train.out_dir"
+            )
+        return tag
+
+    def _build_model(self) -> tuple[torch.nn.Module, Optional[float]]:
+        """The model as the plan parallelizes it, with the train config's recompute and loss settings, and its FLOPs
+        per token (for MFU, on GPU only)."""
+        full_model = self.builders.model(self.resolved.model)
+        # Counted on the whole model, before TP sharding or ZeRO-3 partitioning hide parameters from it.
+        flops_per_token = full_model.flops_per_token(self.tc.seq_len) if torch.cuda.is_available() else None
+        model = self.plan.parallelize(full_model)
+        self.speed = apply_speed_settings(model, self.tc, tp_size=self.plan.tp_size, cp_size=self.plan.cp_size)
+        return model, flops_per_token
+
+    def _settle_batch_layout(self) -> None:
+        """Fix micro-batch and accumulation (probing the GPU for `micro_batch_size: auto`) and keep them in the
+        config the run saves, so a resumed run and the logs see the numbers that ran."""
+        micro, accum = batch_layout(self.tc, self.plan.dp_size, self._probe_micro_batch)
+        self.tc = dataclasses.replace(self.tc, micro_batch_size=micro, grad_accum=accum, global_batch_size=None)
+        self.cfg = dataclasses.replace(self.cfg, train=self.tc)
+        self.resolved = dataclasses.replace(self.resolved, train=self.tc)
+        if self.rank == 0:
+            print(f"train: micro-batch {micro} x {accum} accumulation x {self.plan.dp_size} data-parallel ranks; "
+                  f"{self.speed.describe()}", flush=True)
+
+    def _probe_micro_batch(self, sizes: list[int]) -> int:
+        """The largest of `sizes` that fits every data-parallel rank's GPU (one forward + backward each)."""
+        if self.device.type != "cuda":
+            raise ProbeError("train.micro_batch_size auto probes GPU memory; on CPU give a number")
+        if self.plan.tp_size > 1 or self.plan.cp_size > 1:
+            raise ProbeError("train.micro_batch_size auto probes one rank alone, which tensor or context "
+                             "parallelism forbids (its layers talk to other ranks); give a number")
+        dtype = torch.bfloat16 if self.tc.precision == "bf16" else torch.float32
+        self.model.to(self.device, dtype)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        result = probe_micro_batch(
+            model_step_runner(self.model, self.tc.seq_len, self.resolved.model.vocab_size, self.device), sizes,
+            budget_bytes=0.9 * torch.cuda.get_device_properties(self.device).total_memory,
+            engine_bytes=engine_state_bytes(n_params, self.tc.zero_stage, self.plan.dp_size))
+        if self.rank == 0:
+            print(f"train: {result.describe()}", flush=True)
+        micro = torch.tensor(result.micro_batch_size, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(micro, op=dist.ReduceOp.MIN)
+        return int(micro)
+
+    def _read_resume_point(self, tag: Optional[str]) -> Optional[ResumePoint]:
+        """The checkpoint `tag`, checked against this run's layout, model and tokenizer before the engine is built."""
+        if tag is None:
+            return None
+        client, dp_changed = read_resume_client(self.ckpt, tag, Layout.of_plan(self.plan))
+        _check_resumable(client, self.config_plain, self.tokenizer_sha, self.ckpt.dir / tag)
+        return ResumePoint(tag, client, dp_changed)
+
+    def _build_engine(self, universal: bool):
+        """DeepSpeed's engine over the model and the client optimizer; `universal`: set to load a universal checkpoint
+        (a resume under another data-parallel size)."""
+        import deepspeed
+
+        config = build_deepspeed_config(self.tc, load_universal=universal)
+        engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer, config=config,
+                                               mpu=self.plan.mpu)
+        return engine
+
+    def _resume(self, point: ResumePoint) -> Optional[dict]:
+        """Weights, optimizer moments, data position, NaN counters, schedule and step from `point`; returns the RNG
+        state to restore once set-up is done."""
+        if point.universal:
+            prepare_universal(self.ckpt.dir / point.tag, self.rank)
+            with repairing_universal_load(self.optimizer):
+                self.ckpt.load_engine(self.engine, point.tag, universal=True)
+        else:
+            self.ckpt.load_engine(self.engine, point.tag)
+        client = point.client
+        self.loader.load_state_dict(client["data"])
+        self.guard.load_state_dict(client["nonfinite"])
+        move_scheduler_to(self.scheduler, client["step"])
+        self.step = client["step"]
+        if not point.dp_changed:
+            return client["rng"]
+        # Another DP size has other ranks: their RNG streams start afresh, the same way on every run.
+        seed_everything(self.tc.seed + self.step)
+        return None
+
+    def _checkpoint_files(self, tokenizer_bytes: Optional[bytes]) -> dict[str, bytes]:
+        """What rank 0 writes beside every checkpoint, so that a tag alone can be exported and resumed."""
+        files = {"config.yaml": self.config_yaml}
+        if self.plan.tp_size > 1:  # how export joins the TP shards (names and split dims are the same on every TP rank)
+            files[TP_LAYOUT] = json.dumps(tp_layout(self.model), indent=1).encode()
+        if tokenizer_bytes is not None:
+            files["tokenizer.model"] = tokenizer_bytes
+        return files
+
+    def make_loader(self, split: str) -> Iterable:
+        """A fresh loader of `split` ("train" or "val") for this data-parallel rank."""
+        tc = self.tc
         if tc.synthetic_data:
             return SyntheticLoader(
-                resolved.model.vocab_size, seq_len=tc.seq_len, micro_batch_size=tc.micro_batch_size,
-                dp_rank=plan.dp_rank, seed=tc.seed + (split == "val"),
+                self.resolved.model.vocab_size, seq_len=tc.seq_len, micro_batch_size=tc.micro_batch_size,
+                dp_rank=self.plan.dp_rank, seed=tc.seed + (split == "val"),
             )
-        return b.loader(
-            cfg.data, split, seq_len=tc.seq_len, micro_batch_size=tc.micro_batch_size,
-            dp_rank=plan.dp_rank, dp_size=plan.dp_size, seed=tc.seed,
+        return self.builders.loader(
+            self.cfg.data, split, seq_len=tc.seq_len, micro_batch_size=tc.micro_batch_size,
+            dp_rank=self.plan.dp_rank, dp_size=self.plan.dp_size, seed=tc.seed,
         )
 
-    loader = make_loader("train")
-    guard = NonFiniteGuard(tc.max_nonfinite_in_row)
-    step = 0
-    rng_state = None
-    if client is not None:
-        if universal:
-            prepare_universal(ckpt.dir / resume_tag, rank)
-            with repairing_universal_load(optimizer):
-                ckpt.load_engine(engine, resume_tag, universal=True)
-        else:
-            ckpt.load_engine(engine, resume_tag)
-        loader.load_state_dict(client["data"])
-        guard.load_state_dict(client["nonfinite"])
-        move_scheduler_to(scheduler, client["step"])
-        step = client["step"]
-        # Another DP size has other ranks: their RNG streams start afresh, the same way on every run.
-        rng_state = None if dp_changed else client["rng"]
-        if dp_changed:
-            seed_everything(tc.seed + step)
-    if rank == 0:
-        atomic_write_bytes(run_dir / "config.yaml", config_yaml)
+    # -- the step --------------------------------------------------------------------------------------------------
 
-    files = {"config.yaml": config_yaml}
-    if plan.tp_size > 1:  # how export joins the TP shards (names and split dims are the same on every TP rank)
-        files[TP_LAYOUT] = json.dumps(tp_layout(model), indent=1).encode()
-    if tokenizer_bytes is not None:
-        files["tokenizer.model"] = tokenizer_bytes
+    def next_batch(self) -> dict:
+        """The next training micro-batch, on the device."""
+        return self.batches.next()
 
-    def save() -> None:
+    def forward(self, batch: dict) -> torch.Tensor:
+        """The loss of one micro-batch (this rank's shard of it under context parallelism)."""
+        part = self.plan.shard_batch(batch)
+        return self.engine(part["input_ids"], doc_start=part["doc_start"], labels=part["labels"]).loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of one micro-batch's loss, accumulated by DeepSpeed."""
+        self.engine.backward(loss)
+
+    def optimizer_step(self, apply: bool) -> None:
+        """The update at the accumulation boundary, left out (weights and moments untouched) unless `apply`; the
+        schedule advances either way.
+
+        The schedule is stepped here, not by DeepSpeed: DeepSpeed holds its scheduler back on the steps it finds
+        non-finite itself (some ZeRO/precision paths only), and a skipped step must cost the same on every path.
+        """
+        self.optimizer.skip = not apply
+        self.engine.step()
+        self.optimizer.skip = False
+        self.scheduler.step()
+
+    def train_step(self, flags: Callable[[], tuple[bool, ...]] = tuple) -> tuple[torch.Tensor, bool, tuple[bool, ...]]:
+        """One optimizer step over `grad_accum` micro-batches; the step count, the schedule and the NaN guard advance
+        with it (the guard raises after too many skipped steps in a row).
+
+        Returns (mean loss on this rank, still on the device; whether the step was applied; each of `flags()`, read
+        after the last micro-batch's backward, OR-ed over ranks). The step's only device sync is the one the NaN
+        policy needs before the update; the run's other per-step agreements (preemption, time limit) ride on the same
+        all-reduce.
+        """
+        losses = []
+        for micro in range(self.tc.grad_accum):
+            batch = self.next_batch()
+            with self.timer.phase("forward"):
+                loss = self.forward(batch)
+            with self.timer.phase("backward"):
+                self.backward(loss)
+            losses.append(loss.detach().float())
+            if micro < self.tc.grad_accum - 1:
+                self.engine.step()  # DeepSpeed counts the micro-batch; the update waits for the last one
+        bad, *agreed = any_rank(~torch.isfinite(torch.stack(losses)).all(), *flags())
+        with self.timer.phase("optimizer"):
+            self.optimizer_step(apply=not bad)
+        self.step += 1
+        self.guard.record(not bad, self.step)
+        return torch.stack(losses).mean(), not bad, tuple(agreed)
+
+    def log_step(self, local_loss: torch.Tensor, lr: float) -> None:
+        """Log the step just taken: loss (reduced over ranks, a collective: every rank logs at the same steps), rate,
+        throughput, skipped steps and the model's memory statistics."""
+        loss = self.plan.loss_for_logging(local_loss)
+        dt = self.clock.seconds_per_step(self.step)
+        values = _step_metrics(self.engine, self.tc, self.plan, loss, lr, dt, self.world_size, self.flops_per_token)
+        values["train/skipped_steps"] = self.guard.total
+        values["perf/elapsed_s"] = time.monotonic() - self.started  # wall time, logging and data included
+        values.update({f"perf/{name}_s": sec for name, sec in self.timer.collect(self.step - self.timed_step).items()})
+        self.timed_step = self.step
+        self.logger.log(self.step, values)
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{values['train/lr']:.2e}", refresh=False)
+        self.clock.restart(self.step)
+
+    # -- between steps ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean loss over the first `eval_batches` validation batches (the same ones every time), averaged over
+        ranks; logged at the current step."""
+        self.engine.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        for _, batch in zip(range(self.tc.eval_batches), self.make_loader("val")):
+            total += self.forward({k: v.to(self.device) for k, v in batch.items()}).float()
+            count += 1
+        self.engine.train()
+        if count == 0:
+            from atlas_train.data import DataError
+
+            raise DataError("the validation split yielded no batch (train.eval_every=0 turns validation off)")
+        val = self.plan.loss_for_logging(total / count)
+        ppl = math.exp(min(val, 50.0))
+        self.logger.log(self.step, {"val/loss": val, "val/ppl": ppl})
+        self.bar.write(f"step {self.step}: val loss {val:.4f}  ppl {ppl:.2f}")
+        return val
+
+    def save(self) -> None:
+        """Checkpoint the current step: the engine's state, and this rank's data position, RNG states, counters,
+        config and tokenizer hash; published through `latest` once every rank has written."""
         client = {
-            "step": step,
-            "data": loader.state_dict(),
+            "step": self.step,
+            "data": self.loader.state_dict(),
             "rng": capture_rng_state(),
-            "nonfinite": guard.state_dict(),
-            "config": resolved_plain,
-            "tokenizer_sha256": tokenizer_sha,
+            "nonfinite": self.guard.state_dict(),
+            "config": self.config_plain,
+            "tokenizer_sha256": self.tokenizer_sha,
         }
-        ckpt.save(engine, step, client, files)
+        self.ckpt.save(self.engine, self.step, client, self.files)
 
-    logger = MetricsLogger(run_dir, enabled=rank == 0, resume_step=step)
-    from tqdm import tqdm
+    def out_of_time(self) -> bool:
+        """Whether `train.max_minutes` of wall time have passed since set-up."""
+        return self.tc.max_minutes is not None and time.monotonic() - self.started > self.tc.max_minutes * 60
 
-    bar = tqdm(total=tc.steps, initial=step, disable=not (rank == 0 and tc.progress), dynamic_ncols=True, desc="train")
-    if rng_state is not None:
-        restore_rng_state(rng_state)
-    batches = BatchStream(loader, dev)
-    started = time.monotonic()
-    exit_code = 0
+    def stop(self, preempted: bool, out_of_time: bool) -> Optional[int]:
+        """The exit code when the run ends early after this step's checkpoint, else None: EXIT_PREEMPTED after a
+        preemption signal (the launcher requeues it), 0 when `train.max_minutes` ran out."""
+        if preempted:
+            self.bar.write(f"preempted: checkpoint {self.step} saved, exiting with {EXIT_PREEMPTED} for requeue")
+            return EXIT_PREEMPTED
+        if out_of_time:
+            self.bar.write(f"train.max_minutes reached at step {self.step}: checkpoint saved")
+            return 0
+        return None
 
-    def out_of_time_now() -> bool:
-        return tc.max_minutes is not None and time.monotonic() - started > tc.max_minutes * 60
+    def fit(self) -> int:
+        """Step until `train.steps`, a preemption signal or `train.max_minutes`, validating and saving on schedule
+        (and before an early stop); returns the process exit code."""
+        tc = self.tc
+        try:
+            # Installed before any DataLoader worker forks: workers inherit the handler, so a scheduler signalling the
+            # whole process tree does not kill them under the main process.
+            with PreemptionFlag() as preempt:
+                if self.step == 0 and tc.eval_every:
+                    self.validate()  # the untrained baseline, so the curve shows where it fell from
+                self.clock.restart(self.step)
+                while self.step < tc.steps:
+                    lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+                    # Agreed on in the NaN check's all-reduce, which saves a collective (and a sync) per step.
+                    local_loss, _, (preempted, out_of_time) = self.train_step(
+                        lambda: (preempt.requested, self.out_of_time()))
+                    last = self.step == tc.steps
+                    if self.step % tc.log_every == 0 or last:
+                        self.log_step(local_loss, lr)
+                    self.bar.update(1)
+                    if tc.eval_every and (self.step % tc.eval_every == 0 or last or out_of_time):
+                        self.validate()
+                        self.clock.restart(self.step)
+                    if last or preempted or out_of_time or (tc.save_every and self.step % tc.save_every == 0):
+                        self.save()
+                        self.clock.restart(self.step)
+                    code = self.stop(preempted, out_of_time)
+                    if code is not None:
+                        return code
+        finally:
+            self.close()
+        return 0
 
-    def validate() -> None:
-        val = evaluate(engine, plan, make_loader("val"), tc.eval_batches, dev)
-        logger.log(step, {"val/loss": val, "val/ppl": math.exp(min(val, 50.0))})
-        bar.write(f"step {step}: val loss {val:.4f}  ppl {math.exp(min(val, 50.0)):.2f}")
+    def close(self) -> None:
+        """Close the progress bar and the metrics files."""
+        self.bar.close()
+        self.logger.close()
 
-    try:
-        # Installed before any DataLoader worker forks: workers inherit the handler, so a scheduler signalling the
-        # whole process tree does not kill them under the main process.
-        with PreemptionFlag() as preempt:
-            if step == 0 and tc.eval_every:
-                validate()  # the untrained baseline, so the curve shows where it fell from
-            # Step time is averaged since the last log: between logs the host runs ahead of the device unsynced.
-            timer_start, timer_step = time.perf_counter(), step
-            while step < tc.steps:
-                lr = scheduler.get_last_lr()[0]  # the rate this step uses
-                # Agreed on in the NaN check's all-reduce, which saves a collective (and a sync) per step.
-                local_loss, applied, (preempted, out_of_time) = train_step(
-                    engine, optimizer, scheduler, batches, plan, tc.grad_accum,
-                    lambda: (preempt.requested, out_of_time_now()),
-                )
-                step += 1
-                guard.record(applied, step)
-                last = step == tc.steps
-                if step % tc.log_every == 0 or last:
-                    loss = plan.loss_for_logging(local_loss)  # a collective: every rank logs at the same steps
-                    now = time.perf_counter()
-                    dt = (now - timer_start) / (step - timer_step)
-                    values = _step_metrics(engine, tc, plan, loss, lr, dt, world_size, flops_per_token)
-                    values["train/skipped_steps"] = guard.total
-                    values["perf/elapsed_s"] = time.monotonic() - started  # wall time, logging and data included
-                    logger.log(step, values)
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{values['train/lr']:.2e}", refresh=False)
-                    timer_start, timer_step = time.perf_counter(), step
-                bar.update(1)
-                if tc.eval_every and (step % tc.eval_every == 0 or last or out_of_time):
-                    validate()
-                    timer_start, timer_step = time.perf_counter(), step
-                if last or preempted or out_of_time or (tc.save_every and step % tc.save_every == 0):
-                    save()
-                    timer_start, timer_step = time.perf_counter(), step
-                if preempted:
-                    bar.write(f"preempted: checkpoint {step} saved, exiting with {EXIT_PREEMPTED} for requeue")
-                    exit_code = EXIT_PREEMPTED
-                    break
-                if out_of_time:
-                    bar.write(f"train.max_minutes reached at step {step}: checkpoint saved")
-                    break
-    finally:
-        bar.close()
-        logger.close()
-    return exit_code
+
+def train(cfg, builders: Optional[Builders] = None) -> int:
+    """Train `cfg` (a run Config with model/data/parallel/train sections); returns the process exit code."""
+    return Trainer(cfg, builders).fit()

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""A real one-node slurm cluster on this machine, for the launch tests and for trying launch/slurm.sbatch by hand.
+"""A real one-node slurm cluster on this machine, for tests/test_launch_slurm.py and for trying launch/slurm.sbatch by
+hand.
 
 Why a private cluster: the tests must exercise the same sbatch/srun/requeue path users hit, without touching a
 system-wide slurm or munge. Everything (munge key and socket, slurm.conf, state, spool, logs, pid files) lives in
 one directory, on ports chosen free at start, so two clusters never collide and `stop` leaves nothing running.
 
-    python launch/local_slurm.py start /tmp/atlas-slurm   # installs slurm+munge (apt) if missing; prints SLURM_CONF
+    python tests/local_slurm.py start /tmp/atlas-slurm   # installs slurm+munge (apt) if missing; prints SLURM_CONF
     SLURM_CONF=/tmp/atlas-slurm/slurm.conf sbatch ...
-    python launch/local_slurm.py stop /tmp/atlas-slurm    # cancels jobs, stops the daemons by their pid files
+    python tests/local_slurm.py stop /tmp/atlas-slurm    # cancels jobs, stops the daemons by their pid files
 
 Needs root (it starts munged as the `munge` user and the slurm daemons as root), as on the CI machines.
 """

@@ -1,9 +1,11 @@
 """Replaying a tensor function on fixed buffers: the CUDA-graph path of `memory_scan`'s chunk loop.
 
 The PyTorch scan runs a few hundred small kernels per chunk (forward, then recompute + backward); launched one by one
-from Python they leave an H100 idle most of the time. Every chunk of a scan (and of every layer with the same shapes)
+from Python they leave the GPU idle most of the time. Every chunk of a scan (and of every layer with the same shapes)
 runs the same kernels on different data, so each distinct chunk computation is captured once as a CUDA graph and
 replayed: inputs are copied into the graph's static buffers, the graph runs, results come out of static buffers.
+`run_forward` and `run_backward` are what the chunked scan calls per chunk; `StaticCall` is the machinery, also used
+for a whole-model decode step (eval/static_decode.py). ATLAS_SCAN_CUDA_GRAPHS=0 switches the graphs off.
 
 Design choices, and why:
 * Outputs are copied into buffers allocated *outside* the capture. Then a capture's private memory holds only
@@ -16,9 +18,11 @@ Design choices, and why:
 * Python's cyclic garbage collector is paused while a graph is captured. A collection can run at any allocation; if
   it frees a dead graph (one held in a reference cycle), the graph's destructor calls a CUDA API that is not
   permitted during capture, which invalidates the capture in progress. PyTorch no longer collects before a capture
-  (`torch.compiler.config.force_cudagraph_gc`, off by default). Seen on an H100: the decode bench's fourth graph
-  failed to capture whenever Triton's on-disk cache was cold, i.e. whenever compiling had shifted the collector's
-  timing (benchmarks/RESULTS.md, eighth session).
+  (`torch.compiler.config.force_cudagraph_gc`, off by default), and when a collection happens depends on everything
+  else the process allocates (compiling kernels on a cold Triton cache, say), so a capture would fail now and then.
+* A chunk's forward and backward graphs are both captured when its forward first runs: capturing from inside the
+  autograd engine (a backward, or a checkpointed forward recomputed there) is not permitted by CUDA, while a forward
+  always runs before its backward on the caller's thread.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import os
 from typing import Callable, Sequence
 
 import torch
+
+from atlas_train.ops.registry import fast_path
 
 _ENV = "ATLAS_SCAN_CUDA_GRAPHS"
 
@@ -157,3 +163,56 @@ class StaticCallCache:
 def signature(tensors: Sequence[torch.Tensor]) -> tuple:
     """Shapes, dtypes and device of a tensor list: part of a StaticCall's cache key."""
     return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+
+
+_SCAN_CALLS = StaticCallCache()  # the chunk computations of every scan so far, by computation, settings and shapes
+
+
+def clear_scan_graphs() -> None:
+    """Release the captured chunk graphs and their buffers (they are kept for reuse by every later scan)."""
+    _SCAN_CALLS.clear()
+
+
+def run_forward(computation, tensors: Sequence[torch.Tensor], need_backward: bool = True) -> list[torch.Tensor]:
+    """computation.forward(*tensors), eagerly or on static buffers (a replayed CUDA graph) as `static_call_mode`
+    says. `computation` (chunked_scan.ChunkStep) is hashable, equal for every chunk that runs the same code, and has
+    forward(*tensors), backward(*forward's tensors, *gradients of its outputs) and output_gradients(outputs) (zero
+    gradients shaped as backward takes them): what its graphs are captured from. need_backward: whether a forward
+    captured now gets its backward captured too (not for inference). The caller keeps the results (saved carries,
+    y), so they are copied out of the static buffers."""
+    mode = static_call_mode(tensors[0].device)
+    call = None if mode == "eager" else _forward_call(computation, tensors, mode == "graph", need_backward)
+    if call is None:
+        return computation.forward(*tensors)
+    return [t.clone() for t in call(*tensors)]
+
+
+def run_backward(computation, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """computation.backward(*tensors), replayed where its forward captured it, else eagerly. The caller consumes the
+    results before the next replay (adds them up, or copies them into the next call's inputs), so they are not
+    copied out of the static buffers."""
+    mode = static_call_mode(tensors[0].device)
+    call = None if mode == "eager" else _SCAN_CALLS.get(_key("backward", computation, tensors))
+    return computation.backward(*tensors) if call is None else list(call(*tensors))
+
+
+def _key(kind: str, computation, tensors: Sequence[torch.Tensor]) -> tuple:
+    """A captured graph holds the fast path chosen at capture (kernel or cuBLAS, operand precision): keyed on the
+    fast paths' settings, a change of those captures anew instead of replaying the old choice."""
+    return kind, computation, fast_path("settings"), signature(tensors)
+
+
+def _forward_call(computation, tensors: Sequence[torch.Tensor], graph: bool, need_backward: bool) -> StaticCall | None:
+    """The cached StaticCall of the computation's forward, or None where it cannot be made: a computation first met
+    inside the autograd engine runs eagerly (see the module's docstring), as does the backward of a forward first
+    captured when no gradient was wanted (inference)."""
+    key = _key("forward", computation, tensors)
+    call = _SCAN_CALLS.get(key)
+    if call is not None or torch._C._current_graph_task_id() != -1:
+        return call
+    call = _SCAN_CALLS.add(key, computation.forward, tensors, graph)
+    if need_backward:
+        backward_tensors = [*tensors, *computation.output_gradients(call.outputs)]
+        _SCAN_CALLS.add(_key("backward", computation, backward_tensors), computation.backward, backward_tensors,
+                        graph)
+    return call

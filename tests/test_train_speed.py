@@ -1,0 +1,130 @@
+"""The training speed settings: the fused loss equals the plain one, recompute modes resolve, the micro-batch probe.
+
+TRITON_INTERPRET must be set before Triton is first imported (liger-kernel's fused loss is a Triton kernel): it
+runs here on CPU tensors in the interpreter.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from atlas_train.model import ModelConfig, build_model  # noqa: E402
+from atlas_train.train.microbatch import ProbeError, candidates, engine_state_bytes, probe_micro_batch  # noqa: E402
+from atlas_train.train.speed import fused_linear_cross_entropy, resolve_recompute  # noqa: E402
+
+
+def tiny(mixer: str, **kw):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(mixer=mixer, vocab_size=96, d_model=32, n_layers=2, n_heads=2, mlp_hidden=64,
+                                   chunk_size=8, memory_expansion=2, max_seq_len=64, update="chunk", **kw))
+
+
+@pytest.mark.parametrize("mixer", ["transformer", "atlas"])
+def test_fused_cross_entropy_gives_the_plain_loss_and_gradients(mixer):
+    ids = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(1))
+    labels = ids[:, 1:].clone()
+    labels[0, :5] = -100  # ignored labels count in neither
+    results = []
+    for fused in (False, True):
+        model = tiny(mixer)
+        if fused:
+            model.fused_loss = fused_linear_cross_entropy()
+        out = model(ids[:, :-1], labels=labels)
+        assert (out.logits is None) == fused  # the fused path never builds the logits
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain, plain_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_loss_is_left_out_of_evaluation():
+    """Evaluation and decoding want logits: the fused loss serves training steps only."""
+    model = tiny("transformer")
+    model.fused_loss = fused_linear_cross_entropy()
+    model.eval()
+    ids = torch.randint(0, 96, (1, 9))
+    assert model(ids[:, :-1], labels=ids[:, 1:]).logits is not None
+
+
+def test_recompute_auto_recomputes_memory_models_only():
+    assert resolve_recompute("auto", tiny("transformer")) == "none"
+    for mixer in ("atlas", "atlas_mag", "atlas_mal", "titans"):
+        assert resolve_recompute("auto", tiny(mixer)) == "full"
+    assert resolve_recompute("selective", tiny("transformer")) == "selective"
+
+
+def test_micro_batch_candidates_divide_the_rows_per_rank():
+    assert candidates(16) == [1, 2, 4, 8, 16]
+    assert candidates(12) == [1, 2, 4]
+    assert candidates(1) == [1]
+
+
+def test_probe_keeps_the_largest_micro_batch_under_budget():
+    gib = 2**30
+    peaks = {1: 10 * gib, 2: 18 * gib, 4: 34 * gib, 8: 67 * gib}
+    result = probe_micro_batch(lambda mb: peaks[mb], [1, 2, 4, 8], budget_bytes=72 * gib, engine_bytes=6 * gib)
+    assert result.micro_batch_size == 4  # 67 + 6 > 72
+    assert list(result.peak_gib) == [1, 2, 4, 8]
+
+
+def test_probe_stops_at_out_of_memory():
+    def run(mb):
+        if mb >= 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return float(mb)
+
+    ran = []
+    result = probe_micro_batch(lambda mb: ran.append(mb) or run(mb), [1, 2, 4, 8], budget_bytes=1e12, engine_bytes=0)
+    assert result.micro_batch_size == 2 and ran == [1, 2, 4]
+
+
+def test_probe_refuses_when_nothing_fits():
+    with pytest.raises(ProbeError, match="not even micro-batch 1"):
+        probe_micro_batch(lambda mb: 100.0, [1, 2], budget_bytes=50.0, engine_bytes=0)
+
+
+def test_engine_state_shrinks_with_zero_partitioning():
+    n = 1_000_000
+    assert engine_state_bytes(n, 0, 8) == 16 * n
+    assert engine_state_bytes(n, 1, 8) == 12 * n / 8 + 4 * n
+    assert engine_state_bytes(n, 2, 8) == 16 * n / 8
+
+
+@pytest.mark.parametrize("mixer,recompute", [("transformer", "selective"), ("atlas", "full")])
+def test_fast_training_path_gives_the_plain_losses(tmp_path, capsys, mixer, recompute):
+    """A few training steps with every speed setting on (compiled blocks, recompute, the fused loss under Triton's
+    interpreter) against the plain path: the same losses to float32 rounding."""
+    import json
+    from dataclasses import dataclass, field
+
+    from atlas_train.parallel import ParallelConfig
+    from atlas_train.train.config import TrainConfig
+    from atlas_train.train.trainer import train
+
+    @dataclass
+    class RunCfg:
+        model: ModelConfig = field(default_factory=lambda: ModelConfig(
+            mixer=mixer, vocab_size=96, d_model=32, n_layers=2, n_heads=2, mlp_hidden=64, chunk_size=8,
+            memory_expansion=2, max_seq_len=32, update="chunk"))
+        data: dict = field(default_factory=dict)
+        parallel: ParallelConfig = field(default_factory=ParallelConfig)
+        train: TrainConfig = field(default_factory=TrainConfig)
+
+    def run(name, **speed):
+        tc = TrainConfig(out_dir=str(tmp_path / name), steps=3, seq_len=16, micro_batch_size=2, warmup_steps=1,
+                         eval_every=0, save_every=0, progress=False, precision="fp32", lr=1e-2,
+                         synthetic_data=True, **speed)
+        assert train(RunCfg(train=tc)) == 0
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["train/loss"] for r in rows if "train/loss" in r]
+
+    plain = run("plain", activation_checkpointing="none", compile=False, fused_cross_entropy="off")
+    fast = run("fast", activation_checkpointing=recompute, compile=True, fused_cross_entropy="on")
+    assert f"activation checkpointing {recompute}, compile on, fused cross-entropy on" in capsys.readouterr().out
+    assert len(plain) == 3
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=1e-4, atol=1e-5)
