@@ -16,6 +16,8 @@ Columns:
   other: the rest of the wall time (data loading, logging, host gaps).
 - overhead (rows listed in --overhead): the same row rerun on synthetic batches logged only at the two timestamps;
   real / synthetic - 1 is what the loader and the logging cost.
+- Rows listed in --baseline run first, labelled "before", with the engine's plain settings (no compilation, full
+  recompute, logits + cross-entropy): the same-call baseline of the speed settings.
 
 One GPU (the issue's table):
     python benchmarks/bench_train.py --budget-s 540
@@ -40,19 +42,24 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+BASELINE_OVERRIDES = ["train.compile=false", "train.activation_checkpointing=full", "train.fused_cross_entropy=false"]
 DEFAULT_ROWS = ("transformer@4096,atlas@4096,atlas:token@4096,titans@4096,atlas_mag@4096,"
                 "transformer@16384,atlas@16384,transformer@32768,atlas@32768")
 
 
 def parse_row(text: str) -> dict:
-    """"mixer[:update]@seq_len" -> {"mixer", "update", "seq_len"} (update defaults to chunk for memory mixers)."""
-    name, _, length = text.partition("@")
+    """"mixer[:update]@seq_len[/key=value/...]" -> {"mixer", "update", "seq_len", "override"} (update defaults to
+    chunk for memory mixers; the overrides apply to this row only)."""
+    head, *overrides = text.split("/")
+    name, _, length = head.partition("@")
     mixer, _, update = name.partition(":")
-    return {"mixer": mixer, "update": update or "chunk", "seq_len": int(length)}
+    return {"mixer": mixer, "update": update or "chunk", "seq_len": int(length), "override": overrides}
 
 
 def row_label(row: dict) -> str:
-    return row["mixer"] if row["mixer"] == "transformer" else f"{row['mixer']}:{row['update']}"
+    label = row["mixer"] if row["mixer"] == "transformer" else f"{row['mixer']}:{row['update']}"
+    tags = [o.rsplit(".", 1)[-1] for o in row.get("override", [])] + (["before"] if row.get("baseline") else [])
+    return " ".join([label, *tags])
 
 
 def write_random_dataset(out_dir: Path, *, seq_len: int, vocab_size: int, rows: int) -> None:
@@ -95,6 +102,14 @@ def matmul_ceiling_tflops() -> float | None:
 # ---------------------------------------------------------------------------------------------------------- child
 
 
+def batch_overrides(spec: dict) -> list[str]:
+    """A fixed micro-batch runs `grad_accum` of them; `auto` makes up tokens-per-step rows with accumulation."""
+    if spec["micro_batch"] == "auto":
+        rows = max(1, spec["tokens_per_step"] // spec["seq_len"]) * spec["grad_accum"]
+        return [f"train.global_batch_size={rows}", "train.grad_accum=1"]
+    return ["train.global_batch_size=null", f"train.grad_accum={spec['grad_accum']}"]
+
+
 def run_training(spec: dict, *, synthetic: bool, out_dir: Path) -> dict:
     """One training run of `spec`'s row; its timed-window figures from metrics.jsonl."""
     from atlas_train.config import load_config
@@ -108,7 +123,7 @@ def run_training(spec: dict, *, synthetic: bool, out_dir: Path) -> dict:
         f"model.mixer={spec['mixer']}", f"model.update={spec['update']}", f"model.max_seq_len={spec['seq_len']}",
         f"data.path={spec['data_dir']}", f"data.num_workers={spec['workers']}", f"train.out_dir={out_dir}",
         f"train.steps={steps}", f"train.seq_len={spec['seq_len']}",
-        f"train.micro_batch_size={spec['micro_batch']}", f"train.grad_accum={spec['grad_accum']}",
+        f"train.micro_batch_size={spec['micro_batch']}", *batch_overrides(spec),
         f"train.precision={'bf16' if torch.cuda.is_available() else 'fp32'}", f"train.zero_stage={spec['zero_stage']}",
         "train.eval_every=0", "train.save_every=0", "train.max_minutes=null", "train.resume=none",
         "train.progress=false", f"train.warmup_steps={steps}", f"train.synthetic_data={str(synthetic).lower()}",
@@ -146,7 +161,7 @@ def child(spec: dict) -> None:
 # --------------------------------------------------------------------------------------------------------- parent
 
 
-HEADER = (f"{'row':<18} {'T':>6} {'mb':>3} {'acc':>3} {'recompute':>9} {'tokens/s':>9} {'MFU':>6} {'of ceil':>7} "
+HEADER = (f"{'row':<24} {'T':>6} {'mb':>3} {'acc':>3} {'recompute':>9} {'tokens/s':>9} {'MFU':>6} {'of ceil':>7} "
           f"{'step ms':>9} {'fwd':>8} {'bwd':>8} {'opt':>7} {'other':>7} {'peak GiB':>8} {'overhead':>8}")
 
 
@@ -160,7 +175,7 @@ def format_row(row: dict, r: dict, ceiling: float | None, peak: float) -> str:
     other = r["step_s"] - sum(phases) if None not in phases else None
     mem = f"{r['mem_gb']:.1f}" if r.get("mem_gb") is not None else "n/a"
     overhead = f"{100 * (r['step_s'] / r['synthetic_step_s'] - 1):.1f}%" if r.get("synthetic_step_s") else ""
-    return (f"{row_label(row):<18} {row['seq_len']:>6} {r['micro_batch']:>3} {r['grad_accum']:>3} "
+    return (f"{row_label(row):<24} {row['seq_len']:>6} {r['micro_batch']:>3} {r['grad_accum']:>3} "
             f"{r['recompute']:>9} {r['tokens_s']:>9.0f} {mfu:>6} {of_ceiling:>7} {ms(r['step_s']):>9} "
             f"{ms(phases[0]):>8} {ms(phases[1]):>8} {ms(phases[2]):>7} {ms(other):>7} {mem:>8} {overhead:>8}")
 
@@ -168,7 +183,8 @@ def format_row(row: dict, r: dict, ceiling: float | None, peak: float) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(REPO / "configs" / "model" / "340m.yaml"), help="model config YAML")
-    p.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated mixer[:update]@seq_len")
+    p.add_argument("--rows", default=DEFAULT_ROWS,
+                   help="comma-separated mixer[:update]@seq_len[/key=value...] (overrides for that row only)")
     p.add_argument("--tokens-per-step", type=int, default=32768, help="tokens per GPU per micro-step")
     p.add_argument("--micro-batch", default=None, help="fixed micro-batch, or auto (default: tokens-per-step / T)")
     p.add_argument("--grad-accum", type=int, default=1)
@@ -178,6 +194,7 @@ def main() -> None:
                    help="timed steps for memory rows with update=token (steps of tens of seconds)")
     p.add_argument("--zero-stage", type=int, default=1)
     p.add_argument("--workers", type=int, default=1, help="data loader workers per rank")
+    p.add_argument("--baseline", default="", help="comma-separated rows to run first with the plain settings")
     p.add_argument("--overhead", default="transformer",
                    help="comma-separated row labels that also run on synthetic batches (the overhead column)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100 SXM: 989)")
@@ -194,7 +211,8 @@ def main() -> None:
     from atlas_train.config import load_config
 
     started = time.monotonic()
-    rows = [parse_row(text) for text in args.rows.split(",")]
+    rows = [{**parse_row(text), "baseline": True} for text in args.baseline.split(",") if text]
+    rows += [parse_row(text) for text in args.rows.split(",") if text]
     overhead_rows = set(args.overhead.split(",")) if args.overhead else set()
     vocab = load_config([args.model]).model.vocab_size
     ceiling = matmul_ceiling_tflops()
@@ -209,7 +227,7 @@ def main() -> None:
         datasets = {}
         for row in rows:
             if args.budget_s is not None and time.monotonic() - started > args.budget_s:
-                print(f"{row_label(row):<18} {row['seq_len']:>6}  not run: budget spent", flush=True)
+                print(f"{row_label(row):<24} {row['seq_len']:>6}  not run: budget spent", flush=True)
                 continue
             T = row["seq_len"]
             micro = args.micro_batch or str(max(1, args.tokens_per_step // T))
@@ -221,8 +239,10 @@ def main() -> None:
                 rows_needed = (warmup + steps + 2) * args.grad_accum * max(1, args.tokens_per_step // T) * 2
                 write_random_dataset(datasets[T], seq_len=T, vocab_size=vocab, rows=rows_needed)
             spec = {**row, "model": args.model, "data_dir": str(datasets[T]), "micro_batch": micro,
-                    "grad_accum": args.grad_accum, "zero_stage": args.zero_stage, "workers": args.workers,
-                    "warmup": warmup, "steps": steps, "peak_tflops": args.peak_tflops, "override": args.override,
+                    "grad_accum": args.grad_accum, "tokens_per_step": args.tokens_per_step,
+                    "zero_stage": args.zero_stage, "workers": args.workers,
+                    "warmup": warmup, "steps": steps, "peak_tflops": args.peak_tflops,
+                    "override": args.override + row["override"] + (BASELINE_OVERRIDES if row.get("baseline") else []),
                     "overhead": row_label(row) in overhead_rows, "result": str(Path(tmp) / "result.json")}
             spec_path = Path(tmp) / "spec.json"
             spec_path.write_text(json.dumps(spec))
@@ -238,7 +258,7 @@ def main() -> None:
                 failed, reason = True, f"timed out after {args.row_timeout_s:.0f} s"
             if failed:
                 tail = log.read_text().strip().splitlines()[-3:] if log.exists() else []
-                print(f"{row_label(row):<18} {T:>6}  failed ({reason}): {' | '.join(tail)[-300:]}", flush=True)
+                print(f"{row_label(row):<24} {T:>6}  failed ({reason}): {' | '.join(tail)[-300:]}", flush=True)
                 continue
             result = json.loads(Path(spec["result"]).read_text())
             results.append({**row, **result})

@@ -1,4 +1,5 @@
-"""`atlas-prep`: raw text (txt, jsonl, parquet) into tokenized webdataset shards plus manifest.json."""
+"""`atlas-prep`: raw text (txt, jsonl, parquet, Hugging Face datasets) into tokenized webdataset shards plus
+manifest.json."""
 
 from __future__ import annotations
 
@@ -13,17 +14,21 @@ from atlas_train.data_prep.shard_format import DataError
 def parse_args(argv: list[str] | None) -> PrepOptions:
     p = argparse.ArgumentParser(
         prog="atlas-prep",
-        description="Tokenize text with sentencepiece and pack it into webdataset shards of seq_len+1 token rows.",
+        description="Tokenize text (sentencepiece, or a Hugging Face tokenizer.json) and pack it into webdataset "
+                    "shards of seq_len+1 token rows.",
         epilog="Example: atlas-prep --input data/corpus/kjv.txt.xz --txt-docs blank-line --output runs/demo/shards "
                "--seq-len 256 --vocab-size 8192",
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="files, folders (searched recursively) or globs of .txt/.jsonl (optionally .gz/.xz) "
-                        "and .parquet")
+                   help="files, folders (searched recursively) or globs of .txt/.jsonl (optionally .gz/.xz/.zst) "
+                        "and .parquet; or the folder of a Hugging Face dataset saved with save_to_disk")
     p.add_argument("--output", required=True, metavar="DIR", help="dataset folder to (re)write")
     p.add_argument("--seq-len", type=int, required=True, help="training context; rows hold seq_len+1 tokens")
     tok = p.add_mutually_exclusive_group()
-    tok.add_argument("--tokenizer", metavar="MODEL", help="an existing sentencepiece model (must have an EOS id)")
+    tok.add_argument("--tokenizer", metavar="FILE",
+                     help="an existing sentencepiece model or Hugging Face tokenizer.json (must have an EOS token; for "
+                          "a tokenizer.json, the eos_token of a tokenizer_config.json beside it, else </s> or "
+                          "<|endoftext|>); the manifest records which kind")
     tok.add_argument("--vocab-size", type=int, default=8192, help="train a tokenizer of this size (default 8192)")
     p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="trained tokenizer kind")
     p.add_argument("--tokenizer-train-mb", type=float, default=200.0,
@@ -31,7 +36,8 @@ def parse_args(argv: list[str] | None) -> PrepOptions:
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
     p.add_argument("--shard-size-mb", type=float, default=64.0, help="target shard size (default 64)")
     p.add_argument("--workers", type=int, default=1, help="encoder processes (default 1)")
-    p.add_argument("--text-field", default="text", help="JSON key / parquet column holding the text")
+    p.add_argument("--text-field", default="text",
+                   help="JSON key / parquet or Hugging Face dataset column holding the text (default text)")
     p.add_argument("--txt-docs", choices=["file", "blank-line"], default="file",
                    help=".txt documents: one per file (default) or one per blank-line-separated block")
     a = p.parse_args(argv)

@@ -1,15 +1,17 @@
 """Find the input files and read documents out of them, counting (not failing on) bad UTF-8 and bad JSON lines.
 
 Formats: `.txt` (one document per file, or per blank-line-separated block with `txt_docs="blank-line"`),
-`.jsonl` (one JSON object per line, its `text_field` string is the document) and `.parquet` (a `text_field`
-column). `.txt` and `.jsonl` may be compressed as `.gz` or `.xz`. Files are read in sorted path order so that
-the same inputs always give the same document sequence.
+`.jsonl` (one JSON object per line, its `text_field` string is the document), `.parquet` (a `text_field`
+column) and a Hugging Face dataset saved with `save_to_disk` (a folder, read with `datasets.load_from_disk`; its
+`text_field` column). `.txt` and `.jsonl` may be compressed as `.gz`, `.xz` or `.zst`. Inputs are read in sorted
+path order so that the same inputs always give the same document sequence.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
+import io
 import json
 import lzma
 import zlib
@@ -19,14 +21,19 @@ from pathlib import Path
 from typing import IO, Iterator
 
 import pyarrow.parquet as pq
+import zstandard
 
 from atlas_train.data_prep.errors import PrepError
+from atlas_train.data_prep.zst_file import ZstFile
 
-SUFFIXES = (".txt", ".txt.gz", ".txt.xz", ".jsonl", ".jsonl.gz", ".jsonl.xz", ".parquet")
+SUFFIXES = (".txt", ".txt.gz", ".txt.xz", ".txt.zst", ".jsonl", ".jsonl.gz", ".jsonl.xz", ".jsonl.zst", ".parquet")
+HF_DATASET = "hf-dataset"  # the kind of a folder that `Dataset.save_to_disk` wrote
 MAX_REPORTED = 5  # bad JSON lines named in the warning; the rest are only counted
 
 
 def _kind(path: Path) -> str | None:
+    if path.is_dir():
+        return HF_DATASET if (path / "state.json").is_file() and (path / "dataset_info.json").is_file() else None
     name = path.name.lower()
     return next((s for s in SUFFIXES if name.endswith(s)), None)
 
@@ -40,6 +47,12 @@ def find_inputs(specs: list[str]) -> list[Path]:
             if _kind(path) is None:
                 raise PrepError(f"{spec}: unsupported input type (expected one of {', '.join(SUFFIXES)})")
             found.add(path)
+        elif path.is_dir() and _kind(path) == HF_DATASET:
+            found.add(path)
+        elif path.is_dir() and (path / "dataset_dict.json").is_file():
+            splits = ", ".join(sorted(p.name for p in path.iterdir() if _kind(p) == HF_DATASET))
+            raise PrepError(f"{spec}: a Hugging Face DatasetDict (splits: {splits}); give one split's folder, "
+                            f"e.g. {path / 'train'}")
         elif path.is_dir():
             found.update(p for p in path.rglob("*") if p.is_file() and _kind(p))
         else:
@@ -77,6 +90,8 @@ def _open(path: Path) -> IO[bytes]:
         return gzip.open(path, "rb")
     if name.endswith(".xz"):
         return lzma.open(path, "rb")
+    if name.endswith(".zst"):
+        return io.BufferedReader(ZstFile(path), buffer_size=1 << 20)
     return open(path, "rb")
 
 
@@ -134,6 +149,22 @@ def _parquet_documents(path: Path, text_field: str, stats: InputStats) -> Iterat
                 yield text
 
 
+def _hf_dataset_documents(path: Path, text_field: str, stats: InputStats) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise PrepError(f"{path}: reading a Hugging Face dataset needs the datasets package "
+                        "(pip install 'atlas-train[hf]')") from None
+    dataset = datasets.load_from_disk(str(path))
+    if text_field not in dataset.column_names:
+        raise PrepError(f"{path}: no column {text_field!r} (has: {', '.join(dataset.column_names)})")
+    for batch in dataset.select_columns([text_field]).with_format("arrow").iter(batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str):
+                stats.bytes += len(text)
+                yield text
+
+
 def iter_documents(files: list[Path], txt_docs: str, text_field: str, stats: InputStats) -> Iterator[str]:
     """Every non-empty document of every file, in order; a file that cannot be read is a PrepError naming it."""
     for path in files:
@@ -143,6 +174,8 @@ def iter_documents(files: list[Path], txt_docs: str, text_field: str, stats: Inp
             with ExitStack() as stack:
                 if kind == ".parquet":
                     docs = _parquet_documents(path, text_field, stats)
+                elif kind == HF_DATASET:
+                    docs = _hf_dataset_documents(path, text_field, stats)
                 elif kind.startswith(".txt"):
                     docs = _txt_documents(stack.enter_context(_open(path)), txt_docs, stats)
                 else:
@@ -151,5 +184,5 @@ def iter_documents(files: list[Path], txt_docs: str, text_field: str, stats: Inp
                     if doc:
                         stats.documents += 1
                         yield doc
-        except (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError) as err:
+        except (OSError, EOFError, lzma.LZMAError, zlib.error, zstandard.ZstdError, ValueError) as err:
             raise PrepError(f"{path}: cannot read ({err.__class__.__name__}: {err})") from None

@@ -1,7 +1,8 @@
 """The on-disk dataset format that `atlas-prep` writes and the loader reads: tar shards and `manifest.json`.
 
 A dataset folder holds `manifest.json`, webdataset tar shards `<split>-NNNNN.tar` and, when text was tokenized,
-`tokenizer.model`. Each sample of a shard is one packed row of `seq_len + 1` tokens, as two raw little-endian members:
+the tokenizer: `tokenizer.model` (sentencepiece) or `tokenizer.json` (Hugging Face tokenizers; the manifest's
+tokenizer `kind` says which). Each sample of a shard is one packed row of `seq_len + 1` tokens, as two raw little-endian members:
 - `<key>.tokens`: the token ids, uint16 when the vocabulary fits, else uint32 (the manifest's `token_dtype`);
 - `<key>.starts`: uint32 positions in the row where a document begins (the memory resets there).
 Raw arrays (shape and dtype live in the manifest) cost nothing to encode or decode, and storing start positions
@@ -101,6 +102,7 @@ class Manifest:
     tokenizer_sha256: str | None
     splits: dict[str, SplitInfo]
     info: dict = field(default_factory=dict)
+    tokenizer_kind: str | None = None  # "sentencepiece" or "tokenizers" when there is a tokenizer
 
     @property
     def row_len(self) -> int:
@@ -124,7 +126,8 @@ class Manifest:
             "token_dtype": self.token_dtype,
             "eos_id": self.eos_id,
             "tokenizer": (
-                {"file": self.tokenizer_file, "sha256": self.tokenizer_sha256} if self.tokenizer_file else None
+                {"file": self.tokenizer_file, "sha256": self.tokenizer_sha256, "kind": self.tokenizer_kind}
+                if self.tokenizer_file else None
             ),
             "splits": {
                 name: {
@@ -177,6 +180,7 @@ def read_manifest(path: str | Path) -> Manifest:
             tokenizer_sha256=tok["sha256"] if tok else None,
             splits=splits,
             info=raw.get("info") or {},
+            tokenizer_kind=tok.get("kind", "sentencepiece") if tok else None,
         )
     except DataError:
         raise

@@ -19,7 +19,6 @@ import numpy as np
 
 from atlas_train.data_prep.shard_format import (
     MANIFEST_NAME,
-    TOKENIZER_NAME,
     DataError,
     Manifest,
     ShardInfo,
@@ -29,6 +28,8 @@ from atlas_train.data_prep.shard_format import (
     token_dtype,
     write_manifest,
 )
+from atlas_train.data_prep.tokenizer import FILE_NAMES as TOKENIZER_FILES
+from atlas_train.data_prep.tokenizer import tokenizer_kind
 from atlas_train.train.atomic import atomic_write_bytes
 
 TAR_BLOCK = 512
@@ -117,16 +118,19 @@ def finish_dataset(
     info: dict | None = None,
 ) -> Manifest:
     """Copy the tokenizer in, delete shards a previous run left that this one did not write, write the manifest."""
-    tok_file = tok_hash = None
+    tok_file = tok_hash = tok_kind = None
     if tokenizer_path is not None:
         tokenizer_path = Path(tokenizer_path)
         if not tokenizer_path.is_file():
             raise DataError(f"tokenizer not found: {tokenizer_path}")
         data = tokenizer_path.read_bytes()
-        target = out_dir / TOKENIZER_NAME
+        tok_kind = tokenizer_kind(tokenizer_path)
+        target = out_dir / TOKENIZER_FILES[tok_kind]
         if tokenizer_path.resolve() != target.resolve():
             atomic_write_bytes(target, data)
-        tok_file, tok_hash = TOKENIZER_NAME, hashlib.sha256(data).hexdigest()
+        for other in set(TOKENIZER_FILES.values()) - {target.name}:  # a previous run's tokenizer of the other kind
+            (out_dir / other).unlink(missing_ok=True)
+        tok_file, tok_hash = target.name, hashlib.sha256(data).hexdigest()
     written = {sh.name for s in splits.values() for sh in s.shards}
     for old in out_dir.glob("*-[0-9][0-9][0-9][0-9][0-9].tar"):
         if old.name not in written:
@@ -141,6 +145,7 @@ def finish_dataset(
         tokenizer_sha256=tok_hash,
         splits=splits,
         info=info or {},
+        tokenizer_kind=tok_kind,
     )
     write_manifest(manifest)
     return manifest

@@ -1,4 +1,5 @@
-"""atlas-prep end to end: every document comes back out of the shards exactly, byte-identical reruns, bad input."""
+"""atlas-prep end to end: every document comes back out of the shards exactly, byte-identical reruns, bad input;
+for every input kind (txt/jsonl plain or compressed, parquet, Hugging Face datasets) and both tokenizer kinds."""
 
 import gzip
 import json
@@ -10,13 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
+import zstandard
 
 from atlas_train.data import read_manifest
 from atlas_train.data_prep.cli import main
 from atlas_train.data_prep.encode import is_val
 from atlas_train.data_prep.pack import RowPacker
 from atlas_train.data_prep.shard_format import decode_sample
-from atlas_train.data_prep.tokenizer import train_tokenizer
+from atlas_train.data_prep.tokenizer import load_tokenizer, train_tokenizer
 from atlas_train.data.shard_reader import load_shard
 
 WORDS = ["the", "memory", "of", "a", "model", "é", "naïve", "日本", "😀", "x\ty", "  ", "42", "3.14", "\u00a0", "Ω"]
@@ -54,7 +56,7 @@ def prep(corpus_dir, out, *extra):
 
 def split_documents(manifest, split):
     """Undo the packing: join the rows (they overlap by one token), cut at EOS, decode each document."""
-    sp = spm.SentencePieceProcessor(model_file=str(manifest.tokenizer_path))
+    sp = load_tokenizer(manifest.tokenizer_path)
     stream, starts = [], []
     for shard in manifest.split(split).shards:
         for sample in load_shard(manifest, shard):
@@ -179,3 +181,117 @@ def test_a_failed_rerun_leaves_no_manifest_and_no_temp_files(corpus, tmp_path):
     assert prep(broken, out, "--tokenizer", str(out / "tokenizer.model")) == 1
     assert not (out / "manifest.json").exists()
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def hub_corpus(tmp_path_factory):
+    """Documents as people keep them: zstd jsonl and txt, parquet and a saved Hugging Face dataset, the text under
+    the column "body"; returns (input paths, documents in sorted input order)."""
+    datasets = pytest.importorskip("datasets")
+    root = tmp_path_factory.mktemp("hub_corpus")
+    docs = make_docs(200, 4)
+    zstd = zstandard.ZstdCompressor()
+    (root / "a.jsonl.zst").write_bytes(zstd.compress("".join(json.dumps({"body": d}) + "\n" for d in docs[:60]).encode()))
+    datasets.Dataset.from_dict({"body": docs[60:130], "n": list(range(70))}).save_to_disk(str(root / "b_dataset"))
+    pq.write_table(pa.table({"id": list(range(40)), "body": docs[130:170]}), root / "c.parquet")
+    (root / "d.txt.zst").write_bytes(zstd.compress(("\n\n".join(docs[170:]) + "\n").encode()))
+    inputs = [str(root / name) for name in ("a.jsonl.zst", "b_dataset", "c.parquet", "d.txt.zst")]
+    return inputs, docs
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory):
+    """A byte-level BPE tokenizer.json (the tokenizers library) whose EOS is <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(make_docs(100, 5), trainer)
+    path = tmp_path_factory.mktemp("tokenizer_json") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def _prep_files(inputs, out, *extra):
+    return main(["--input", *inputs, "--output", str(out), "--seq-len", "16", "--val-fraction", "0.2",
+                 "--shard-size-mb", "0.02", "--txt-docs", "blank-line", "--text-field", "body", *extra])
+
+
+@pytest.mark.parametrize("tokenizer", ["sentencepiece", "tokenizers"])
+def test_hub_formats_pack_losslessly_and_deterministically(hub_corpus, tokenizer_json, tmp_path, tokenizer):
+    inputs, docs = hub_corpus
+    given = ["--tokenizer", str(tokenizer_json)] if tokenizer == "tokenizers" else ["--vocab-size", "400"]
+    assert _prep_files(inputs, tmp_path / "one", "--workers", "1", *given) == 0
+    assert _prep_files(inputs, tmp_path / "two", "--workers", "2", *given) == 0
+    m = read_manifest(tmp_path / "two")
+    assert m.tokenizer_kind == tokenizer and m.info["inputs"] == inputs
+    assert m.tokenizer_path.name == ("tokenizer.json" if tokenizer == "tokenizers" else "tokenizer.model")
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["tokenizer"]["kind"] == tokenizer
+    if tokenizer == "tokenizers":
+        assert m.eos_id == load_tokenizer(tokenizer_json).eos_id() >= 0
+        assert m.tokenizer_path.read_bytes() == tokenizer_json.read_bytes()
+    assert m.info["documents"]["train"] + m.info["documents"]["val"] == len(docs)
+    for split, want_val in (("train", False), ("val", True)):
+        expected = [d for d in docs if is_val(d, 0.2) == want_val]
+        got = split_documents(m, split)
+        assert len(expected) - len(got) <= 2 and got == expected[: len(got)]
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def test_a_rerun_after_a_failure_gives_the_clean_runs_bytes(hub_corpus, tokenizer_json, tmp_path):
+    inputs, _ = hub_corpus
+    given = ["--tokenizer", str(tokenizer_json)]
+    assert _prep_files(inputs, tmp_path / "clean", *given) == 0
+    corrupt = tmp_path / "corrupt.jsonl.zst"
+    corrupt.write_bytes(zstandard.ZstdCompressor().compress(b'{"body": "fine"}\n' * 50)[:-9])  # truncated
+    assert _prep_files([*inputs, str(corrupt)], tmp_path / "rerun", *given) == 1
+    assert not (tmp_path / "rerun" / "manifest.json").exists()
+    assert _prep_files(inputs, tmp_path / "rerun", *given) == 0
+    for path in (tmp_path / "clean").iterdir():
+        assert (tmp_path / "rerun" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def _dataset_dict(d):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": ["a"]}),
+                          "test": datasets.Dataset.from_dict({"body": ["b"]})}).save_to_disk(str(d / "missing"))
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: __import__("datasets").Dataset.from_dict({"body": ["x"]}).save_to_disk(str(d / "missing")),
+         r"missing: no column 'text' \(has: body\)"),
+        (_dataset_dict, r"missing: a Hugging Face DatasetDict \(splits: test, train\); give one split's folder"),
+        (lambda d: (d / "missing.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd not zstd"),
+         r"missing.jsonl.zst: cannot read \(ZstdError"),
+    ],
+)
+def test_hub_format_errors_are_one_line(tmp_path, capsys, setup, message):
+    pytest.importorskip("datasets")
+
+    def quiet_setup(d):  # save_to_disk's progress bar is not atlas-prep's output
+        setup(d)
+        capsys.readouterr()
+
+    test_user_errors_are_one_line(tmp_path, capsys, quiet_setup, message)
+
+
+def test_a_bad_tokenizer_json_is_one_line(corpus, tmp_path, capsys):
+    root, _ = corpus
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"version": "1.0", "model": ')
+    assert prep(root, tmp_path / "out", "--tokenizer", str(bad)) == 1
+    assert "tokenizer.json: not a tokenizer.json" in capsys.readouterr().err
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[])).save(str(bad))  # no EOS token
+    assert prep(root, tmp_path / "out", "--tokenizer", str(bad)) == 1
+    assert "tokenizer.json: the tokenizer has no EOS id" in capsys.readouterr().err.strip().splitlines()[-1]

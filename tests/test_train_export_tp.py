@@ -77,6 +77,14 @@ def test_export_of_a_tensor_parallel_run_gives_the_tp_models_logits(tmp_path):
         assert logits.shape == (2, SEQ, VOCAB)
         # Same weights, same inputs; only the order of the row-parallel sums differs (fp32 rounding).
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        # The Hugging Face export merges the shards the same way.
+        from transformers import AutoModelForCausalLM
+
+        from atlas_train.hf.convert import export_hf
+
+        hf_model = AutoModelForCausalLM.from_pretrained(export_hf(run, tmp_path / f"hf_tie{int(tie)}"))
+        with torch.no_grad():
+            assert torch.equal(hf_model(_probe_ids()).logits, logits)
 
 
 if __name__ == "__main__":

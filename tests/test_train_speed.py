@@ -123,8 +123,8 @@ def test_fast_training_path_gives_the_plain_losses(tmp_path, capsys, mixer, reco
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         return [r["train/loss"] for r in rows if "train/loss" in r]
 
-    plain = run("plain", activation_checkpointing="none", compile=False, fused_cross_entropy="off")
-    fast = run("fast", activation_checkpointing=recompute, compile=True, fused_cross_entropy="on")
+    plain = run("plain", activation_checkpointing="none", compile=False, fused_cross_entropy=False)
+    fast = run("fast", activation_checkpointing=recompute, compile=True, fused_cross_entropy=True)
     assert f"activation checkpointing {recompute}, compile on, fused cross-entropy on" in capsys.readouterr().out
     assert len(plain) == 3
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=1e-4, atol=1e-5)

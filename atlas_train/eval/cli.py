@@ -1,8 +1,10 @@
-"""`atlas-eval`: perplexity, MQAR and needle-in-a-haystack on an exported model; or synthetic training shards.
+"""`atlas-eval`: perplexity, MQAR, needle-in-a-haystack and lm-evaluation-harness tasks on an exported model; or
+synthetic training shards.
 
     atlas-eval --checkpoint DIR --task ppl [--data DIR] [--context-factors 1,2,4]
     atlas-eval --checkpoint DIR --task mqar [--pairs 4,8,16,32,64] [--seq-lens 64,128,256,512] [--mqar-vocab 512,8192]
     atlas-eval --checkpoint DIR --task niah [--contexts 256,512,1024] [--depths 0,0.25,0.5,0.75,1]
+    atlas-eval --checkpoint DIR --task lm-eval [--tasks lambada_openai,piqa,...] [--include-path DIR] [--limit N]
     atlas-eval --task mqar --write-data DIR --seq-len L [--train-rows N --val-rows M]     # shards, no model
     atlas-eval --task niah --write-data DIR --seq-len L --tokenizer MODEL
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from atlas_train.eval import mqar, niah, perplexity
+from atlas_train.eval import harness, mqar, niah, perplexity
 from atlas_train.eval.checkpoint import UserError, load_for_eval, load_tokenizer
 from atlas_train.eval.report import format_table, write_json
 
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="atlas-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--task", required=True, choices=["ppl", "mqar", "niah"])
+    p.add_argument("--task", required=True, choices=["ppl", "mqar", "niah", "lm-eval"])
     p.add_argument("--checkpoint", help="exported model dir (atlas-train export)")
     p.add_argument("--out", help="results JSON (default <checkpoint>/eval_<task>.json)")
     p.add_argument("--device", default="auto")
@@ -68,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kinds", default=",".join(niah.KINDS), help=f"needle kinds among {', '.join(niah.KINDS)}")
     g.add_argument("--haystack", help="text file whose sentences make the haystack (default: RULER's noise)")
     g.add_argument("--tokenizer", help="sentencepiece model (for --write-data; evaluation uses the checkpoint's)")
+    g = p.add_argument_group("lm-eval (lm-evaluation-harness)")
+    g.add_argument("--tasks", default=",".join(harness.PAPER_TASKS),
+                   help="comma-separated lm-eval tasks or groups (default: the paper's zero-shot table)")
+    g.add_argument("--include-path", metavar="DIR", help="folder of extra task YAMLs (local tasks)")
+    g.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    g.add_argument("--limit", type=float, help="documents per task (a fraction if < 1); for quick checks")
+    g.add_argument("--log-samples", action="store_true", help="keep every document's requests and answers in the JSON")
     g = p.add_argument_group("evaluation size (mqar, niah)")
     g.add_argument("--samples", type=int, help="samples per setting (default: mqar 256, niah 16)")
     g = p.add_argument_group("synthetic training shards (mqar, niah): no checkpoint needed")
@@ -221,6 +230,16 @@ def run_niah(args, loaded) -> tuple[dict, str]:
     return out, table
 
 
+def run_lm_eval(args, loaded) -> tuple[dict, str]:
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not tasks:
+        raise UserError("--tasks names no task")
+    results = harness.evaluate(loaded, tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                               limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+                               log_samples=args.log_samples)
+    return {"task": "lm-eval", **results}, harness.table(results)
+
+
 def write_data(args) -> str:
     from atlas_train.data_prep.writer import write_dataset
 
@@ -273,7 +292,7 @@ def _counting(rows, bar):
         yield row
 
 
-TASKS = {"ppl": run_ppl, "mqar": run_mqar, "niah": run_niah}
+TASKS = {"ppl": run_ppl, "mqar": run_mqar, "niah": run_niah, "lm-eval": run_lm_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size <= 0 or (args.samples is not None and args.samples <= 0) or args.max_rows < 0:
             raise UserError("--batch-size and --samples must be positive, --max-rows >= 0")
         if args.write_data:
-            if args.task == "ppl":
+            if args.task in ("ppl", "lm-eval"):
                 raise UserError("--write-data makes synthetic shards: use it with --task mqar or niah")
             print(write_data(args))
             return 0

@@ -75,8 +75,8 @@ def generate(
     most likely (0: all) and to the top_p nucleus. `on_token(tokens)` is called with each step's (B,) tokens as soon
     as they exist (streaming). With `eos_id`, a row that produced it keeps producing it, and decoding stops once
     every row has. The model is put in eval mode for the call and restored afterwards. `cuda_graph`: each decode step
-    of a memory model replays one CUDA graph (`_decode_step`; the 340M's step on an H100 took 12 ms with it and about
-    85 ms without, benchmarks/RESULTS.md).
+    of a memory model replays one CUDA graph (`_decode_step`): its few hundred small kernels launch as one, which
+    is what bounds a decode step's time.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")

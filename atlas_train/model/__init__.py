@@ -1,4 +1,4 @@
-"""atlas_train.model: the ATLAS model family (ATLAS_SPEC.md sections 1, 2, 4, 5).
+"""atlas_train.model: the ATLAS model family (docs/math.md §§1, 2, 4, 5).
 
 `build_model(cfg)` is the one entry point; `AtlasLM.forward(input_ids, doc_start, labels, cache, use_cache)`
 trains, prefills and decodes.

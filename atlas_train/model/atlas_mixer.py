@@ -1,4 +1,4 @@
-"""The ATLAS mixer (ATLAS_SPEC.md section 1, steps 1-8): a test-time-trained deep MLP memory in place of attention.
+"""The ATLAS mixer (docs/math.md §1, steps 1-8): a test-time-trained deep MLP memory in place of attention.
 
 q, k, v projections → causal depthwise conv (document-aware) → SiLU → per-head L2 norm of q, k → feature map φ →
 gates → memory_scan → per-head RMSNorm × SiLU output gate → output projection. The same class serves atlas,

@@ -1,4 +1,4 @@
-"""Pre-norm residual block: x += Mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x)) (ATLAS_SPEC.md section 1).
+"""Pre-norm residual block: x += Mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x)) (docs/math.md §1).
 
 For atlas_mal each block runs the memory and then sliding-window attention, each in its own pre-norm residual
 sub-layer (x += Atlas(norm(x)); x += SWA(norm(x)); x += SwiGLU(norm(x))): the Titans "memory as layer" order inside

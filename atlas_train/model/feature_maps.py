@@ -1,4 +1,4 @@
-"""Polynomial feature maps φ for the memory's keys and queries (ATLAS_SPEC.md section 2).
+"""Polynomial feature maps φ for the memory's keys and queries (docs/math.md §2).
 
 φ(x) = concat(√a1·x, √a2·ψ2(x), …, √ap·ψp(x)): a truncated Taylor expansion of the exp kernel, which raises the
 memory's capacity. The coefficients a_i are learnable per layer, stored softplus-inverse (so a_i > 0 stays

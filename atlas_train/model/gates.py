@@ -1,4 +1,4 @@
-"""Data-dependent gates of the memory (ATLAS_SPEC.md section 4): alpha (decay), eta (inner lr), theta (momentum),
+"""Data-dependent gates of the memory (docs/math.md §4): alpha (decay), eta (inner lr), theta (momentum),
 gamma (Omega-window weights).
 
 Each gate is a low-rank projection d → gate_rank → H·n with a bias chosen so that the gate starts at its configured

@@ -1,4 +1,4 @@
-"""atlas_mag: the memory and sliding-window attention read the same input in parallel (ATLAS_SPEC.md section 5).
+"""atlas_mag: the memory and sliding-window attention read the same input in parallel (docs/math.md §5).
 
 Output = RMSNorm(y_swa) ⊙ sigmoid(RMSNorm(y_mem)): the memory gates what local attention passes on.
 (atlas_mal, memory then attention in sequence, is a Block with two mixer sub-layers: see block.py.)

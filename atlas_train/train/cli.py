@@ -24,9 +24,15 @@ def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="atlas-train",
         description="Train an ATLAS-family model. `atlas-train export --help` for the export sub-command.",
+        epilog="Config keys: the dataclasses they build, with a comment per key: model.* atlas_train/model/config.py, "
+               "data.* atlas_train/data/config.py, parallel.* atlas_train/parallel/config.py, train.* "
+               "atlas_train/train/config.py (README: Configuration). --print-config shows every key with its value.",
     )
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config (repeatable, merged in order)")
     p.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/checkpoints/latest (= train.resume=auto)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the fully composed config (the files merged in order, the overrides on top, every "
+                        "other key at its default) as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
     return p
 
@@ -34,10 +40,15 @@ def _train_parser() -> argparse.ArgumentParser:
 def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="atlas-train export",
-        description="Write a run's latest checkpoint as fp32 model.safetensors + config.yaml + tokenizer.model.",
+        description="Write a run's latest checkpoint as fp32 model.safetensors + config.yaml + tokenizer.model, or "
+                    "(--format hf) as a Hugging Face folder: AutoModelForCausalLM / AutoTokenizer.from_pretrained(DIR) "
+                    "load it after `import atlas_train`.",
     )
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="the run dir (train.out_dir)")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
+                   help="the run dir (train.out_dir); with --format hf also an existing export dir, to convert it")
     p.add_argument("--out", required=True, metavar="DIR", help="output dir")
+    p.add_argument("--format", choices=["native", "hf"], default="native",
+                   help="native: what atlas-eval/atlas-generate read (default); hf: Hugging Face transformers")
     return p
 
 
@@ -46,19 +57,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["export"]:
             args = _export_parser().parse_args(argv[1:])
-            from atlas_train.train.export import export
+            if args.format == "hf":
+                from atlas_train.hf.convert import export_hf as export
+            else:
+                from atlas_train.train.export import export
 
             out = export(args.checkpoint, args.out)
             print(f"exported {args.checkpoint} -> {out}")
             return 0
         args = _train_parser().parse_args(argv)
-        if not args.config:
+        if not args.config and not args.print_config:
             _train_parser().error("at least one --config FILE is required")
         from atlas_train.config import load_config
-        from atlas_train.train.trainer import train
 
         overrides = list(args.overrides) + (["train.resume=auto"] if args.resume else [])
-        return train(load_config(args.config, overrides))
+        config = load_config(args.config, overrides)
+        if args.print_config:
+            import yaml
+
+            from atlas_train.config import to_dict
+
+            print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+            return 0
+        from atlas_train.train.trainer import train
+
+        return train(config)
     except NonFiniteLossError as err:
         print(f"atlas-train: {err}", file=sys.stderr)
         return 1

@@ -6,8 +6,19 @@ validated source of truth and a typo is caught with its key path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging beside tensorboard and metrics.jsonl (rank 0; needs `pip install wandb`)."""
+
+    project: Optional[str] = None  # log to this wandb project; None: no wandb
+    entity: Optional[str] = None  # team or user (None: wandb's default)
+    name: Optional[str] = None  # run name (None: the run dir's name)
+    mode: Optional[Literal["online", "offline", "disabled"]] = None  # None: wandb's default (WANDB_MODE)
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -26,7 +37,7 @@ class TrainConfig:
     # Speed (speed.py): recompute "auto" = full for models with a memory layer, none for the transformer.
     activation_checkpointing: Literal["auto", "none", "selective", "full"] = "auto"
     compile: bool = False  # torch.compile each block
-    fused_cross_entropy: Literal["auto", "on", "off"] = "auto"  # liger-kernel's fused linear + CE; auto: on GPUs
+    fused_cross_entropy: Union[bool, Literal["auto"]] = "auto"  # liger-kernel's fused linear + CE; auto: on GPUs
     phase_timing: bool = False  # log the device time of forward, backward and optimizer (CUDA events)
 
     # AdamW + warmup/cosine.
@@ -54,6 +65,7 @@ class TrainConfig:
     keep_last: int = 3
     resume: Literal["none", "auto"] = "none"  # auto: continue from checkpoints/latest when there is one
     progress: bool = True  # tqdm bar on rank 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # train.wandb.project=NAME turns it on
     peak_tflops: float = 989.0  # the GPU's dense bf16 peak (datasheet TFLOP/s) for MFU; MFU is reported on GPU only
     synthetic_data: bool = False  # random tokens instead of the loader (benchmarks: isolates loader overhead)
 

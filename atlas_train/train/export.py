@@ -98,11 +98,10 @@ def _default_build_model(model_cfg):
     return build_model(model_cfg)
 
 
-def export(run_dir: str | Path, out_dir: str | Path, *, build_model: Optional[Callable] = None, config_cls=None) -> Path:
-    """Write the latest checkpoint of `run_dir` into `out_dir`; returns out_dir."""
-    from safetensors.torch import save_model
-
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+def checkpoint_model(run_dir: str | Path, *, build_model: Optional[Callable] = None, config_cls=None):
+    """(model with the latest checkpoint's full fp32 weights, TP shards merged; the run's config; the checkpoint
+    dir) of `run_dir`. The weights are loaded with strict key checking, so a model that would not load is refused."""
+    run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if not run_dir.is_dir():
         raise CheckpointError(f"run dir not found: {run_dir}")
@@ -124,6 +123,15 @@ def export(run_dir: str | Path, out_dir: str | Path, *, build_model: Optional[Ca
     else:
         state = consolidated_state_dict(ckpt_dir, tag, cfg.train.zero_stage)
     model.load_state_dict(state, strict=True)
+    return model, cfg, tag_dir
+
+
+def export(run_dir: str | Path, out_dir: str | Path, *, build_model: Optional[Callable] = None, config_cls=None) -> Path:
+    """Write the latest checkpoint of `run_dir` into `out_dir`; returns out_dir."""
+    from safetensors.torch import save_model
+
+    out_dir = Path(out_dir)
+    model, _, tag_dir = checkpoint_model(run_dir, build_model=build_model, config_cls=config_cls)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".model.safetensors.{os.getpid()}.tmp"
     save_model(model.float(), str(tmp))  # handles tied weights (one stored copy)

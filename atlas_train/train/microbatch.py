@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from atlas_train.ops.cuda_graphs import clear_scan_graphs
+
 
 class ProbeError(RuntimeError):
     """Not even the smallest micro-batch fits (reported as one line)."""
@@ -94,6 +96,7 @@ def model_step_runner(model: torch.nn.Module, seq_len: int, vocab_size: int,
             return float(torch.cuda.max_memory_allocated(device))
         finally:
             model.zero_grad(set_to_none=True)
+            clear_scan_graphs()  # graphs captured at this size would hold their memory pools for the whole run
             torch.cuda.empty_cache()
 
     return run

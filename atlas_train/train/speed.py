@@ -70,12 +70,12 @@ def apply_speed_settings(model: nn.Module, tc, *, tp_size: int = 1, cp_size: int
     it). Compilation is left to the caller (`compile_blocks`), after anything that runs the model at other shapes.
 
     `fused_cross_entropy`: auto = on GPUs without tensor or context parallelism (their losses are the model's own);
-    on = wherever the model's loss is its own (on CPU only under Triton's interpreter, for tests).
+    true = wherever the model's loss is its own (on CPU only under Triton's interpreter, for tests).
     """
     recompute = resolve_recompute(tc.activation_checkpointing, model)
     set_activation_checkpointing(model, recompute)
     own_loss = tp_size == 1 and cp_size == 1
-    fused = own_loss and (tc.fused_cross_entropy == "on"
+    fused = own_loss and (tc.fused_cross_entropy is True
                           or (tc.fused_cross_entropy == "auto" and torch.cuda.is_available()))
     if fused:
         model.fused_loss = fused_linear_cross_entropy()

@@ -253,10 +253,13 @@ class Trainer:
         return model, flops_per_token
 
     def _settle_batch_layout(self) -> None:
-        """Fix micro-batch and accumulation (probing the GPU for `micro_batch_size: auto`) and keep them in the
-        config the run saves, so a resumed run and the logs see the numbers that ran."""
+        """Fix micro-batch and accumulation (probing the GPU for `micro_batch_size: auto`) and keep them, with the
+        recompute and loss settings that `auto` chose, in the config the run saves: the logs and a resumed run see
+        what ran."""
         micro, accum = batch_layout(self.tc, self.plan.dp_size, self._probe_micro_batch)
-        self.tc = dataclasses.replace(self.tc, micro_batch_size=micro, grad_accum=accum, global_batch_size=None)
+        self.tc = dataclasses.replace(self.tc, micro_batch_size=micro, grad_accum=accum, global_batch_size=None,
+                                      activation_checkpointing=self.speed.activation_checkpointing,
+                                      fused_cross_entropy=self.speed.fused_cross_entropy)
         self.cfg = dataclasses.replace(self.cfg, train=self.tc)
         self.resolved = dataclasses.replace(self.resolved, train=self.tc)
         if self.rank == 0:
