@@ -5,13 +5,13 @@ test_model_family.py; tensor, data and context parallelism in test_dual_parallel
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from eval_helpers import train_tokenizer, write_export
+from eval_helpers import REPO, train_tokenizer, write_export
 
 from atlas_train.eval import cli
 from atlas_train.eval import generate as generate_cli
@@ -78,23 +78,9 @@ def test_eval_and_generate_cli_run_on_an_export(export, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("In the beginning")
 
 
-@contextlib.contextmanager
-def in_process_run():
-    """`atlas-train`'s main() in this process, then what its console entry point does after it (the process groups
-    torn down) and the environment as it was: later tests must not find a group or RANK/WORLD_SIZE left over."""
-    from atlas_train.train.distributed import shutdown_distributed
-
-    before = dict(os.environ)
-    try:
-        yield
-    finally:
-        shutdown_distributed()
-        os.environ.clear()
-        os.environ.update(before)
-
-
 def test_train_cli_trains_and_exports_a_member(tmp_path):
-    from atlas_train.train.cli import main
+    """`atlas-train` trains a member and exports it, each in its own process as on the command line (in this process
+    its process group, or DeepSpeed's record of it once torn down, would reach the tests that follow)."""
     from atlas_train.train.export import load_exported
 
     run = tmp_path / "run"
@@ -103,12 +89,13 @@ def test_train_cli_trains_and_exports_a_member(tmp_path):
                  "model.memory_expansion=2", "model.n_persistent=4", f"train.out_dir={run}", "train.steps=2",
                  "train.seq_len=32", "train.micro_batch_size=2", "train.warmup_steps=1", "train.eval_every=0",
                  "train.save_every=2", "train.progress=false", "train.precision=fp32", "train.synthetic_data=true"]
-    with in_process_run():
-        assert main(["--config", "configs/demo.yaml", *overrides]) == 0
+    cli = [sys.executable, "-m", "atlas_train.train.cli"]
+    subprocess.run([*cli, "--config", str(REPO / "configs/demo.yaml"), *overrides], check=True, cwd=tmp_path,
+                   capture_output=True)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2] and "memory/eta" in rows[-1]
-    with in_process_run():
-        assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "export")]) == 0
+    subprocess.run([*cli, "export", "--checkpoint", str(run), "--out", str(tmp_path / "export")], check=True,
+                   cwd=tmp_path, capture_output=True)
     model, run_cfg, _ = load_exported(tmp_path / "export")
     assert run_cfg.model.mixer == "deep_transformer" and run_cfg.model.inner_loss == "dot"
     assert generate(model, torch.tensor([1, 2, 3]), max_new_tokens=4).shape == (7,)
