@@ -1,8 +1,9 @@
 """The small recall study: which members of the family can look values up by key, and how far?
 
-Trains the members in configs/recall/ (atlas, atlas_mag, omeganet, titans, transformer: equal width and depth) on
-the same MQAR shards with `atlas-train`, exports each, and scores MQAR accuracy (`atlas-eval --task mqar`) on a grid
-of (key-value pairs, sequence length) that reaches beyond the training mix (longer rows, more pairs). One command:
+Trains the members in configs/recall/ (atlas, atlas_mag, omeganet, titans, transformer, and the DeepTransformers
+deep_transformer, swdt and dot: equal width and depth) on the same MQAR shards with `atlas-train`, exports each, and
+scores MQAR accuracy (`atlas-eval --task mqar`) on a grid of (key-value pairs, sequence length) that reaches beyond the
+training mix (longer rows, more pairs). One command:
 
     python benchmarks/recall_study.py --out $OUT/recall --budget-minutes 8.5   # everything, scoring included
     python benchmarks/recall_study.py --smoke                                  # CPU: tiny sizes, proves the whole path
@@ -51,7 +52,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # Placed round-robin over the GPUs in this order: on two GPUs the slow and the fast members alternate.
-MEMBERS = ["atlas", "atlas_mag", "omeganet", "titans", "transformer"]
+MEMBERS = ["atlas", "atlas_mag", "omeganet", "titans", "transformer", "deep_transformer", "swdt", "dot"]
 REFERENCE = "transformer"  # trained again at the slowest member's steps: the comparison at equal steps
 MAX_TRAIN_ROWS = 50_000  # distinct MQAR training rows (Zoology uses 100K); longer runs repeat them as epochs
 BEGIN, END = "<!-- recall-study:begin -->", "<!-- recall-study:end -->"
@@ -261,12 +262,14 @@ def summarize(label: str, member: str, steps: int, gpu, done: list, run: Path, n
                 or ["(empty log)"])[-1]
         print(f"{label}: {stage} failed (exit {code}): {last.strip()} (log: {run / 'train.log'})", flush=True)
         return summary
+    from atlas_train.model.config import DUAL_MIXERS
     from atlas_train.train.export import load_exported
 
     model, cfg, _ = load_exported(run / "export")
     params = sum(p.numel() for p in model.parameters())
     summary.update(
-        update=None if cfg.model.mixer == "transformer" else cfg.model.update,
+        update=None if cfg.model.mixer == "transformer" else "token" if cfg.model.mixer in DUAL_MIXERS
+        else cfg.model.update,
         chunk_size=cfg.model.chunk_size,
         params=params,
         params_non_embedding=params - model.embed.weight.numel(),

@@ -10,7 +10,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-MIXERS = ("atlas", "atlas_pp", "omeganet", "titans", "dla", "transformer", "atlas_mag", "atlas_mal")
+MIXERS = ("atlas", "atlas_pp", "omeganet", "titans", "dla", "transformer", "atlas_mag", "atlas_mal", "deep_transformer",
+          "swdt", "dot")
+DUAL_MIXERS = ("deep_transformer", "swdt", "dot")  # the DeepTransformers (§8): dual_memory_scan
 
 # Spec section 5: what each member fixes. Keys are ModelConfig fields; values replace None in the user's config.
 FAMILY_DEFAULTS: dict[str, dict] = {
@@ -22,6 +24,11 @@ FAMILY_DEFAULTS: dict[str, dict] = {
     "transformer": dict(memory_gated=False, feature_map="identity", inner_loss="l2", ns_steps=0, use_momentum=False, window=1),
     "atlas_mag": dict(memory_gated=False, feature_map="sketch", inner_loss="l2", ns_steps=5, use_momentum=True, window=64),
     "atlas_mal": dict(memory_gated=False, feature_map="sketch", inner_loss="l2", ns_steps=5, use_momentum=True, window=64),
+    # §8: plain gradient descent (theta 0, no Newton–Schulz, no decay) on the exp kernel's features.
+    "deep_transformer": dict(memory_gated=False, feature_map="identity", inner_loss="dot", ns_steps=0, use_momentum=False,
+                             window=1),
+    "swdt": dict(memory_gated=False, feature_map="identity", inner_loss="dot", ns_steps=0, use_momentum=False, window=64),
+    "dot": dict(memory_gated=False, feature_map="identity", inner_loss="l2", ns_steps=0, use_momentum=False, window=64),
 }
 
 
@@ -51,7 +58,7 @@ class ModelConfig:
     chunk_size: int = 64
     ns_steps: Optional[int] = None
     use_momentum: Optional[bool] = None  # False pins theta = 0 (plain GD: OmegaNet, DLA)
-    update: Literal["token", "chunk"] = "token"
+    update: Literal["token", "chunk"] = "token"  # memory_scan members; the DeepTransformers always update per token
     inner_loss: Optional[Literal["l2", "dot"]] = None
     omega_gates: Literal["slot", "token", "none"] = "slot"
     eta_max: float = 1.0
@@ -61,6 +68,7 @@ class ModelConfig:
     eta_init: float = 0.01
     gamma_init: float = 0.5  # Omega-window gates at init (spec 4 leaves it open; sigmoid(0))
     conv_kernel: int = 4
+    n_persistent: int = 64  # DeepTransformers: learnable (key, coefficient) pairs that start J (§8)
 
     # Attention (transformer baseline and the hybrids' sliding-window attention).
     swa_window: int = 2048  # query i sees keys i-swa_window+1 .. i
@@ -96,6 +104,8 @@ class ModelConfig:
             raise ValueError("feature_map 'exact' supports poly_degree 2 only")
         if self.poly_degree < 1:
             raise ValueError("poly_degree must be >= 1")
+        if self.n_persistent < 0:
+            raise ValueError("n_persistent must be >= 0")
 
     @property
     def head_dim(self) -> int:

@@ -13,6 +13,11 @@ entries, L = chunk_size, c = window):
   every weight matrix at every token, and the read f(P_t; zq_t) (2P);
 - update="chunk": one weighted rank-1 sum per key (2P), momentum, decay and Newton–Schulz once per chunk (/L), the
   read (2P).
+The DeepTransformers (DualMixer, §8) read and write J with attention-like passes, counted with the mixing like
+attention: the reads, and the anchor pass over (c − 1 + L)/L points per token, each over the keys written before its
+chunk plus the persistent pairs, with value dimension hid. Their window and W1 terms (per window key a forward and a
+backward through W1, per token the W1 read and the window's kernel values) are the memory's inner loop, which their
+backward recomputes too.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import nn
 
 from atlas_train.model.atlas_mixer import AtlasMixer
 from atlas_train.model.attention import Attention
+from atlas_train.model.dual_mixer import DualMixer
 from atlas_train.model.feature_maps import FeatureMap
 
 
@@ -57,6 +63,18 @@ def memory_forward_flops(mixer: AtlasMixer) -> float:
     return mixer.n_heads * per_head
 
 
+def dual_memory_forward_flops(mixer: DualMixer, seq_len: int) -> tuple[float, float]:
+    """Forward FLOPs per token of one DualMixer's dual_memory_scan (all heads): (attention passes, window terms)."""
+    dh, hid = mixer.memory.W1.shape[-2:]
+    size, window = mixer.scan_options["chunk_size"], mixer.gates.window
+    rows = size + window - 1  # a chunk's window: its keys and the c - 1 before them
+    keys = attended_keys(seq_len, None) + mixer.memory.K0.shape[1]
+    attention = 2.0 * (dh + hid) * keys * (1.0 + rows / size)
+    window_terms = 4.0 * dh * hid * rows / size + 2.0 * dh * hid * (1.0 + rows / size) + 2.0 * rows * (
+        2.0 * dh + 2.0 * hid)
+    return mixer.n_heads * attention, mixer.n_heads * window_terms
+
+
 def feature_map_forward_flops(fmap: FeatureMap, n_heads: int) -> float:
     """φ on q and k, per token."""
     if fmap.kind == "sketch":
@@ -71,8 +89,8 @@ class ForwardFlops:
     """Forward FLOPs per token of a whole model, split by where they are spent."""
 
     dense: float  # every nn.Linear (projections, feed-forward, LM head)
-    mixing: float  # attention scores and values, feature maps, convolutions
-    memory: float  # memory_scan's inner loop
+    mixing: float  # attention scores and values (dual_memory_scan's passes too), feature maps, convolutions
+    memory: float  # memory_scan's inner loop (dual_memory_scan's window terms)
 
 
 def forward_flops_per_token(model: nn.Module, seq_len: int) -> ForwardFlops:
@@ -82,9 +100,14 @@ def forward_flops_per_token(model: nn.Module, seq_len: int) -> ForwardFlops:
     for module in model.modules():
         if isinstance(module, Attention):
             mixing += 4.0 * module.n_heads * module.head_dim * attended_keys(seq_len, module.window)
+        elif isinstance(module, DualMixer):
+            attention, window_terms = dual_memory_forward_flops(module, seq_len)
+            mixing += attention
+            memory += window_terms
         elif isinstance(module, AtlasMixer):
             memory += memory_forward_flops(module)
             mixing += feature_map_forward_flops(module.feature_map, module.n_heads)
+        if isinstance(module, AtlasMixer):  # DualMixer included
             for conv in (module.q_conv, module.k_conv, module.v_conv):
                 mixing += 2.0 * conv.weight.numel()
     return ForwardFlops(dense, mixing, memory)

@@ -42,14 +42,15 @@ class MemoryGates(nn.Module):
 
     `omega_gates`: "slot" gives c gates per token (γ_t[j] for token t−j, the paper's γ_i^(t)); "token" gives one gate
     per token, applied wherever that token falls in a later window (so the last c−1 token gates are cached across
-    segments); "none" gives all ones. With use_momentum False, theta is pinned to 0 (plain gradient descent).
+    segments); "none" gives all ones. With use_momentum False, theta is pinned to 0 (plain gradient descent); with
+    decay False there is no alpha gate (alpha = 1: the DeepTransformers) and alpha comes back as None.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, decay: bool = True):
         super().__init__()
         d, H, r = cfg.d_model, cfg.n_heads, cfg.gate_rank
         self.n_heads, self.window, self.mode, self.eta_max = H, cfg.window, cfg.omega_gates, cfg.eta_max
-        self.alpha = LowRankGate(d, r, H, cfg.alpha_init)
+        self.alpha = LowRankGate(d, r, H, cfg.alpha_init) if decay else None
         self.eta = LowRankGate(d, r, H, cfg.eta_init / cfg.eta_max)
         self.theta = LowRankGate(d, r, H, cfg.theta_init) if cfg.use_momentum else None
         if self.mode == "slot":
@@ -60,13 +61,14 @@ class MemoryGates(nn.Module):
             self.gamma = None
 
     def forward(self, x: torch.Tensor, gamma_tail: Optional[torch.Tensor] = None):
-        """x (B, T, d) -> alpha, eta, theta (B, T, H), gamma (B, T, H, c), new gamma_tail (token mode) or None.
+        """x (B, T, d) -> alpha (None without decay), eta, theta (B, T, H), gamma (B, T, H, c), new gamma_tail
+        (token mode) or None.
 
         gamma_tail: the previous segment's last c−1 token gates (B, c−1, H) in "token" mode; None at a sequence start.
         """
         B, T, _ = x.shape
         H, c = self.n_heads, self.window
-        alpha = self.alpha(x)
+        alpha = self.alpha(x) if self.alpha is not None else None
         eta = self.eta_max * self.eta(x)
         theta = self.theta(x) if self.theta is not None else x.new_zeros(B, T, H)
         new_tail = None

@@ -2,8 +2,9 @@
 
 Heads are independent, so every per-head projection becomes a megatron-core ColumnParallelLinear (this rank's heads),
 the projections back to d_model become RowParallelLinear, and every per-head parameter (conv channels, initial fast
-weights, head norms, feature-map sketches) keeps only this rank's heads. Embedding, LM head and cross-entropy are
-vocab-parallel. Weights are sliced from the full model, so a TP run starts exactly where the one-device run starts.
+weights, head norms, feature-map sketches, the DeepTransformers' kernel scales) keeps only this rank's heads.
+Embedding, LM head and cross-entropy are vocab-parallel. Weights are sliced from the full model, so a TP run starts
+exactly where the one-device run starts.
 
 Sequence parallelism keeps the residual stream as this rank's share of the B·T tokens, flattened to (B·T/tp, d):
 norms and residual adds are per token, so any split works, and a flat split works for every B and T. Each sub-layer
@@ -186,15 +187,18 @@ def apply_tensor_parallel(model: nn.Module, sequence_parallel: bool) -> nn.Modul
                     setattr(module, name, _column(getattr(module, name), column_cfg))
             module.o_proj = _row(module.o_proj, row_cfg)
             module.n_heads //= tp
-        if isinstance(module, AtlasMixer):
+        if isinstance(module, AtlasMixer):  # and DualMixer, which has no feature map but a kernel scale per head
             for conv in (module.q_conv, module.k_conv, module.v_conv):
                 _shard_parameter(conv, "weight")
             for name, _ in list(module.memory.named_parameters()):
                 _shard_parameter(module.memory, name)
-            if hasattr(module.feature_map, "sketch"):
-                _shard_parameter(module.feature_map, "sketch")
-            if hasattr(module.feature_map, "coef_raw"):
-                _all_reduce_grad_over_tp(module.feature_map.coef_raw)
+            feature_map = getattr(module, "feature_map", None)
+            if hasattr(feature_map, "sketch"):
+                _shard_parameter(feature_map, "sketch")
+            if hasattr(feature_map, "coef_raw"):
+                _all_reduce_grad_over_tp(feature_map.coef_raw)
+            if hasattr(module, "scale_raw"):
+                _shard_parameter(module, "scale_raw")
             gates = module.gates
             gates.n_heads //= tp
             for gate in (gates.alpha, gates.eta, gates.theta, gates.gamma):

@@ -1,0 +1,283 @@
+"""The chunk-parallel implementation of `dual_memory_scan` (docs/math.md §8), with its own backward.
+
+J, the first memory layer in dual form, is the written keys with a coefficient each (a KV cache whose values change).
+A chunk n of L tokens, starting at a grid position, reads and writes only its window: its c − 1 preceding keys and its
+own L keys. Keys before the window hold their final coefficients by then; the window's first c − 1 keys hold
+partial ones ("tails", kept for each chunk). So, per chunk:
+
+1. anchor pass (sequential: each chunk needs the coefficients the chunks before it wrote): h at the window's keys,
+   pulled from J as it stands at the chunk's start (`dual_attention`, value dimension hid);
+2. the window keys' inner gradients at the anchor, and the coefficients and W1 the chunk leaves (`dual_terms`).
+
+After the loop, every chunk's reads at once: the pull over the keys that were final before each chunk (one attention
+pass over the whole call, limited by chunk), plus each chunk's window terms.
+
+The autograd function keeps, per chunk, only what the sequential part produced (h at the window keys, W1 at the chunk's
+start, the tails): O(T·hid) per head, never the J each chunk saw. Backward runs the chunks in reverse: a chunk's
+coefficient gains get their gradient from every later use of them, which is the pull with points and keys swapped
+(every later anchor pass read them, a later chunk's read through the final values or a tail); then the chunk's own
+terms are recomputed under autograd and differentiated. The gradients of the attention passes with respect to points,
+keys and θ come last, each pass at once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from atlas_train.ops.dual_attention import Implementation, kernel_values
+from atlas_train.ops.dual_terms import DualOptions, Params, anchor_terms, chunk_step, mixing, reads
+
+PAD_DOC = -2  # document id of the padding that fills the last chunk: shares no document with anything
+
+
+class Layout(NamedTuple):
+    """Host-side facts of one call: keys carried in, lengths, and per chunk whether a document starts in it and which
+    row is its last real token."""
+
+    carried: int  # N0: keys in the state (padding included)
+    length: int  # T
+    chunks: int
+    resets: tuple  # bool per chunk
+    last_rows: tuple  # int per chunk
+
+
+def make_layout(carried: int, length: int, opts: DualOptions, reset: torch.Tensor) -> Layout:
+    """The layout of a call of `length` tokens after `carried` keys; reset (B, T) bool (one host sync)."""
+    size = opts.chunk_size
+    chunks = math.ceil(length / size)
+    starts = set((reset.any(0).nonzero().flatten() // size).tolist())
+    return Layout(carried, length, chunks, tuple(n in starts for n in range(chunks)),
+                  tuple(min(size, length - n * size) - 1 for n in range(chunks)))
+
+
+class _Limits(NamedTuple):
+    """The attention passes' key limits, on the device (made there: no host-to-device copy, which would sync)."""
+
+    starts: torch.Tensor  # (C,): J's size at each chunk's start, what its anchor pass sees
+    reads: torch.Tensor  # (C·L,): a query sees the keys before this by their final coefficients
+    anchors: torch.Tensor  # (C·W,): the same for the window keys as points of the anchor pass
+
+
+def _limits(layout: Layout, opts: DualOptions, device) -> _Limits:
+    size, past = opts.chunk_size, opts.window - 1
+    starts = layout.carried + size * torch.arange(layout.chunks, device=device)
+    return _Limits(starts, (starts - past).repeat_interleave(size), (starts - past).repeat_interleave(size + past))
+
+
+def windows(t: torch.Tensor, start: int, opts: DualOptions, chunks: int, dim: int = 2) -> torch.Tensor:
+    """Every chunk's window of rows of t (rows along `dim`) beginning at `start` for chunk 0: (…, C, W, …)."""
+    size, width = opts.chunk_size, opts.chunk_size + opts.window - 1
+    out = t.narrow(dim, start, (chunks - 1) * size + width).unfold(dim, width, size)
+    return out.movedim(-1, dim + 1)
+
+
+def _unwindow(grad: torch.Tensor, rows: int, start: int, opts: DualOptions) -> torch.Tensor:
+    """The gradient of `windows` (dim 2): per-chunk window gradients (B, H, C, W, f) summed into (B, H, rows, f)."""
+    out = grad.new_zeros(*grad.shape[:2], rows, grad.shape[-1])
+    width = grad.shape[3]
+    for n in range(grad.shape[2]):
+        begin = start + n * opts.chunk_size
+        out[:, :, begin:begin + width] += grad[:, :, n]
+    return out
+
+
+class _Views(NamedTuple):
+    """The per-chunk views of one call's inputs that forward and backward share."""
+
+    kwin: torch.Tensor  # (B, H, C, W, dh) window keys
+    vwin: torch.Tensor  # (B, H, C, W, dh) their values
+    win_doc: torch.Tensor  # (B, C, W)
+    tok_doc: torch.Tensor  # (B, C, L)
+    carry_doc: torch.Tensor  # (B, C): the document the weights carried into each chunk belong to
+    eta: torch.Tensor  # (B, H, C, L)
+    gamma: torch.Tensor  # (B, H, C, L, c)
+
+
+def _views(kall, vall, eta, gamma, tok_doc, key_doc, layout: Layout, opts: DualOptions) -> _Views:
+    batch, heads = eta.shape[:2]
+    chunks, size, past = layout.chunks, opts.chunk_size, opts.window - 1
+    tok = tok_doc.reshape(batch, chunks, size)
+    carry = torch.cat([tok.new_zeros(batch, 1), tok[:, :-1, -1]], dim=1)
+    return _Views(windows(kall, layout.carried - past, opts, chunks), windows(vall, 0, opts, chunks),
+                  windows(key_doc, layout.carried - past, opts, chunks, dim=1), tok, carry,
+                  eta.reshape(batch, heads, chunks, size), gamma.reshape(batch, heads, chunks, size, gamma.shape[-1]))
+
+
+def _chunk(views: _Views, n: int) -> _Views:
+    """Chunk n alone (a chunk dimension of 1)."""
+    per_head = ("kwin", "vwin", "eta", "gamma")
+    return _Views(*(t[:, :, n:n + 1] if name in per_head else t[:, n:n + 1] for name, t in views._asdict().items()))
+
+
+def _local_step(h_pull, w1c, view: _Views, p: Params, opts: DualOptions, has_reset: bool, last_row: int):
+    """One chunk's terms: (δ, g_out, gelu(h), coefficient gains, W1 after its last token)."""
+    delta, g_out, hidden = anchor_terms(h_pull, w1c, view.kwin, view.vwin, view.win_doc, view.carry_doc, p, opts,
+                                        has_reset)
+    m = mixing(view.eta, view.gamma, view.tok_doc, view.win_doc)
+    gains, w1_next = chunk_step(delta, g_out, hidden, w1c, m[..., last_row, :], view.tok_doc[..., last_row],
+                                view.carry_doc, p)
+    return delta, g_out, hidden, gains, w1_next
+
+
+def _reads(q, h_main, tails, terms, w1c, views: _Views, p: Params, opts: DualOptions, has_reset: bool):
+    """Every chunk's reads (B, H, T_pad, dh)."""
+    batch, heads, chunks, size = views.eta.shape
+    m = mixing(views.eta, views.gamma, views.tok_doc, views.win_doc)
+    y = reads(q.reshape(batch, heads, chunks, size, -1), h_main.reshape(batch, heads, chunks, size, -1), tails, *terms,
+              w1c, views.kwin, m, views.tok_doc, views.win_doc, views.carry_doc, p, opts, has_reset)
+    return y.reshape(batch, heads, chunks * size, -1)
+
+
+def _grads(fn, inputs: list, grad_outputs: list) -> list:
+    """Gradients of fn(*inputs) (a tensor or tuple) with respect to every input (zeros where unused, None for None)."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
+    with torch.enable_grad():
+        outputs = fn(*leaves)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        wanted = [t for t in leaves if t is not None]
+        found = iter(torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True))
+    result = []
+    for t in leaves:
+        g = None if t is None else next(found)
+        result.append(None if t is None else torch.zeros_like(t) if g is None else g)
+    return result
+
+
+class DualScanFunction(torch.autograd.Function):
+    """The chunked dual scan on padded inputs (B, H, C·L, ·): returns y, the final coefficients of every key, W1 after
+    the last real token, and the last chunk's tails and start W1 (a state that ends inside a chunk keeps them)."""
+
+    @staticmethod
+    def forward(ctx, opts: DualOptions, layout: Layout, impl: Implementation, q, k, v, eta, gamma, w1, k0, a0, theta,
+                ln_weight, ln_bias, keys0, coef0, w1c0, window_v0, tok_doc, key_doc):
+        p = Params(w1, k0, a0, theta, ln_weight, ln_bias)
+        past, size = opts.window - 1, opts.chunk_size
+        kall, vall = torch.cat([keys0, k], dim=2), torch.cat([window_v0, v], dim=2)
+        coef = torch.cat([coef0, coef0.new_zeros(*coef0.shape[:2], q.shape[2], coef0.shape[-1])], dim=2)
+        views = _views(kall, vall, eta, gamma, tok_doc, key_doc, layout, opts)
+        h_pulls, w1cs, tails, terms = [], [], [], []
+        w1c = w1c0
+        limits = _limits(layout, opts, q.device)
+        for n in range(layout.chunks):
+            start = layout.carried + n * size
+            h_pull = impl.forward(views.kwin[:, :, n], kall, coef, limits.starts[n].expand(past + size),
+                                  views.win_doc[:, n], key_doc, opts.kind, theta)[:, :, None]
+            tails.append(coef[:, :, start - past:start].clone())
+            *chunk_terms, gains, w1_next = _local_step(h_pull, w1c[:, :, None], _chunk(views, n), p, opts,
+                                                       layout.resets[n], layout.last_rows[n])
+            coef[:, :, start - past:start + size] += gains[:, :, 0]
+            h_pulls.append(h_pull)
+            w1cs.append(w1c)
+            terms.append(chunk_terms)
+            w1c = w1_next[:, :, 0]
+        h_pull, w1c_all, tails = torch.cat(h_pulls, 2), torch.stack(w1cs, 2), torch.stack(tails, 2)
+        h_main = impl.forward(q, kall, coef, limits.reads, tok_doc, key_doc, opts.kind, theta)
+        terms = [torch.cat(t, 2) for t in zip(*terms)]
+        y = _reads(q, h_main, tails, terms, w1c_all, views, p, opts, any(layout.resets))
+        ctx.opts, ctx.layout, ctx.impl = opts, layout, impl
+        ctx.save_for_backward(q, k, v, eta, gamma, w1, k0, a0, theta, ln_weight, ln_bias, keys0, window_v0, tok_doc,
+                              key_doc, coef, h_pull, w1c_all, tails, h_main)
+        return y, coef, w1c, tails[:, :, -1].clone(), w1c_all[:, :, -1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dcoef_out, dw1_cur, dtail_last, dw1c_last):
+        opts, layout, impl = ctx.opts, ctx.layout, ctx.impl
+        (q, k, v, eta, gamma, w1, k0, a0, theta, ln_weight, ln_bias, keys0, window_v0, tok_doc, key_doc, coef,
+         h_pull, w1c_all, tails, h_main) = ctx.saved_tensors
+        past, size, chunks, n0 = opts.window - 1, opts.chunk_size, layout.chunks, layout.carried
+        kall, vall = torch.cat([keys0, k], dim=2), torch.cat([window_v0, v], dim=2)
+        views = _views(kall, vall, eta, gamma, tok_doc, key_doc, layout, opts)
+        p = Params(w1, k0, a0, theta, ln_weight, ln_bias)
+        zero = [torch.zeros_like(t) if g is None else g for g, t in
+                zip((dcoef_out, dw1_cur, dtail_last, dw1c_last), (coef, w1c_all[:, :, 0], tails[:, :, 0],
+                                                                   w1c_all[:, :, 0]))]
+        dcoef_out, dw1_cur, dtail_last, dw1c_last = zero
+
+        def with_views(kall_, vall_, eta_, gamma_):
+            return _views(kall_, vall_, eta_, gamma_, tok_doc, key_doc, layout, opts)
+
+        # The reads, recomputed from the sequential part's results, differentiated at once.
+        with torch.no_grad():
+            terms = anchor_terms(h_pull, w1c_all, views.kwin, views.vwin, views.win_doc, views.carry_doc, p, opts,
+                                 any(layout.resets))
+
+        def read_fn(q_, kall_, vall_, eta_, gamma_, h_main_, tails_, delta_, g_out_, hidden_, w1c_, *params):
+            return _reads(q_, h_main_, tails_, (delta_, g_out_, hidden_), w1c_, with_views(kall_, vall_, eta_, gamma_),
+                          Params(*params), opts, any(layout.resets))
+
+        (dq, dkall, dvall, deta, dgamma, dh_main, dtails, ddelta, dg_out, dhidden, dw1c_read, *dparams) = _grads(
+            read_fn, [q, kall, vall, eta, gamma, h_main, tails, *terms, w1c_all, *p], [dy])
+        dparams = [g if g is None else g.clone() for g in dparams]
+        limits = _limits(layout, opts, q.device)
+        dq_main, dk_main, dcoef_read, dtheta = impl.backward(q, kall, coef, limits.reads, tok_doc, key_doc,
+                                                             opts.kind, theta, dh_main, True)
+        dq += dq_main
+        dkall += dk_main
+        dparams[3] += dtheta
+
+        # Reverse over chunks: the gains' gradient, then the chunk's terms. The window keys as points, and their h's
+        # gradients, are kept in reverse chunk order, so that the later chunks' are a prefix the pass can limit to.
+        fixed = dcoef_out + dcoef_read  # gradient of the final coefficients
+        tail_sum = torch.zeros_like(coef)  # Σ over later chunks of the gradients of their tails
+        dh_reversed = torch.zeros_like(h_pull)
+        points_reversed, doc_reversed = views.kwin.flip(2).flatten(2, 3), views.win_doc.flip(1).flatten(1, 2)
+        width = past + size
+        dw1_next = dw1_cur
+        for n in reversed(range(chunks)):
+            start = n0 + n * size
+            window = slice(start - past, start + size)
+            dgains = fixed[:, :, window] + tail_sum[:, :, window]
+            if n + 1 < chunks:
+                later = torch.full((width,), (chunks - 1 - n) * width, device=q.device)
+                dgains = dgains + impl.forward(views.kwin[:, :, n], points_reversed, dh_reversed.flatten(2, 3), later,
+                                               views.win_doc[:, n], doc_reversed, opts.kind, theta)
+            view = _chunk(views, n)
+
+            def step_fn(h_pull_, w1c_, kw_, vw_, eta_, gamma_, *params, view=view, n=n):
+                chunk_view = view._replace(kwin=kw_, vwin=vw_, eta=eta_, gamma=gamma_)
+                return _local_step(h_pull_, w1c_, chunk_view, Params(*params), opts, layout.resets[n],
+                                   layout.last_rows[n])
+
+            grads = _grads(step_fn, [h_pull[:, :, n:n + 1], w1c_all[:, :, n:n + 1], view.kwin, view.vwin, view.eta,
+                                     view.gamma, *p],
+                           [ddelta[:, :, n:n + 1], dg_out[:, :, n:n + 1], dhidden[:, :, n:n + 1], dgains[:, :, None],
+                            dw1_next[:, :, None]])
+            dh_reversed[:, :, chunks - 1 - n] = grads[0][:, :, 0]
+            dkall[:, :, window] += grads[2][:, :, 0]
+            dvall[:, :, n * size:n * size + width] += grads[3][:, :, 0]
+            deta[:, :, n * size:(n + 1) * size] += grads[4][:, :, 0]
+            dgamma[:, :, n * size:(n + 1) * size] += grads[5][:, :, 0]
+            for total, g in zip(dparams, grads[6:]):
+                if total is not None:
+                    total += g
+            dw1_next = grads[1][:, :, 0] + dw1c_read[:, :, n] + (dw1c_last if n == chunks - 1 else 0)
+            tail_sum[:, :, start - past:start] += dtails[:, :, n] + (dtail_last if n == chunks - 1 else 0)
+
+        # The anchor passes' gradients with respect to points, keys and θ: the part over final coefficients in one
+        # pass, each chunk's tail part in PyTorch.
+        dh_pull = dh_reversed.flip(2)
+        dpoints, dk_pull, _, dtheta = impl.backward(views.kwin.flatten(2, 3), kall, coef, limits.anchors,
+                                                    views.win_doc.flatten(1, 2), key_doc, opts.kind, theta,
+                                                    dh_pull.flatten(2, 3), False)
+        dkall += dk_pull + _unwindow(dpoints.view_as(views.kwin), kall.shape[2], n0 - past, opts)
+        dparams[3] += dtheta
+
+        def tail_fn(kall_, theta_):
+            kw = windows(kall_, n0 - past, opts, chunks)
+            same_doc = (views.win_doc[..., :, None] == views.win_doc[..., None, :past])[:, None]
+            kappa = kernel_values(kw @ kw[..., :past, :].transpose(-1, -2), opts.kind, theta_)
+            return (kappa * same_doc.to(kappa.dtype)) @ tails
+
+        dk_tail, dtheta_tail = _grads(tail_fn, [kall, theta], [dh_pull])
+        dkall += dk_tail
+        dparams[3] += dtheta_tail
+        dcoef0 = fixed[:, :, :n0] + tail_sum[:, :, :n0] + impl.forward(
+            kall[:, :, :n0], points_reversed, dh_reversed.flatten(2, 3), None, key_doc[:, :n0], doc_reversed,
+            opts.kind, theta)
+        return (None, None, None, dq, dkall[:, :, n0:], dvall[:, :, past:], deta, dgamma, *dparams,
+                dkall[:, :, :n0], dcoef0, dw1_next, dvall[:, :, :past], None, None)
