@@ -73,10 +73,10 @@ def attention_pass(kind: str, precision: str):
         with mock.patch.object(dual_attention, "implementation", lambda *_: dual_attention.TORCH):
             yield
         return
-    from atlas_train.kernels.dual_attention_kernel import fast_implementation
+    from atlas_train.kernels.dispatch import dual_attention_fast
 
     def chosen(x, width, kernel, half_inputs):
-        return fast_implementation(x, width, kernel, precision) or dual_attention.TORCH
+        return dual_attention_fast(x, width, kernel, precision) or dual_attention.TORCH
 
     with mock.patch.object(dual_attention, "implementation", chosen):
         yield

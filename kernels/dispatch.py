@@ -29,11 +29,15 @@ import os
 import torch
 
 from atlas_train.kernels import newton_schulz_cublas
+from atlas_train.kernels.dual_attention_kernel import KERNEL_NAME as DUAL_KERNEL_NAME
+from atlas_train.kernels.dual_attention_kernel import dual_attention_unsupported, pass_results, random_pass
+from atlas_train.kernels.dual_attention_kernel import implementation as dual_implementation
 from atlas_train.kernels.memory_mlp_kernel import memory_mlp_pass, memory_mlp_unsupported
 from atlas_train.kernels.newton_schulz_kernel import newton_schulz, newton_schulz_unsupported
 from atlas_train.kernels.token_momenta_kernel import token_momenta, token_momenta_unsupported
 from atlas_train.kernels.triton_common import PRECISIONS
 from atlas_train.ops import registry
+from atlas_train.ops.dual_attention import TORCH, Implementation
 from atlas_train.ops.memory_mlp import loss_gradient_factors, memory_forward
 from atlas_train.ops.newton_schulz import newton_schulz as torch_newton_schulz
 from atlas_train.ops.outer_sums import weighted_outer_sums_reference
@@ -388,6 +392,42 @@ def _probe_token_momenta(mix, left, right, precision: str) -> str | None:
     return _probed[key]
 
 
+@_probe
+def _probe_dual_attention(x: torch.Tensor, width: int, precision: str) -> str | None:
+    """The kernel on random inputs of this pass's widths against the float64 PyTorch path (outputs and every
+    gradient), once per (d, e, dtype, device, precision)."""
+    key = ("dual_attention", x.shape[-1], width, x.dtype, x.device, precision)
+    if key not in _probed:  # random inputs only on a first call: the hot path draws nothing from the RNG
+        inputs, grad = random_pass(1, 2, 96, 150, x.shape[-1], width, device=x.device, dtype=x.dtype)
+        reference = {n: t.double().cpu() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                     else t.cpu() if isinstance(t, torch.Tensor) else t for n, t in inputs.items()}
+        _probed[key] = _verdict(DUAL_KERNEL_NAME, f"a random pass (d={x.shape[-1]}, e={width})",
+                                lambda: pass_results(dual_implementation(precision), inputs, grad),
+                                lambda: pass_results(TORCH, reference, grad.double().cpu()), precision)
+    return _probed[key]
+
+
+def dual_attention_fast(x: torch.Tensor, width: int, kind: str, precision: str) -> Implementation | None:
+    """The kernel for passes over points like x with values `width` wide where it covers them and its probe passes,
+    else None (the PyTorch pass); each reason is noted once. The signature of `atlas_train.ops.dual_attention.
+    implementation` with the operand precision added: what a registry entry calls."""
+    reason = dual_attention_unsupported(x, kind, precision) or _probe_dual_attention(x, width, precision)
+    if reason is not None:
+        note_fallback(DUAL_KERNEL_NAME, reason)
+        return None
+    return dual_implementation(precision)
+
+
+def dual_attention_or_none(x: torch.Tensor, width: int, kind: str, half_inputs: bool) -> Implementation | None:
+    """The fast path "dual_attention" (`atlas_train.ops.dual_attention.implementation`'s arguments): the kernel for
+    CUDA points it covers and whose probe passes, in the scan's product precision (`dispatch.scan_product_precision`:
+    tf32 for a bf16/fp16 model, exact float32 otherwise), else None; nothing while the kernels are switched off."""
+    kernels_enabled = settings()[0]
+    if not (kernels_enabled and x.is_cuda):
+        return None
+    return dual_attention_fast(x, width, kind, scan_product_precision(half_inputs))
+
+
 def register() -> None:
     """Register the fast paths of this module with `atlas_train.ops.registry` (the entry point of the group
     "atlas_train.fast_paths" in pyproject.toml, which the registry loads on its first lookup)."""
@@ -396,3 +436,4 @@ def register() -> None:
     registry.register("weighted_outer_sums", token_momenta_or_none)
     registry.register("scan_products", scan_products)
     registry.register("settings", settings)
+    registry.register("dual_attention", dual_attention_or_none)

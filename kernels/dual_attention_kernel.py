@@ -18,8 +18,8 @@ k every term is at most 1, and fp32 accumulation holds the sum. Nothing of size 
 
 Products take `precision` ("ieee", "tf32", "bf16"; "ieee" under the interpreter and for float64), accumulation is
 float32 (float64 for float64 tensors, the interpreter's exact checks). `implementation(precision)` gives the scan the
-two functions it calls; `fast_implementation` adds a first-use probe against the PyTorch path, as `dispatch` does for
-the other kernels; `dual_attention_or_none` is the registry's fast path "dual_attention".
+two functions it calls; `dispatch.dual_attention_fast` adds a first-use probe against the PyTorch path, as for the
+other kernels, and `dispatch.dual_attention_or_none` is the registry's fast path "dual_attention".
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from atlas_train.kernels.dispatch import _probe, _verdict, note_fallback, scan_product_precision, settings
 from atlas_train.kernels.triton_common import PRECISIONS, accumulator, input_refusal, launch_precision, mm
 from atlas_train.ops.dual_attention import TORCH, Implementation
 
@@ -290,42 +289,3 @@ def random_pass(batch: int, heads: int, points: int, keys: int, d: int, e: int, 
                   theta=(1.0 + 7.0 * torch.rand(heads, generator=gen, dtype=torch.float64)).to(device=device,
                                                                                               dtype=dtype))
     return inputs, randn(batch, heads, points, e)
-
-
-_probed: dict = {}  # (d, e, dtype, device, precision) -> why the probe failed, or None
-
-
-@_probe
-def _probe_pass(x: torch.Tensor, width: int, precision: str) -> str | None:
-    """The kernel on random inputs of this pass's widths against the float64 PyTorch path (outputs and every
-    gradient), once per (d, e, dtype, device, precision)."""
-    key = (x.shape[-1], width, x.dtype, x.device, precision)
-    if key not in _probed:  # random inputs only on a first call: the hot path draws nothing from the RNG
-        inputs, grad = random_pass(1, 2, 96, 150, x.shape[-1], width, device=x.device, dtype=x.dtype)
-        reference = {n: t.double().cpu() if isinstance(t, torch.Tensor) and t.is_floating_point()
-                     else t.cpu() if isinstance(t, torch.Tensor) else t for n, t in inputs.items()}
-        _probed[key] = _verdict(KERNEL_NAME, f"a random pass (d={x.shape[-1]}, e={width})",
-                                lambda: pass_results(implementation(precision), inputs, grad),
-                                lambda: pass_results(TORCH, reference, grad.double().cpu()), precision)
-    return _probed[key]
-
-
-def fast_implementation(x: torch.Tensor, width: int, kind: str, precision: str) -> Implementation | None:
-    """The kernel for passes over points like x with values `width` wide where it covers them and its probe passes,
-    else None (the PyTorch pass); each reason is noted once. The signature of `atlas_train.ops.dual_attention.
-    implementation` with the operand precision added: what a registry entry calls."""
-    reason = dual_attention_unsupported(x, kind, precision) or _probe_pass(x, width, precision)
-    if reason is not None:
-        note_fallback(KERNEL_NAME, reason)
-        return None
-    return implementation(precision)
-
-
-def dual_attention_or_none(x: torch.Tensor, width: int, kind: str, half_inputs: bool) -> Implementation | None:
-    """The fast path "dual_attention" (`atlas_train.ops.dual_attention.implementation`'s arguments): the kernel for
-    CUDA points it covers and whose probe passes, in the scan's product precision (`dispatch.scan_product_precision`:
-    tf32 for a bf16/fp16 model, exact float32 otherwise), else None; nothing while the kernels are switched off."""
-    kernels_enabled = settings()[0]
-    if not (kernels_enabled and x.is_cuda):
-        return None
-    return fast_implementation(x, width, kind, scan_product_precision(half_inputs))

@@ -16,6 +16,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import atlas_train.kernels.dispatch as dispatch  # noqa: E402
 import atlas_train.kernels.dual_attention_kernel as kernel  # noqa: E402
 from atlas_train.kernels.runtime import INTERPRETED  # noqa: E402
 from atlas_train.ops import dual_attention, dual_memory_scan  # noqa: E402
@@ -113,17 +114,17 @@ def test_the_whole_scan_with_the_kernel_equals_the_pytorch_path(window, docs, mo
 def test_the_registry_fast_path_takes_cuda_points_only():
     """Off the GPU the fast path declines (the scan's PyTorch pass runs): the interpreter is for these tests."""
     inputs, _ = kernel.random_pass(1, 1, 4, 4, 6, 10, device="cpu", dtype=torch.float32)
-    assert kernel.dual_attention_or_none(inputs["x"], 10, "exp", True) is None
+    assert dispatch.dual_attention_or_none(inputs["x"], 10, "exp", True) is None
     assert dual_attention.implementation(inputs["x"], 10, "exp", True) is dual_attention.TORCH
 
 
 def test_the_probe_passes_and_notes_a_failure(monkeypatch, caplog):
     inputs, _ = kernel.random_pass(1, 1, 4, 4, 6, 10, device="cpu", dtype=torch.float64)
-    assert kernel.fast_implementation(inputs["x"], 10, "exp", "ieee") is not None
-    monkeypatch.setattr(kernel, "_probed", {})
+    assert dispatch.dual_attention_fast(inputs["x"], 10, "exp", "ieee") is not None
+    monkeypatch.setattr(dispatch, "_probed", {})
     monkeypatch.setattr(kernel, "dual_attention_forward", lambda *a, **k: dual_attention.TORCH.forward(*a[:8]) * 2)
     with caplog.at_level("WARNING"):
-        assert kernel.fast_implementation(inputs["x"], 10, "exp", "ieee") is None
+        assert dispatch.dual_attention_fast(inputs["x"], 10, "exp", "ieee") is None
     assert "the dual attention kernel is not used" in caplog.text and "disagrees" in caplog.text
 
 
