@@ -78,7 +78,7 @@ def check_block(rows: list) -> None:
 
     ref = run(eager)
     for name, mode, compiled in (("compiled", "none", True), ("selective", "selective", False),
-                                 ("full", "full", False), ("compiled+selective", "selective", True)):
+                                 ("full", "full", False)):
         block = Block(cfg).cuda().bfloat16()
         block.load_state_dict(eager.state_dict())
         block.recompute = mode
