@@ -3,25 +3,19 @@ Triton CPU interpreter in float64 and float32 (the interpreter's bf16 products a
 (outputs and every input gradient, with tiles small enough that every loop runs over several blocks), the whole
 dual scan with the kernel standing in for the PyTorch pass, and the first-use probe.
 
-TRITON_INTERPRET must be set before atlas_train.kernels is imported (see test_kernels.py).
+tests/conftest.py sets TRITON_INTERPRET before anything imports Triton, so the kernels run in its CPU interpreter.
 """
 
-import os
+import importlib.util
+from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import importlib.util  # noqa: E402
-from pathlib import Path  # noqa: E402
+import atlas_train.kernels.dispatch as dispatch
+import atlas_train.kernels.dual_attention_kernel as kernel
+from atlas_train.ops import dual_attention, dual_memory_scan
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import atlas_train.kernels.dispatch as dispatch  # noqa: E402
-import atlas_train.kernels.dual_attention_kernel as kernel  # noqa: E402
-from atlas_train.kernels.runtime import INTERPRETED  # noqa: E402
-from atlas_train.ops import dual_attention, dual_memory_scan  # noqa: E402
-
-assert INTERPRETED, "atlas_train.kernels was imported before TRITON_INTERPRET=1 was set: import order changed"
 
 SMALL = {"points": 16, "keys": 16, "values": 16}
 

@@ -54,7 +54,7 @@ def test_greedy_generate_equals_the_full_forward(mixer):
 def test_training_configs_set_the_spec_defaults():
     """§8's table: the loss and window of each member, 64 persistent pairs, the scale at sqrt(dh)."""
     for mixer, loss, window in (("deep_transformer", "dot", 1), ("swdt", "dot", 64), ("dot", "l2", 64)):
-        model = build_model(ModelConfig(mixer=mixer, d_model=32, n_heads=2, n_layers=1))
+        model = build_model(ModelConfig(mixer=mixer, vocab_size=64, d_model=32, n_heads=2, n_layers=1))
         mixer_module = model.layers[0].mixer
         assert mixer_module.scan_options["loss"] == loss and mixer_module.gates.window == window
         assert mixer_module.memory.K0.shape == (2, 64, 16) and mixer_module.gates.alpha is None

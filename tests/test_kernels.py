@@ -1,45 +1,40 @@
 """The Triton kernels against the PyTorch path of atlas_train.ops, under the Triton CPU interpreter, in float64; and
 their Hopper resources, compiled offline in a separate process (benchmarks/kernel_resources.py).
 
-TRITON_INTERPRET must be set before atlas_train.kernels is imported (Triton chooses interpreter or compiler when a
-kernel is decorated). Production dispatch only takes CUDA tensors, so the other tests in this process keep running
-the PyTorch path; here the kernels are called directly, or swapped into the scan by monkeypatching.
+tests/conftest.py sets TRITON_INTERPRET before anything imports Triton, so the kernels run in its CPU interpreter.
+Production dispatch only takes CUDA tensors, so the other tests in this process keep running the PyTorch path; here
+the kernels are called directly, or swapped into the scan by monkeypatching.
 """
 
 import os
+import logging
+import subprocess
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
+import triton
+import triton.language as tl
 
-import logging  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-import atlas_train.kernels.newton_schulz_kernel as ns_kernel  # noqa: E402
-import atlas_train.kernels.triton_common as triton_common  # noqa: E402
-from atlas_train.kernels import (  # noqa: E402
+import atlas_train.kernels.newton_schulz_kernel as ns_kernel
+import atlas_train.kernels.triton_common as triton_common
+from atlas_train.kernels import (
     newton_schulz,
     newton_schulz_or_none,
     newton_schulz_unsupported,
     note_fallback,
     set_ns_precision,
 )
-from atlas_train.kernels.newton_schulz_cublas import newton_schulz as cublas_newton_schulz  # noqa: E402
-from atlas_train.kernels.runtime import INTERPRETED  # noqa: E402
-from atlas_train.kernels.triton_common import as_operand  # noqa: E402
-from atlas_train.ops import memory_scan  # noqa: E402
-from atlas_train.ops import scan_chunks  # noqa: E402
-from atlas_train.ops.newton_schulz import newton_schulz as ns_torch  # noqa: E402
+from atlas_train.kernels.newton_schulz_cublas import newton_schulz as cublas_newton_schulz
+from atlas_train.kernels.triton_common import as_operand
+from atlas_train.ops import memory_scan
+from atlas_train.ops import scan_chunks
+from atlas_train.ops.newton_schulz import newton_schulz as ns_torch
 
-from benchmark_scripts import BENCHMARKS, load_benchmark  # noqa: E402
+from benchmark_scripts import BENCHMARKS, load_benchmark
 
 ns_rounding = load_benchmark("ns_rounding")
 
-assert INTERPRETED, "atlas_train.kernels was imported before TRITON_INTERPRET=1 was set: import order changed"
 
 
 def _ns_pair(shape, steps, seed):

@@ -2,27 +2,22 @@
 under the Triton CPU interpreter in float64: the pass alone (outputs and every input gradient), inside the whole
 scan for both updates (documents starting mid-chunk, state carried across calls), and its dispatch and probe.
 
-TRITON_INTERPRET must be set before atlas_train.kernels is imported (see test_kernels.py).
+tests/conftest.py sets TRITON_INTERPRET before anything imports Triton, so the kernels run in its CPU interpreter.
 """
 
 import os
+import logging
+import subprocess
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
+from benchmark_scripts import load_benchmark
 
-import logging  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+import atlas_train.kernels.memory_mlp_kernel as mlp_kernel
+from atlas_train.kernels import dispatch
+from atlas_train.ops import memory_mlp, memory_scan
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from benchmark_scripts import load_benchmark  # noqa: E402
-
-import atlas_train.kernels.memory_mlp_kernel as mlp_kernel  # noqa: E402
-from atlas_train.kernels import dispatch  # noqa: E402
-from atlas_train.kernels.runtime import INTERPRETED  # noqa: E402
-from atlas_train.ops import memory_mlp, memory_scan  # noqa: E402
-
-assert INTERPRETED, "atlas_train.kernels was imported before TRITON_INTERPRET=1 was set: import order changed"
 
 
 def _rand(gen, *shape, scale=1.0, offset=0.0):

@@ -5,18 +5,14 @@ float64 on CPU, outputs and gradients, for wide, tall, square and batched matric
 bf16 path within the precision's bound, on decaying spectra too.
 """
 
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # importing atlas_train.kernels decorates the Triton kernels: see test_kernels.py
+from benchmark_scripts import load_benchmark
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from benchmark_scripts import load_benchmark  # noqa: E402
-
-from atlas_train.kernels.dispatch import PROBE_TOLERANCE, relative_error  # noqa: E402
-from atlas_train.kernels.newton_schulz_cublas import newton_schulz  # noqa: E402
-from atlas_train.ops.newton_schulz import newton_schulz as reference  # noqa: E402
+from atlas_train.kernels.dispatch import PROBE_TOLERANCE, relative_error
+from atlas_train.kernels.newton_schulz_cublas import newton_schulz
+from atlas_train.ops.newton_schulz import newton_schulz as reference
 
 
 @pytest.mark.parametrize("shape", [(3, 8, 24), (2, 24, 8), (4, 16, 16), (2, 3, 7, 5)])

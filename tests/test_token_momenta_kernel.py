@@ -2,25 +2,19 @@
 Triton CPU interpreter in float64: the momenta alone (outputs and every input gradient, with tiles small enough that
 every loop runs over several blocks), inside the whole token scan, and its dispatch and probe.
 
-TRITON_INTERPRET must be set before atlas_train.kernels is imported (see test_kernels.py).
+tests/conftest.py sets TRITON_INTERPRET before anything imports Triton, so the kernels run in its CPU interpreter.
 """
 
-import os
+import logging
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
+from benchmark_scripts import load_benchmark
 
-import logging  # noqa: E402
+import atlas_train.kernels.token_momenta_kernel as momenta_kernel
+from atlas_train.kernels import dispatch
+from atlas_train.ops import memory_scan, outer_sums
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from benchmark_scripts import load_benchmark  # noqa: E402
-
-import atlas_train.kernels.token_momenta_kernel as momenta_kernel  # noqa: E402
-from atlas_train.kernels import dispatch  # noqa: E402
-from atlas_train.kernels.runtime import INTERPRETED  # noqa: E402
-from atlas_train.ops import memory_scan, outer_sums  # noqa: E402
-
-assert INTERPRETED, "atlas_train.kernels was imported before TRITON_INTERPRET=1 was set: import order changed"
 
 
 def _inputs(seed, batch, heads, length, keys, n_out, n_in):

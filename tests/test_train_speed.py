@@ -1,19 +1,14 @@
 """The training speed settings: the fused loss equals the plain one, recompute modes resolve, the micro-batch probe.
 
-TRITON_INTERPRET must be set before Triton is first imported (liger-kernel's fused loss is a Triton kernel): it
-runs here on CPU tensors in the interpreter.
+liger-kernel's fused loss is a Triton kernel: it runs here on CPU tensors in the interpreter (tests/conftest.py).
 """
 
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from atlas_train.model import ModelConfig, build_model  # noqa: E402
-from atlas_train.train.microbatch import ProbeError, candidates, engine_state_bytes, probe_micro_batch  # noqa: E402
-from atlas_train.train.speed import fused_linear_cross_entropy, resolve_recompute  # noqa: E402
+from atlas_train.model import ModelConfig, build_model
+from atlas_train.train.microbatch import ProbeError, candidates, engine_state_bytes, probe_micro_batch
+from atlas_train.train.speed import fused_linear_cross_entropy, resolve_recompute
 
 
 def tiny(mixer: str, **kw):

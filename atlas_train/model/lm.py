@@ -38,6 +38,9 @@ class AtlasLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         """cfg must be resolved (build_model does that)."""
         super().__init__()
+        if cfg.vocab_size == "auto":
+            raise ValueError("model.vocab_size is auto, which a training run resolves from its dataset: give a number "
+                             "to build a model on its own")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
