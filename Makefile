@@ -19,5 +19,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m atlas_train.demo
 
+# Lint first (seconds), then the suite; .pre-commit-config.yaml runs the same ruff on commit.
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest

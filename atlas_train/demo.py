@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     from atlas_train.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(prog="python -m atlas_train.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override configs/demo.yaml, e.g. train.steps=50")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="override configs/demo.yaml, e.g. train.steps=50")
     overrides = parser.parse_args(argv).overrides
     if torch.cuda.is_available():
         overrides = ["train.precision=bf16", *overrides]

@@ -173,7 +173,7 @@ def check_kernels(rows: list, args, device, backward: bool) -> None:
         block_mask = build_block_mask(doc_start, length, window, device)
         with unfused_flex_detector() as unfused:
             flex = call(lambda *t: flex_attend(*t, block_mask), q, k, v, grad, backward)
-        sdpa = call(lambda *t: _attend(*t, attn_mask=mask[:, None]), q, k, v, grad, backward)
+        sdpa = call(lambda *t, m=mask: _attend(*t, attn_mask=m[:, None]), q, k, v, grad, backward)
         for label, got in (("flex", flex), ("sdpa", sdpa)):
             for part, x, r in zip(parts, got, ref):
                 rows.append((f"{label} {name} {part} vs fp32 math", rel_error(x, r), BOUND))
@@ -367,7 +367,8 @@ def main() -> int:
               flush=True)
 
     def emit(batch, length, row, ms, rate, speedup, of_ceiling, note=""):
-        fmt = lambda value, spec: format(value, spec) if value is not None else "-"
+        def fmt(value, spec):
+            return format(value, spec) if value is not None else "-"
         print(f"{f'{batch}x{length}':<10} {row:<16} {fmt(ms, '9.3f'):>9} {fmt(rate, '8.1f'):>8} "
               f"{fmt(speedup, '8.2f') + ('x' if speedup else ''):>9} {fmt(of_ceiling, '10.2f'):>10} {note}", flush=True)
         records.append({"batch": batch, "length": length, "row": row, "ms": ms, "tflops": rate,

@@ -199,8 +199,8 @@ def bench_mixer(mixer: str, args, device, dtype) -> list[dict]:
         for batch in (int(b) for b in args.batches.split(",")):
             for mode in ("eager", "graph") if args.cuda_graph else ("eager",):
                 row = {"mixer": mixer, "context": context, "batch": batch, "mode": mode,
-                       "cache_gib": per_seq * batch / 2**30, "context_build": "prefill" if args.prefill else "synthetic",
-                       "build_s": round(build_s, 2)}
+                       "cache_gib": per_seq * batch / 2**30,
+                       "context_build": "prefill" if args.prefill else "synthetic", "build_s": round(build_s, 2)}
                 row.update(_time_point(model, cache, dims, per_seq, context, batch, mode, args, device))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -271,7 +271,8 @@ def main(argv=None) -> int:
         from atlas_train.eval.report import write_json
 
         write_json(args.out, {"device": info, "dtype": args.dtype, "config": args.config, "rows": rows,
-                              "cuda_graph": args.cuda_graph, "context_build": "prefill" if args.prefill else "synthetic"})
+                              "cuda_graph": args.cuda_graph,
+                              "context_build": "prefill" if args.prefill else "synthetic"})
     build = "prefilled" if args.prefill else "synthetic (state at position T, see --help)"
     print(f"decode speed on {info}, {args.dtype}, {args.steps} steps after {args.warmup} warm-up steps, "
           f"context cache {build}")

@@ -218,7 +218,7 @@ class Job:
         steps = min(self.args.steps, int(time_for_steps // first) - 1) if timed else 0
         step_s = self._loop(step, steps) if steps > 0 else first
         peak = self.agreed(torch.cuda.max_memory_allocated() / 2**30 if self.cuda else 0.0)
-        del model, params, inputs, step
+        step = model = params = inputs = None  # free this length's model and batch before the next one's
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()

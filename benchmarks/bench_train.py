@@ -217,8 +217,8 @@ def main() -> None:
     vocab = load_config([args.model]).model.vocab_size
     ceiling = matmul_ceiling_tflops()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"bench_train: {Path(args.model).name}, {args.tokens_per_step} tokens per micro-step, ZeRO-{args.zero_stage}, "
-          f"on {device}; bf16 matmul ceiling "
+    print(f"bench_train: {Path(args.model).name}, {args.tokens_per_step} tokens per micro-step, "
+          f"ZeRO-{args.zero_stage}, on {device}; bf16 matmul ceiling "
           f"{f'{ceiling:.0f} TFLOP/s ({100 * ceiling / args.peak_tflops:.0f}% of peak)' if ceiling else 'n/a'}",
           flush=True)
     print(HEADER, flush=True)

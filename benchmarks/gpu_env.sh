@@ -1,5 +1,6 @@
-# Sourced by the GPU benchmark drivers: the tested environment of ../shared/GPU.md (NVLink multicast off), then the
-# wheels the lent GPU machines lack (.whl/, filled by shared/gpu/prepare_wheels.sh) and atlas-train itself, installed
+# Sourced by the GPU benchmark drivers: the GPU machines' tested environment (NVLink multicast off), then the wheels
+# they lack (.whl/: deepspeed, megatron-core, webdataset, liger-kernel and their pure-Python dependencies, downloaded
+# for Python 3.12 with `pip download --python-version 3.12` on a machine with an index) and atlas-train itself, installed
 # into /tmp/site: the machines have no package index. The project is installed, not put on the path: its kernels reach
 # the ops through an entry point (pyproject.toml), which only an installed distribution carries. Building it takes a
 # setuptools with bdist_wheel (there as a dependency of torch; where it is missing or old, the build stops with

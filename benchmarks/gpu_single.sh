@@ -4,8 +4,10 @@
 #                                          the scan at 4K, dh 64 and 128, against its baselines
 #   bash benchmarks/gpu_single.sh scan-table DH [--skip-checks]   the scan's table for one head dim: 4K/16K/64K,
 #                                          both updates, graphs vs the compiled baseline vs cuDNN SDPA
-#   bash benchmarks/gpu_single.sh train    340M transformer (with the loader + logging overhead) and atlas (token and
-#                                          chunk update) at 4K, one call
+#   bash benchmarks/gpu_single.sh train    the speed paths checked against the plain ones, then the 340M at 4K and
+#                                          32K tokens per micro-step: the transformer with plain settings (baseline)
+#                                          and the speed settings, atlas (both updates), titans, atlas_mag
+#   bash benchmarks/gpu_single.sh train-long   the same at 16K and 32K: transformer and atlas
 #   bash benchmarks/gpu_single.sh decode   decode at 4K/32K, batch 1/32, eager and CUDA graph (cold Triton cache)
 #   bash benchmarks/gpu_single.sh recall   five members trained at once (round-robin over however many GPUs are
 #                                          visible) and scored on MQAR, 8.5 minutes in all; afterwards, on a CPU
@@ -25,16 +27,19 @@ case "${1:-}" in
       --variants torch.compile graphs --budget-s 520 --row-budget-s 25 "${@:3}"
     ;;
   train)
-    step train_transformer 90 python3 benchmarks/bench_train.py --model configs/model/340m.yaml --mixers transformer \
-      --seq-len 4096
-    step train_atlas_chunk 90 python3 benchmarks/bench_train.py --model configs/model/340m.yaml --mixers atlas \
-      --seq-len 4096 --steps 2 --warmup 1 --log-every 1 --no-overhead --override model.update=chunk
-    step train_atlas_token 200 python3 benchmarks/bench_train.py --model configs/model/340m.yaml --mixers atlas \
-      --seq-len 4096 --steps 1 --warmup 1 --log-every 1 --no-overhead
+    step check_speed_paths 120 python3 benchmarks/check_speed_paths.py
+    step train_4k 440 python3 benchmarks/bench_train.py --baseline transformer@4096 \
+      --rows transformer@4096,atlas@4096,atlas:token@4096,titans@4096,atlas_mag@4096 --budget-s 380 \
+      --json "$OUT/train_4k.json"
+    ;;
+  train-long)
+    step train_long 580 python3 benchmarks/bench_train.py --baseline transformer@16384 \
+      --rows transformer@16384,atlas@16384,transformer@32768,atlas@32768 --overhead "" --budget-s 480 \
+      --json "$OUT/train_long.json"
     ;;
   decode)
     # An empty Triton cache, as on a fresh machine: it changes what Python allocates before each CUDA-graph capture,
-    # so the captures (static_calls) are checked where a garbage collection is likeliest to land inside one
+    # so the captures (ops/cuda_graphs.py) are checked where a garbage collection is likeliest to land inside one
     step decode 240 env TRITON_CACHE_DIR="$(mktemp -d)" python3 benchmarks/bench_decode.py --cuda-graph --steps 8 \
       --warmup 2 --out "$OUT/decode.json"
     ;;
@@ -42,7 +47,7 @@ case "${1:-}" in
     step recall_study 560 python3 benchmarks/recall_study.py --out "$OUT/recall" --work /tmp/recall --budget-minutes 8.5
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_single.sh scan|scan-table DH [--skip-checks]|train|decode|recall" >&2
+    echo "usage: bash benchmarks/gpu_single.sh scan|scan-table DH [--skip-checks]|train|train-long|decode|recall" >&2
     exit 2
     ;;
 esac

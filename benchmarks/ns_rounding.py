@@ -142,6 +142,7 @@ class _EmulatedNS(torch.autograd.Function):
 def scan_table(batch=1, length=128, heads=4, dh=64):
     """The token update's worst error (and its name) per case of SCAN_CASES, against the float64 scan."""
     import bench_memory_scan as bench  # this script's neighbour (found beside it when run as a script)
+
     from atlas_train.kernels.dispatch import triton_takes
     from atlas_train.ops import scan_chunks
 

@@ -103,7 +103,6 @@ def make_data(work: Path, cfg, train_pairs: list[int], rows: int) -> Path:
     about 5 s (the probe runs meanwhile)."""
     from atlas_train.data_prep.shard_format import DataError, read_manifest
     from atlas_train.data_prep.writer import write_dataset
-
     from atlas_train.eval import mqar
     from atlas_train.eval.streams import STREAMS
 

@@ -2,7 +2,8 @@
 
 A dataset folder holds `manifest.json`, webdataset tar shards `<split>-NNNNN.tar` and, when text was tokenized,
 the tokenizer: `tokenizer.model` (sentencepiece) or `tokenizer.json` (Hugging Face tokenizers; the manifest's
-tokenizer `kind` says which). Each sample of a shard is one packed row of `seq_len + 1` tokens, as two raw little-endian members:
+tokenizer `kind` says which). Each sample of a shard is one packed row of `seq_len + 1` tokens, as two raw
+little-endian members:
 - `<key>.tokens`: the token ids, uint16 when the vocabulary fits, else uint32 (the manifest's `token_dtype`);
 - `<key>.starts`: uint32 positions in the row where a document begins (the memory resets there).
 Raw arrays (shape and dtype live in the manifest) cost nothing to encode or decode, and storing start positions

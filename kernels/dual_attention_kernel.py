@@ -4,8 +4,8 @@
 
 for points x (B, H, M, d), keys k (B, H, N, d), values v (B, H, N, e) (e = hid: the first memory layer's
 coefficients), `lim` (M,) nondecreasing on the device (a point sees the keys written before its chunk) and document
-ids; the contract of `atlas_train.ops.dual_attention` for its "exp" kernel. No softmax, so no running maximum: with unit x and
-k every term is at most 1, and fp32 accumulation holds the sum. Nothing of size M × N is ever written:
+ids; the contract of `atlas_train.ops.dual_attention` for its "exp" kernel. No softmax, so no running maximum: with
+unit x and k every term is at most 1, and fp32 accumulation holds the sum. Nothing of size M × N is ever written:
 
 * forward: one program per (block of points, head, block of e) walks the key blocks its points may see;
 * backward, with z = x·k, κ = exp(θ(z − 1)) and dP = dout·vᵀ (so dZ = θ·κ·dP):
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from atlas_train.kernels.triton_common import PRECISIONS, accumulator, input_refusal, launch_precision, mm
-from atlas_train.ops.dual_attention import TORCH, Implementation
+from atlas_train.ops.dual_attention import Implementation
 
 # Launch constants (benchmarks/bench_dual_scan.py times the scan with them).
 BLOCK = {"points": 64, "keys": 64, "values": 128}

@@ -26,7 +26,8 @@ import contextlib
 
 import torch
 
-from atlas_train.ops.newton_schulz import NS_COEFFICIENTS as NS_COEFFS, NS_NORM_EPS as NS_EPS
+from atlas_train.ops.newton_schulz import NS_COEFFICIENTS as NS_COEFFS
+from atlas_train.ops.newton_schulz import NS_NORM_EPS as NS_EPS
 
 
 @contextlib.contextmanager

@@ -54,7 +54,8 @@ from atlas_train.kernels.triton_common import (
     launch_precision,
     mm,
 )
-from atlas_train.ops.newton_schulz import NS_COEFFICIENTS as NS_COEFFS, NS_NORM_EPS as NS_EPS
+from atlas_train.ops.newton_schulz import NS_COEFFICIENTS as NS_COEFFS
+from atlas_train.ops.newton_schulz import NS_NORM_EPS as NS_EPS
 
 MAX_SHORT_SIDE = 256  # the scratch variant's column strip (M x BLOCK_N) must fit in registers
 SINGLE_TILE_ELEMENTS = 64 * 256  # up to this many elements (padded) X stays in registers for all iterations

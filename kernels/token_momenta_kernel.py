@@ -50,7 +50,7 @@ def _load(base, rows, cols, n_rows, n_cols, s_row, s_col, ACC: tl.constexpr):
 
 
 @triton.jit
-def _momenta_kernel(MIX, LEFT, RIGHT, SCALE, PREV, OUT, L, K, O, I,
+def _momenta_kernel(MIX, LEFT, RIGHT, SCALE, PREV, OUT, L, K, N_OUT, N_IN,
                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                     PRECISION: tl.constexpr, ACC: tl.constexpr):
     """One (out, in) tile of M_t for one token row = (b·H + h)·L + t. (Programs of 2, 4 or 8 tokens, loading the
@@ -60,15 +60,15 @@ def _momenta_kernel(MIX, LEFT, RIGHT, SCALE, PREV, OUT, L, K, O, I,
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     i = tl.program_id(2) * BLOCK_I + tl.arange(0, BLOCK_I)
     kk = tl.arange(0, BLOCK_K)
-    acc = tl.load(SCALE + row).to(ACC) * _load(PREV + head * O * I, o, i, O, I, I, 1, ACC)
+    acc = tl.load(SCALE + row).to(ACC) * _load(PREV + head * N_OUT * N_IN, o, i, N_OUT, N_IN, N_IN, 1, ACC)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
         weight = tl.load(MIX + row * K + k, mask=k < K, other=0.0).to(ACC)
-        left = _load(LEFT + head * K * O, k, o, K, O, O, 1, ACC) * weight[:, None]  # (BLOCK_K, BLOCK_O)
-        right = _load(RIGHT + head * K * I, k, i, K, I, I, 1, ACC)  # (BLOCK_K, BLOCK_I)
+        left = _load(LEFT + head * K * N_OUT, k, o, K, N_OUT, N_OUT, 1, ACC) * weight[:, None]  # (BLOCK_K, BLOCK_O)
+        right = _load(RIGHT + head * K * N_IN, k, i, K, N_IN, N_IN, 1, ACC)  # (BLOCK_K, BLOCK_I)
         acc += mm(tl.trans(left), right, PRECISION, ACC)
-    mask = (o[:, None] < O) & (i[None, :] < I)
-    tl.store(OUT + row * O * I + o[:, None] * I + i[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+    mask = (o[:, None] < N_OUT) & (i[None, :] < N_IN)
+    tl.store(OUT + row * N_OUT * N_IN + o[:, None] * N_IN + i[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -101,7 +101,7 @@ def _weighted_contraction(MIX, F, G, PART, L, K, MD, JD, s_gm, s_gj, tokens_per_
 
 
 @triton.jit
-def _mix_grad_kernel(DM, LEFT, RIGHT, PREV, DMIX_PART, DSCALE_PART, L, K, O, I,
+def _mix_grad_kernel(DM, LEFT, RIGHT, PREV, DMIX_PART, DSCALE_PART, L, K, N_OUT, N_IN,
                      BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
                      PRECISION: tl.constexpr, ACC: tl.constexpr):
     """For one token row and one block of out rows: the block's part of dmix[t, :] and of dscale_t."""
@@ -113,12 +113,12 @@ def _mix_grad_kernel(DM, LEFT, RIGHT, PREV, DMIX_PART, DSCALE_PART, L, K, O, I,
     ii = tl.arange(0, BLOCK_I)
     p = tl.zeros((BLOCK_O, BLOCK_K), ACC)  # (dM_t rightᵀ)[o, k] for this block's o
     dot_prev = tl.zeros((BLOCK_O, BLOCK_I), ACC)
-    for i0 in range(0, I, BLOCK_I):
-        g = _load(DM + row * O * I, o, i0 + ii, O, I, I, 1, ACC)  # (BLOCK_O, BLOCK_I)
-        right = _load(RIGHT + head * K * I, k, i0 + ii, K, I, I, 1, ACC)  # (BLOCK_K, BLOCK_I)
+    for i0 in range(0, N_IN, BLOCK_I):
+        g = _load(DM + row * N_OUT * N_IN, o, i0 + ii, N_OUT, N_IN, N_IN, 1, ACC)  # (BLOCK_O, BLOCK_I)
+        right = _load(RIGHT + head * K * N_IN, k, i0 + ii, K, N_IN, N_IN, 1, ACC)  # (BLOCK_K, BLOCK_I)
         p += mm(g, tl.trans(right), PRECISION, ACC)
-        dot_prev += g * _load(PREV + head * O * I, o, i0 + ii, O, I, I, 1, ACC)
-    left = _load(LEFT + head * K * O, o, k, O, K, 1, O, ACC)  # leftᵀ: (BLOCK_O, BLOCK_K)
+        dot_prev += g * _load(PREV + head * N_OUT * N_IN, o, i0 + ii, N_OUT, N_IN, N_IN, 1, ACC)
+    left = _load(LEFT + head * K * N_OUT, o, k, N_OUT, K, 1, N_OUT, ACC)  # leftᵀ: (BLOCK_O, BLOCK_K)
     n_rows = tl.num_programs(0).to(tl.int64)
     tl.store(DMIX_PART + (ob * n_rows + row) * K + k, tl.sum(left * p, axis=0).to(DMIX_PART.dtype.element_ty),
              mask=k < K)

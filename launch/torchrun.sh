@@ -49,9 +49,10 @@ if [[ -z ${PYTHON:-} ]]; then
 fi
 command -v "$PYTHON" >/dev/null || die "python interpreter not found: $PYTHON (set PYTHON)"
 if [[ -z ${ATLAS_ENTRY:-} ]]; then
-  # `-m` rather than the console script: it works both installed and from a checkout on PYTHONPATH.
+  # `-m` rather than the console script: it works wherever the interpreter can import the installed package. The
+  # package must be installed (editable or not): its kernels and data_prep live in folders it maps under atlas_train.
   "$PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("atlas_train") is None)' \
-    || die "atlas_train is not importable by $PYTHON: install it (make install), put the checkout on PYTHONPATH, or set PYTHON"
+    || die "atlas_train is not importable by $PYTHON: install it (make install, or pip install -e .), or set PYTHON"
   ATLAS_ENTRY="$PYTHON -m atlas_train.train.cli"
 fi
 read -r -a entry <<< "$ATLAS_ENTRY"

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 from types import ModuleType
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from repo_paths import BENCHMARKS
+
 SHARED = "bench_memory_scan"  # the one the other benchmarks import by name
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from repo_paths import REPO
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int = 1024, dummy_prefix: bool = False) -> Path:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from atlas_train.train.checkpoint import read_latest
 from atlas_train.train.cli import main
-from test_train_loop import BUILDERS, VOCAB
+from tiny_training import BUILDERS, VOCAB
 
 STEPS, SAVE_EVERY = 6, 2
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

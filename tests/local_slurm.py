@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""A real one-node slurm cluster on this machine, for tests/test_launch_slurm.py and for trying launch/slurm.sbatch by
-hand.
+"""A real one-node slurm cluster on this machine, for tests/launch/test_launch_slurm.py and for trying
+launch/slurm.sbatch by hand.
 
 Why a private cluster: the tests must exercise the same sbatch/srun/requeue path users hit, without touching a
 system-wide slurm or munge. Everything (munge key and socket, slurm.conf, state, spool, logs, pid files) lives in
@@ -39,9 +39,11 @@ def ensure_installed() -> None:
     if all(shutil.which(p) or Path("/usr/sbin", p).exists() for p in PROGRAMS):
         return
     if os.geteuid() != 0:
-        raise SlurmSetupError(f"slurm is not installed and installing it needs root: apt-get install {' '.join(PACKAGES)}")
+        raise SlurmSetupError("slurm is not installed and installing it needs root: "
+                              f"apt-get install {' '.join(PACKAGES)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]
+    for cmd in (["apt-get", "update", "-qq"], install):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SlurmSetupError(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")

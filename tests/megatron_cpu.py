@@ -1,4 +1,4 @@
-"""Test-only patches that let megatron-core's CUDA-bound pieces run on CPU/gloo (ENV.md "megatron-core on CPU").
+"""Test-only patches that let megatron-core's CUDA-bound pieces run on CPU/gloo.
 
 megatron-core's sequence-parallel mappings allocate scratch buffers on `torch.cuda.current_device()`, and its RNG
 tracker saves/restores the CUDA generator. On a machine without CUDA both are redirected to the CPU. Never imported

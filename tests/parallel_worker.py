@@ -81,7 +81,8 @@ def _run(rank: int, world_size: int, scenarios) -> None:
             try:
                 globals()[name](**kwargs)
             except Exception as err:
-                raise AssertionError(f"rank {rank}: scenario {name}({kwargs}) failed:\n{traceback.format_exc()}") from err
+                trace = traceback.format_exc()
+                raise AssertionError(f"rank {rank}: scenario {name}({kwargs}) failed:\n{trace}") from err
             dist.barrier()
     finally:
         from megatron.core import parallel_state as ps

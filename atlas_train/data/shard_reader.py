@@ -9,9 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 
-from webdataset import tariterators
-
 import numpy as np
+from webdataset import tariterators
 
 from atlas_train.data_prep.shard_format import DataError, Manifest, ShardInfo, decode_sample
 

@@ -32,7 +32,6 @@ from atlas_train.model.config import ModelConfig
 from atlas_train.model.document_mask import block_mask_for, flex_attend
 from atlas_train.model.rope import apply_rope
 
-
 # On GPUs cuDNN's fused attention first (the fastest on Hopper), then flash, memory-efficient and math: SDPA's own
 # default order would take flash. On CPU SDPA keeps its own choice.
 CUDA_BACKEND_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,

@@ -17,17 +17,24 @@ DUAL_MIXERS = ("deep_transformer", "swdt", "dot")  # the DeepTransformers (§8):
 # Spec section 5: what each member fixes. Keys are ModelConfig fields; values replace None in the user's config.
 FAMILY_DEFAULTS: dict[str, dict] = {
     "atlas": dict(memory_gated=False, feature_map="sketch", inner_loss="l2", ns_steps=5, use_momentum=True, window=64),
-    "atlas_pp": dict(memory_gated=True, feature_map="sketch", inner_loss="l2", ns_steps=5, use_momentum=True, window=64),
-    "omeganet": dict(memory_gated=False, feature_map="sketch", inner_loss="l2", ns_steps=0, use_momentum=False, window=64),
-    "titans": dict(memory_gated=False, feature_map="identity", inner_loss="l2", ns_steps=0, use_momentum=True, window=1),
+    "atlas_pp": dict(memory_gated=True, feature_map="sketch", inner_loss="l2", ns_steps=5, use_momentum=True,
+                     window=64),
+    "omeganet": dict(memory_gated=False, feature_map="sketch", inner_loss="l2", ns_steps=0, use_momentum=False,
+                     window=64),
+    "titans": dict(memory_gated=False, feature_map="identity", inner_loss="l2", ns_steps=0, use_momentum=True,
+                   window=1),
     "dla": dict(memory_gated=False, feature_map="identity", inner_loss="dot", ns_steps=0, use_momentum=False, window=1),
-    "transformer": dict(memory_gated=False, feature_map="identity", inner_loss="l2", ns_steps=0, use_momentum=False, window=1),
-    "atlas_mag": dict(memory_gated=False, feature_map="sketch", inner_loss="l2", ns_steps=5, use_momentum=True, window=64),
-    "atlas_mal": dict(memory_gated=False, feature_map="sketch", inner_loss="l2", ns_steps=5, use_momentum=True, window=64),
+    "transformer": dict(memory_gated=False, feature_map="identity", inner_loss="l2", ns_steps=0, use_momentum=False,
+                        window=1),
+    "atlas_mag": dict(memory_gated=False, feature_map="sketch", inner_loss="l2", ns_steps=5, use_momentum=True,
+                      window=64),
+    "atlas_mal": dict(memory_gated=False, feature_map="sketch", inner_loss="l2", ns_steps=5, use_momentum=True,
+                      window=64),
     # §8: plain gradient descent (theta 0, no Newton–Schulz, no decay) on the exp kernel's features.
-    "deep_transformer": dict(memory_gated=False, feature_map="identity", inner_loss="dot", ns_steps=0, use_momentum=False,
-                             window=1),
-    "swdt": dict(memory_gated=False, feature_map="identity", inner_loss="dot", ns_steps=0, use_momentum=False, window=64),
+    "deep_transformer": dict(memory_gated=False, feature_map="identity", inner_loss="dot", ns_steps=0,
+                             use_momentum=False, window=1),
+    "swdt": dict(memory_gated=False, feature_map="identity", inner_loss="dot", ns_steps=0, use_momentum=False,
+                 window=64),
     "dot": dict(memory_gated=False, feature_map="identity", inner_loss="l2", ns_steps=0, use_momentum=False, window=64),
 }
 

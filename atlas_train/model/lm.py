@@ -58,7 +58,8 @@ class AtlasLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=std)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                scale = 1.0 / math.sqrt(2 * self.config.n_layers) if name.rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS else 1
+                output_projection = name.rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS
+                scale = 1.0 / math.sqrt(2 * self.config.n_layers) if output_projection else 1
                 nn.init.normal_(module.weight, std=std * scale)
 
     def forward(self, input_ids: torch.Tensor, doc_start: Optional[torch.Tensor] = None,

@@ -1,4 +1,4 @@
-"""RMSNorm layers: the project's own (megatron's torch LayerNorm refuses sequence parallelism, ENV.md)."""
+"""RMSNorm layers: the project's own (megatron's torch LayerNorm refuses sequence parallelism)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,14 @@ import torch.distributed as dist
 from atlas_train.cli_errors import one_line
 from atlas_train.train.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from atlas_train.train.distributed import any_rank
-from atlas_train.train.integrity import IntegrityError, check_files, checksums, listed_files, read_manifest, write_manifest
+from atlas_train.train.integrity import (
+    IntegrityError,
+    check_files,
+    checksums,
+    listed_files,
+    read_manifest,
+    write_manifest,
+)
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 UNIVERSAL = "universal"  # sub-folder of a tag dir holding its universal conversion

@@ -32,9 +32,11 @@ def _train_parser() -> argparse.ArgumentParser:
                "data.* atlas_train/data/config.py, parallel.* atlas_train/parallel/config.py, train.* "
                "atlas_train/train/config.py (README: Configuration). --print-config shows every key with its value.",
     )
-    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config (repeatable, merged in order)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="YAML config (repeatable, merged in order)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest intact checkpoint in <train.out_dir>/checkpoints (= train.resume=auto)")
+                   help="continue from the newest intact checkpoint in <train.out_dir>/checkpoints "
+                        "(= train.resume=auto)")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error (always in the run's log)")
     p.add_argument("--print-config", action="store_true",
                    help="print the fully composed config (the files merged in order, the overrides on top, every "

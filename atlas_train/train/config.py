@@ -91,7 +91,8 @@ class TrainConfig:
         if self.zero_stage == 0 and self.precision == "bf16":
             # DeepSpeed's ZeRO-0 bf16 checkpoints keep the fp32 master weights only inside its optimizer blob, which
             # zero_to_fp32 cannot read: export would lose them. ZeRO-1 costs nothing extra on one device.
-            raise ValueError("precision bf16 needs zero_stage >= 1 (ZeRO-0 bf16 checkpoints cannot be exported in fp32)")
+            raise ValueError("precision bf16 needs zero_stage >= 1 "
+                             "(ZeRO-0 bf16 checkpoints cannot be exported in fp32)")
         if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError("lr must be > 0 and min_lr_ratio in [0, 1]")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):

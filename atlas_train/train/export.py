@@ -40,7 +40,8 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[s
         with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter; errors still raise
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     else:
-        state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        states = ckpt_dir / tag / "mp_rank_00_model_states.pt"
+        state = torch.load(states, map_location="cpu", weights_only=False)["module"]
     return {k: v.float() for k, v in state.items()}
 
 
@@ -149,7 +150,8 @@ def checkpoint_model(run_dir: str | Path, *, build_model: Optional[Callable] = N
     return model, cfg, tag_dir
 
 
-def export(run_dir: str | Path, out_dir: str | Path, *, build_model: Optional[Callable] = None, config_cls=None) -> Path:
+def export(run_dir: str | Path, out_dir: str | Path, *, build_model: Optional[Callable] = None,
+           config_cls=None) -> Path:
     """Write the checkpoint `run_dir` names (find_checkpoint) into `out_dir`; returns out_dir."""
     from safetensors.torch import save_model
 

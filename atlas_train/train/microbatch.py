@@ -5,8 +5,8 @@ on random tokens at growing micro-batches, powers of two that divide the rows ea
 batch, and records the peak memory of each. What the engine adds later is estimated, not probed: the fp32 master
 weights and the two AdamW moments (12 bytes per parameter, divided over the data-parallel ranks by ZeRO ≥ 1) and the
 fp32 gradient buffer (4 bytes per parameter, divided by ZeRO ≥ 2). A micro-batch is kept when its peak plus that
-estimate stays under the budget (a fraction of the device's memory). The probe stops at the first out-of-memory or at the first
-size over budget, so it costs one step per doubling. Gradient accumulation then keeps the global batch.
+estimate stays under the budget (a fraction of the device's memory). The probe stops at the first out-of-memory or
+at the first size over budget, so it costs one step per doubling. Gradient accumulation then keeps the global batch.
 """
 
 from __future__ import annotations

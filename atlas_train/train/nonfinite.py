@@ -23,7 +23,8 @@ class NonFiniteGuard:
         if self.in_row > self.limit:
             raise NonFiniteLossError(
                 f"loss was NaN/inf for {self.in_row} steps in a row (last at step {step}; "
-                f"train.max_nonfinite_in_row={self.limit}): stopping. Lower train.lr or resume from an earlier checkpoint."
+                f"train.max_nonfinite_in_row={self.limit}): stopping. Lower train.lr or resume from an earlier "
+                "checkpoint."
             )
 
     def state_dict(self) -> dict:

@@ -32,7 +32,8 @@ class SpeedSettings:
     fused_cross_entropy: bool
 
     def describe(self) -> str:
-        return (f"activation checkpointing {self.activation_checkpointing}, compile {'on' if self.compiled else 'off'}, "
+        return (f"activation checkpointing {self.activation_checkpointing}, "
+                f"compile {'on' if self.compiled else 'off'}, "
                 f"fused cross-entropy {'on' if self.fused_cross_entropy else 'off'}")
 
 

@@ -23,16 +23,21 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from atlas_train.train.atomic import atomic_write_bytes
 from atlas_train.cli_errors import describe_os_error
 from atlas_train.config import ConfigError
+from atlas_train.train.atomic import atomic_write_bytes
 from atlas_train.train.checkpoint import CheckpointError, CheckpointManager, newest_intact, step_of, tag_for
 from atlas_train.train.deepspeed_config import build_deepspeed_config
 from atlas_train.train.distributed import any_rank, device, init_distributed
 from atlas_train.train.export import TP_LAYOUT, tp_layout
 from atlas_train.train.metrics import MetricsLogger
-from atlas_train.train.microbatch import ProbeError, batch_layout, engine_state_bytes, model_step_runner, \
-    probe_micro_batch
+from atlas_train.train.microbatch import (
+    ProbeError,
+    batch_layout,
+    engine_state_bytes,
+    model_step_runner,
+    probe_micro_batch,
+)
 from atlas_train.train.nonfinite import NonFiniteGuard
 from atlas_train.train.optim import build_optimizer, build_scheduler, move_scheduler_to
 from atlas_train.train.phase_timer import PhaseTimer
@@ -48,7 +53,8 @@ class Builders:
     """What a run is assembled from; the defaults are the project's, tests pass tiny stand-ins."""
 
     model: Callable[[Any], torch.nn.Module]  # model config -> module
-    loader: Callable[..., Iterable]  # build_loader(data_cfg, split, *, seq_len, micro_batch_size, dp_rank, dp_size, seed)
+    # build_loader(data_cfg, split, *, seq_len, micro_batch_size, dp_rank, dp_size, seed)
+    loader: Callable[..., Iterable]
     check_data: Callable[[Any, Any, int], Optional[Path]]  # (data cfg, model cfg, seq_len) -> tokenizer.model path
     parallel: Callable[[Any], Any]  # parallel config -> ParallelPlan
 
@@ -138,7 +144,8 @@ def _tokenizer_bytes(path: Optional[Path]) -> tuple[Optional[bytes], Optional[st
 
 def _check_resumable(client: dict, resolved_plain: dict, tokenizer_sha: Optional[str], tag_dir: Path) -> None:
     saved = client["config"]["model"]
-    diff = sorted(k for k in set(saved) | set(resolved_plain["model"]) if saved.get(k) != resolved_plain["model"].get(k))
+    now = resolved_plain["model"]
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
         key = diff[0]
         raise CheckpointError(

@@ -1,0 +1,7 @@
+"""Where the checkout's folders are, for tests that run its scripts or read its configs."""
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+BENCHMARKS = REPO / "benchmarks"
