@@ -13,3 +13,13 @@ os.environ["TRITON_INTERPRET"] = "1"
 # line becomes a "--- Logging error ---" traceback on stderr (breaking tests that check a one-line error). Importing
 # it here binds the handler to the session's stream instead.
 import deepspeed  # noqa: E402, F401
+import pytest  # noqa: E402
+
+from process_group import process_state_restored  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _process_state_per_module():
+    """Every module starts with no process group and no launch variables left by the modules before it."""
+    with process_state_restored():
+        yield

@@ -41,7 +41,8 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 1024, dummy_prefix: bool = 
 
 
 def write_export(out_dir: Path, tokenizer: Path | None, **model_kwargs) -> Path:
-    """An export dir (model.safetensors, config.yaml, tokenizer.model, manifest.json) of a freshly built tiny model."""
+    """An export dir (model.safetensors, config.yaml, the tokenizer under its own name, manifest.json) of a freshly
+    built tiny model."""
     from safetensors.torch import save_model
 
     from atlas_train.config import dump_yaml
@@ -70,8 +71,9 @@ def write_export(out_dir: Path, tokenizer: Path | None, **model_kwargs) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out_dir / "model.safetensors"))
     dump_yaml(Config(model=model_cfg), out_dir / "config.yaml")
+    names = ["model.safetensors", "config.yaml"]
     if tokenizer is not None:
-        (out_dir / "tokenizer.model").write_bytes(tokenizer.read_bytes())
-    names = ["model.safetensors", "config.yaml"] + (["tokenizer.model"] if tokenizer is not None else [])
+        names.append("tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model")
+        (out_dir / names[-1]).write_bytes(tokenizer.read_bytes())
     write_manifest(out_dir, checksums(out_dir, names))  # last, as atlas-train export does
     return out_dir

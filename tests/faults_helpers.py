@@ -5,40 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from atlas_train.train.checkpoint import read_latest
 from atlas_train.train.cli import main
 from tiny_training import BUILDERS, VOCAB
 
 STEPS, SAVE_EVERY = 6, 2
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def own_process_group():
-    """Tear down the process group this module's in-process runs start (and the launch variables they set), so that
-    the modules after it find the process as they would alone."""
-    started = not dist.is_initialized()
-    saved = {k: os.environ.get(k) for k in LAUNCH_VARS}
-    yield
-    if started and dist.is_initialized():
-        import deepspeed.comm
-
-        deepspeed.comm.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def write_config(path: Path, out_dir: Path, **train) -> Path:
     """A run config of the tiny loop-test model: 6 steps, checkpoints every 2, each step 2 micro-batches."""
     settings = dict(out_dir=str(out_dir), steps=STEPS, seq_len=8, micro_batch_size=2, grad_accum=2, warmup_steps=2,

@@ -67,13 +67,14 @@ def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto") -
 
 def load_tokenizer(path: Path | None):
     """The tokenizer shipped with a checkpoint: sentencepiece, or a Hugging Face tokenizer.json that the data was
-    prepared with (saved under the same name; data_prep.tokenizer.JsonTokenizer gives it sentencepiece's calls)."""
+    prepared with (data_prep.tokenizer.JsonTokenizer gives it sentencepiece's calls; told apart by content, so a
+    tokenizer.json that an older export saved as tokenizer.model still loads)."""
     import sentencepiece as spm
 
     from atlas_train.data_prep.tokenizer import TOKENIZERS, JsonTokenizer, tokenizer_kind
 
     if path is None or not Path(path).is_file():
-        raise UserError(f"the checkpoint has no tokenizer.model (looked for {path})")
+        raise UserError(f"the checkpoint has no tokenizer (tokenizer.model or tokenizer.json; looked for {path})")
     if tokenizer_kind(path) == TOKENIZERS:
         return JsonTokenizer(Path(path))
     return spm.SentencePieceProcessor(model_file=str(path))

@@ -26,7 +26,8 @@ def harness_model(loaded, batch_size: int):
     from atlas_train.hf.convert import hf_model_and_tokenizer
 
     if loaded.tokenizer_path is None:
-        raise UserError("lm-eval needs the checkpoint's tokenizer (the export has no tokenizer.model)")
+        raise UserError("lm-eval needs the checkpoint's tokenizer: the export has neither tokenizer.model nor "
+                        "tokenizer.json")
     model, tokenizer = hf_model_and_tokenizer(loaded.model, loaded.tokenizer_path)
     return HFLM(pretrained=model.eval(), backend="causal", tokenizer=tokenizer, batch_size=batch_size,
                 device=str(loaded.device))

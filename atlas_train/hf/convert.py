@@ -4,7 +4,7 @@
 The source is a run dir (its latest checkpoint; tensor-parallel shards merged by export.checkpoint_model, as the
 native export merges them) or an existing native export (model.safetensors + config.yaml), which this converts.
 The folder holds config.json, generation_config.json, model.safetensors (fp32) and, when the run has a tokenizer,
-tokenizer.json + tokenizer_config.json beside the original tokenizer.model.
+tokenizer.json + tokenizer_config.json (beside the original tokenizer.model when the run's is sentencepiece).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from atlas_train.train.checkpoint import CheckpointError
 
 
 def load_source(source: str | Path):
-    """(native model in fp32, tokenizer.model path or None) of a run dir or a native export dir."""
+    """(native model in fp32, its tokenizer's path or None) of a run dir or a native export dir."""
+    from atlas_train.train.checkpoint import tokenizer_in
     from atlas_train.train.export import checkpoint_model, load_exported
 
     source = Path(source)
@@ -26,8 +27,7 @@ def load_source(source: str | Path):
         return model.float(), tokenizer
     if (source / "checkpoints").is_dir():
         model, _, tag_dir = checkpoint_model(source)
-        tokenizer = tag_dir / "tokenizer.model"
-        return model.float(), tokenizer if tokenizer.is_file() else None
+        return model.float(), tokenizer_in(tag_dir)
     raise CheckpointError(f"{source} is neither a run dir (with checkpoints/) nor an export (model.safetensors + "
                           "config.yaml)")
 
@@ -61,5 +61,6 @@ def export_hf(source: str | Path, out_dir: str | Path) -> Path:
     hf_model.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-        shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
+        if not (out_dir / tokenizer_path.name).exists():  # a tokenizer.json is the one save_pretrained wrote
+            shutil.copyfile(tokenizer_path, out_dir / tokenizer_path.name)
     return out_dir

@@ -1,7 +1,7 @@
 """Checkpoints: DeepSpeed's engine state plus our per-rank client state, checksummed, published by replacing `latest`.
 
 Layout under `<run>/checkpoints/`: one folder per tag (`step_00000100/`) holding DeepSpeed's files, `client_rank<r>.pt`
-(data position, RNG states, counters: they differ per rank), the run's `config.yaml` and `tokenizer.model`, and
+(data position, RNG states, counters: they differ per rank), the run's `config.yaml` and its data's tokenizer, and
 `manifest.json` (integrity.py: every file's size and CRC-32, written after all of them), plus a `latest` file naming
 the newest published tag (DeepSpeed's own format, so its tools read it too). A save writes its files, then the
 manifest, then `latest`; a kill at any point leaves the previous tag published and intact. A tag resumed under
@@ -36,6 +36,14 @@ from atlas_train.train.integrity import (
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 UNIVERSAL = "universal"  # sub-folder of a tag dir holding its universal conversion
+# A tokenizer keeps the name atlas-prep gave it in the dataset, in checkpoints and exports: a sentencepiece model, or
+# a Hugging Face tokenizer.json (a JSON file under the other name would mislead any tool that opens it by its name).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def tokenizer_in(folder: Path) -> Optional[Path]:
+    """The tokenizer a checkpoint tag or an export holds, or None."""
+    return next((folder / name for name in TOKENIZER_FILES if (folder / name).is_file()), None)
 
 
 class CheckpointError(RuntimeError):

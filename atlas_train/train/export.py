@@ -28,7 +28,14 @@ import torch
 
 from atlas_train.config import load_config
 from atlas_train.train.atomic import atomic_write_bytes, atomic_write_via
-from atlas_train.train.checkpoint import TAG_RE, CheckpointError, newest_intact, verify_checkpoint
+from atlas_train.train.checkpoint import (
+    TAG_RE,
+    TOKENIZER_FILES,
+    CheckpointError,
+    newest_intact,
+    tokenizer_in,
+    verify_checkpoint,
+)
 from atlas_train.train.integrity import MANIFEST, checksums, verify, write_manifest
 
 
@@ -163,17 +170,18 @@ def export(run_dir: str | Path, out_dir: str | Path, *, build_model: Optional[Ca
     atomic_write_via(out_dir / "model.safetensors", lambda tmp: save_model(model.float(), str(tmp)))
     atomic_write_bytes(out_dir / "config.yaml", (tag_dir / "config.yaml").read_bytes())
     written = ["model.safetensors", "config.yaml"]
-    if (tag_dir / "tokenizer.model").is_file():
-        atomic_write_bytes(out_dir / "tokenizer.model", (tag_dir / "tokenizer.model").read_bytes())
-        written.append("tokenizer.model")
-    else:
-        (out_dir / "tokenizer.model").unlink(missing_ok=True)  # an older export's, not this checkpoint's
+    tokenizer = tokenizer_in(tag_dir)
+    if tokenizer is not None:
+        atomic_write_bytes(out_dir / tokenizer.name, tokenizer.read_bytes())
+        written.append(tokenizer.name)
+    for name in set(TOKENIZER_FILES) - set(written):
+        (out_dir / name).unlink(missing_ok=True)  # an older export's, not this checkpoint's
     write_manifest(out_dir, checksums(out_dir, written))
     return out_dir
 
 
 def load_exported(path: str | Path, *, build_model: Optional[Callable] = None, config_cls=None):
-    """(model in eval mode, fp32; the run's resolved config; tokenizer.model path or None) of an export dir, whose
+    """(model in eval mode, fp32; the run's resolved config; its tokenizer's path or None) of an export dir, whose
     files are verified against its manifest first (IntegrityError names a damaged or missing one)."""
     from safetensors.torch import load_model
 
@@ -182,5 +190,4 @@ def load_exported(path: str | Path, *, build_model: Optional[Callable] = None, c
     cfg = load_config([path / "config.yaml"], cls=config_cls)
     model = (build_model or _default_build_model)(cfg.model)
     load_model(model, str(path / "model.safetensors"), strict=True)
-    tokenizer = path / "tokenizer.model"
-    return model.eval(), cfg, tokenizer if tokenizer.is_file() else None
+    return model.eval(), cfg, tokenizer_in(path)

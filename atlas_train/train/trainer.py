@@ -55,7 +55,7 @@ class Builders:
     model: Callable[[Any], torch.nn.Module]  # model config -> module
     # build_loader(data_cfg, split, *, seq_len, micro_batch_size, dp_rank, dp_size, seed)
     loader: Callable[..., Iterable]
-    check_data: Callable[[Any, Any, int], Optional[Path]]  # (data cfg, model cfg, seq_len) -> tokenizer.model path
+    check_data: Callable[[Any, Any, int], Optional[Path]]  # (data cfg, model cfg, seq_len) -> its tokenizer's path
     parallel: Callable[[Any], Any]  # parallel config -> ParallelPlan
 
 
@@ -233,6 +233,7 @@ class Trainer:
         tokenizer_path = None if self.tc.synthetic_data else self.builders.check_data(
             cfg.data, self.resolved.model, self.tc.seq_len)
         tokenizer_bytes, self.tokenizer_sha = _tokenizer_bytes(tokenizer_path)
+        tokenizer = None if tokenizer_path is None else (Path(tokenizer_path).name, tokenizer_bytes)
 
         seed_everything(self.tc.seed)  # same initial weights on every rank
         self.plan = self.builders.parallel(cfg.parallel)
@@ -255,7 +256,7 @@ class Trainer:
 
         if self.rank == 0:
             atomic_write_bytes(self.run_dir / "config.yaml", self.config_yaml)
-        self.files = self._checkpoint_files(tokenizer_bytes)
+        self.files = self._checkpoint_files(tokenizer)
         self.logger = MetricsLogger(self.run_dir, enabled=self.rank == 0, resume_step=self.step)
         from tqdm import tqdm
 
@@ -400,13 +401,14 @@ class Trainer:
         except DataError as err:
             raise DataError(f"{err}; {VALIDATION_HINT}") from None
 
-    def _checkpoint_files(self, tokenizer_bytes: Optional[bytes]) -> dict[str, bytes]:
-        """What rank 0 writes beside every checkpoint, so that a tag alone can be exported and resumed."""
+    def _checkpoint_files(self, tokenizer: Optional[tuple[str, bytes]]) -> dict[str, bytes]:
+        """What rank 0 writes beside every checkpoint, so that a tag alone can be exported and resumed; `tokenizer`
+        is (the name it has in the dataset, its bytes)."""
         files = {"config.yaml": self.config_yaml}
         if self.plan.tp_size > 1:  # how export joins the TP shards (names and split dims are the same on every TP rank)
             files[TP_LAYOUT] = json.dumps(tp_layout(self.model), indent=1).encode()
-        if tokenizer_bytes is not None:
-            files["tokenizer.model"] = tokenizer_bytes
+        if tokenizer is not None:
+            files[tokenizer[0]] = tokenizer[1]
         return files
 
     def make_loader(self, split: str) -> Iterable:

@@ -18,7 +18,6 @@ from atlas_train.data_prep.splits import SplitRouter
 from atlas_train.data_prep.tokenizer import train_tokenizer
 from atlas_train.data_prep.writer import write_dataset
 from atlas_train.train.cli import main as train_cli
-from faults_helpers import own_process_group  # noqa: F401 (fixture)
 from text_samples import make_docs
 
 SEQ, VOCAB = 32, 48

@@ -158,8 +158,8 @@ def test_a_fresh_process_loads_the_folder_after_import_atlas_train(tmp_path, tok
 
 
 def test_a_run_prepared_with_a_tokenizer_json_exports_and_generates(tmp_path, capsys):
-    """A dataset tokenized with a Hugging Face tokenizer.json: its checkpoint carries that file (under the native
-    export's name), which the Hugging Face folder and atlas-generate both use."""
+    """A dataset tokenized with a Hugging Face tokenizer.json: its export carries that file under its own name, which
+    the Hugging Face folder and atlas-generate both use (and no tokenizer.model beside it)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from atlas_train.eval.generate import main as generate_main
@@ -175,6 +175,7 @@ def test_a_run_prepared_with_a_tokenizer_json_exports_and_generates(tmp_path, ca
                           "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("In the beginning")
     out = export_hf(export, tmp_path / "hf")
+    assert (out / "tokenizer.json").is_file() and not (out / "tokenizer.model").exists()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     for line in _sample_lines()[500:700]:
         assert hf_tok.encode(line) == tok.encode(line, add_special_tokens=False).ids

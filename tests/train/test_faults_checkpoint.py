@@ -24,11 +24,10 @@ from atlas_train.train.cli import main
 from atlas_train.train.export import export, load_exported
 from atlas_train.train.integrity import read_manifest
 from eval_helpers import train_tokenizer, write_export
-from faults_helpers import (  # noqa: F401 (own_process_group: fixture)
+from faults_helpers import (
     damage,
     final_weights,
     losses,
-    own_process_group,
     run_cli,
     same_weights,
     stopped_at,

@@ -20,13 +20,12 @@ import yaml
 from atlas_train.data_prep.writer import write_dataset
 from atlas_train.train.checkpoint import verify_checkpoint
 from atlas_train.train.cli import main
-from faults_helpers import (  # noqa: F401 (own_process_group: fixture)
-    LAUNCH_VARS,
+from faults_helpers import (
     final_weights,
     losses,
-    own_process_group,
     same_weights,
 )
+from process_group import LAUNCH_VARS
 from repo_paths import REPO
 
 SEQ, VOCAB = 32, 64

@@ -14,10 +14,9 @@ import torch
 
 from atlas_train.train.checkpoint import read_latest
 from atlas_train.train.trainer import Trainer
-from faults_helpers import (  # noqa: F401 (own_process_group: fixture)
+from faults_helpers import (
     final_weights,
     losses,
-    own_process_group,
     run_cli,
     same_weights,
     tiny_builders,

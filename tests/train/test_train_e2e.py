@@ -140,3 +140,33 @@ def test_real_model_and_loader_resume_bitwise(tmp_path, datasets):
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         runs[name] = [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in rows]
     assert runs["split"] == runs["full"] and len(runs["full"]) == 7  # 4 train rows + val at steps 0, 2, 4
+
+
+def test_a_tokenizer_json_keeps_its_name_in_checkpoints_and_exports(tmp_path, capsys):
+    """A dataset tokenized with a Hugging Face tokenizer.json: the checkpoint and the export carry it as
+    tokenizer.json, and an earlier export's tokenizer.model in the same folder is removed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from atlas_train.eval.checkpoint import load_for_eval, load_tokenizer
+
+    tokenizer = tmp_path / "tokenizer.json"
+    json_tokenizer = Tokenizer(models.WordLevel({"t0": 0, "</s>": 1, **{f"t{i}": i for i in range(2, VOCAB)}},
+                                                unk_token="t0"))
+    json_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    json_tokenizer.save(str(tokenizer))
+    data = tmp_path / "data"
+    write_dataset(data, {"train": _rows(24, 0), "val": _rows(4, 1)}, seq_len=SEQ, vocab_size=VOCAB,
+                  tokenizer_path=tokenizer, shard_size_mb=0.004, eos_id=1)
+    assert main(["--config", str(_config(tmp_path, data)), "train.steps=2", "train.eval_every=0"]) == 0
+    tag = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert (tag / "tokenizer.json").read_bytes() == tokenizer.read_bytes() and not (tag / "tokenizer.model").exists()
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "tokenizer.model").write_bytes(b"an older export's")
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(export)]) == 0
+    assert {p.name for p in export.iterdir()} == {"model.safetensors", "config.yaml", "tokenizer.json",
+                                                  "manifest.json"}
+    loaded = load_for_eval(export, device="cpu")
+    assert loaded.tokenizer_path == export / "tokenizer.json"
+    assert load_tokenizer(loaded.tokenizer_path).encode("t3 t5") == [3, 5]
+    capsys.readouterr()
