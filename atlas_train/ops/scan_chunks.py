@@ -204,12 +204,16 @@ def _keys_and_factors(carry, x: ChunkInputs, params, ln, opts: ScanOptions):
 def step_token_update(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanOptions, closes: bool):
     """Spec 3.4 for one chunk: per-token momentum, NS and weights, reads after each token's update."""
     factors, weights, token_doc, after_reset, window = _keys_and_factors(carry, x, params, ln, opts)
-    keep = 1.0 - x.reset.to(x.alpha.dtype)[:, None, :]
-    c_theta = gate_products(x.theta * keep)
-    c_alpha = gate_products(x.alpha * keep)
+    if x.has_reset:  # a document start zeroes the gates there (the resets of the recurrences)
+        keep = 1.0 - x.reset.to(x.alpha.dtype)[:, None, :]
+        c_theta = gate_products(x.theta * keep)
+        c_alpha = gate_products(x.alpha * keep)
+        reset_weight = (c_alpha[..., 1:] * ((1.0 - keep) * x.alpha)[..., None, :]).sum(-1)
+    else:  # the same with keep = 1, without its operators
+        c_theta, c_alpha = gate_products(x.theta), gate_products(x.alpha)
+        reset_weight = torch.zeros_like(x.alpha)
     mix = c_theta[..., 1:] @ weights
     decay_in = c_alpha[..., 1:] * (x.eta[..., None, :])
-    reset_weight = (c_alpha[..., 1:] * ((1.0 - keep) * x.alpha)[..., None, :]).sum(-1)
     fast, out = {}, {}
     for w in opts.weight_names:
         scale, prev = c_theta[..., 0], carry[f"momentum.{w}"]
@@ -225,9 +229,11 @@ def step_token_update(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanO
         out[f"fast.{w}"] = fast[w].last()
         if closes:
             out[f"anchor.{w}"] = out[f"fast.{w}"]
-        else:
+        elif x.has_reset:
             out[f"anchor.{w}"] = _select(after_reset[:, -1:], params[w][:, :, None],
                                          carry[f"anchor.{w}"][:, :, None])[:, :, 0]
+        else:
+            out[f"anchor.{w}"] = carry[f"anchor.{w}"]
     out.update(window)
     return y, out
 
@@ -236,31 +242,39 @@ def step_chunk_update(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanO
     """Spec 3.5 for (a piece of) one grid chunk: reads at the anchor, one Muon step when the grid chunk closes.
 
     A document start inside the chunk ends the open chunk (its update would be discarded by the reset), so only
-    tokens of the chunk's last document contribute to the partial sums.
+    tokens of the chunk's last document contribute to the partial sums. Most chunks hold no document start
+    (`x.has_reset`, known on the host): they skip the masking and the reset selections, which would be the identity
+    there, and so launch fewer operators.
     """
     factors, weights, token_doc, after_reset, window = _keys_and_factors(carry, x, params, ln, opts)
     anchor = {w: carry[f"anchor.{w}"] for w in opts.weight_names}
     y = memory_forward(anchor, x.zq, opts.dv, ln)
+    gates = torch.stack([x.alpha, x.theta, x.eta], dim=-1)
     if x.has_reset:
         y = _select(after_reset, memory_forward(params, x.zq, opts.dv, ln), y)
-    in_last_doc = (token_doc == token_doc[:, -1:]).to(x.alpha.dtype)[:, None, :]
-    reset_seen = after_reset[:, -1]
-    keep = (~reset_seen).to(x.alpha.dtype)
-    key_coef = (in_last_doc.unsqueeze(-1) * weights).sum(-2, keepdim=True)
-    gates = torch.stack([x.alpha, x.theta, x.eta], dim=-1)
-    gate_sum = keep[:, None, None] * carry["gate_sum"] + (in_last_doc.unsqueeze(-1) * gates).sum(-2)
-    count = torch.where(reset_seen, 0, carry["count"]) + (token_doc == token_doc[:, -1:]).sum(-1)
+        in_last_doc = (token_doc == token_doc[:, -1:]).to(x.alpha.dtype)[:, None, :]
+        reset_seen = after_reset[:, -1]
+        keep = (~reset_seen).to(x.alpha.dtype)
+        key_coef = (in_last_doc.unsqueeze(-1) * weights).sum(-2, keepdim=True)
+        gate_sum = keep[:, None, None] * carry["gate_sum"] + (in_last_doc.unsqueeze(-1) * gates).sum(-2)
+        count = torch.where(reset_seen, 0, carry["count"]) + (token_doc == token_doc[:, -1:]).sum(-1)
+    else:
+        key_coef = weights.sum(-2, keepdim=True)
+        gate_sum = carry["gate_sum"] + gates.sum(-2)
+        count = carry["count"] + token_doc.shape[-1]
+    if closes:  # the chunk's mean gates: decay (alpha), momentum (theta), learning rate (eta)
+        decay, momentum_gate, rate = (gate_sum / count.to(gate_sum.dtype)[:, None, None])[..., None, None].unbind(-3)
     out = {}
     for w in opts.weight_names:
-        grad_sum = (keep[:, None, None, None] * carry[f"grad_sum.{w}"]
-                    + outer_sums.outer_sum(key_coef, *factors[w])[:, :, 0])
-        momentum = keep[:, None, None, None] * carry[f"momentum.{w}"]
-        start = _select(reset_seen[:, None], params[w][:, :, None], carry[f"anchor.{w}"][:, :, None])[:, :, 0]
+        grad_sum, momentum, start = carry[f"grad_sum.{w}"], carry[f"momentum.{w}"], anchor[w]
+        if x.has_reset:
+            grad_sum, momentum = keep[:, None, None, None] * grad_sum, keep[:, None, None, None] * momentum
+            start = _select(reset_seen[:, None], params[w][:, :, None], start[:, :, None])[:, :, 0]
+        grad_sum = grad_sum + outer_sums.outer_sum(key_coef, *factors[w])[:, :, 0]
         if closes:
-            mean = gate_sum / count.to(gate_sum.dtype)[:, None, None]
-            momentum = mean[..., 1, None, None] * momentum + grad_sum
+            momentum = momentum_gate * momentum + grad_sum
             step = newton_schulz(momentum, opts.ns_steps, opts.half_inputs)
-            start = mean[..., 0, None, None] * start - mean[..., 2, None, None] * step
+            start = decay * start - rate * step
             grad_sum = torch.zeros_like(grad_sum)
         out.update({f"anchor.{w}": start, f"momentum.{w}": momentum, f"grad_sum.{w}": grad_sum})
     if closes:
