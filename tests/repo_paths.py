@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
 CONFIGS = REPO / "configs"
 BENCHMARKS = REPO / "benchmarks"

@@ -11,17 +11,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_paths import REPO
 
-
-SETUPTOOLS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+SETUPTOOLS = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
 
 
 def test_the_package_list_names_every_package_folder():
     found = set()
     for package, folder in SETUPTOOLS["package-dir"].items():
-        for init in (ROOT / folder).rglob("__init__.py"):
-            relative = init.parent.relative_to(ROOT / folder).parts
+        for init in (REPO / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(REPO / folder).parts
             found.add(".".join((package, *relative)))
     assert sorted(SETUPTOOLS["packages"]) == sorted(found)
 
@@ -30,9 +29,9 @@ def test_the_package_list_names_every_package_folder():
 def test_an_installed_copy_imports_its_kernels_and_registers_them_through_the_entry_point(tmp_path):
     source = tmp_path / "source"  # a copy, so that the build leaves nothing in the checkout
     for folder in set(SETUPTOOLS["package-dir"].values()):
-        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
+        shutil.copy(REPO / name, source / name)
     site = tmp_path / "site"
     install = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation",
                "--no-compile", "--target", str(site), str(source)]

@@ -61,6 +61,6 @@ def export_hf(source: str | Path, out_dir: str | Path) -> Path:
     hf_model.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-        if not (out_dir / tokenizer_path.name).exists():  # a tokenizer.json is the one save_pretrained wrote
+        if tokenizer_path.name != "tokenizer.json":  # that one save_pretrained has just written
             shutil.copyfile(tokenizer_path, out_dir / tokenizer_path.name)
     return out_dir

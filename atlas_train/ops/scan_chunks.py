@@ -261,7 +261,7 @@ def step_chunk_update(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanO
     else:
         key_coef = weights.sum(-2, keepdim=True)
         gate_sum = carry["gate_sum"] + gates.sum(-2)
-        count = carry["count"] + token_doc.shape[-1]
+        count = carry["count"] + x.reset.shape[-1]
     if closes:  # the chunk's mean gates: decay (alpha), momentum (theta), learning rate (eta)
         decay, momentum_gate, rate = (gate_sum / count.to(gate_sum.dtype)[:, None, None])[..., None, None].unbind(-3)
     out = {}

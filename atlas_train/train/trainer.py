@@ -233,7 +233,6 @@ class Trainer:
         tokenizer_path = None if self.tc.synthetic_data else self.builders.check_data(
             cfg.data, self.resolved.model, self.tc.seq_len)
         tokenizer_bytes, self.tokenizer_sha = _tokenizer_bytes(tokenizer_path)
-        tokenizer = None if tokenizer_path is None else (Path(tokenizer_path).name, tokenizer_bytes)
 
         seed_everything(self.tc.seed)  # same initial weights on every rank
         self.plan = self.builders.parallel(cfg.parallel)
@@ -256,7 +255,7 @@ class Trainer:
 
         if self.rank == 0:
             atomic_write_bytes(self.run_dir / "config.yaml", self.config_yaml)
-        self.files = self._checkpoint_files(tokenizer)
+        self.files = self._checkpoint_files(tokenizer_path, tokenizer_bytes)
         self.logger = MetricsLogger(self.run_dir, enabled=self.rank == 0, resume_step=self.step)
         from tqdm import tqdm
 
@@ -401,14 +400,14 @@ class Trainer:
         except DataError as err:
             raise DataError(f"{err}; {VALIDATION_HINT}") from None
 
-    def _checkpoint_files(self, tokenizer: Optional[tuple[str, bytes]]) -> dict[str, bytes]:
-        """What rank 0 writes beside every checkpoint, so that a tag alone can be exported and resumed; `tokenizer`
-        is (the name it has in the dataset, its bytes)."""
+    def _checkpoint_files(self, tokenizer_path: Optional[Path], tokenizer_bytes: Optional[bytes]) -> dict[str, bytes]:
+        """What rank 0 writes beside every checkpoint, so that a tag alone can be exported and resumed (the tokenizer
+        under the name it has in the dataset)."""
         files = {"config.yaml": self.config_yaml}
         if self.plan.tp_size > 1:  # how export joins the TP shards (names and split dims are the same on every TP rank)
             files[TP_LAYOUT] = json.dumps(tp_layout(self.model), indent=1).encode()
-        if tokenizer is not None:
-            files[tokenizer[0]] = tokenizer[1]
+        if tokenizer_path is not None:
+            files[Path(tokenizer_path).name] = tokenizer_bytes
         return files
 
     def make_loader(self, split: str) -> Iterable:

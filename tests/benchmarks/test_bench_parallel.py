@@ -2,17 +2,14 @@
 where the last rank runs out of memory (injected) while its peer waits for it inside backward, and the bookkeeping
 for a job killed at its deadline or failing without an OOM record."""
 
-import importlib.util
 import json
 import signal
 
 import pytest
 
-from eval_helpers import REPO
+from benchmark_scripts import load_benchmark
 
-spec = importlib.util.spec_from_file_location("bench_parallel", REPO / "benchmarks" / "bench_parallel.py")
-bench_parallel = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_parallel)
+bench_parallel = load_benchmark("bench_parallel")
 
 
 @pytest.mark.slow

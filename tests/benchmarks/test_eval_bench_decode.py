@@ -2,7 +2,6 @@
 a batch-1 prefill decodes like the single row, the synthetic cache of a context T has exactly the entries, shapes and
 dtypes of a real prefill of T tokens, and the static (CUDA-graph-ready) decode step equals plain decoding."""
 
-import importlib.util
 import json
 
 import pytest
@@ -11,11 +10,9 @@ import torch
 from atlas_train.eval.static_decode import GrowingCacheError, StaticDecodeStep
 from atlas_train.model import build_model
 from atlas_train.model.config import ModelConfig
-from eval_helpers import REPO
+from benchmark_scripts import load_benchmark
 
-spec = importlib.util.spec_from_file_location("bench_decode", REPO / "benchmarks" / "bench_decode.py")
-bench_decode = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_decode)
+bench_decode = load_benchmark("bench_decode")
 
 TINY = dict(vocab_size=40, d_model=16, n_layers=2, n_heads=2, mlp_hidden=32, chunk_size=4, memory_expansion=2,
             gate_rank=4, swa_window=8)

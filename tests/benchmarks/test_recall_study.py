@@ -1,18 +1,15 @@
 """benchmarks/recall_study.py: the smoke study (every member trained, exported and scored, all at once, on CPU) ends
 with its tables; a chain still running at the budget's end is killed, and a chain stops at its first failure."""
 
-import importlib.util
 import json
 import sys
 import time
 
 import pytest
 
-from eval_helpers import REPO
+from benchmark_scripts import load_benchmark
 
-spec = importlib.util.spec_from_file_location("recall_study", REPO / "benchmarks" / "recall_study.py")
-recall_study = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recall_study)
+recall_study = load_benchmark("recall_study")
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ import torch
 from atlas_train.eval.cli import main
 from atlas_train.eval.generate import generate
 from atlas_train.train.export import load_exported
-from eval_helpers import REPO, train_tokenizer, write_export
+from eval_helpers import train_tokenizer, write_export
+from repo_paths import REPO
 
 pytest.importorskip("lm_eval")
 TASKS = REPO / "tests" / "lm_eval_tasks"

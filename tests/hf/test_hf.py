@@ -16,7 +16,8 @@ import torch
 import atlas_train  # noqa: F401  (registers the Auto classes when transformers' are imported)
 from atlas_train.eval.generate import generate as atlas_generate
 from atlas_train.model.config import MIXERS
-from eval_helpers import REPO, train_tokenizer, write_export
+from eval_helpers import train_tokenizer, write_export
+from repo_paths import REPO
 
 transformers = pytest.importorskip("transformers")
 from atlas_train.hf.cache import AtlasCache, CacheGroup  # noqa: E402

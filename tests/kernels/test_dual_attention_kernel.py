@@ -6,7 +6,6 @@ dual scan with the kernel standing in for the PyTorch pass, and the first-use pr
 tests/conftest.py sets TRITON_INTERPRET before anything imports Triton, so the kernels run in its CPU interpreter.
 """
 
-import importlib.util
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch
 import atlas_train.kernels.dispatch as dispatch
 import atlas_train.kernels.dual_attention_kernel as kernel
 from atlas_train.ops import dual_attention, dual_memory_scan
-from repo_paths import BENCHMARKS
+from benchmark_scripts import load_benchmark
 
 SMALL = {"points": 16, "keys": 16, "values": 16}
 
@@ -124,10 +123,7 @@ def test_the_probe_passes_and_notes_a_failure(monkeypatch, caplog):
 def test_bench_smoke_run_prints_every_row_and_passes_its_checks(capsys):
     """`bench_dual_scan.py --smoke` on the CPU (the kernel interpreted, tiny shapes): a crash found here costs no GPU
     time. Every timing row, then every error check, within its bound."""
-    path = BENCHMARKS / "bench_dual_scan.py"
-    spec = importlib.util.spec_from_file_location("bench_dual_scan", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_dual_scan")
     with torch.random.fork_rng():
         assert bench.main(["--smoke", "--torch-pass"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from repo_paths import REPO
+from repo_paths import REPO, TESTS
 
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
-PROBE = Path(__file__).parent.parent / "launch_probe.py"
+PROBE = TESTS / "launch_probe.py"
 
 
 def _load_elastic_run():

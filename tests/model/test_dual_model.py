@@ -17,7 +17,8 @@ from atlas_train.eval import generate as generate_cli
 from atlas_train.eval.generate import generate
 from atlas_train.model import build_model
 from atlas_train.model.config import DUAL_MIXERS, ModelConfig
-from eval_helpers import REPO, train_tokenizer, write_export
+from eval_helpers import train_tokenizer, write_export
+from repo_paths import REPO
 
 
 def tiny_model(mixer: str):
