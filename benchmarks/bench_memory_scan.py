@@ -13,7 +13,7 @@
    outputs and gradients; then
    the whole memory_scan with the fast paths (without and with the memory MLP kernel) against the float64
    PyTorch path (GPU only: the dispatch takes CUDA tensors). Relative error bounds per precision; NaN never passes.
-2. Speed (B·H = 16, hid = 4·dh, D = 2·dh as with the default sketch map, c = 64, chunk 64): memory_scan
+2. Speed (B·H = 16, or 16 × --batch, hid = 4·dh, D = 2·dh as with the default sketch map, c = 64, chunk 64): memory_scan
    update=token and chunk with the kernels, the PyTorch path compiled with torch.compile (per-chunk step compiled,
    kernels off), and SDPA causal attention (cuDNN backend on GPU) with the same heads (Newton–Schulz alone:
    --ns-only). TFLOP/s against a measured bf16 matmul ceiling; peak memory the row itself allocated (above what
@@ -376,9 +376,9 @@ class Bench:
         print(f"  {label:<34} {shape:<22} {self.rows[-1][2]}", flush=True)
 
 
-def sdpa_step(length, dh, device):
+def sdpa_step(length, dh, device, batch=1):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    q, k, v = (torch.randn(1, HEADS, length, dh, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(batch, HEADS, length, dh, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
 
     def step():
         if device.type == "cuda":
@@ -391,9 +391,9 @@ def sdpa_step(length, dh, device):
     return step
 
 
-def scan_step(length, dh, update, device):
+def scan_step(length, dh, update, device, batch=1):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tensors, params = make_inputs(1, length, HEADS, dh, device, dtype, seed=0)
+    tensors, params = make_inputs(batch, length, HEADS, dh, device, dtype, seed=0)
 
     def step():
         y, _ = memory_scan(**tensors, params=params, chunk_size=CHUNK, ns_steps=NS_STEPS, update=update)
@@ -401,13 +401,13 @@ def scan_step(length, dh, update, device):
     return step
 
 
-def profile_table(length, dh, update, device, top):
+def profile_table(length, dh, update, device, top, batch=1):
     """The `top` kernels, then the `top` PyTorch ops with their input shapes (what launched those kernels), by self
     time over one forward+backward of the scan with the fast paths, eager (CUDA graphs hide the kernels of a replay
     from the profiler; the kernels are the same), after a warm-up. On CPU both tables are of CPU ops."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = scan_step(length, dh, update, device)
+    step = scan_step(length, dh, update, device, batch)
     on_gpu = device.type == "cuda"
     with scan_settings(graphs=False, use_kernels=True, compiled=False):
         step()
@@ -619,6 +619,8 @@ def main(argv=None):
                         help="Newton-Schulz alone: NS checks, then kernel vs cuBLAS vs torch.compile (dh 64 128 256)")
     parser.add_argument("--ns-sweep", action="store_true",
                         help="with --ns-only: also the bf16 kernel under each launch heuristic of NS_SWEEP")
+    parser.add_argument("--batch", type=int, default=1,
+                        help=f"sequences per call: B·H = batch × {HEADS} (8 is the production shape at 4K)")
     parser.add_argument("--updates", nargs="+", choices=("chunk", "token"), default=("chunk", "token"),
                         help="memory updates to time or profile")
     parser.add_argument("--variants", nargs="+", metavar="NAME",
@@ -713,29 +715,33 @@ def main(argv=None):
     if args.profile:
         for dh in head_dims:
             for update in args.updates:
-                print("\n" + "\n".join(profile_table(lengths[0], dh, update, device, args.profile)), flush=True)
+                print("\n" + "\n".join(profile_table(lengths[0], dh, update, device, args.profile, args.batch)),
+                      flush=True)
         return 1 if failed else 0
     bench = Bench(device, ceiling, args.budget_s, args.row_budget_s)
 
+    heads = args.batch * HEADS  # B·H of the timed rows
     for length in lengths:  # shortest context first, so a spent time budget drops the longest rows
         for dh in head_dims:
             shape = f"T={length} dh={dh}"
-            bench.run("sdpa causal" + (" cudnn" if on_gpu else ""), shape, lambda: sdpa_step(length, dh, device),
-                      7 * length * length * dh * HEADS, ("sdpa", dh), length)
+            bench.run("sdpa causal" + (" cudnn" if on_gpu else ""), shape,
+                      lambda: sdpa_step(length, dh, device, args.batch), 7 * length * length * dh * heads,
+                      ("sdpa", dh), length)
             for update in args.updates:
-                flops = scan_flops(length, HEADS, dh, update)
+                flops = scan_flops(length, heads, dh, update)
                 for name, graphs, use_kernels, compiled, mlp_kernel in scan_variants(on_gpu, args.quick,
                                                                                       length == lengths[0]):
                     if args.variants and name not in args.variants:
                         continue
                     with scan_settings(graphs, use_kernels, compiled, mlp_kernel):
-                        bench.run(f"scan {update} {name}", shape, lambda: scan_step(length, dh, update, device),
+                        bench.run(f"scan {update} {name}", shape,
+                                  lambda: scan_step(length, dh, update, device, args.batch),
                                   flops, (name, update, dh), length)
 
     print(f"\n== correctness: {len(checks)} checks, {len(failed)} failed (listed before the timings) ==")
     for reason in noted_fallbacks(MEMORY_MLP_KERNEL):  # then its "+mlp" rows ran (partly) without it
         print(f"memory MLP kernel not used for some passes: {reason}")
-    print(f"\n== forward+backward, B*H={HEADS}, c={WINDOW}, chunk={CHUNK}, ns={NS_STEPS}, NS operands "
+    print(f"\n== forward+backward, B*H={heads}, c={WINDOW}, chunk={CHUNK}, ns={NS_STEPS}, NS operands "
           f"{kernel_dispatch.ns_precision(on_gpu)} (setting {args.ns_precision}; inputs {'bf16' if on_gpu else 'fp32'}"
           f"), memory MLP kernel {kernel_dispatch.memory_mlp_precision()}, Triton NS up to "
           f"{kernel_dispatch.TRITON_MAX_SHORT_SIDE} (bf16, many matrices: "

@@ -4,9 +4,12 @@
 #                                          the scan at 4K, dh 64 and 128, against its baselines
 #   bash benchmarks/gpu_single.sh scan-table DH [--skip-checks]   the scan's table for one head dim: 4K/16K/64K,
 #                                          both updates, graphs vs the compiled baseline vs cuDNN SDPA
+#   bash benchmarks/gpu_single.sh scan-batch   the scan at the production shape (B·H = 128 at 4K, dh 64) against
+#                                          cuDNN attention of the same shape, both updates, then where its time goes
 #   bash benchmarks/gpu_single.sh train    the speed paths checked against the plain ones, then the 340M at 4K and
 #                                          32K tokens per micro-step: the transformer with plain settings (baseline)
-#                                          and the speed settings, atlas (both updates), titans, atlas_mag
+#                                          and the speed settings, atlas, titans, atlas_mag, then atlas with the
+#                                          token update (its steps take tens of seconds, so it goes last)
 #   bash benchmarks/gpu_single.sh train-long   the same at 16K and 32K: transformer and atlas
 #   bash benchmarks/gpu_single.sh decode   decode at 4K/32K, batch 1/32, eager and CUDA graph (cold Triton cache)
 #   bash benchmarks/gpu_single.sh recall   five members trained at once (round-robin over however many GPUs are
@@ -22,6 +25,12 @@ case "${1:-}" in
     step memory_scan_4k 330 python3 benchmarks/bench_memory_scan.py --dh 64 128 --lengths 4096 --budget-s 270 \
       --row-budget-s 12
     ;;
+  scan-batch)
+    step memory_scan_b8 300 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 \
+      --variants graphs --skip-checks --budget-s 260 --row-budget-s 40
+    step profile_b8 200 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk \
+      --profile 25 --skip-checks
+    ;;
   scan-table)
     step "memory_scan_dh$2" 580 python3 benchmarks/bench_memory_scan.py --dh "$2" --lengths 4096 16384 65536 \
       --variants torch.compile graphs --budget-s 520 --row-budget-s 25 "${@:3}"
@@ -29,7 +38,7 @@ case "${1:-}" in
   train)
     step check_speed_paths 120 python3 benchmarks/check_speed_paths.py
     step train_4k 440 python3 benchmarks/bench_train.py --baseline transformer@4096 \
-      --rows transformer@4096,atlas@4096,atlas:token@4096,titans@4096,atlas_mag@4096 --budget-s 380 \
+      --rows transformer@4096,atlas@4096,titans@4096,atlas_mag@4096,atlas:token@4096 --budget-s 380 \
       --json "$OUT/train_4k.json"
     ;;
   train-long)
@@ -47,7 +56,7 @@ case "${1:-}" in
     step recall_study 560 python3 benchmarks/recall_study.py --out "$OUT/recall" --work /tmp/recall --budget-minutes 8.5
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_single.sh scan|scan-table DH [--skip-checks]|train|train-long|decode|recall" >&2
+    echo "usage: bash benchmarks/gpu_single.sh scan|scan-batch|scan-table DH [--skip-checks]|train|train-long|decode|recall" >&2
     exit 2
     ;;
 esac
