@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_single.sh scan-table DH [--skip-checks]   the scan's table for one head dim: 4K/16K/64K,
 #                                          both updates, graphs vs the compiled baseline vs cuDNN SDPA
 #   bash benchmarks/gpu_single.sh scan-batch   the scan at the production shape (B·H = 128 at 4K, dh 64) against
-#                                          cuDNN attention of the same shape, both updates, then where its time goes
+#                                          cuDNN attention of the same shape, both updates, with and without the chunk
+#                                          steps compiled, then where the chunk update's time goes
 #   bash benchmarks/gpu_single.sh train    the speed paths checked against the plain ones, then the 340M at 4K and
 #                                          32K tokens per micro-step: the transformer with plain settings (baseline)
 #                                          and the speed settings, atlas, titans, atlas_mag, then atlas with the
@@ -27,7 +28,7 @@ case "${1:-}" in
     ;;
   scan-batch)
     step memory_scan_b8 300 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 \
-      --variants graphs --skip-checks --budget-s 260 --row-budget-s 40
+      --variants graphs graphs+compile --skip-checks --budget-s 260 --row-budget-s 40
     step profile_b8 200 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk \
       --profile 25 --skip-checks
     ;;
