@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_single.sh scan-batch   the scan at the production shape (B·H = 128 at 4K, dh 64) against
 #                                          cuDNN attention of the same shape, both updates, with and without the chunk
 #                                          steps compiled, then where the chunk update's time goes
+#   bash benchmarks/gpu_single.sh dual     the deep_transformer scan at B·H = 128, 4K, dh 64 against cuDNN attention
+#                                          of that shape, then a bf16 run's error against float64 at 4K
 #   bash benchmarks/gpu_single.sh train    the speed paths checked against the plain ones, then the 340M at 4K and
 #                                          32K tokens per micro-step: the transformer with plain settings (baseline)
 #                                          and the speed settings, atlas, titans, atlas_mag, then atlas with the
@@ -31,6 +33,9 @@ case "${1:-}" in
       --variants graphs graphs+compile --skip-checks --budget-s 260 --row-budget-s 40
     step profile_b8 200 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk \
       --profile 25 --skip-checks
+    ;;
+  dual)
+    step dual_scan 300 python3 benchmarks/bench_dual_scan.py --torch-pass
     ;;
   scan-table)
     step "memory_scan_dh$2" 580 python3 benchmarks/bench_memory_scan.py --dh "$2" --lengths 4096 16384 65536 \
@@ -57,7 +62,7 @@ case "${1:-}" in
     step recall_study 560 python3 benchmarks/recall_study.py --out "$OUT/recall" --work /tmp/recall --budget-minutes 8.5
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_single.sh scan|scan-batch|scan-table DH [--skip-checks]|train|train-long|decode|recall" >&2
+    echo "usage: bash benchmarks/gpu_single.sh scan|scan-batch|dual|scan-table DH [--skip-checks]|train|train-long|decode|recall" >&2
     exit 2
     ;;
 esac
