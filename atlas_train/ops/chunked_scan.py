@@ -18,10 +18,13 @@ from atlas_train.ops.cuda_graphs import run_backward, run_forward
 from atlas_train.ops.precision import compute_dtype, is_half, scan_precision
 from atlas_train.ops.scan_chunks import (
     ChunkInputs,
+    ChunkSumInputs,
     ScanOptions,
     carry_keys,
     check_state,
+    chunk_update_sums,
     initial_carry,
+    scan_input_names,
     step_chunk_update,
     step_token_update,
 )
@@ -56,6 +59,11 @@ def chunked_scan(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start, stat
         carry = _carry_from_state(state, keys, opts, batch, heads, zq.shape[-1], dtype)
         start = int(state["pos"])
     schedule = _chunk_schedule(start, length, opts.chunk_size, reset.any(0).nonzero().flatten().tolist())
+    if update == "chunk":  # the per-chunk sums that do not depend on the carry, for all chunks at once
+        zq_h, zk_h, v_h, alpha_h, eta_h, theta_h, gamma_h = inputs
+        sums = chunk_update_sums(gamma_h, torch.stack([alpha_h, theta_h, eta_h], dim=-1), reset,
+                                 carry["window_valid"], start % opts.chunk_size, opts.chunk_size)
+        inputs = [zq_h, zk_h, v_h, *sums]
     flat = [*inputs, reset, *fast, *ln, *(carry[k] for k in keys)]
     outputs = _ScanFunction.apply(opts, schedule, bool(ln), grad_wanted(flat), *flat)
     y = outputs[0].transpose(1, 2).to(zq.dtype)
@@ -82,6 +90,16 @@ def _chunk_schedule(start: int, length: int, chunk_size: int, reset_positions: l
     return tuple(pieces)
 
 
+def _chunk_slices(opts: ScanOptions, inputs, index: int, begin: int, end: int) -> list:
+    """The scan inputs' parts of piece `index` (tokens begin:end), as views: per-token inputs along the token axis,
+    the per-piece sums of update="chunk" (key_coef over its c−1+L keys, gate_sums) by piece."""
+    if opts.update == "token":
+        return [t[:, :, begin:end] for t in inputs]
+    zq, zk, v, key_coef, gate_sums = inputs
+    return [zq[:, :, begin:end], zk[:, :, begin:end], v[:, :, begin:end],
+            key_coef[:, :, index, : opts.window - 1 + end - begin], gate_sums[:, :, index]]
+
+
 def _differentiable(keys):
     return [k for k in keys if k not in _NON_DIFFERENTIABLE]
 
@@ -89,7 +107,7 @@ def _differentiable(keys):
 class ChunkStep(NamedTuple):
     """One chunk's computation, as far as its code depends on the chunk: the scan's options and the chunk's flags
     (it closes a grid chunk; a document starts in it; the memory has a LayerNorm). Each method takes the chunk's
-    tensors as one flat list (carry in key order, the 7 input pieces, reset, params, ln), so that it can run on
+    tensors as one flat list (carry in key order, the update's input pieces, reset, params, ln), so that it can run on
     static buffers: all chunks with equal steps and shapes share one CUDA graph (cuda_graphs.py)."""
 
     opts: ScanOptions
@@ -107,8 +125,8 @@ class ChunkStep(NamedTuple):
     def backward(self, *tensors) -> list[torch.Tensor]:
         """Recompute the chunk under autograd and push (grad_y, gradients of the carry out) through it. Takes the
         chunk's tensors, then grad_y, then the carry-out gradients of the differentiable keys (zeros stand for absent
-        gradients); returns the gradients of the differentiable carry keys, the 7 pieces, params and ln (zeros where
-        unused)."""
+        gradients); returns the gradients of the differentiable carry keys, the input pieces, params and ln (zeros
+        where unused)."""
         diff_keys = _differentiable(carry_keys(self.opts))
         carry, pieces, reset, params, ln, rest = self._split(tensors)
         grad_y, grad_carry = rest[0], dict(zip(diff_keys, rest[1:]))
@@ -136,16 +154,19 @@ class ChunkStep(NamedTuple):
 
     def _advance(self, carry, pieces, reset, params, ln):
         """(y, carry out) of the chunk, by the chunk step of the scan's update."""
-        step = step_token_update if self.opts.update == "token" else step_chunk_update
-        return step(carry, ChunkInputs(*pieces, reset, self.has_reset), params, ln, self.opts, self.closes)
+        if self.opts.update == "token":
+            return step_token_update(carry, ChunkInputs(*pieces, reset, self.has_reset), params, ln, self.opts,
+                                     self.closes)
+        return step_chunk_update(carry, ChunkSumInputs(*pieces, reset, self.has_reset), params, ln, self.opts,
+                                 self.closes)
 
     def _split(self, tensors):
-        """carry (keys order), the 7 pieces, reset, params, ln (dicts), then whatever follows."""
+        """carry (keys order), the input pieces, reset, params, ln (dicts), then whatever follows."""
         keys = carry_keys(self.opts)
-        n_weights = len(self.opts.weight_names)
+        n_weights, n_inputs = len(self.opts.weight_names), len(scan_input_names(self.opts))
         carry = dict(zip(keys, tensors[: len(keys)]))
         rest = tensors[len(keys):]
-        pieces, reset, rest = list(rest[:7]), rest[7], rest[8:]
+        pieces, reset, rest = list(rest[:n_inputs]), rest[n_inputs], rest[n_inputs + 1:]
         params, rest = dict(zip(self.opts.weight_names, rest[:n_weights])), rest[n_weights:]
         ln = None
         if self.has_ln:
@@ -162,9 +183,10 @@ class _ScanFunction(torch.autograd.Function):
         ctx.opts, ctx.schedule, ctx.has_ln = opts, schedule, has_ln
         fixed = [*params.values(), *([] if ln is None else ln.values())]
         saved_carries, ys = [], []
-        for begin, end, closes, has_reset in schedule:
+        for index, (begin, end, closes, has_reset) in enumerate(schedule):
             saved_carries.extend(carry[k] for k in keys)
-            chunk = [*(carry[k] for k in keys), *(t[:, :, begin:end] for t in inputs), reset[:, begin:end], *fixed]
+            chunk = [*(carry[k] for k in keys), *_chunk_slices(opts, inputs, index, begin, end), reset[:, begin:end],
+                     *fixed]
             y, *carry_out = run_forward(ChunkStep(opts, closes, has_reset, has_ln), chunk, need_backward)
             carry = dict(zip(keys, carry_out))
             ys.append(y)
@@ -196,13 +218,13 @@ class _ScanFunction(torch.autograd.Function):
         for index in reversed(range(len(schedule))):
             begin, end, closes, has_reset = schedule[index]
             snapshot = saved[n_fixed + index * len(keys): n_fixed + (index + 1) * len(keys)]
-            chunk = [*snapshot, *(t[:, :, begin:end] for t in inputs), reset[:, begin:end], *fixed,
+            chunk = [*snapshot, *_chunk_slices(opts, inputs, index, begin, end), reset[:, begin:end], *fixed,
                      grad_y[:, :, begin:end], *carry_grad]
             found = run_backward(ChunkStep(opts, closes, has_reset, ctx.has_ln), chunk)
             carry_grad, found = found[: len(diff_keys)], found[len(diff_keys):]
-            for buffer, g in zip(input_grads, found[:7]):
-                buffer[:, :, begin:end] += g
-            for buffer, g in zip(fixed_grads, found[7:]):
+            for buffer, g in zip(_chunk_slices(opts, input_grads, index, begin, end), found[: len(inputs)]):
+                buffer += g
+            for buffer, g in zip(fixed_grads, found[len(inputs):]):
                 buffer += g
         grads_in = dict(zip(diff_keys, (g.clone() for g in carry_grad)))  # off the static buffers
         n_weights = len(opts.weight_names)
@@ -213,8 +235,9 @@ class _ScanFunction(torch.autograd.Function):
 
 def _unpack(opts, has_ln, tensors):
     """Split the autograd function's flat tensor list back into its parts."""
-    inputs, reset = list(tensors[:7]), tensors[7]
-    rest = tensors[8:]
+    n_inputs = len(scan_input_names(opts))
+    inputs, reset = list(tensors[:n_inputs]), tensors[n_inputs]
+    rest = tensors[n_inputs + 1:]
     params = dict(zip(opts.weight_names, rest[: len(opts.weight_names)]))
     rest = rest[len(opts.weight_names):]
     ln = None

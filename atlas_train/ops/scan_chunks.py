@@ -10,6 +10,8 @@ this carry plus the grid position. Everything per token inside a chunk is batche
 * Window gradients. Every key's inner gradient is taken at one anchor: `params` if a document started in
   [chunk start, key], otherwise the anchor carried in. Each gradient is a sum of outer products (memory_mlp), so
   U_t = Σ_k G[t,k] left_k ⊗ right_k, with G built from gamma, the window span and document ids.
+* Carry-free sums. What a chunk of update="chunk" adds to the open chunk's gate and key-weight sums depends on the
+  inputs alone; `chunk_update_sums` computes it for every chunk of a call before the chain of chunk steps starts.
 * Recurrences. With resets as zeros in the gates, S_t = Σ_u Cθ[t,u] U_u + Cθ[t,start] S_prev and
   P_t = Cα[t,start] P_prev + κ_t params − Σ_u Cα[t,u] η_u NS(S_u), where C are L×(L+1) products-of-gates matrices
   (a cumprod, exact when a gate is 0) and κ_t the decayed weight of the latest reset.
@@ -21,6 +23,7 @@ import functools
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from atlas_train.ops import outer_sums
 from atlas_train.ops.memory_mlp import TokenWeights, loss_gradient_factors, memory_forward
@@ -41,7 +44,8 @@ class ScanOptions(NamedTuple):
 
 
 class ChunkInputs(NamedTuple):
-    """One chunk's slice of the inputs, in (B, H, L, ...) layout; reset (B, L) marks document starts.
+    """One chunk's slice of the inputs of update="token", in (B, H, L, ...) layout; reset (B, L) marks document
+    starts.
 
     has_reset says on the host whether any row of the chunk has a document start, so the chunk needs no device sync
     to decide whether to evaluate gradients at the `params` anchor too (a sync per chunk would stop the CPU from
@@ -57,6 +61,28 @@ class ChunkInputs(NamedTuple):
     gamma: torch.Tensor
     reset: torch.Tensor
     has_reset: bool
+
+
+class ChunkSumInputs(NamedTuple):
+    """One chunk's inputs of update="chunk": its queries, keys and values (B, H, L, ...), and what the chunk adds to
+    the open chunk's sums, computed for all chunks of a call at once (`chunk_update_sums`): key_coef (B, H, c−1+L),
+    each window key's total weight over the chunk's tokens, and gate_sums (B, H, 3), the sums of (alpha, theta, eta);
+    both over the tokens of the chunk's last document. reset and has_reset as in ChunkInputs."""
+
+    zq: torch.Tensor
+    zk: torch.Tensor
+    v: torch.Tensor
+    key_coef: torch.Tensor
+    gate_sums: torch.Tensor
+    reset: torch.Tensor
+    has_reset: bool
+
+
+def scan_input_names(opts: ScanOptions) -> tuple[str, ...]:
+    """The differentiable per-chunk inputs of the scan's update, in the order the chunk step takes them."""
+    if opts.update == "token":
+        return ("zq", "zk", "v", "alpha", "eta", "theta", "gamma")
+    return ("zq", "zk", "v", "key_coef", "gate_sums")
 
 
 def carry_keys(opts: ScanOptions) -> list[str]:
@@ -179,31 +205,97 @@ def _select(mask: torch.Tensor, if_true: torch.Tensor, if_false: torch.Tensor) -
     return torch.where(mask.view(shape), if_true, if_false)
 
 
-def _keys_and_factors(carry, x: ChunkInputs, params, ln, opts: ScanOptions):
-    """Window keys of the chunk with their gradient factors at their anchors, G, doc ids and the next window."""
-    past = opts.window - 1
-    token_doc = torch.cumsum(x.reset.long(), dim=-1)
-    after_reset = token_doc > 0
+def _document_ids(carry, reset):
+    """token_doc (B, L): the documents started in the chunk up to each token; key_doc (B, c−1+L): the same for each
+    window key (cached keys first), −1 for cached keys of an earlier document, so that no token of the chunk
+    matches them."""
+    token_doc = torch.cumsum(reset.long(), dim=-1)
     key_doc = torch.cat([torch.where(carry["window_valid"], 0, -1), token_doc], dim=-1)
+    return token_doc, key_doc
+
+
+def _window_keys(carry, x, opts: ScanOptions, key_doc=None, token_doc=None):
+    """The chunk's window keys and values (cached ones first) and the window handed to the next chunk. Without
+    document ids the chunk holds no document start: its keys are all valid and the cached ones keep their flags."""
+    past = opts.window - 1
     keys_z = torch.cat([carry["window_zk"], x.zk], dim=2)
     keys_v = torch.cat([carry["window_v"], x.v], dim=2)
+    start = keys_z.shape[2] - past
+    if key_doc is None:
+        valid = torch.cat([carry["window_valid"], torch.ones_like(x.reset)], dim=-1)[:, start:]
+    else:
+        valid = key_doc[:, start:] == token_doc[:, -1:]
+    return keys_z, keys_v, {"window_zk": keys_z[:, :, start:], "window_v": keys_v[:, :, start:], "window_valid": valid}
+
+
+def _gradient_factors(carry, keys_z, keys_v, params, ln, opts: ScanOptions, after_reset=None):
+    """Gradient factors of every window key at its anchor: `params` for keys after a document start in the chunk
+    (after_reset (B, L), given only when the chunk holds one), the anchor carried in for the others."""
     anchor = {w: carry[f"anchor.{w}"] for w in opts.weight_names}
     factors = loss_gradient_factors(anchor, keys_z, keys_v, ln, opts.loss)
-    if x.has_reset:
-        key_after_reset = torch.cat([torch.zeros_like(carry["window_valid"]), after_reset], dim=-1)
-        at_params = loss_gradient_factors(params, keys_z, keys_v, ln, opts.loss)
-        factors = {w: tuple(_select(key_after_reset, p, a) for p, a in zip(at_params[w], factors[w]))
-                   for w in factors}
-    weights = window_weights(x.gamma, key_doc, token_doc)
-    start = keys_z.shape[2] - past
-    window = {"window_zk": keys_z[:, :, start:], "window_v": keys_v[:, :, start:],
-              "window_valid": key_doc[:, start:] == token_doc[:, -1:]}
-    return factors, weights, token_doc, after_reset, window
+    if after_reset is None:
+        return factors
+    key_after_reset = torch.cat([torch.zeros_like(carry["window_valid"]), after_reset], dim=-1)
+    at_params = loss_gradient_factors(params, keys_z, keys_v, ln, opts.loss)
+    return {w: tuple(_select(key_after_reset, p, a) for p, a in zip(at_params[w], factors[w])) for w in factors}
+
+
+@_shape_constant
+def _call_indices(length: int, c: int, offset: int, chunk: int, device: torch.device):
+    """For a call of `length` tokens starting `offset` tokens into a grid chunk: the index into the call's key
+    documents (cached keys first) of each (token t, lag j) window key, t + c − 1 − j (T, c); the last token of each
+    token's piece (T,)."""
+    t = torch.arange(length, device=device)
+    keys = t[:, None] + c - 1 - torch.arange(c, device=device)
+    last = (((t + offset) // chunk + 1) * chunk - offset - 1).clamp(max=length - 1)
+    return keys, last
+
+
+def _by_piece(x: torch.Tensor, offset: int, chunk: int) -> torch.Tensor:
+    """(B, H, T, n) -> (B, H, P, chunk, n): the call's tokens on the chunk grid (zeros before the call's first token
+    and after its last), a piece per grid chunk."""
+    pieces = -(-(offset + x.shape[2]) // chunk)
+    padded = F.pad(x, (0, 0, offset, pieces * chunk - offset - x.shape[2]))
+    return padded.view(*x.shape[:2], pieces, chunk, x.shape[-1])
+
+
+def chunk_update_sums(gamma, gates, reset, window_valid, offset: int, chunk: int):
+    """ChunkSumInputs' key_coef (B, H, P, c−1+chunk) and gate_sums (B, H, P, 3) for all P pieces of a call at once
+    (offset: the call's first token's place in its grid chunk; a shorter piece's key_coef is padded with zeros).
+    These depend on the inputs alone, not on the carry, so they leave the chain of chunk steps: a few batched
+    operators per call instead of a dozen small ones per chunk, forward and recompute, and autograd differentiates
+    them as usual.
+
+    gamma (B, H, T, c); gates (B, H, T, 3): alpha, theta, eta; reset (B, T); window_valid (B, c−1): the cached keys
+    the call starts with. Documents are numbered over the whole call (cached keys: 0 if in the document running at
+    the call's start, −1 if not), so a key and a token share a document when their numbers are equal, as
+    `window_weights` decides within one chunk. A key's total weight in a piece, Σ_l G[l, k] with
+    G[l, k] = w[l, l + c − 1 − k] (w: the masked gamma), is a sum along diagonals: `w` flipped in its lag and each
+    row shifted right by its index (padding each row, then reading the flat rows one element shorter) lines the
+    diagonals up as columns."""
+    length, c = gamma.shape[-2:]
+    token_doc = torch.cumsum(reset.long(), dim=-1)
+    key_doc = torch.cat([torch.where(window_valid, 0, -1), token_doc], dim=-1)
+    keys, last = _call_indices(length, c, offset, chunk, gamma.device)
+    counted = token_doc == token_doc[:, last]  # in its piece's last document
+    in_window = (key_doc[:, keys] == token_doc[..., None]) & counted[..., None]  # (B, T, c)
+    flipped = _by_piece((gamma * in_window[:, None]).flip(-1), offset, chunk)  # (B, H, P, L, c), L = chunk
+    width = c - 1 + chunk
+    skewed = F.pad(flipped, (0, chunk)).flatten(-2)[..., : chunk * width].unflatten(-1, (chunk, width))
+    key_coef = skewed.sum(-2)
+    if offset:  # the first piece's tokens sit `offset` rows down the grid chunk, so its keys `offset` columns right
+        key_coef = torch.cat([F.pad(key_coef[:, :, :1, offset:], (0, offset)), key_coef[:, :, 1:]], dim=2)
+    gate_sums = _by_piece(gates * counted[:, None, :, None], offset, chunk).sum(-2)
+    return key_coef, gate_sums
 
 
 def step_token_update(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanOptions, closes: bool):
     """Spec 3.4 for one chunk: per-token momentum, NS and weights, reads after each token's update."""
-    factors, weights, token_doc, after_reset, window = _keys_and_factors(carry, x, params, ln, opts)
+    token_doc, key_doc = _document_ids(carry, x.reset)
+    after_reset = token_doc > 0
+    keys_z, keys_v, window = _window_keys(carry, x, opts, key_doc, token_doc)
+    factors = _gradient_factors(carry, keys_z, keys_v, params, ln, opts, after_reset if x.has_reset else None)
+    weights = window_weights(x.gamma, key_doc, token_doc)
     if x.has_reset:  # a document start zeroes the gates there (the resets of the recurrences)
         keep = 1.0 - x.reset.to(x.alpha.dtype)[:, None, :]
         c_theta = gate_products(x.theta * keep)
@@ -238,29 +330,33 @@ def step_token_update(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanO
     return y, out
 
 
-def step_chunk_update(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanOptions, closes: bool):
+def step_chunk_update(carry: dict, x: ChunkSumInputs, params: dict, ln, opts: ScanOptions, closes: bool):
     """Spec 3.5 for (a piece of) one grid chunk: reads at the anchor, one Muon step when the grid chunk closes.
 
     A document start inside the chunk ends the open chunk (its update would be discarded by the reset), so only
-    tokens of the chunk's last document contribute to the partial sums. Most chunks hold no document start
-    (`x.has_reset`, known on the host): they skip the masking and the reset selections, which would be the identity
-    there, and so launch fewer operators.
+    tokens of the chunk's last document contribute to the partial sums (x.key_coef and x.gate_sums count only them).
+    Most chunks hold no document start (`x.has_reset`, known on the host): they skip the document ids, the masking
+    and the reset selections, which would be the identity there, and so launch fewer operators.
     """
-    factors, weights, token_doc, after_reset, window = _keys_and_factors(carry, x, params, ln, opts)
+    if x.has_reset:
+        token_doc, key_doc = _document_ids(carry, x.reset)
+        after_reset = token_doc > 0
+        keys_z, keys_v, window = _window_keys(carry, x, opts, key_doc, token_doc)
+    else:
+        after_reset = None
+        keys_z, keys_v, window = _window_keys(carry, x, opts)
+    factors = _gradient_factors(carry, keys_z, keys_v, params, ln, opts, after_reset)
     anchor = {w: carry[f"anchor.{w}"] for w in opts.weight_names}
     y = memory_forward(anchor, x.zq, opts.dv, ln)
-    gates = torch.stack([x.alpha, x.theta, x.eta], dim=-1)
+    key_coef = x.key_coef.unsqueeze(-2)
     if x.has_reset:
         y = _select(after_reset, memory_forward(params, x.zq, opts.dv, ln), y)
-        in_last_doc = (token_doc == token_doc[:, -1:]).to(x.alpha.dtype)[:, None, :]
         reset_seen = after_reset[:, -1]
-        keep = (~reset_seen).to(x.alpha.dtype)
-        key_coef = (in_last_doc.unsqueeze(-1) * weights).sum(-2, keepdim=True)
-        gate_sum = keep[:, None, None] * carry["gate_sum"] + (in_last_doc.unsqueeze(-1) * gates).sum(-2)
+        keep = (~reset_seen).to(x.gate_sums.dtype)
+        gate_sum = keep[:, None, None] * carry["gate_sum"] + x.gate_sums
         count = torch.where(reset_seen, 0, carry["count"]) + (token_doc == token_doc[:, -1:]).sum(-1)
     else:
-        key_coef = weights.sum(-2, keepdim=True)
-        gate_sum = carry["gate_sum"] + gates.sum(-2)
+        gate_sum = carry["gate_sum"] + x.gate_sums
         count = carry["count"] + x.reset.shape[-1]
     if closes:  # the chunk's mean gates: decay (alpha), momentum (theta), learning rate (eta)
         decay, momentum_gate, rate = (gate_sum / count.to(gate_sum.dtype)[:, None, None])[..., None, None].unbind(-3)

@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from atlas_train.ops import cuda_graphs, memory_scan, memory_scan_naive, newton_schulz, scan_chunks
 from atlas_train.ops.naive import newton_schulz_per_head
@@ -397,12 +398,45 @@ def test_single_token_call_passes_the_gradient_of_its_state(update):
     assert_close_grads(grads_of(y, first), grads_of(y_ref[:, 5:], first), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("offset,length", [(0, 12), (0, 10), (3, 12), (2, 3)])
+def test_chunk_update_sums_match_each_chunks_window_weights(offset, length):
+    """The carry-free sums of update="chunk", made for a whole call at once, equal what one chunk at a time gives:
+    its window weights (`window_weights`, document ids of the chunk and the window carried in) summed over the
+    tokens of the chunk's last document, and those tokens' gates; gradients of gamma and the gates included."""
+    torch.manual_seed(offset + length)
+    batch, heads, c, chunk = 2, 3, 3, 4
+    gamma = torch.rand(batch, heads, length, c, dtype=torch.float64, requires_grad=True)
+    gates = torch.rand(batch, heads, length, 3, dtype=torch.float64, requires_grad=True)
+    reset = torch.rand(batch, length) < 0.25
+    valid = torch.rand(batch, c - 1) < 0.7
+    key_coef, gate_sums = scan_chunks.chunk_update_sums(gamma, gates, reset, valid, offset, chunk)
+    expected_keys, expected_gates, begin = [], [], 0
+    while begin < length:
+        end = min(length, begin + chunk - (offset + begin) % chunk)
+        token_doc = torch.cumsum(reset[:, begin:end].long(), dim=-1)
+        key_doc = torch.cat([torch.where(valid, 0, -1), token_doc], dim=-1)
+        in_last = (token_doc == token_doc[:, -1:]).double()[:, None, :, None]
+        weights = scan_chunks.window_weights(gamma[:, :, begin:end], key_doc, token_doc)
+        expected_keys.append(F.pad((in_last * weights).sum(-2), (0, chunk - (end - begin))))
+        expected_gates.append((in_last * gates[:, :, begin:end]).sum(-2))
+        valid = key_doc[:, -(c - 1):] == token_doc[:, -1:]
+        begin = end
+    expected = torch.stack(expected_keys, dim=2), torch.stack(expected_gates, dim=2)
+    for got, want in zip((key_coef, gate_sums), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    upstream = [torch.randn_like(t) for t in expected]
+    got = torch.autograd.grad([key_coef, gate_sums], [gamma, gates], upstream)
+    want = torch.autograd.grad(list(expected), [gamma, gates], upstream)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("update", ["token", "chunk"])
 def test_shape_constants_first_made_in_inference_mode_serve_training(update):
     """The scan caches the index and mask tensors of a chunk shape; the first call may run under
     torch.inference_mode (generation), and a later training call saves them for backward, which inference tensors
     do not allow. Same outputs as with a fresh cache."""
-    for constants in (scan_chunks._window_lags, scan_chunks._gate_product_masks):
+    for constants in (scan_chunks._window_lags, scan_chunks._gate_product_masks, scan_chunks._call_indices):
         constants.cache_clear()
     x, params = make_inputs(6, length=9, window=3, ln=True, dtype=torch.float32)
     kw = dict(params=params, chunk_size=4, ns_steps=2, update=update)
