@@ -2,9 +2,10 @@
 
 Each row is one mixer (and update) at one context length, run through `atlas_train.train.trainer.train` in its own
 process (DeepSpeed engine, shard loader on a prepared random-token dataset, metrics logging, the train config's
-speed settings): W warm-up steps, then D timed steps. By default every micro-step holds 32K tokens per GPU
-(micro-batch 8 at 4K, 2 at 16K, 1 at 32K) with gradient accumulation 1; `--micro-batch auto` lets the trainer's
-probe pick it. Rows print as they finish, so a time-limited run keeps what it measured.
+speed settings): W warm-up steps, then D timed steps (memory rows: one warm-up step, then --memory-steps). By
+default every micro-step holds 32K tokens per GPU (micro-batch 8 at 4K, 2 at 16K, 1 at 32K) with gradient
+accumulation 1; `--micro-batch auto` lets the trainer's probe pick it. Rows print as they finish, so a time-limited
+run keeps what it measured.
 
 Columns:
 - tokens/s: tokens of the timed steps / their wall time (logging and data included).
@@ -190,6 +191,8 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=4, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps (compilation, graph capture)")
+    p.add_argument("--memory-steps", type=int, default=2,
+                   help="timed steps for memory rows (steps of seconds; one warm-up step captures their graphs)")
     p.add_argument("--slow-steps", type=int, default=1,
                    help="timed steps for memory rows with update=token (steps of tens of seconds)")
     p.add_argument("--zero-stage", type=int, default=1)
@@ -231,9 +234,9 @@ def main() -> None:
                 continue
             T = row["seq_len"]
             micro = args.micro_batch or str(max(1, args.tokens_per_step // T))
-            slow = row["mixer"] != "transformer" and row["update"] == "token"
-            steps = args.slow_steps if slow else args.steps
-            warmup = 1 if slow else args.warmup
+            memory = row["mixer"] != "transformer"
+            steps = (args.slow_steps if row["update"] == "token" else args.memory_steps) if memory else args.steps
+            warmup = 1 if memory else args.warmup
             if T not in datasets:
                 datasets[T] = Path(tmp) / f"data_{T}"
                 rows_needed = (warmup + steps + 2) * args.grad_accum * max(1, args.tokens_per_step // T) * 2
