@@ -9,6 +9,8 @@
 #                                          steps compiled, then where the chunk update's time goes
 #   bash benchmarks/gpu_single.sh dual     the deep_transformer scan at B·H = 128, 4K, dh 64 against cuDNN attention
 #                                          of that shape, then a bf16 run's error against float64 at 4K
+#   bash benchmarks/gpu_single.sh speed    one call for scarce machines: the speed paths' checks, the scan at B·H = 128
+#                                          (graphs) against cuDNN attention, then as much of train's table as fits
 #   bash benchmarks/gpu_single.sh train    the speed paths checked against the plain ones, then the 340M at 4K and
 #                                          32K tokens per micro-step: the transformer with plain settings (baseline)
 #                                          and the speed settings, atlas, titans, atlas_mag, then atlas with the
@@ -27,6 +29,14 @@ case "${1:-}" in
     step ns_only 200 python3 benchmarks/bench_memory_scan.py --ns-only --dh 64 128 --budget-s 160
     step memory_scan_4k 330 python3 benchmarks/bench_memory_scan.py --dh 64 128 --lengths 4096 --budget-s 270 \
       --row-budget-s 12
+    ;;
+  speed)
+    step check_speed_paths 90 python3 benchmarks/check_speed_paths.py
+    step memory_scan_b8 150 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 \
+      --variants graphs --skip-checks --budget-s 120 --row-budget-s 30
+    step train_4k 320 python3 benchmarks/bench_train.py --baseline transformer@4096 \
+      --rows transformer@4096,atlas@4096,titans@4096,atlas_mag@4096,atlas:token@4096 --budget-s 260 \
+      --json "$OUT/train_4k.json"
     ;;
   scan-batch)
     step memory_scan_b8 300 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 \
@@ -62,7 +72,7 @@ case "${1:-}" in
     step recall_study 560 python3 benchmarks/recall_study.py --out "$OUT/recall" --work /tmp/recall --budget-minutes 8.5
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_single.sh scan|scan-batch|dual|scan-table DH [--skip-checks]|train|train-long|decode|recall" >&2
+    echo "usage: bash benchmarks/gpu_single.sh scan|scan-batch|speed|dual|scan-table DH [--skip-checks]|train|train-long|decode|recall" >&2
     exit 2
     ;;
 esac
