@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 from atlas_train.ops.cuda_graphs import run_backward, run_forward
 from atlas_train.ops.precision import compute_dtype, is_half, scan_precision
@@ -27,6 +28,7 @@ from atlas_train.ops.scan_chunks import (
     scan_input_names,
     step_chunk_update,
     step_token_update,
+    token_update_coefficients,
 )
 
 _NON_DIFFERENTIABLE = ("count", "window_valid")
@@ -59,17 +61,31 @@ def chunked_scan(zq, zk, v, alpha, eta, theta, gamma, params, *, doc_start, stat
         carry = _carry_from_state(state, keys, opts, batch, heads, zq.shape[-1], dtype)
         start = int(state["pos"])
     schedule = _chunk_schedule(start, length, opts.chunk_size, reset.any(0).nonzero().flatten().tolist())
-    if update == "chunk":  # the per-chunk sums that do not depend on the carry, for all chunks at once
-        zq_h, zk_h, v_h, alpha_h, eta_h, theta_h, gamma_h = inputs
-        sums = chunk_update_sums(gamma_h, torch.stack([alpha_h, theta_h, eta_h], dim=-1), reset,
-                                 carry["window_valid"], start % opts.chunk_size, opts.chunk_size)
-        inputs = [zq_h, zk_h, v_h, *sums]
-    flat = [*inputs, reset, *fast, *ln, *(carry[k] for k in keys)]
-    outputs = _ScanFunction.apply(opts, schedule, bool(ln), grad_wanted(flat), *flat)
+    offset = start % opts.chunk_size
+    terms = _carry_free_terms(opts, *inputs[3:], reset, carry["window_valid"], offset)
+    flat = [*inputs[:3], *terms, reset, *fast, *ln, *(carry[k] for k in keys)]
+    outputs = _ScanFunction.apply(opts, schedule, offset, bool(ln), grad_wanted(flat), *flat)
     y = outputs[0].transpose(1, 2).to(zq.dtype)
     new_state = dict(zip(keys, outputs[1:]))
     new_state["pos"] = torch.tensor(start + length, dtype=torch.long, device=zq.device)
     return y, new_state
+
+
+def _carry_free_terms(opts: ScanOptions, alpha, eta, theta, gamma, reset, window_valid, offset: int) -> tuple:
+    """What each chunk needs of the gates and window weights, for all chunks of the call at once (it does not depend
+    on the carry; scan_chunks.chunk_update_sums, token_update_coefficients). Under autograd the batched products are
+    recomputed in backward rather than kept: the token update's gate products alone would keep several (L, L+1)
+    matrices per chunk and head, about half a fast-weight carry at dh 64."""
+    def terms(alpha, eta, theta, gamma):
+        with scan_precision(reset.device, opts.half_inputs):  # also when backward recomputes them
+            if opts.update == "chunk":
+                gates = torch.stack([alpha, theta, eta], dim=-1)
+                return chunk_update_sums(gamma, gates, reset, window_valid, offset, opts.chunk_size)
+            return token_update_coefficients(gamma, alpha, eta, theta, reset, window_valid, offset, opts.chunk_size)
+
+    if not grad_wanted([alpha, eta, theta, gamma]):
+        return terms(alpha, eta, theta, gamma)
+    return checkpoint(terms, alpha, eta, theta, gamma, use_reentrant=False)
 
 
 def grad_wanted(tensors) -> bool:
@@ -90,14 +106,21 @@ def _chunk_schedule(start: int, length: int, chunk_size: int, reset_positions: l
     return tuple(pieces)
 
 
-def _chunk_slices(opts: ScanOptions, inputs, index: int, begin: int, end: int) -> list:
-    """The scan inputs' parts of piece `index` (tokens begin:end), as views: per-token inputs along the token axis,
-    the per-piece sums of update="chunk" (key_coef over its c−1+L keys, gate_sums) by piece."""
+def _chunk_slices(opts: ScanOptions, inputs, index: int, begin: int, end: int, offset: int) -> list:
+    """The scan inputs' parts of piece `index` (tokens begin:end), as views: queries, keys and values along the token
+    axis; the per-piece terms (on the chunk grid, see chunk_update_sums) at the piece's place in its grid chunk,
+    which is `offset` tokens in for the call's first piece and 0 for the others."""
+    zq, zk, v, *terms = inputs
+    first, n = (offset if index == 0 else 0), end - begin
+    rows, keys = slice(first, first + n), slice(first, first + opts.window - 1 + n)
     if opts.update == "token":
-        return [t[:, :, begin:end] for t in inputs]
-    zq, zk, v, key_coef, gate_sums = inputs
-    return [zq[:, :, begin:end], zk[:, :, begin:end], v[:, :, begin:end],
-            key_coef[:, :, index, : opts.window - 1 + end - begin], gate_sums[:, :, index]]
+        mix, momentum_scale, decay_start, reset_weight, decay_in = (t[:, :, index] for t in terms)
+        terms = [mix[..., rows, keys], momentum_scale[..., rows], decay_start[..., rows], reset_weight[..., rows],
+                 decay_in[..., rows, rows]]
+    else:
+        key_coef, gate_sums = terms
+        terms = [key_coef[:, :, index, keys], gate_sums[:, :, index]]
+    return [zq[:, :, begin:end], zk[:, :, begin:end], v[:, :, begin:end], *terms]
 
 
 def _differentiable(keys):
@@ -178,15 +201,15 @@ class _ScanFunction(torch.autograd.Function):
     """Chunked scan with per-chunk recomputation in backward (saves one carry per chunk, not per token)."""
 
     @staticmethod
-    def forward(ctx, opts, schedule, has_ln, need_backward, *tensors):
+    def forward(ctx, opts, schedule, offset, has_ln, need_backward, *tensors):
         inputs, reset, params, ln, carry, keys = _unpack(opts, has_ln, tensors)
-        ctx.opts, ctx.schedule, ctx.has_ln = opts, schedule, has_ln
+        ctx.opts, ctx.schedule, ctx.offset, ctx.has_ln = opts, schedule, offset, has_ln
         fixed = [*params.values(), *([] if ln is None else ln.values())]
         saved_carries, ys = [], []
         for index, (begin, end, closes, has_reset) in enumerate(schedule):
             saved_carries.extend(carry[k] for k in keys)
-            chunk = [*(carry[k] for k in keys), *_chunk_slices(opts, inputs, index, begin, end), reset[:, begin:end],
-                     *fixed]
+            chunk = [*(carry[k] for k in keys), *_chunk_slices(opts, inputs, index, begin, end, offset),
+                     reset[:, begin:end], *fixed]
             y, *carry_out = run_forward(ChunkStep(opts, closes, has_reset, has_ln), chunk, need_backward)
             carry = dict(zip(keys, carry_out))
             ys.append(y)
@@ -218,18 +241,19 @@ class _ScanFunction(torch.autograd.Function):
         for index in reversed(range(len(schedule))):
             begin, end, closes, has_reset = schedule[index]
             snapshot = saved[n_fixed + index * len(keys): n_fixed + (index + 1) * len(keys)]
-            chunk = [*snapshot, *_chunk_slices(opts, inputs, index, begin, end), reset[:, begin:end], *fixed,
-                     grad_y[:, :, begin:end], *carry_grad]
+            chunk = [*snapshot, *_chunk_slices(opts, inputs, index, begin, end, ctx.offset), reset[:, begin:end],
+                     *fixed, grad_y[:, :, begin:end], *carry_grad]
             found = run_backward(ChunkStep(opts, closes, has_reset, ctx.has_ln), chunk)
             carry_grad, found = found[: len(diff_keys)], found[len(diff_keys):]
-            for buffer, g in zip(_chunk_slices(opts, input_grads, index, begin, end), found[: len(inputs)]):
+            for buffer, g in zip(_chunk_slices(opts, input_grads, index, begin, end, ctx.offset),
+                                 found[: len(inputs)]):
                 buffer += g
             for buffer, g in zip(fixed_grads, found[len(inputs):]):
                 buffer += g
         grads_in = dict(zip(diff_keys, (g.clone() for g in carry_grad)))  # off the static buffers
         n_weights = len(opts.weight_names)
         grad_ln = fixed_grads[n_weights:]
-        return (None, None, None, None, *input_grads, None, *fixed_grads[:n_weights], *grad_ln,
+        return (None, None, None, None, None, *input_grads, None, *fixed_grads[:n_weights], *grad_ln,
                 *(grads_in.get(k) for k in keys))
 
 

@@ -72,7 +72,7 @@ class TokenWeights:
     carried: torch.Tensor  # (B, H, out, in): the weights before the chunk
     carried_scale: torch.Tensor  # (B, H, L): a_t
     initial: torch.Tensor  # (1, H, out, in): `params`, which a document start restores
-    initial_scale: torch.Tensor  # (B, H, L): b_t
+    initial_scale: torch.Tensor | None  # (B, H, L): b_t; None where it is zero (no document start in the chunk)
     updates: torch.Tensor  # (B, H, L, out, in): U_u
     mix: torch.Tensor  # (B, H, L, L): mix[t, u], zero for u > t
     half_inputs: bool = False  # the model runs in bf16/fp16 (the precision of U's gradient on a GPU)
@@ -81,15 +81,19 @@ class TokenWeights:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """W_t x_t for tokens x (B, H, L, in) → (B, H, L, out)."""
         mixed, self._last_mixed = _TokenReads.apply(self.updates, self.mix, x, self.half_inputs)
-        return (self.carried_scale[..., None] * (x @ self.carried.transpose(-1, -2))
-                + self.initial_scale[..., None] * (x @ self.initial.transpose(-1, -2)) - mixed)
+        out = self.carried_scale[..., None] * (x @ self.carried.transpose(-1, -2)) - mixed
+        if self.initial_scale is None:
+            return out
+        return out + self.initial_scale[..., None] * (x @ self.initial.transpose(-1, -2))
 
     def last(self) -> torch.Tensor:
         """The last token's matrix (B, H, out, in): the weights the chunk hands on (after `apply`, see the class)."""
         if self._last_mixed is None:
             raise RuntimeError("TokenWeights.last() needs apply() first: the two are one autograd node")
-        return (self.carried_scale[..., -1, None, None] * self.carried
-                + self.initial_scale[..., -1, None, None] * self.initial - self._last_mixed)
+        out = self.carried_scale[..., -1, None, None] * self.carried - self._last_mixed
+        if self.initial_scale is None:
+            return out
+        return out + self.initial_scale[..., -1, None, None] * self.initial
 
 
 def apply_linear(w: torch.Tensor | TokenWeights, x: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,11 @@ class ScanOptions(NamedTuple):
 
 
 class ChunkInputs(NamedTuple):
-    """One chunk's slice of the inputs of update="token", in (B, H, L, ...) layout; reset (B, L) marks document
-    starts.
+    """One chunk's inputs of update="token": its queries, keys and values (B, H, L, ...), and its gate algebra,
+    computed for all chunks of a call at once (`token_update_coefficients`): mix (B, H, L, c−1+L), each token's
+    momentum weights of the window keys' gradients, Σ_u Cθ[t, u] G[u, k]; momentum_scale (B, H, L), Cθ[t, start];
+    decay_start (B, H, L), Cα[t, start]; reset_weight (B, H, L), κ_t; decay_in (B, H, L, L), Cα[t, u]·η_u.
+    reset (B, L) marks document starts.
 
     has_reset says on the host whether any row of the chunk has a document start, so the chunk needs no device sync
     to decide whether to evaluate gradients at the `params` anchor too (a sync per chunk would stop the CPU from
@@ -55,10 +58,11 @@ class ChunkInputs(NamedTuple):
     zq: torch.Tensor
     zk: torch.Tensor
     v: torch.Tensor
-    alpha: torch.Tensor
-    eta: torch.Tensor
-    theta: torch.Tensor
-    gamma: torch.Tensor
+    mix: torch.Tensor
+    momentum_scale: torch.Tensor
+    decay_start: torch.Tensor
+    reset_weight: torch.Tensor
+    decay_in: torch.Tensor
     reset: torch.Tensor
     has_reset: bool
 
@@ -80,9 +84,8 @@ class ChunkSumInputs(NamedTuple):
 
 def scan_input_names(opts: ScanOptions) -> tuple[str, ...]:
     """The differentiable per-chunk inputs of the scan's update, in the order the chunk step takes them."""
-    if opts.update == "token":
-        return ("zq", "zk", "v", "alpha", "eta", "theta", "gamma")
-    return ("zq", "zk", "v", "key_coef", "gate_sums")
+    inputs = ChunkInputs if opts.update == "token" else ChunkSumInputs
+    return inputs._fields[: -2]  # without reset and has_reset
 
 
 def carry_keys(opts: ScanOptions) -> list[str]:
@@ -251,67 +254,82 @@ def _call_indices(length: int, c: int, offset: int, chunk: int, device: torch.de
     return keys, last
 
 
-def _by_piece(x: torch.Tensor, offset: int, chunk: int) -> torch.Tensor:
-    """(B, H, T, n) -> (B, H, P, chunk, n): the call's tokens on the chunk grid (zeros before the call's first token
-    and after its last), a piece per grid chunk."""
+def _call_documents(reset, window_valid, c: int, offset: int, chunk: int):
+    """in_window (B, T, c): the key at lag j of token t is in t's document; counted (B, T): t is in its piece's last
+    document. Documents are numbered over the whole call (cached keys: 0 if in the document running at the call's
+    start, −1 if not), so a key and a token share a document when their numbers are equal, as `window_weights`
+    decides within one chunk."""
+    token_doc = torch.cumsum(reset.long(), dim=-1)
+    key_doc = torch.cat([torch.where(window_valid, 0, -1), token_doc], dim=-1)
+    keys, last = _call_indices(reset.shape[-1], c, offset, chunk, reset.device)
+    return key_doc[:, keys] == token_doc[..., None], token_doc == token_doc[:, last]
+
+
+def _by_piece(x: torch.Tensor, offset: int, chunk: int, pad: float = 0.0) -> torch.Tensor:
+    """(B, H, T, ...) -> (B, H, P, chunk, ...): the call's tokens on the chunk grid, a piece per grid chunk (`pad`
+    before the call's first token and after its last)."""
     pieces = -(-(offset + x.shape[2]) // chunk)
-    padded = F.pad(x, (0, 0, offset, pieces * chunk - offset - x.shape[2]))
-    return padded.view(*x.shape[:2], pieces, chunk, x.shape[-1])
+    tail = x.dim() - 3
+    padded = F.pad(x, (0, 0) * tail + (offset, pieces * chunk - offset - x.shape[2]), value=pad)
+    return padded.view(*x.shape[:2], pieces, chunk, *x.shape[3:])
+
+
+def _piece_window_weights(gamma: torch.Tensor, offset: int, chunk: int) -> torch.Tensor:
+    """G (B, H, P, chunk, c−1+chunk) of every piece from the masked gamma (B, H, T, c): G[l, k] = gamma[l, j] with
+    lag j = l + c − 1 − k, the layout of `window_weights`. Flipping the lag and shifting each row right by its index
+    (pad every row, then read the flat rows one element shorter) puts gamma's lags on those diagonals."""
+    c = gamma.shape[-1]
+    flipped = _by_piece(gamma.flip(-1), offset, chunk)
+    width = c - 1 + chunk
+    return F.pad(flipped, (0, chunk)).flatten(-2)[..., : chunk * width].unflatten(-1, (chunk, width))
 
 
 def chunk_update_sums(gamma, gates, reset, window_valid, offset: int, chunk: int):
-    """ChunkSumInputs' key_coef (B, H, P, c−1+chunk) and gate_sums (B, H, P, 3) for all P pieces of a call at once
-    (offset: the call's first token's place in its grid chunk; a shorter piece's key_coef is padded with zeros).
-    These depend on the inputs alone, not on the carry, so they leave the chain of chunk steps: a few batched
-    operators per call instead of a dozen small ones per chunk, forward and recompute, and autograd differentiates
-    them as usual.
-
-    gamma (B, H, T, c); gates (B, H, T, 3): alpha, theta, eta; reset (B, T); window_valid (B, c−1): the cached keys
-    the call starts with. Documents are numbered over the whole call (cached keys: 0 if in the document running at
-    the call's start, −1 if not), so a key and a token share a document when their numbers are equal, as
-    `window_weights` decides within one chunk. A key's total weight in a piece, Σ_l G[l, k] with
-    G[l, k] = w[l, l + c − 1 − k] (w: the masked gamma), is a sum along diagonals: `w` flipped in its lag and each
-    row shifted right by its index (padding each row, then reading the flat rows one element shorter) lines the
-    diagonals up as columns."""
-    length, c = gamma.shape[-2:]
-    token_doc = torch.cumsum(reset.long(), dim=-1)
-    key_doc = torch.cat([torch.where(window_valid, 0, -1), token_doc], dim=-1)
-    keys, last = _call_indices(length, c, offset, chunk, gamma.device)
-    counted = token_doc == token_doc[:, last]  # in its piece's last document
-    in_window = (key_doc[:, keys] == token_doc[..., None]) & counted[..., None]  # (B, T, c)
-    flipped = _by_piece((gamma * in_window[:, None]).flip(-1), offset, chunk)  # (B, H, P, L, c), L = chunk
-    width = c - 1 + chunk
-    skewed = F.pad(flipped, (0, chunk)).flatten(-2)[..., : chunk * width].unflatten(-1, (chunk, width))
-    key_coef = skewed.sum(-2)
-    if offset:  # the first piece's tokens sit `offset` rows down the grid chunk, so its keys `offset` columns right
-        key_coef = torch.cat([F.pad(key_coef[:, :, :1, offset:], (0, offset)), key_coef[:, :, 1:]], dim=2)
+    """ChunkSumInputs' key_coef (B, H, P, c−1+chunk) and gate_sums (B, H, P, 3) for all P pieces of a call at once,
+    on the chunk grid (offset: the call's first token's place in its grid chunk; `_chunk_slices` takes each piece's
+    part). They depend on the inputs alone, not on the carry, so they leave the chain of chunk steps: a few batched
+    operators per call instead of a dozen small ones per chunk, forward and recompute; autograd differentiates them
+    as usual. gamma (B, H, T, c); gates (B, H, T, 3): alpha, theta, eta; reset (B, T); window_valid (B, c−1): the
+    cached keys the call starts with."""
+    in_window, counted = _call_documents(reset, window_valid, gamma.shape[-1], offset, chunk)
+    weights = _piece_window_weights(gamma * (in_window & counted[..., None])[:, None], offset, chunk)
     gate_sums = _by_piece(gates * counted[:, None, :, None], offset, chunk).sum(-2)
-    return key_coef, gate_sums
+    return weights.sum(-2), gate_sums
+
+
+def token_update_coefficients(gamma, alpha, eta, theta, reset, window_valid, offset: int, chunk: int):
+    """ChunkInputs' mix, momentum_scale, decay_start, reset_weight and decay_in for all P pieces of a call at once,
+    on the chunk grid like `chunk_update_sums` (and for the same reason). A document start zeroes the gates there
+    (the resets of the recurrences); outside the call the grid is padded with gates of 1 and zero weights, which
+    leaves every real token's products unchanged."""
+    in_window, _ = _call_documents(reset, window_valid, gamma.shape[-1], offset, chunk)
+    weights = _piece_window_weights(gamma * in_window[:, None], offset, chunk)
+    started = reset.to(alpha.dtype)[:, None, :]
+    c_theta = gate_products(_by_piece(theta * (1.0 - started), offset, chunk, pad=1.0))
+    c_alpha = gate_products(_by_piece(alpha * (1.0 - started), offset, chunk, pad=1.0))
+    reset_weight = (c_alpha[..., 1:] * _by_piece(started * alpha, offset, chunk)[..., None, :]).sum(-1)
+    decay_in = c_alpha[..., 1:] * _by_piece(eta, offset, chunk)[..., None, :]
+    return c_theta[..., 1:] @ weights, c_theta[..., 0], c_alpha[..., 0], reset_weight, decay_in
 
 
 def step_token_update(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanOptions, closes: bool):
     """Spec 3.4 for one chunk: per-token momentum, NS and weights, reads after each token's update."""
-    token_doc, key_doc = _document_ids(carry, x.reset)
-    after_reset = token_doc > 0
-    keys_z, keys_v, window = _window_keys(carry, x, opts, key_doc, token_doc)
-    factors = _gradient_factors(carry, keys_z, keys_v, params, ln, opts, after_reset if x.has_reset else None)
-    weights = window_weights(x.gamma, key_doc, token_doc)
-    if x.has_reset:  # a document start zeroes the gates there (the resets of the recurrences)
-        keep = 1.0 - x.reset.to(x.alpha.dtype)[:, None, :]
-        c_theta = gate_products(x.theta * keep)
-        c_alpha = gate_products(x.alpha * keep)
-        reset_weight = (c_alpha[..., 1:] * ((1.0 - keep) * x.alpha)[..., None, :]).sum(-1)
-    else:  # the same with keep = 1, without its operators
-        c_theta, c_alpha = gate_products(x.theta), gate_products(x.alpha)
-        reset_weight = torch.zeros_like(x.alpha)
-    mix = c_theta[..., 1:] @ weights
-    decay_in = c_alpha[..., 1:] * (x.eta[..., None, :])
+    if x.has_reset:
+        token_doc, key_doc = _document_ids(carry, x.reset)
+        after_reset = token_doc > 0
+        keys_z, keys_v, window = _window_keys(carry, x, opts, key_doc, token_doc)
+    else:
+        after_reset = None
+        keys_z, keys_v, window = _window_keys(carry, x, opts)
+    factors = _gradient_factors(carry, keys_z, keys_v, params, ln, opts, after_reset)
+    reset_weight = x.reset_weight if x.has_reset else None  # zero without a document start
+    mix, scale = x.mix, x.momentum_scale
     fast, out = {}, {}
     for w in opts.weight_names:
-        scale, prev = c_theta[..., 0], carry[f"momentum.{w}"]
+        prev = carry[f"momentum.{w}"]
         momentum = outer_sums.weighted_outer_sums(mix, *factors[w], scale, prev, opts.half_inputs)
-        fast[w] = TokenWeights(carry[f"fast.{w}"], c_alpha[..., 0], params[w], reset_weight,
-                               newton_schulz(momentum, opts.ns_steps, opts.half_inputs), decay_in, opts.half_inputs)
+        fast[w] = TokenWeights(carry[f"fast.{w}"], x.decay_start, params[w], reset_weight,
+                               newton_schulz(momentum, opts.ns_steps, opts.half_inputs), x.decay_in, opts.half_inputs)
         # The momentum handed on, formed again for the last token alone: taken as momentum[:, :, -1], its gradient
         # would be a zero tensor of the momenta's size with one token filled, added to theirs.
         out[f"momentum.{w}"] = outer_sums.weighted_outer_sums_reference(mix[:, :, -1:], *factors[w],

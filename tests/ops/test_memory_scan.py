@@ -9,7 +9,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from atlas_train.ops import cuda_graphs, memory_scan, memory_scan_naive, newton_schulz, scan_chunks
 from atlas_train.ops.naive import newton_schulz_per_head
@@ -261,13 +260,16 @@ def _saved_bytes_beyond_inputs(length, chunk, update):
 
 @pytest.mark.parametrize("update", ["token", "chunk"])
 def test_saved_activations_grow_with_chunks_not_tokens(update):
-    """Each extra chunk adds one carry (fast weights, momentum, anchor, window), not chunk_size fast-weight sets."""
-    chunk = 16
+    """Each extra chunk adds one carry (fast weights, momentum, anchor, window) and the chunk's carry-free terms
+    (chunk_update_sums, token_update_coefficients: kept as the scan's inputs, their intermediates recomputed), not
+    chunk_size fast-weight sets."""
+    chunk, keys = 16, 16 + 1  # window 2: c − 1 + L keys
     weights = 8 * (4 * 8 + 8 * 4)  # bytes of W1 + W2, float64, one head
+    terms = 8 * (keys + 3 if update == "chunk" else chunk * keys + 3 * chunk + chunk * chunk)
     for n_chunks in (2, 4):
         extra = _saved_bytes_beyond_inputs(2 * n_chunks * chunk, chunk, update) - _saved_bytes_beyond_inputs(
             n_chunks * chunk, chunk, update)
-        assert 2 * weights < extra / n_chunks < 4 * weights, (n_chunks, extra)
+        assert 2 * weights < extra / n_chunks - terms < 4 * weights, (n_chunks, extra)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -398,37 +400,77 @@ def test_single_token_call_passes_the_gradient_of_its_state(update):
     assert_close_grads(grads_of(y, first), grads_of(y_ref[:, 5:], first), rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("offset,length", [(0, 12), (0, 10), (3, 12), (2, 3)])
-def test_chunk_update_sums_match_each_chunks_window_weights(offset, length):
-    """The carry-free sums of update="chunk", made for a whole call at once, equal what one chunk at a time gives:
-    its window weights (`window_weights`, document ids of the chunk and the window carried in) summed over the
-    tokens of the chunk's last document, and those tokens' gates; gradients of gamma and the gates included."""
-    torch.manual_seed(offset + length)
-    batch, heads, c, chunk = 2, 3, 3, 4
-    gamma = torch.rand(batch, heads, length, c, dtype=torch.float64, requires_grad=True)
-    gates = torch.rand(batch, heads, length, 3, dtype=torch.float64, requires_grad=True)
-    reset = torch.rand(batch, length) < 0.25
-    valid = torch.rand(batch, c - 1) < 0.7
-    key_coef, gate_sums = scan_chunks.chunk_update_sums(gamma, gates, reset, valid, offset, chunk)
-    expected_keys, expected_gates, begin = [], [], 0
+def _pieces_one_by_one(reset, valid, offset, length, chunk):
+    """(piece index, begin, end, the piece's place in its grid chunk, token_doc, key_doc) of each piece, with the
+    document ids and window validity one chunk step computes (`_document_ids`, `_window_keys`)."""
+    pieces, begin, index = [], 0, 0
     while begin < length:
         end = min(length, begin + chunk - (offset + begin) % chunk)
         token_doc = torch.cumsum(reset[:, begin:end].long(), dim=-1)
         key_doc = torch.cat([torch.where(valid, 0, -1), token_doc], dim=-1)
-        in_last = (token_doc == token_doc[:, -1:]).double()[:, None, :, None]
-        weights = scan_chunks.window_weights(gamma[:, :, begin:end], key_doc, token_doc)
-        expected_keys.append(F.pad((in_last * weights).sum(-2), (0, chunk - (end - begin))))
-        expected_gates.append((in_last * gates[:, :, begin:end]).sum(-2))
-        valid = key_doc[:, -(c - 1):] == token_doc[:, -1:]
-        begin = end
-    expected = torch.stack(expected_keys, dim=2), torch.stack(expected_gates, dim=2)
-    for got, want in zip((key_coef, gate_sums), expected):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    upstream = [torch.randn_like(t) for t in expected]
-    got = torch.autograd.grad([key_coef, gate_sums], [gamma, gates], upstream)
-    want = torch.autograd.grad(list(expected), [gamma, gates], upstream)
+        pieces.append((index, begin, end, offset if index == 0 else 0, token_doc, key_doc))
+        valid = key_doc[:, -valid.shape[1]:] == token_doc[:, -1:]
+        begin, index = end, index + 1
+    return pieces
+
+
+def _random_call_terms(offset, length, c=3):
+    torch.manual_seed(offset + length)
+    batch, heads = 2, 3
+    gamma, alpha, eta, theta = (torch.rand(batch, heads, length, *shape, dtype=torch.float64, requires_grad=True)
+                                for shape in ((c,), (), (), ()))
+    return gamma, alpha, eta, theta, torch.rand(batch, length) < 0.25, torch.rand(batch, c - 1) < 0.7
+
+
+def _assert_same_values_and_gradients(got, want, leaves_):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    upstream = [torch.randn_like(t) for t in want]
+    for g, w in zip(torch.autograd.grad(got, leaves_, upstream), torch.autograd.grad(want, leaves_, upstream)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+CALLS = [(0, 12), (0, 10), (3, 12), (2, 3)]  # (first token's place in its grid chunk of 4, tokens)
+
+
+@pytest.mark.parametrize("offset,length", CALLS)
+def test_chunk_update_sums_match_each_chunks_window_weights(offset, length):
+    """The carry-free sums of update="chunk", made for a whole call at once, equal what one chunk at a time gives:
+    its window weights (`window_weights`, document ids of the chunk and the window carried in) summed over the
+    tokens of the chunk's last document, and those tokens' gates; gradients of gamma and the gates included."""
+    gamma, alpha, eta, theta, reset, valid = _random_call_terms(offset, length)
+    gates = torch.stack([alpha, theta, eta], dim=-1)
+    key_coef, gate_sums = scan_chunks.chunk_update_sums(gamma, gates, reset, valid, offset, 4)
+    got, want = [], []
+    for index, begin, end, first, token_doc, key_doc in _pieces_one_by_one(reset, valid, offset, length, 4):
+        in_last = (token_doc == token_doc[:, -1:]).double()[:, None, :, None]
+        weights = scan_chunks.window_weights(gamma[:, :, begin:end], key_doc, token_doc)
+        got += [key_coef[:, :, index, first: first + 2 + end - begin], gate_sums[:, :, index]]
+        want += [(in_last * weights).sum(-2), (in_last * gates[:, :, begin:end]).sum(-2)]
+    _assert_same_values_and_gradients(got, want, [gamma, alpha, eta, theta])
+
+
+@pytest.mark.parametrize("offset,length", CALLS)
+def test_token_update_coefficients_match_each_chunks_gate_products(offset, length):
+    """The token update's gate algebra, made for a whole call at once on the chunk grid, equals one chunk at a time:
+    Cθ and Cα (`gate_products` with the gates zeroed at document starts), the reset weight κ, mix = Cθ·G and
+    Cα·η; values and gradients of every gate."""
+    gamma, alpha, eta, theta, reset, valid = _random_call_terms(offset, length)
+    terms = scan_chunks.token_update_coefficients(gamma, alpha, eta, theta, reset, valid, offset, 4)
+    got, want = [], []
+    for index, begin, end, first, token_doc, key_doc in _pieces_one_by_one(reset, valid, offset, length, 4):
+        rows, keys = slice(first, first + end - begin), slice(first, first + 2 + end - begin)
+        mix, momentum_scale, decay_start, reset_weight, decay_in = (t[:, :, index] for t in terms)
+        got += [mix[..., rows, keys], momentum_scale[..., rows], decay_start[..., rows], reset_weight[..., rows],
+                decay_in[..., rows, rows]]
+        keep = 1.0 - reset[:, begin:end].double()[:, None, :]
+        c_theta = scan_chunks.gate_products(theta[:, :, begin:end] * keep)
+        c_alpha = scan_chunks.gate_products(alpha[:, :, begin:end] * keep)
+        weights = scan_chunks.window_weights(gamma[:, :, begin:end], key_doc, token_doc)
+        want += [c_theta[..., 1:] @ weights, c_theta[..., 0], c_alpha[..., 0],
+                 (c_alpha[..., 1:] * ((1.0 - keep) * alpha[:, :, begin:end])[..., None, :]).sum(-1),
+                 c_alpha[..., 1:] * eta[:, :, begin:end][..., None, :]]
+    _assert_same_values_and_gradients(got, want, [gamma, alpha, eta, theta])
 
 
 @pytest.mark.parametrize("update", ["token", "chunk"])
