@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -162,6 +163,14 @@ def child(spec: dict) -> None:
 # --------------------------------------------------------------------------------------------------------- parent
 
 
+def failure_reason(log: Path) -> str:
+    """The line of a failed row's log that says why (the last error message, a C++ abort's "what()"), else its
+    last lines."""
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    said = [line for line in lines if "Error" in line or "what():" in line or "error:" in line]
+    return (said[-1] if said else " | ".join(lines[-3:]))[-300:]
+
+
 HEADER = (f"{'row':<24} {'T':>6} {'mb':>3} {'acc':>3} {'recompute':>9} {'tokens/s':>9} {'MFU':>6} {'of ceil':>7} "
           f"{'step ms':>9} {'fwd':>8} {'bwd':>8} {'opt':>7} {'other':>7} {'peak GiB':>8} {'overhead':>8}")
 
@@ -204,6 +213,7 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds")
     p.add_argument("--row-timeout-s", type=float, default=420.0)
     p.add_argument("--json", default=None, help="write every row's figures here")
+    p.add_argument("--logs", default=None, help="keep every row's training log in this folder")
     p.add_argument("--override", nargs="*", default=[], metavar="key=value", help="extra config overrides (all rows)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -228,7 +238,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         datasets = {}
-        for row in rows:
+        for number, row in enumerate(rows):
             if args.budget_s is not None and time.monotonic() - started > args.budget_s:
                 print(f"{row_label(row):<24} {row['seq_len']:>6}  not run: budget spent", flush=True)
                 continue
@@ -259,9 +269,11 @@ def main() -> None:
                 reason = f"exit {proc.returncode}"
             except subprocess.TimeoutExpired:
                 failed, reason = True, f"timed out after {args.row_timeout_s:.0f} s"
+            if args.logs:
+                Path(args.logs).mkdir(parents=True, exist_ok=True)
+                shutil.copy(log, Path(args.logs) / f"{number:02d}_{log.name}")
             if failed:
-                tail = log.read_text().strip().splitlines()[-3:] if log.exists() else []
-                print(f"{row_label(row):<24} {T:>6}  failed ({reason}): {' | '.join(tail)[-300:]}", flush=True)
+                print(f"{row_label(row):<24} {T:>6}  failed ({reason}): {failure_reason(log)}", flush=True)
                 continue
             result = json.loads(Path(spec["result"]).read_text())
             results.append({**row, **result})

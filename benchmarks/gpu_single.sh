@@ -36,7 +36,7 @@ case "${1:-}" in
       --variants graphs --skip-checks --budget-s 120 --row-budget-s 30
     step train_4k 320 python3 benchmarks/bench_train.py --baseline transformer@4096 \
       --rows transformer@4096,atlas@4096,titans@4096,atlas_mag@4096,atlas:token@4096 --budget-s 260 \
-      --json "$OUT/train_4k.json"
+      --json "$OUT/train_4k.json" --logs "$OUT/rows"
     ;;
   scan-batch)
     step memory_scan_b8 300 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 \
@@ -55,12 +55,12 @@ case "${1:-}" in
     step check_speed_paths 120 python3 benchmarks/check_speed_paths.py
     step train_4k 440 python3 benchmarks/bench_train.py --baseline transformer@4096 \
       --rows transformer@4096,atlas@4096,titans@4096,atlas_mag@4096,atlas:token@4096 --budget-s 380 \
-      --json "$OUT/train_4k.json"
+      --json "$OUT/train_4k.json" --logs "$OUT/rows"
     ;;
   train-long)
     step train_long 580 python3 benchmarks/bench_train.py --baseline transformer@16384 \
       --rows transformer@16384,atlas@16384,transformer@32768,atlas@32768 --overhead "" --budget-s 480 \
-      --json "$OUT/train_long.json"
+      --json "$OUT/train_long.json" --logs "$OUT/rows"
     ;;
   decode)
     # An empty Triton cache, as on a fresh machine: it changes what Python allocates before each CUDA-graph capture,
