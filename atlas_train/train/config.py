@@ -36,7 +36,7 @@ class TrainConfig:
 
     # Speed (speed.py): recompute "auto" = full for models with a memory layer, none for the transformer.
     activation_checkpointing: Literal["auto", "none", "selective", "full"] = "auto"
-    compile: bool = False  # torch.compile each block
+    compile: bool = False  # torch.compile each attention-only block (train/speed.py)
     fused_cross_entropy: Union[bool, Literal["auto"]] = "auto"  # liger-kernel's fused linear + CE; auto: on GPUs
     phase_timing: bool = False  # log the device time of forward, backward and optimizer (CUDA events)
 

@@ -8,9 +8,12 @@
   of the vocabulary): the (tokens × vocabulary) logits are never materialised, only a chunk at a time, and the loss
   and the head's gradients come out of the same pass. With tensor or context parallelism the model's own loss
   (vocab-parallel / label-weighted) is kept.
-- `torch.compile` per block (`train.compile`): the transformer's whole block (norms, rotary embedding, SwiGLU and
-  the residual adds fuse; SDPA stays a library call); in memory blocks only the norms and the SwiGLU feed-forward,
-  since the scan drives its own CUDA graphs and Triton kernels, which the compiler cannot trace.
+- `torch.compile` per block (`train.compile`): attention-only blocks whole (norms, rotary embedding, SwiGLU and
+  the residual adds fuse; SDPA stays a library call). Blocks with a memory layer stay eager: the scan drives its
+  own CUDA graphs and Triton kernels, which the compiler cannot trace, and with their norms and feed-forward
+  compiled the 340M atlas and omeganet stopped at their first step on an H100 with "CUDA error: misaligned
+  address" (titans did not; the kernel at fault is not found yet, benchmarks/RESULTS.md). Their step is the
+  scan's: compiling the rest bought little there.
 """
 
 from __future__ import annotations
@@ -57,12 +60,9 @@ def fused_linear_cross_entropy():
 
 
 def compile_blocks(model: nn.Module) -> None:
-    """torch.compile each block in place (whole transformer blocks; norms and feed-forward of memory blocks)."""
+    """torch.compile each attention-only block in place; blocks with a memory layer stay eager (see the module)."""
     for block in blocks_of(model):
-        if block.has_memory:
-            for part in (block.mixer_norm, block.ffn_norm, block.ffn):
-                part.compile()
-        else:
+        if not block.has_memory:
             block.compile()
 
 
