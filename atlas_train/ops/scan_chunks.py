@@ -284,6 +284,19 @@ def _piece_window_weights(gamma: torch.Tensor, offset: int, chunk: int) -> torch
     return F.pad(flipped, (0, chunk)).flatten(-2)[..., : chunk * width].unflatten(-1, (chunk, width))
 
 
+def _chunk_keys(carry, x, params, ln, opts: ScanOptions):
+    """Gradient factors of the chunk's window keys, the window handed on, and the chunk's document ids (token_doc,
+    after_reset; None without a document start, where the chunk skips them)."""
+    if x.has_reset:
+        token_doc, key_doc = _document_ids(carry, x.reset)
+        after_reset = token_doc > 0
+        keys_z, keys_v, window = _window_keys(carry, x, opts, key_doc, token_doc)
+    else:
+        token_doc = after_reset = None
+        keys_z, keys_v, window = _window_keys(carry, x, opts)
+    return _gradient_factors(carry, keys_z, keys_v, params, ln, opts, after_reset), window, token_doc, after_reset
+
+
 def chunk_update_sums(gamma, gates, reset, window_valid, offset: int, chunk: int):
     """ChunkSumInputs' key_coef (B, H, P, c−1+chunk) and gate_sums (B, H, P, 3) for all P pieces of a call at once,
     on the chunk grid (offset: the call's first token's place in its grid chunk; `_chunk_slices` takes each piece's
@@ -314,14 +327,7 @@ def token_update_coefficients(gamma, alpha, eta, theta, reset, window_valid, off
 
 def step_token_update(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanOptions, closes: bool):
     """Spec 3.4 for one chunk: per-token momentum, NS and weights, reads after each token's update."""
-    if x.has_reset:
-        token_doc, key_doc = _document_ids(carry, x.reset)
-        after_reset = token_doc > 0
-        keys_z, keys_v, window = _window_keys(carry, x, opts, key_doc, token_doc)
-    else:
-        after_reset = None
-        keys_z, keys_v, window = _window_keys(carry, x, opts)
-    factors = _gradient_factors(carry, keys_z, keys_v, params, ln, opts, after_reset)
+    factors, window, token_doc, after_reset = _chunk_keys(carry, x, params, ln, opts)
     reset_weight = x.reset_weight if x.has_reset else None  # zero without a document start
     mix, scale = x.mix, x.momentum_scale
     fast, out = {}, {}
@@ -356,14 +362,7 @@ def step_chunk_update(carry: dict, x: ChunkSumInputs, params: dict, ln, opts: Sc
     Most chunks hold no document start (`x.has_reset`, known on the host): they skip the document ids, the masking
     and the reset selections, which would be the identity there, and so launch fewer operators.
     """
-    if x.has_reset:
-        token_doc, key_doc = _document_ids(carry, x.reset)
-        after_reset = token_doc > 0
-        keys_z, keys_v, window = _window_keys(carry, x, opts, key_doc, token_doc)
-    else:
-        after_reset = None
-        keys_z, keys_v, window = _window_keys(carry, x, opts)
-    factors = _gradient_factors(carry, keys_z, keys_v, params, ln, opts, after_reset)
+    factors, window, token_doc, after_reset = _chunk_keys(carry, x, params, ln, opts)
     anchor = {w: carry[f"anchor.{w}"] for w in opts.weight_names}
     y = memory_forward(anchor, x.zq, opts.dv, ln)
     key_coef = x.key_coef.unsqueeze(-2)

@@ -355,11 +355,13 @@ def test_ns_only_bench_runs_and_prints_its_table_last(capsys):
 
 
 def test_profile_mode_lists_the_costliest_ops_of_each_update(capsys):
-    """CPU smoke run of `bench_memory_scan.py --profile` (the GPU call that attributes a step's time must not crash)."""
+    """CPU smoke run of `bench_memory_scan.py --profile` (the GPU call that attributes a step's time must not crash),
+    at two sequences per call as `gpu_single.sh scan-batch` asks."""
     bench_memory_scan = load_benchmark("bench_memory_scan")
 
     with torch.random.fork_rng():
-        assert bench_memory_scan.main(["--profile", "3", "--skip-checks", "--dh", "8", "--lengths", "64"]) == 0
+        args = ["--profile", "3", "--skip-checks", "--dh", "8", "--lengths", "64", "--batch", "2"]
+        assert bench_memory_scan.main(args) == 0
     out = capsys.readouterr().out
     for update in ("token", "chunk"):
         table = out.split(f"== profile: scan {update}, T=64 dh=8:")[1].split("==\n")[1].splitlines()[:3]
