@@ -18,7 +18,8 @@ def build_deepspeed_config(cfg: TrainConfig, load_universal: bool = False) -> di
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        # The optimizer skips a step with non-finite gradients itself, in two launches (optim.SkippableAdamW)
+        "bf16": {"enabled": cfg.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,  # our client torch AdamW (DeepSpeed's "AdamW" would JIT FusedAdam)
         "steps_per_print": 10**9,  # we log; DeepSpeed stays quiet

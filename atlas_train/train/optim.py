@@ -16,6 +16,12 @@ class SkippableAdamW(torch.optim.AdamW):
     DeepSpeed's ZeRO and bf16 wrappers call the client optimizer's `step()` (once per parameter group or sub-group)
     and then copy its fp32 weights back to the model, so skipping here leaves every copy of the weights unchanged on
     every ZeRO stage. The training loop sets `skip` before each optimizer step.
+
+    A step whose gradients (as DeepSpeed hands them over: averaged and clipped) hold a NaN or inf is left out too,
+    on the device: the fused kernel takes a found_inf flag (the mechanism of torch's GradScaler), so the check costs
+    two launches and no host sync. It stands in for DeepSpeed's own bf16 check (`bf16.check_grad_overflow`, off in
+    deepspeed_config.py), which launches about a dozen kernels per parameter tensor: most of the optimizer phase of
+    a 340M step on an H100 (benchmarks/RESULTS.md §1). Built with fused=True on every device (build_optimizer).
     """
 
     skip: bool = False
@@ -24,6 +30,12 @@ class SkippableAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         if self.skip:
             return None
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grads:  # the largest |g| of each gradient: NaN and inf survive it, and it cannot overflow
+            found_inf = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=float("inf")))).all()
+            if not self.defaults.get("fused"):  # only the fused kernel takes the flag: ask the host
+                return None if found_inf else super().step(closure)
+            self.found_inf = found_inf.float()
         return super().step(closure)
 
 
@@ -50,10 +62,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> SkippableAdamW:
-    """AdamW; on GPUs its fused kernel (one launch for all parameters of a group instead of several per tensor)."""
+    """AdamW's fused kernel (one launch for all parameters of a group instead of several per tensor; the only one that
+    skips on a device-side flag, see SkippableAdamW)."""
     return SkippableAdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-        fused=torch.cuda.is_available() or None,
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True,
     )
 
 

@@ -59,8 +59,10 @@ def test_deepspeed_config_follows_train_config():
                                             precision="fp32"))
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"] == {"stage": 3}
-    assert ds["bf16"] == {"enabled": False} and "train_batch_size" not in ds
-    assert build_deepspeed_config(TrainConfig(precision="bf16"))["bf16"] == {"enabled": True}
+    assert ds["bf16"]["enabled"] is False and "train_batch_size" not in ds
+    # the optimizer skips non-finite gradients itself (SkippableAdamW), not DeepSpeed per gradient
+    assert build_deepspeed_config(TrainConfig(precision="bf16"))["bf16"] == {"enabled": True,
+                                                                             "check_grad_overflow": False}
 
 
 class _Named(nn.Module):
@@ -105,10 +107,11 @@ def test_schedule_is_linear_warmup_then_cosine_to_the_floor():
     assert seen[3] == pytest.approx(2e-3) and seen[20] == pytest.approx(2e-4) and seen[24] == pytest.approx(2e-4)
 
 
-def test_skipped_optimizer_step_changes_neither_weights_nor_moments():
+@pytest.mark.parametrize("fused", [True, False])
+def test_skipped_optimizer_step_changes_neither_weights_nor_moments(fused):
     torch.manual_seed(0)
     model = nn.Linear(3, 3)
-    opt = SkippableAdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    opt = SkippableAdamW(model.parameters(), lr=0.1, weight_decay=0.1, fused=fused)
     model(torch.randn(2, 3)).sum().backward()
     opt.step()
     before = [p.detach().clone() for p in model.parameters()]
@@ -121,6 +124,70 @@ def test_skipped_optimizer_step_changes_neither_weights_nor_moments():
     opt.skip = False
     opt.step()
     assert not torch.equal(before[0], model.weight)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_step_with_non_finite_gradients_changes_neither_weights_nor_moments(bad):
+    """A NaN or inf in any gradient leaves the whole step out (all parameters, moments and step counts), decided on
+    the device; the next finite step is the one AdamW would take."""
+    torch.manual_seed(0)
+    model, twin = nn.Linear(3, 3), nn.Linear(3, 3)
+    twin.load_state_dict(model.state_dict())
+    opt = build_optimizer(model, TrainConfig(lr=0.1, weight_decay=0.1))
+    ref = torch.optim.AdamW(param_groups(twin, 0.1), lr=0.1, betas=opt.defaults["betas"], eps=opt.defaults["eps"])
+    x = torch.randn(2, 3)
+    for m, o in ((model, opt), (twin, ref)):
+        m(x).sum().backward()
+        o.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    moments = [(s["exp_avg"].clone(), s["step"].clone()) for s in opt.state.values()]
+    model.weight.grad[1, 2] = bad
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(m, s["exp_avg"]) and torch.equal(n, s["step"])
+               for (m, n), s in zip(moments, opt.state.values()))
+    for m, o in ((model, opt), (twin, ref)):
+        o.zero_grad()
+        m(x).square().sum().backward()
+        o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_step_with_a_non_finite_gradient_leaves_the_weights(monkeypatch, stage):
+    """Under the DeepSpeed engine (ZeRO, gradient clipping) a NaN in one gradient, with a finite loss, leaves every
+    weight as it was: the client optimizer sees the clipped flat gradients and skips (DeepSpeed's own per-gradient
+    check is off, deepspeed_config.py); the next finite step moves them."""
+    import deepspeed
+
+    from parallel_worker import free_port
+    from process_group import process_state_restored
+
+    with process_state_restored():
+        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
+                           "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+            monkeypatch.setenv(key, value)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        cfg = TrainConfig(micro_batch_size=2, grad_accum=1, grad_clip=1.0, zero_stage=stage, precision="fp32")
+        engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
+                                          config=build_deepspeed_config(cfg))
+        x = torch.randn(2, 4)
+
+        def step(poison: bool):
+            handle = model[0].weight.register_hook(lambda g: g.index_fill(0, torch.tensor([1]), float("nan")))
+            if not poison:
+                handle.remove()
+            engine.backward(engine(x).square().sum())
+            engine.step()
+            handle.remove()
+            return [p.detach().clone() for p in model.parameters()]
+
+        before = step(poison=False)
+        after = step(poison=True)
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        assert not torch.equal(step(poison=False)[0], after[0])
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
