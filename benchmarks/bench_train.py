@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -260,7 +261,7 @@ def main() -> None:
             spec_path = Path(tmp) / "spec.json"
             spec_path.write_text(json.dumps(spec))
             Path(spec["result"]).unlink(missing_ok=True)
-            log = Path(tmp) / f"{row_label(row).replace(':', '_')}_{T}.log"
+            log = Path(tmp) / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', row_label(row))}_{T}.log"  # a plain file name
             try:
                 with log.open("w") as out:
                     proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)], stdout=out,

@@ -327,7 +327,7 @@ def token_update_coefficients(gamma, alpha, eta, theta, reset, window_valid, off
 
 def step_token_update(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanOptions, closes: bool):
     """Spec 3.4 for one chunk: per-token momentum, NS and weights, reads after each token's update."""
-    factors, window, token_doc, after_reset = _chunk_keys(carry, x, params, ln, opts)
+    factors, window, _, after_reset = _chunk_keys(carry, x, params, ln, opts)
     reset_weight = x.reset_weight if x.has_reset else None  # zero without a document start
     mix, scale = x.mix, x.momentum_scale
     fast, out = {}, {}
