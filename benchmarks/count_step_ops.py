@@ -1,7 +1,7 @@
 """Operators one optimizer step of the DeepSpeed engine dispatches (each a kernel launch on a GPU), on CPU.
 
-At 340M the optimizer phase of a training step is launch-bound (benchmarks/RESULTS.md §1): its cost follows the
-number of parameter tensors, not their size. This counts the operators of `engine.step()` for a model of the given
+The optimizer phase of a training step is launch-bound at these sizes: its cost follows the number of parameter
+tensors, not their size. This counts the operators of `engine.step()` for a model of the given
 depth made narrow (the same tensors as the full width, so the same count, in seconds on a CPU), with the project's
 DeepSpeed config in bf16, against the same config with DeepSpeed's per-gradient overflow check switched back on
 (the baseline).

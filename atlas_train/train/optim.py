@@ -17,11 +17,13 @@ class SkippableAdamW(torch.optim.AdamW):
     and then copy its fp32 weights back to the model, so skipping here leaves every copy of the weights unchanged on
     every ZeRO stage. The training loop sets `skip` before each optimizer step.
 
-    A step whose gradients (as DeepSpeed hands them over: averaged and clipped) hold a NaN or inf is left out too,
+    A step whose gradients (as DeepSpeed hands them over: averaged and clipped, one parameter group per call; a
+    non-finite gradient makes the clipping factor, and so every group, non-finite) hold a NaN or inf is left out too,
     on the device: the fused kernel takes a found_inf flag (the mechanism of torch's GradScaler), so the check costs
     two launches and no host sync. It stands in for DeepSpeed's own bf16 check (`bf16.check_grad_overflow`, off in
-    deepspeed_config.py), which launches about a dozen kernels per parameter tensor: most of the optimizer phase of
-    a 340M step on an H100 (benchmarks/RESULTS.md §1). Built with fused=True on every device (build_optimizer).
+    deepspeed_config.py), which launches about a dozen kernels per parameter tensor in an optimizer phase whose cost
+    is its launches (benchmarks/count_step_ops.py counts them). Built with fused=True on every device
+    (build_optimizer).
     """
 
     skip: bool = False

@@ -10,10 +10,9 @@
   (vocab-parallel / label-weighted) is kept.
 - `torch.compile` per block (`train.compile`): attention-only blocks whole (norms, rotary embedding, SwiGLU and
   the residual adds fuse; SDPA stays a library call). Blocks with a memory layer stay eager: the scan drives its
-  own CUDA graphs and Triton kernels, which the compiler cannot trace, and with their norms and feed-forward
-  compiled the 340M atlas and omeganet stopped at their first step on an H100 with "CUDA error: misaligned
-  address" (titans did not; the kernel at fault is not found yet, benchmarks/RESULTS.md). Their step is the
-  scan's: compiling the rest bought little there.
+  own CUDA graphs and Triton kernels, which the compiler cannot trace; with their norms and feed-forward compiled,
+  atlas, omeganet and atlas_mag fail at their first GPU step with "CUDA error: misaligned address" (titans does
+  not), from a kernel not yet identified. Their step is the scan's, so compiling the rest would buy little.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """CPU run of benchmarks/count_step_ops.py: the project's DeepSpeed config dispatches fewer operators per optimizer
-step than DeepSpeed's per-gradient overflow check did (the figure RESULTS.md §1 gives for 24 layers)."""
+step than the same config with DeepSpeed's per-gradient overflow check."""
 
 import subprocess
 import sys

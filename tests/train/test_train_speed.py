@@ -20,7 +20,7 @@ def tiny(mixer: str, **kw):
 @pytest.mark.parametrize("mixer,compiled", [("transformer", True), ("atlas", False), ("titans", False)])
 def test_compile_takes_attention_only_blocks(mixer, compiled):
     """`train.compile` compiles attention-only blocks whole and leaves blocks with a memory layer eager, norms and
-    feed-forward included (compiled, they stopped atlas on an H100: train/speed.py)."""
+    feed-forward included (why: train/speed.py)."""
     model = tiny(mixer)
     compile_blocks(model)
     for block in blocks_of(model):
