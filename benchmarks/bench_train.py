@@ -17,6 +17,8 @@ Columns:
   other: the rest of the wall time (data loading, logging, host gaps).
 - overhead (rows listed in --overhead): the same row rerun on synthetic batches logged only at the two timestamps;
   real / synthetic - 1 is what the loader and the logging cost.
+- --profile: one more step per row under torch.profiler (train.profile_step), after the timed ones; its kernels by
+  device time go into the row's log, its trace into --logs.
 - Rows listed in --baseline run first, labelled "before", with the engine's plain settings (no compilation, full
   recompute, logits + cross-entropy): the same-call baseline of the speed settings.
 
@@ -57,6 +59,11 @@ def parse_row(text: str) -> dict:
     name, _, length = head.partition("@")
     mixer, _, update = name.partition(":")
     return {"mixer": mixer, "update": update or "chunk", "seq_len": int(length), "override": overrides}
+
+
+def plain_name(row: dict) -> str:
+    """The row's label and length as a file name without spaces (the device returns no file with one)."""
+    return f"{re.sub(r'[^A-Za-z0-9.-]+', '_', row_label(row))}_{row['seq_len']}"
 
 
 def row_label(row: dict) -> str:
@@ -120,25 +127,27 @@ def run_training(spec: dict, *, synthetic: bool, out_dir: Path) -> dict:
 
     warm, span = spec["warmup"], spec["steps"]
     steps = warm + span
+    profiled = spec["profile"] and not synthetic  # one more step after the timed ones, under the profiler
     # synthetic: logged only at the end of warm-up and at the end (the two timestamps); real: every step
     log_every = math.gcd(warm, span) if synthetic else 1
     overrides = [
         f"model.mixer={spec['mixer']}", f"model.update={spec['update']}", f"model.max_seq_len={spec['seq_len']}",
         f"data.path={spec['data_dir']}", f"data.num_workers={spec['workers']}", f"train.out_dir={out_dir}",
-        f"train.steps={steps}", f"train.seq_len={spec['seq_len']}",
+        f"train.steps={steps + profiled}", f"train.seq_len={spec['seq_len']}",
         f"train.micro_batch_size={spec['micro_batch']}", *batch_overrides(spec),
         f"train.precision={'bf16' if torch.cuda.is_available() else 'fp32'}", f"train.zero_stage={spec['zero_stage']}",
         "train.eval_every=0", "train.save_every=0", "train.max_minutes=null", "train.resume=none",
         "train.progress=false", f"train.warmup_steps={steps}", f"train.synthetic_data={str(synthetic).lower()}",
         f"train.log_every={log_every}", f"train.phase_timing={str(not synthetic).lower()}",
-        f"train.peak_tflops={spec['peak_tflops']}", *spec["override"],
+        f"train.peak_tflops={spec['peak_tflops']}", *([f"train.profile_step={steps + 1}"] if profiled else []),
+        *spec["override"],
     ]
     cfg = load_config([REPO / "configs" / "train" / "pretrain.yaml", spec["model"]], overrides)
     train(cfg)
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in rows if "perf/elapsed_s" in r}
     step_s = (by_step[steps]["perf/elapsed_s"] - by_step[warm]["perf/elapsed_s"]) / span
-    timed = [r for s, r in by_step.items() if s > warm]
+    timed = [r for s, r in by_step.items() if warm < s <= steps]
     resolved = load_config([out_dir / "config.yaml"]).train
     tokens_per_step = resolved.micro_batch_size * resolved.grad_accum * spec["seq_len"]
     result = {"step_s": step_s, "tokens_s": tokens_per_step / step_s, "micro_batch": resolved.micro_batch_size,
@@ -150,6 +159,11 @@ def run_training(spec: dict, *, synthetic: bool, out_dir: Path) -> dict:
 
     result.update({name: mean(f"perf/{name}") for name in ("mfu", "forward_s", "backward_s", "optimizer_s")})
     result["mem_gb"] = max((r["perf/max_mem_gb"] for r in timed if "perf/max_mem_gb" in r), default=None)
+    if profiled:
+        print((out_dir / "profile" / "kernels.rank0.txt").read_text(), flush=True)  # into the row's log
+        if spec["logs"]:
+            shutil.copy(out_dir / "profile" / "trace.rank0.json.gz",
+                        Path(spec["logs"]) / f"{spec['name']}.trace.json.gz")
     return result
 
 
@@ -215,6 +229,9 @@ def main() -> None:
     p.add_argument("--row-timeout-s", type=float, default=420.0)
     p.add_argument("--json", default=None, help="write every row's figures here")
     p.add_argument("--logs", default=None, help="keep every row's training log in this folder")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more step after the timed ones: its kernel table goes into the row's log, and "
+                        "with --logs its trace beside it")
     p.add_argument("--override", nargs="*", default=[], metavar="key=value", help="extra config overrides (all rows)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -257,11 +274,14 @@ def main() -> None:
                     "zero_stage": args.zero_stage, "workers": args.workers,
                     "warmup": warmup, "steps": steps, "peak_tflops": args.peak_tflops,
                     "override": args.override + row["override"] + (BASELINE_OVERRIDES if row.get("baseline") else []),
-                    "overhead": row_label(row) in overhead_rows, "result": str(Path(tmp) / "result.json")}
+                    "overhead": row_label(row) in overhead_rows, "result": str(Path(tmp) / "result.json"),
+                    "profile": args.profile, "logs": args.logs, "name": f"{number:02d}_{plain_name(row)}"}
+            if args.logs:
+                Path(args.logs).mkdir(parents=True, exist_ok=True)
             spec_path = Path(tmp) / "spec.json"
             spec_path.write_text(json.dumps(spec))
             Path(spec["result"]).unlink(missing_ok=True)
-            log = Path(tmp) / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', row_label(row))}_{T}.log"  # a plain file name
+            log = Path(tmp) / f"{plain_name(row)}.log"
             try:
                 with log.open("w") as out:
                     proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)], stdout=out,
@@ -271,8 +291,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 failed, reason = True, f"timed out after {args.row_timeout_s:.0f} s"
             if args.logs:
-                Path(args.logs).mkdir(parents=True, exist_ok=True)
-                shutil.copy(log, Path(args.logs) / f"{number:02d}_{log.name}")
+                shutil.copy(log, Path(args.logs) / f"{spec['name']}.log")
             if failed:
                 print(f"{row_label(row):<24} {T:>6}  failed ({reason}): {failure_reason(log)}", flush=True)
                 continue

@@ -39,6 +39,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each attention-only block (train/speed.py)
     fused_cross_entropy: Union[bool, Literal["auto"]] = "auto"  # liger-kernel's fused linear + CE; auto: on GPUs
     phase_timing: bool = False  # log the device time of forward, backward and optimizer (CUDA events)
+    profile_step: Optional[int] = None  # profile this step (1-based): trace and kernel table in out_dir/profile/
 
     # AdamW + warmup/cosine.
     lr: float = 3e-4
@@ -99,5 +100,7 @@ class TrainConfig:
             raise ValueError("beta1 and beta2 must be in [0, 1)")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError("max_minutes must be positive (or null)")
+        if self.profile_step is not None and not 1 <= self.profile_step <= self.steps:
+            raise ValueError(f"profile_step must be a step of the run (1..{self.steps}), got {self.profile_step}")
         if not self.out_dir:
             raise ValueError("out_dir must be set")

@@ -45,6 +45,7 @@ from atlas_train.train.resize import Layout, prepare_universal, read_resume_clie
 from atlas_train.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from atlas_train.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, PreemptionFlag
 from atlas_train.train.speed import apply_speed_settings, compile_blocks
+from atlas_train.train.step_profiler import StepProfiler
 from atlas_train.train.synthetic import SyntheticLoader
 
 
@@ -265,6 +266,8 @@ class Trainer:
             restore_rng_state(rng_state)
         self.batches = BatchStream(self.loader, self.device)
         self.timer = PhaseTimer(self.tc.phase_timing, cuda=self.device.type == "cuda")
+        self.profiler = StepProfiler(self.tc.profile_step, self.run_dir / "profile", self.rank,
+                                     cuda=self.device.type == "cuda")
         self.timed_step = self.step
         self.started = time.monotonic()
         self.clock = StepClock(self.step)
@@ -561,8 +564,9 @@ class Trainer:
                 while self.step < tc.steps:
                     lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
                     # Agreed on in the NaN check's all-reduce, which saves a collective (and a sync) per step.
-                    local_loss, _, (preempted, interrupted, out_of_time) = self.train_step(
-                        lambda: (preempt.requested, preempt.interrupted, self.out_of_time()))
+                    with self.profiler.around(self.step + 1):
+                        local_loss, _, (preempted, interrupted, out_of_time) = self.train_step(
+                            lambda: (preempt.requested, preempt.interrupted, self.out_of_time()))
                     last = self.step == tc.steps
                     if self.step % tc.log_every == 0 or last:
                         self.log_step(local_loss, lr)

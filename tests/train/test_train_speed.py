@@ -101,10 +101,8 @@ def test_engine_state_shrinks_with_zero_partitioning():
     assert engine_state_bytes(n, 2, 8) == 16 * n / 8
 
 
-@pytest.mark.parametrize("mixer,recompute", [("transformer", "selective"), ("atlas", "full")])
-def test_fast_training_path_gives_the_plain_losses(tmp_path, capsys, mixer, recompute):
-    """A few training steps with every speed setting on (compiled blocks, recompute, the fused loss under Triton's
-    interpreter) against the plain path: the same losses to float32 rounding."""
+def train_tiny(out_dir, mixer: str, **train_kw) -> list[float]:
+    """Three steps of a tiny model on synthetic batches in fp32 (the trainer's whole loop); the logged losses."""
     import json
     from dataclasses import dataclass, field
 
@@ -121,16 +119,41 @@ def test_fast_training_path_gives_the_plain_losses(tmp_path, capsys, mixer, reco
         parallel: ParallelConfig = field(default_factory=ParallelConfig)
         train: TrainConfig = field(default_factory=TrainConfig)
 
-    def run(name, **speed):
-        tc = TrainConfig(out_dir=str(tmp_path / name), steps=3, seq_len=16, micro_batch_size=2, warmup_steps=1,
-                         eval_every=0, save_every=0, progress=False, precision="fp32", lr=1e-2,
-                         synthetic_data=True, **speed)
-        assert train(RunCfg(train=tc)) == 0
-        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return [r["train/loss"] for r in rows if "train/loss" in r]
+    tc = TrainConfig(out_dir=str(out_dir), steps=3, seq_len=16, micro_batch_size=2, warmup_steps=1, eval_every=0,
+                     save_every=0, progress=False, precision="fp32", lr=1e-2, synthetic_data=True, **train_kw)
+    assert train(RunCfg(train=tc)) == 0
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
 
-    plain = run("plain", activation_checkpointing="none", compile=False, fused_cross_entropy=False)
-    fast = run("fast", activation_checkpointing=recompute, compile=True, fused_cross_entropy=True)
+
+@pytest.mark.parametrize("mixer,recompute", [("transformer", "selective"), ("atlas", "full")])
+def test_fast_training_path_gives_the_plain_losses(tmp_path, capsys, mixer, recompute):
+    """A few training steps with every speed setting on (compiled blocks, recompute, the fused loss under Triton's
+    interpreter) against the plain path: the same losses to float32 rounding."""
+    plain = train_tiny(tmp_path / "plain", mixer, activation_checkpointing="none", compile=False,
+                       fused_cross_entropy=False)
+    fast = train_tiny(tmp_path / "fast", mixer, activation_checkpointing=recompute, compile=True,
+                      fused_cross_entropy=True)
     assert f"activation checkpointing {recompute}, compile on, fused cross-entropy on" in capsys.readouterr().out
     assert len(plain) == 3
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=1e-4, atol=1e-5)
+
+
+def test_profiled_step_writes_its_trace_and_table_and_changes_nothing(tmp_path):
+    """train.profile_step records that step alone: a trace and a table of the operators it ran (the optimizer's
+    fused AdamW among them), and the run's losses are those of an unprofiled run."""
+    plain = train_tiny(tmp_path / "plain", "transformer")
+    profiled = train_tiny(tmp_path / "profiled", "transformer", profile_step=2)
+    assert profiled == plain
+    folder = tmp_path / "profiled" / "profile"
+    assert sorted(p.name for p in folder.iterdir()) == ["kernels.rank0.txt", "trace.rank0.json.gz"]
+    table = (folder / "kernels.rank0.txt").read_text()
+    assert table.startswith("step 2, sorted by self_cpu_time_total")
+    assert "aten::_fused_adamw_" in table and "aten::mm" in table
+
+
+def test_profile_step_outside_the_run_is_refused():
+    from atlas_train.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"profile_step must be a step of the run \(1..3\), got 4"):
+        TrainConfig(steps=3, profile_step=4).validate()
