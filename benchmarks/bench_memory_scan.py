@@ -96,6 +96,33 @@ def matmul_ceiling(device):
     return 2 * n**3 / time_fn(lambda: a @ b, device, 10) / 1e12
 
 
+def copy_bandwidth(device):
+    """Measured memory bandwidth of a large device copy (read + write), GB/s: the byte roof of --profile's ops."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 22)
+    a = torch.empty(n, device=device, dtype=torch.float32)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    return 2 * 4 * n / time_fn(lambda: b.copy_(a), device, 10) / 1e9
+
+
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm")
+
+
+def op_bytes(name: str, shapes) -> int:
+    """Bytes an op must move at least, at 4 per element (the scan computes in float32): its tensor inputs, plus its
+    output unless it writes in place (a trailing underscore) — a matmul's product, else the largest input's size.
+    An estimate for a roofline, not a measurement."""
+    sizes = [math.prod(s) for s in shapes if s]
+    if not sizes:
+        return 0
+    if name in MATMUL_OPS:
+        a, b = [s for s in shapes if len(s) >= 2][-2:]
+        out = math.prod(a[:-1]) * b[-1]
+    else:
+        out = 0 if name.endswith("_") else max(sizes)
+    return 4 * (sum(sizes) + out)
+
+
 def ns_reference(s, steps):
     """Float64 Newton–Schulz by the PyTorch path (kernels never take float64 CPU copies)."""
     from atlas_train.ops.newton_schulz import newton_schulz
@@ -401,10 +428,14 @@ def scan_step(length, dh, update, device, batch=1):
     return step
 
 
-def profile_table(length, dh, update, device, top, batch=1):
+def profile_table(length, dh, update, device, top, batch=1, roofs=None):
     """The `top` kernels, then the `top` PyTorch ops with their input shapes (what launched those kernels), by self
     time over one forward+backward of the scan with the fast paths, eager (CUDA graphs hide the kernels of a replay
-    from the profiler; the kernels are the same), after a warm-up. On CPU both tables are of CPU ops."""
+    from the profiler; the kernels are the same), after a warm-up. On CPU both tables are of CPU ops.
+
+    With `roofs` (the matmul ceiling in TFLOP/s and the copy bandwidth in GB/s, measured in the same run) the ops get
+    a roofline: the profiler's FLOP count of each matmul and `op_bytes`'s estimate of the bytes of every op over its
+    time, as a share of the roof that binds it, and a last line sums matmuls and the rest."""
     from torch.profiler import ProfilerActivity, profile
 
     step = scan_step(length, dh, update, device, batch)
@@ -413,7 +444,7 @@ def profile_table(length, dh, update, device, top, batch=1):
         step()
         sync(device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-        with profile(activities=activities, record_shapes=True) as prof:
+        with profile(activities=activities, record_shapes=True, with_flops=roofs is not None) as prof:
             step()
             sync(device)
     attr = "self_device_time_total" if on_gpu else "self_cpu_time_total"
@@ -424,13 +455,42 @@ def profile_table(length, dh, update, device, top, batch=1):
             events = [e for e in events if (e.key.startswith("aten::")) == (title != "kernels")]
         events = [e for e in events if getattr(e, attr) > 0]
         total = sum(getattr(e, attr) for e in events)
+        with_roofs = roofs is not None and title == "ops by input shapes"
         lines.append(f"== profile: scan {update}, T={length} dh={dh}: {total / 1e3:.1f} ms of "
-                     f"{'device' if on_gpu else 'CPU'} self time, {title}; top {top} ==")
+                     f"{'device' if on_gpu else 'CPU'} self time, {title}; top {top}"
+                     f"{'; TFLOP/s, GB/s and % of the binding roof' if with_roofs else ''} ==")
         for e in sorted(events, key=lambda e: -getattr(e, attr))[:top]:
             shapes = f" {e.input_shapes}"[:70] if title != "kernels" and e.input_shapes else ""
+            roof = roofline_cells(e, getattr(e, attr), roofs) if with_roofs else ""
             lines.append(f"{100 * getattr(e, attr) / total:5.1f}% {getattr(e, attr) / 1e3:9.2f} ms {e.count:6d}x  "
-                         f"{e.key[:80]}{shapes}")
+                         f"{roof}{e.key[:80]}{shapes}")
+        if with_roofs:
+            lines.append(roofline_summary(events, attr, roofs))
     return lines
+
+
+def roofline_cells(event, micros, roofs) -> str:
+    """TFLOP/s (matmuls), GB/s, and the share of the roof that binds: the matmul ceiling for matmuls, the copy
+    bandwidth for the rest."""
+    seconds = micros / 1e6
+    tflops = event.flops / seconds / 1e12 if event.flops else 0.0
+    gbs = op_bytes(event.key, event.input_shapes) * event.count / seconds / 1e9
+    share = tflops / roofs[0] if event.key in MATMUL_OPS else gbs / roofs[1]
+    return f"{tflops:6.1f} {gbs:7.0f} {100 * share:5.1f}%  "
+
+
+def roofline_summary(events, attr, roofs) -> str:
+    """One line: the matmuls' time and mean TFLOP/s against the ceiling, the other ops' time and mean GB/s against
+    the bandwidth."""
+    mm = [e for e in events if e.key in MATMUL_OPS]
+    rest = [e for e in events if e.key not in MATMUL_OPS]
+    mm_s = sum(getattr(e, attr) for e in mm) / 1e6
+    rest_s = sum(getattr(e, attr) for e in rest) / 1e6
+    tflops = sum(e.flops for e in mm) / max(mm_s, 1e-12) / 1e12
+    gbs = sum(op_bytes(e.key, e.input_shapes) * e.count for e in rest) / max(rest_s, 1e-12) / 1e9
+    return (f"roofline: matmuls {1e3 * mm_s:.1f} ms at {tflops:.1f} TFLOP/s ({100 * tflops / roofs[0]:.1f}% of "
+            f"{roofs[0]:.3g}); other ops {1e3 * rest_s:.1f} ms at {gbs:.0f} GB/s ({100 * gbs / roofs[1]:.1f}% of "
+            f"{roofs[1]:.0f}, bytes estimated); aten ops only, the Triton kernels are in the kernel table")
 
 
 class _OpCounter(TorchDispatchMode):
@@ -713,10 +773,12 @@ def main(argv=None):
         print("\n" + "\n".join(count_ops_table(lengths[0], head_dims[0], args.updates, device)), flush=True)
         return 1 if failed else 0
     if args.profile:
+        roofs = ceiling, copy_bandwidth(device)
+        print(f"copy bandwidth: {roofs[1]:.0f} GB/s", flush=True)
         for dh in head_dims:
             for update in args.updates:
-                print("\n" + "\n".join(profile_table(lengths[0], dh, update, device, args.profile, args.batch)),
-                      flush=True)
+                print("\n" + "\n".join(profile_table(lengths[0], dh, update, device, args.profile, args.batch,
+                                                       roofs)), flush=True)
         return 1 if failed else 0
     bench = Bench(device, ceiling, args.budget_s, args.row_budget_s)
 

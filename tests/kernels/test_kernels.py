@@ -356,7 +356,7 @@ def test_ns_only_bench_runs_and_prints_its_table_last(capsys):
 
 def test_profile_mode_lists_the_costliest_ops_of_each_update(capsys):
     """CPU smoke run of `bench_memory_scan.py --profile` (the GPU call that attributes a step's time must not crash),
-    at two sequences per call as `gpu_single.sh scan-batch` asks."""
+    at two sequences per call as `gpu_single.sh scan-batch` asks, with its roofline summary."""
     bench_memory_scan = load_benchmark("bench_memory_scan")
 
     with torch.random.fork_rng():
@@ -366,6 +366,7 @@ def test_profile_mode_lists_the_costliest_ops_of_each_update(capsys):
     for update in ("token", "chunk"):
         table = out.split(f"== profile: scan {update}, T=64 dh=8:")[1].split("==\n")[1].splitlines()[:3]
         assert len(table) == 3 and all(line.split()[0].endswith("%") for line in table), out[-2000:]
+    assert out.count("roofline: matmuls ") == 2 and "copy bandwidth: " in out  # one summary per update
 
 
 def test_count_ops_mode_counts_fewer_operators_per_chunk_with_the_memory_mlp_kernel(capsys):
