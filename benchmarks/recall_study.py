@@ -177,7 +177,10 @@ class Chains:
         with open(log_path, "a") as log:
             for cmd in commands:
                 t0 = time.monotonic()
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+                # Started beside the log, not in the repository: `python -m` puts the working directory first on
+                # the path, and the repository's atlas_train/ lacks the packages an installed one maps in from the
+                # top level (kernels/, data_prep/).
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=log_path.parent, env=env)
                 try:
                     code = proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:

@@ -30,6 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from atlas_train.ops.dual_attention import Implementation, kernel_values
 from atlas_train.ops.dual_terms import DualOptions, Params, anchor_terms, chunk_step, mixing, reads
+from atlas_train.ops.precision import scan_precision
 
 PAD_DOC = -2  # document id of the padding that fills the last chunk: shares no document with anything
 
@@ -186,6 +187,12 @@ class DualScanFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dcoef_out, dw1_cur, dtail_last, dw1c_last):
+        # The autograd engine runs this outside the forward's precision context: it is entered again.
+        with scan_precision(dy.device, ctx.opts.half_inputs):
+            return DualScanFunction._backward(ctx, dy, dcoef_out, dw1_cur, dtail_last, dw1c_last)
+
+    @staticmethod
+    def _backward(ctx, dy, dcoef_out, dw1_cur, dtail_last, dw1c_last):
         opts, layout, impl = ctx.opts, ctx.layout, ctx.impl
         (q, k, v, eta, gamma, w1, k0, a0, theta, ln_weight, ln_bias, keys0, window_v0, tok_doc, key_doc, coef,
          h_pull, w1c_all, tails, h_main) = ctx.saved_tensors

@@ -16,6 +16,7 @@ from atlas_train.ops.dual_attention import KERNELS
 from atlas_train.ops.dual_chunks import PAD_DOC, DualScanFunction, make_layout
 from atlas_train.ops.dual_step import STATE_KEYS, dual_step, initial_state, position
 from atlas_train.ops.dual_terms import DualOptions, Params
+from atlas_train.ops.precision import is_half, scan_precision
 
 LOSSES = ("dot", "l2")
 _PARAM_KEYS = ("W1", "K0", "A0", "scale", "ln_weight", "ln_bias")
@@ -54,8 +55,9 @@ def dual_memory_scan(q, k, v, eta, gamma, params, *, doc_start=None, state=None,
     """
     _validate(q, k, v, eta, gamma, params, doc_start, chunk_size, loss, kernel, a2)
     # Autocast off: the math is float32 (float64) whatever the caller's autocast, and the backward's recomputation
-    # (which runs outside it) then repeats the forward exactly.
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    # (which runs outside it) then repeats the forward exactly; a bf16 model's products on a GPU take the precision
+    # memory_scan's take (scan_precision), in backward too (DualScanFunction).
+    with scan_precision(q.device, is_half(q.dtype)):
         return _scan(q, k, v, eta, gamma, params, doc_start, state, chunk_size, loss, kernel, a2)
 
 
@@ -63,13 +65,14 @@ def _scan(q, k, v, eta, gamma, params, doc_start, state, chunk_size, loss, kerne
     """`dual_memory_scan` on validated inputs."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, length, heads = q.shape[:3]
-    opts = DualOptions(loss, kernel, int(chunk_size), gamma.shape[-1])
+    opts = DualOptions(loss, kernel, int(chunk_size), gamma.shape[-1], is_half(q.dtype))
     theta = params["scale"] if kernel == "exp" else torch.as_tensor(a2, device=q.device).expand(heads)
     ln = [params[name].to(dtype) if name in params else None for name in ("ln_weight", "ln_bias")]
     p = Params(params["W1"].to(dtype), F.normalize(params["K0"].to(dtype), dim=-1, eps=1e-6), params["A0"].to(dtype),
                theta.to(dtype), *ln)
-    impl = dual_attention.implementation(q, p.w1.shape[-1], kernel, q.dtype in (torch.bfloat16, torch.float16))
     inputs = [t.to(dtype).transpose(1, 2) for t in (q, k, v, eta, gamma)]
+    # Asked with the points as the passes get them, in the compute dtype (a kernel refuses bf16 points).
+    impl = dual_attention.implementation(inputs[0], p.w1.shape[-1], kernel, opts.half_inputs)
     reset = torch.zeros(batch, length, dtype=torch.bool, device=q.device) if doc_start is None else doc_start.clone()
     if state is None:
         state = initial_state(p, batch, opts, dtype)

@@ -32,6 +32,7 @@ class DualOptions(NamedTuple):
     kind: str  # "exp" | "poly2"
     chunk_size: int  # L
     window: int  # c
+    half_inputs: bool = False  # a bf16/fp16 model: on a GPU its float32 products take the fast paths' precision
 
 
 class Params(NamedTuple):

@@ -225,3 +225,23 @@ def test_autocast_leaves_the_scan_in_float32():
     got = torch.autograd.grad((y_auto * upstream).sum(), list(leaves.values()))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_bf16_inputs_ask_for_the_fast_pass_with_float32_points(monkeypatch):
+    """The fast path is chosen for the points the passes get: in float32 (the compute dtype) and laid out (B, H, T, dh),
+    with the bf16 model flagged. Asked with the raw bf16 queries, the Triton kernel refuses them and every bf16 run
+    takes the PyTorch pass."""
+    from atlas_train.ops import dual_attention
+
+    asked = []
+    real = dual_attention.implementation
+
+    def spy(x, width, kind, half_inputs):
+        asked.append((x.dtype, tuple(x.shape), half_inputs))
+        return real(x, width, kind, half_inputs)
+
+    monkeypatch.setattr(dual_attention, "implementation", spy)
+    x, params = make_inputs(10)
+    run({n: t.detach().bfloat16() for n, t in x.items()}, {n: t.detach().float() for n, t in params.items()},
+        chunk_size=4)
+    assert asked == [(torch.float32, (2, 2, 9, 4), True)]
