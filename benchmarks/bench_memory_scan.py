@@ -451,8 +451,12 @@ def profile_table(length, dh, update, device, top, batch=1, roofs=None):
     lines = []
     for title, events in (("kernels" if on_gpu else "ops", prof.key_averages()),
                           ("ops by input shapes", prof.key_averages(group_by_input_shape=True))):
-        if on_gpu:  # kernels have no shapes, ops launch kernels: one table of each
-            events = [e for e in events if (e.key.startswith("aten::")) == (title != "kernels")]
+        if on_gpu:  # kernels have no shapes, ops launch kernels: one table of each (custom ops, whose rows repeat
+            # their kernels' time, in neither)
+            from torch.autograd import DeviceType
+
+            events = [e for e in events if (e.device_type == DeviceType.CUDA if title == "kernels"
+                                            else e.key.startswith("aten::"))]
         events = [e for e in events if getattr(e, attr) > 0]
         total = sum(getattr(e, attr) for e in events)
         with_roofs = roofs is not None and title == "ops by input shapes"
