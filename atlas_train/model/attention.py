@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from atlas_train.model.config import ModelConfig
 from atlas_train.model.document_mask import block_mask_for, flex_attend
-from atlas_train.model.rope import apply_rope
+from atlas_train.model.rope import RotaryTable, apply_rope, rope_cos_sin, rope_dtype
 
 # On GPUs cuDNN's fused attention first (the fastest on Hopper), then flash, memory-efficient and math: SDPA's own
 # default order would take flash. On CPU SDPA keeps its own choice.
@@ -61,6 +61,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
+        self.rope = RotaryTable(cfg.max_seq_len, self.head_dim // 2, self.rope_theta)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(*t.shape[:2], -1, self.head_dim)
@@ -70,8 +71,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         pos0 = cache["pos"] if cache else torch.zeros((), dtype=torch.long, device=x.device)
         positions = pos0 + torch.arange(T, device=x.device)
-        q = apply_rope(self._heads(self.q_proj(x)), positions, self.rope_theta).transpose(1, 2)
-        k = apply_rope(self._heads(self.k_proj(x)), positions, self.rope_theta).transpose(1, 2)
+        table = None if cache else self.rope.lookup(T, x.dtype)  # positions 0..T-1
+        cos, sin = table or rope_cos_sin(positions, self.head_dim // 2, self.rope_theta, rope_dtype(x.dtype))
+        q = apply_rope(self._heads(self.q_proj(x)), cos, sin).transpose(1, 2)
+        k = apply_rope(self._heads(self.k_proj(x)), cos, sin).transpose(1, 2)
         v = self._heads(self.v_proj(x)).transpose(1, 2)  # (B, H, T, dh)
 
         starts = doc_start.long() if doc_start is not None else x.new_zeros(B, T, dtype=torch.long)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from atlas_train.config import ConfigError, load_config
 from atlas_train.model.attention import Attention
@@ -13,7 +14,7 @@ from atlas_train.model.config import ModelConfig
 from atlas_train.model.conv import CausalDepthwiseConv
 from atlas_train.model.feature_maps import FeatureMap
 from atlas_train.model.gates import MemoryGates
-from atlas_train.model.rope import apply_rope
+from atlas_train.model.rope import RotaryTable, apply_rope, rope_cos_sin
 from repo_paths import CONFIGS
 
 
@@ -164,8 +165,9 @@ def _attention_reference(attn, x, doc_start, window):
     pos = torch.arange(T)
     def split(t):
         return t.view(B, T, attn.n_heads, attn.head_dim)
-    q = apply_rope(split(attn.q_proj(x)), pos, attn.rope_theta).transpose(1, 2)
-    k = apply_rope(split(attn.k_proj(x)), pos, attn.rope_theta).transpose(1, 2)
+    cos, sin = rope_cos_sin(pos, attn.head_dim // 2, attn.rope_theta, x.dtype)
+    q = apply_rope(split(attn.q_proj(x)), cos, sin).transpose(1, 2)
+    k = apply_rope(split(attn.k_proj(x)), cos, sin).transpose(1, 2)
     v = split(attn.v_proj(x)).transpose(1, 2)
     lag = pos[:, None] - pos[None, :]
     band = (lag >= 0) & (lag < (window or T + 1))
@@ -280,3 +282,19 @@ def test_model_configs_load_and_build_sizes():
 def test_config_rejects_bad_model_values(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config([CONFIGS / "model" / "demo.yaml"], [override])
+
+
+def test_rotary_table_holds_exact_angles_in_every_dtype_the_model_takes():
+    """The table training reads holds the on-the-fly values of positions 0..length-1, bit for bit: in float32 as
+    built and after a cast to bf16 (computed again, not rounded), in float64 after `.double()`; lengths beyond it and
+    inputs of another dtype get nothing from it."""
+    table = RotaryTable(12, 4, 100.0)
+    for cast, dtype in ((lambda m: m, torch.float32), (nn.Module.bfloat16, torch.float32),
+                        (nn.Module.double, torch.float64), (nn.Module.float, torch.float32)):
+        cast(table)
+        assert table.cos.dtype == dtype
+        want = rope_cos_sin(torch.arange(12), 4, 100.0, dtype)
+        got = table.lookup(12, torch.bfloat16 if dtype == torch.float32 else torch.float64)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert table.lookup(13, torch.float32) is None and table.lookup(12, torch.float64) is None
+    assert table.state_dict() == {}  # not saved: checkpoints and exports are unchanged
