@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +263,12 @@ def test_metrics_logger_writes_jsonl_and_tensorboard_and_truncates_on_resume(tmp
         log.log(step, {"train/loss": 1.0 / step, "train/lr": 0.1})
     log.log(3, {"train/grad_norm": float("nan")})
     log.close()
+    # TensorBoard reads event files in name order: time in seconds, host, pid, then a per-process counter, which sorts
+    # as text (10 before 9). A resumed run is a new process, seconds later; here the second writer waits for the
+    # next second so that its file sorts last as a resumed run's would.
+    began = int(time.time())
+    while int(time.time()) == began:
+        time.sleep(0.02)
     log = MetricsLogger(tmp_path, enabled=True, resume_step=2)  # a run resumed from step 2 redoes step 3
     log.log(3, {"train/loss": 0.25})
     log.close()
