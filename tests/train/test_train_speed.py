@@ -157,3 +157,24 @@ def test_profile_step_outside_the_run_is_refused():
 
     with pytest.raises(ValueError, match=r"profile_step must be a step of the run \(1..3\), got 4"):
         TrainConfig(steps=3, profile_step=4).validate()
+
+
+def test_compiled_attention_block_reads_the_rotary_angles_instead_of_computing_them():
+    """The compiled block's kernels, forward and backward, evaluate no pow, sin or cos: training's rotary angles come
+    from the RotaryTable, where Inductor had fused their computation into every element of q and k."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from atlas_train.model.block import Block
+
+    cfg = ModelConfig(mixer="transformer", vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=64).resolved()
+    block = Block(cfg)
+    x = torch.randn(2, 64, 32, requires_grad=True)
+    compiled = torch.compile(block)
+
+    def step():
+        compiled(x)[0].sum().backward()
+
+    _, code = run_and_get_code(step)
+    assert code and not re.findall(r"\b(?:pow|sin|cos)\(", "\n".join(code))
