@@ -16,6 +16,8 @@
 #                                          and the speed settings, atlas, titans, atlas_mag, then atlas with the
 #                                          token update (its steps take tens of seconds, so it goes last)
 #   bash benchmarks/gpu_single.sh train-long   the same at 16K and 32K: transformer and atlas
+#   bash benchmarks/gpu_single.sh engine   the transformer alone at 4K: plain settings (baseline), speed settings at
+#                                          micro-batch 8 and 16, each with a profiled step (kernel table in its log)
 #   bash benchmarks/gpu_single.sh decode   decode at 4K/32K, batch 1/32, eager and CUDA graph (cold Triton cache)
 #   bash benchmarks/gpu_single.sh recall   five members trained at once (round-robin over however many GPUs are
 #                                          visible) and scored on MQAR, 8.5 minutes in all; afterwards, on a CPU
@@ -57,6 +59,11 @@ case "${1:-}" in
       --rows transformer@4096,atlas@4096,titans@4096,atlas_mag@4096,atlas:token@4096 --budget-s 380 \
       --json "$OUT/train_4k.json" --logs "$OUT/rows"
     ;;
+  engine)
+    step engine_4k 300 python3 benchmarks/bench_train.py --baseline transformer@4096 \
+      --rows transformer@4096,transformer@4096/train.micro_batch_size=16 --overhead "" --profile --budget-s 240 \
+      --json "$OUT/engine_4k.json" --logs "$OUT/rows"
+    ;;
   train-long)
     step train_long 580 python3 benchmarks/bench_train.py --baseline transformer@16384 \
       --rows transformer@16384,atlas@16384,transformer@32768,atlas@32768 --overhead "" --budget-s 480 \
@@ -72,7 +79,7 @@ case "${1:-}" in
     step recall_study 560 python3 benchmarks/recall_study.py --out "$OUT/recall" --work /tmp/recall --budget-minutes 8.5
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_single.sh scan|scan-batch|speed|dual|scan-table DH [--skip-checks]|train|train-long|decode|recall" >&2
+    echo "usage: bash benchmarks/gpu_single.sh scan|scan-batch|speed|dual|scan-table DH [--skip-checks]|train|train-long|engine|decode|recall" >&2
     exit 2
     ;;
 esac
