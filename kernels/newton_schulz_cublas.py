@@ -166,9 +166,14 @@ class _NewtonSchulz(torch.autograd.Function):
         return grad_s.reshape(s.shape).to(s.dtype), None, None
 
 
+@torch.compiler.disable
 def newton_schulz(s: torch.Tensor, steps: int, precision: str = "tf32") -> torch.Tensor:
     """NS(s) for every matrix of s (..., rows, cols), products in `precision` ('ieee', 'tf32' or 'bf16');
-    steps >= 1 (steps = 0 is the identity, which the caller handles)."""
+    steps >= 1 (steps = 0 is the identity, which the caller handles).
+
+    A compiled caller (torch.compile around the scan's chunk steps) runs it as it is, between its graphs: dynamo
+    can trace neither the precision switch (`cublas_precision` reads a pybind getter) nor, with fake tensors,
+    baddbmm's out_dtype (an H100 run of compiled chunk steps fell back to eager on both)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return _NewtonSchulz.apply(s, steps, precision)
