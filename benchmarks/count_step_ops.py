@@ -40,7 +40,7 @@ def step_ops(layers: int, zero_stage: int, check_grad_overflow: bool) -> tuple[i
     from atlas_train.model import ModelConfig, build_model
     from atlas_train.train.config import TrainConfig
     from atlas_train.train.deepspeed_config import build_deepspeed_config
-    from atlas_train.train.optim import build_optimizer
+    from atlas_train.train.optim import build_optimizer, follow_global_grad_norm
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(mixer="transformer", vocab_size=256, d_model=64, n_layers=layers, n_heads=2,
@@ -48,7 +48,9 @@ def step_ops(layers: int, zero_stage: int, check_grad_overflow: bool) -> tuple[i
     cfg = TrainConfig(micro_batch_size=2, grad_accum=1, zero_stage=zero_stage, precision="bf16")
     config = build_deepspeed_config(cfg)
     config["bf16"]["check_grad_overflow"] = check_grad_overflow
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=config)
+    optimizer = build_optimizer(model, cfg)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    follow_global_grad_norm(optimizer, engine)  # as the trainer wires them
     ids = torch.randint(0, 256, (2, 33))
     for _ in range(2):  # the second step, once DeepSpeed has made its buffers
         engine.backward(engine(ids[:, :-1], labels=ids[:, 1:]).loss)

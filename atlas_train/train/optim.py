@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Callable, Optional
 
 import torch
 
@@ -13,32 +14,45 @@ from atlas_train.train.config import TrainConfig
 class SkippableAdamW(torch.optim.AdamW):
     """AdamW whose updates can be switched off for one optimizer step (a non-finite loss): weights and moments stay.
 
-    DeepSpeed's ZeRO and bf16 wrappers call the client optimizer's `step()` (once per parameter group or sub-group)
-    and then copy its fp32 weights back to the model, so skipping here leaves every copy of the weights unchanged on
-    every ZeRO stage. The training loop sets `skip` before each optimizer step.
+    DeepSpeed's ZeRO and bf16 wrappers call the client optimizer's `step()` (once per parameter group) and then copy
+    its fp32 weights back to the model, so skipping here leaves every copy of the weights unchanged on every ZeRO
+    stage. The training loop sets `skip` before each optimizer step.
 
-    A step whose gradients (as DeepSpeed hands them over: averaged and clipped, one parameter group per call; a
-    non-finite gradient makes the clipping factor, and so every group, non-finite) hold a NaN or inf is left out too,
-    on the device: the fused kernel takes a found_inf flag (the mechanism of torch's GradScaler), so the check costs
-    two launches and no host sync. It stands in for DeepSpeed's own bf16 check (`bf16.check_grad_overflow`, off in
-    deepspeed_config.py), which launches about a dozen kernels per parameter tensor in an optimizer phase whose cost
-    is its launches (benchmarks/count_step_ops.py counts them). Built with fused=True on every device
-    (build_optimizer).
+    A step with a NaN or inf gradient is left out too, on the device: the fused kernel takes a found_inf flag (the
+    mechanism of torch's GradScaler), so the check costs two launches and no host sync. It stands in for DeepSpeed's
+    own bf16 check (`bf16.check_grad_overflow`, off in deepspeed_config.py), which launches about a dozen kernels per
+    parameter tensor in an optimizer phase whose cost is its launches (benchmarks/count_step_ops.py counts them).
+    DeepSpeed hands over one group at a time, each with its gradients only just written, and in bf16 it zeroes the
+    other groups' gradients when the global norm is not finite (it clips by an infinite norm) rather than skipping:
+    so the flag also takes the step's global gradient norm, which DeepSpeed computes before the first group
+    (`follow_global_grad_norm`). Built with fused=True on every device (build_optimizer).
     """
 
     skip: bool = False
+    global_grad_norm: Optional[Callable[[], object]] = None  # this step's global gradient norm, where known
 
     @torch.no_grad()
     def step(self, closure=None):
         if self.skip:
             return None
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if grads:  # the largest |g| of each gradient: NaN and inf survive it, and it cannot overflow
-            found_inf = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=float("inf")))).all()
+        # the largest |g| of each gradient: NaN and inf survive it, and it cannot overflow
+        checks = list(torch._foreach_norm([p.grad for group in self.param_groups for p in group["params"]
+                                           if p.grad is not None], ord=float("inf")))
+        norm = self.global_grad_norm() if self.global_grad_norm is not None else None
+        if isinstance(norm, torch.Tensor):
+            checks.append(norm.reshape(()).to(checks[0].device if checks else norm.device))
+        if checks:
+            found_inf = ~torch.isfinite(torch.stack(checks)).all()
             if not self.defaults.get("fused"):  # only the fused kernel takes the flag: ask the host
                 return None if found_inf else super().step(closure)
             self.found_inf = found_inf.float()
         return super().step(closure)
+
+
+def follow_global_grad_norm(optimizer: SkippableAdamW, engine) -> None:
+    """Let `optimizer` skip on the global gradient norm that `engine`'s ZeRO optimizer computed for the step (its
+    `_global_grad_norm`: infinite when any gradient is not finite; None or a float where it computed none)."""
+    optimizer.global_grad_norm = lambda: getattr(engine.optimizer, "_global_grad_norm", None)
 
 
 def no_decay_names(model: torch.nn.Module) -> set[str]:

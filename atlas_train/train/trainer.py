@@ -39,7 +39,7 @@ from atlas_train.train.microbatch import (
     probe_micro_batch,
 )
 from atlas_train.train.nonfinite import NonFiniteGuard
-from atlas_train.train.optim import build_optimizer, build_scheduler, move_scheduler_to
+from atlas_train.train.optim import build_optimizer, build_scheduler, follow_global_grad_norm, move_scheduler_to
 from atlas_train.train.phase_timer import PhaseTimer
 from atlas_train.train.resize import Layout, prepare_universal, read_resume_client, repairing_universal_load
 from atlas_train.train.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -372,6 +372,7 @@ class Trainer:
         config = build_deepspeed_config(self.tc, load_universal=universal)
         engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer, config=config,
                                                mpu=self.plan.mpu)
+        follow_global_grad_norm(self.optimizer, engine)
         return engine
 
     def _resume(self, point: ResumePoint) -> Optional[dict]:

@@ -25,7 +25,13 @@ from atlas_train.train.deepspeed_config import build_deepspeed_config
 from atlas_train.train.integrity import checksums, write_manifest
 from atlas_train.train.metrics import MetricsLogger
 from atlas_train.train.nonfinite import NonFiniteGuard, NonFiniteLossError
-from atlas_train.train.optim import SkippableAdamW, build_optimizer, build_scheduler, param_groups
+from atlas_train.train.optim import (
+    SkippableAdamW,
+    build_optimizer,
+    build_scheduler,
+    follow_global_grad_norm,
+    param_groups,
+)
 from atlas_train.train.rng import capture_rng_state, restore_rng_state
 from atlas_train.train.signals import EXIT_PREEMPTED, PreemptionFlag
 from repo_paths import REPO
@@ -155,11 +161,13 @@ def test_step_with_non_finite_gradients_changes_neither_weights_nor_moments(bad)
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_deepspeed_step_with_a_non_finite_gradient_leaves_the_weights(monkeypatch, stage):
-    """Under the DeepSpeed engine (ZeRO, gradient clipping) a NaN in one gradient, with a finite loss, leaves every
-    weight as it was: the client optimizer sees the clipped flat gradients and skips (DeepSpeed's own per-gradient
-    check is off, deepspeed_config.py); the next finite step moves them."""
+@pytest.mark.parametrize("stage,precision,grad_clip", [(1, "fp32", 1.0), (2, "fp32", 1.0), (1, "bf16", 1.0),
+                                                       (2, "bf16", 1.0), (1, "bf16", 0.0)])
+def test_deepspeed_step_with_a_non_finite_gradient_leaves_the_weights(monkeypatch, stage, precision, grad_clip):
+    """Under the DeepSpeed engine (ZeRO, two parameter groups) a NaN in one gradient, with a finite loss, leaves every
+    weight of both groups as it was, with and without clipping: in bf16 (DeepSpeed's own per-gradient check off,
+    deepspeed_config.py) the client optimizer skips on the step's global gradient norm, where DeepSpeed would have
+    stepped the other group on zeroed gradients; the next finite step moves them."""
     import deepspeed
 
     from parallel_worker import free_port
@@ -171,10 +179,11 @@ def test_deepspeed_step_with_a_non_finite_gradient_leaves_the_weights(monkeypatc
             monkeypatch.setenv(key, value)
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-        cfg = TrainConfig(micro_batch_size=2, grad_accum=1, grad_clip=1.0, zero_stage=stage, precision="fp32")
-        engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
-                                          config=build_deepspeed_config(cfg))
-        x = torch.randn(2, 4)
+        cfg = TrainConfig(micro_batch_size=2, grad_accum=1, grad_clip=grad_clip, zero_stage=stage, precision=precision)
+        optimizer = build_optimizer(model, cfg)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_deepspeed_config(cfg))
+        follow_global_grad_norm(optimizer, engine)  # as the trainer does
+        x = torch.randn(2, 4).to(torch.bfloat16 if precision == "bf16" else torch.float32)
 
         def step(poison: bool):
             handle = model[0].weight.register_hook(lambda g: g.index_fill(0, torch.tensor([1]), float("nan")))
