@@ -35,9 +35,9 @@ class SkippableAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         if self.skip:
             return None
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         # the largest |g| of each gradient: NaN and inf survive it, and it cannot overflow
-        checks = list(torch._foreach_norm([p.grad for group in self.param_groups for p in group["params"]
-                                           if p.grad is not None], ord=float("inf")))
+        checks = list(torch._foreach_norm(grads, ord=float("inf"))) if grads else []
         norm = self.global_grad_norm() if self.global_grad_norm is not None else None
         if isinstance(norm, torch.Tensor):
             checks.append(norm.reshape(()).to(checks[0].device if checks else norm.device))
