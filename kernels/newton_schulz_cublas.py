@@ -173,7 +173,7 @@ def newton_schulz(s: torch.Tensor, steps: int, precision: str = "tf32") -> torch
 
     A compiled caller (torch.compile around the scan's chunk steps) runs it as it is, between its graphs: dynamo
     can trace neither the precision switch (`cublas_precision` reads a pybind getter) nor, with fake tensors,
-    baddbmm's out_dtype (an H100 run of compiled chunk steps fell back to eager on both)."""
+    baddbmm's out_dtype, and would otherwise fall back to eager for the caller's whole frame."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return _NewtonSchulz.apply(s, steps, precision)

@@ -23,6 +23,7 @@ from atlas_train.model.fast_weights import FastWeightInit
 from atlas_train.model.flops import training_flops_per_token
 from atlas_train.model.hybrid import join_cache, split_cache
 from atlas_train.model.norms import RMSNorm
+from atlas_train.model.rope import share_rotary_tables
 
 OUTPUT_PROJECTIONS = ("o_proj", "down_proj")  # residual-branch outputs, init scaled by 1/sqrt(2·n_layers)
 
@@ -44,6 +45,7 @@ class AtlasLM(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        share_rotary_tables(self)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._init_weights()

@@ -4,10 +4,11 @@ The angles are computed in float32 (float64 for float64 inputs), never taken fro
 model cast to bf16 keeps exact angles and any absolute position (a decode cache's `pos`) is valid.
 
 Calls without a cache (training, prefill) rotate positions 0..T-1: their cos and sin come from a `RotaryTable`, made
-when the model is built. Computed inside a compiled block instead, Inductor fuses the angles' pow, cos and sin into
-the kernels that rotate q and k and evaluates them again for every element, forward and backward; read from the
-table, those kernels are a multiply-add. The table is a (non-persistent) buffer, so a compiled block takes it as an
-input, in one graph, and it moves with the model; a cast of the model recomputes it rather than rounding it.
+when the model is built and shared by its attention layers (`share_rotary_tables`). Computed inside a compiled block
+instead, Inductor fuses the angles' pow, cos and sin into the kernels that rotate q and k and evaluates them again for
+every element, forward and backward; read from the table, those kernels are a multiply-add. The table is a
+(non-persistent) buffer, so a compiled block takes it as an input, in one graph, and it moves with the model; a cast
+of the model recomputes it rather than rounding it.
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ class RotaryTable(nn.Module):
         positions = torch.arange(self.length, device=self.cos.device)
         self.cos, self.sin = rope_cos_sin(positions, self.half, self.theta, rope_dtype(self.cos.dtype))
         return self
+
+
+def share_rotary_tables(model: nn.Module) -> None:
+    """Give every attention layer of `model` with the same table settings one RotaryTable: a table for each layer
+    would hold the same numbers n_layers times (about 130 MB each at 512K positions and head dim 64)."""
+    shared: dict[tuple, RotaryTable] = {}
+    for module in list(model.modules()):
+        table = getattr(module, "rope", None)
+        if isinstance(table, RotaryTable):
+            module.rope = shared.setdefault((table.length, table.half, table.theta), table)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atlas_train.config import ConfigError, load_config
+from atlas_train.model import build_model
 from atlas_train.model.attention import Attention
 from atlas_train.model.config import ModelConfig
 from atlas_train.model.conv import CausalDepthwiseConv
@@ -298,3 +299,13 @@ def test_rotary_table_holds_exact_angles_in_every_dtype_the_model_takes():
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert table.lookup(13, torch.float32) is None and table.lookup(12, torch.float64) is None
     assert table.state_dict() == {}  # not saved: checkpoints and exports are unchanged
+
+
+def test_attention_layers_of_a_model_share_one_rotary_table():
+    """One table per model, not per layer, and it still moves and casts with the model."""
+    model = build_model(ModelConfig(mixer="transformer", vocab_size=32, d_model=16, n_layers=3, n_heads=2,
+                                    max_seq_len=64))
+    tables = {id(m.rope) for m in model.modules() if isinstance(m, Attention)}
+    assert len(tables) == 1 and sum(isinstance(m, RotaryTable) for m in model.modules()) == 1
+    model.double()
+    assert all(m.rope.cos.dtype == torch.float64 for m in model.modules() if isinstance(m, Attention))
