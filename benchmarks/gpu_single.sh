@@ -19,7 +19,7 @@
 #   bash benchmarks/gpu_single.sh engine   the transformer alone at 4K: plain settings (baseline), speed settings at
 #                                          micro-batch 8 and 16, each with a profiled step (kernel table in its log)
 #   bash benchmarks/gpu_single.sh decode   decode at 4K/32K, batch 1/32, eager and CUDA graph (cold Triton cache)
-#   bash benchmarks/gpu_single.sh recall   five members trained at once (round-robin over however many GPUs are
+#   bash benchmarks/gpu_single.sh recall   the eight members trained at once (round-robin over however many GPUs are
 #                                          visible) and scored on MQAR, 8.5 minutes in all; afterwards, on a CPU
 #                                          machine with matplotlib: python benchmarks/recall_study.py --render DIR
 # A baseline that needs another code path comes from a flag of the benchmark (bench_memory_scan.py --variants,
