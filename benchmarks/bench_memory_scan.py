@@ -41,6 +41,7 @@ if not torch.cuda.is_available():  # CPU smoke run: the kernels run in Triton's 
 
 import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from atlas_train import kernels  # noqa: E402
 from atlas_train.kernels import dispatch as kernel_dispatch  # noqa: E402
@@ -498,7 +499,9 @@ def roofline_summary(events, attr, roofs) -> str:
 
 
 class _OpCounter(TorchDispatchMode):
-    """Counts the operators a region dispatches, views and other metadata-only ops left out (they launch nothing)."""
+    """Counts the operators a region dispatches, views and other metadata-only ops left out (they launch nothing),
+    and the bytes they must move at least: each one's tensor inputs, and its outputs unless written in place into
+    an input. A kernel custom op counts as one operator moving its inputs and outputs once."""
 
     METADATA_ONLY = {"view", "_unsafe_view", "expand", "t", "transpose", "unsqueeze", "squeeze", "permute", "slice",
                      "select", "alias", "detach", "as_strided", "split", "unbind", "_reshape_alias", "lift_fresh"}
@@ -506,10 +509,17 @@ class _OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.count = 0
+        self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.__name__.split(".")[0] not in self.METADATA_ONLY
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split(".")[0] not in self.METADATA_ONLY:
+            self.count += 1
+            ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            written_in_place = {t.data_ptr() for t in ins}
+            outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.data_ptr() not in written_in_place]
+            self.bytes += sum(t.numel() * t.element_size() for t in ins + outs)
+        return out
 
 
 @contextlib.contextmanager
@@ -541,12 +551,18 @@ def _fast_paths_as_on_a_gpu(mlp_kernel):
 
 def count_ops_table(length, dh, updates, device):
     """Operators per chunk of one forward+backward (backward = each chunk's recompute and gradient), eager, with the
-    fast paths and without/with the memory MLP kernel. On a GPU each is a kernel launch, and a CUDA graph replays
-    the same launches, so where launches rather than arithmetic bound a chunk this is what fusion buys. Not a
-    timing: deterministic. (On a GPU the backward runs in autograd's device thread; that the count sees it there
-    has not been checked on a GPU yet.)"""
-    lines = [f"== operators per chunk: T={length} dh={dh} chunk={CHUNK}, fast paths as dispatched on a GPU ==",
-             f"{'update':<8} {'memory MLP':<12} {'forward':>8} {'backward':>9} {'total':>7}"]
+    fast paths and without/with the memory MLP kernel, and the bytes they move at least per chunk and (batch, head)
+    chain. On a GPU each operator is a kernel launch, and a CUDA graph replays the same launches, so where launches
+    rather than arithmetic bound a chunk this is what fusion buys; where bytes bound it (the production shape, see
+    --profile's roofline), bytes over the card's bandwidth are a floor under the time of a scan made of these
+    operators, and what a fused kernel keeping the fast weights on chip would not move. Not a timing: deterministic,
+    float32 inputs (a bf16 model's scan computes in float32 too; its bf16 NS operands add casts not counted here).
+    (On a GPU the backward runs in autograd's device thread; that the count sees it there has not been checked on a
+    GPU yet.)"""
+    lines = [f"== operators and bytes per chunk: T={length} dh={dh} chunk={CHUNK}, fast paths as dispatched on a GPU; "
+             f"MB per chunk and (batch, head) chain; GB per call at B·H = 128, T = 4K and this dh ==",
+             f"{'update':<8} {'memory MLP':<12} {'forward':>8} {'backward':>9} {'total':>7} {'MB fwd':>8} "
+             f"{'MB bwd':>8} {'GB/call':>8}"]
     for update in updates:
         for mlp_kernel in (False, True):
             heads = HEADS if device.type == "cuda" else 2  # counts do not depend on it; the interpreter is slow
@@ -557,8 +573,11 @@ def count_ops_table(length, dh, updates, device):
                 with _OpCounter() as backward:
                     y.backward(torch.ones_like(y))
             chunks = length // CHUNK
+            per_chain = [c.bytes / chunks / heads / 1e6 for c in (forward, backward)]
+            production = sum(per_chain) * 128 * (4096 // CHUNK) / 1e3
             lines.append(f"{update:<8} {'kernel' if mlp_kernel else 'PyTorch':<12} {forward.count / chunks:8.0f} "
-                         f"{backward.count / chunks:9.0f} {(forward.count + backward.count) / chunks:7.0f}")
+                         f"{backward.count / chunks:9.0f} {(forward.count + backward.count) / chunks:7.0f} "
+                         f"{per_chain[0]:8.2f} {per_chain[1]:8.2f} {production:8.1f}")
     return lines
 
 
