@@ -6,7 +6,8 @@
 #                                          both updates, graphs vs the compiled baseline vs cuDNN SDPA
 #   bash benchmarks/gpu_single.sh scan-batch   the scan at the production shape (B·H = 128 at 4K, dh 64) against
 #                                          cuDNN attention of the same shape, both updates, with and without the chunk
-#                                          steps compiled, then where the chunk update's time goes
+#                                          steps compiled, then where the chunk update's time goes (profile with a
+#                                          roofline) and its operators and bytes per chunk at dh 64
 #   bash benchmarks/gpu_single.sh dual     the deep_transformer scan at B·H = 128, 4K, dh 64 against cuDNN attention
 #                                          of that shape, then a bf16 run's error against float64 at 4K
 #   bash benchmarks/gpu_single.sh speed    one call for scarce machines: the speed paths' checks, the scan at B·H = 128
@@ -41,10 +42,11 @@ case "${1:-}" in
       --json "$OUT/train_4k.json" --logs "$OUT/rows"
     ;;
   scan-batch)
-    step memory_scan_b8 300 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 \
-      --variants graphs graphs+compile --skip-checks --budget-s 260 --row-budget-s 40
-    step profile_b8 200 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk \
+    step memory_scan_b8 240 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 \
+      --variants graphs graphs+compile --skip-checks --budget-s 200 --row-budget-s 40
+    step profile_b8 150 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk \
       --profile 25 --skip-checks
+    step count_ops 90 python3 benchmarks/bench_memory_scan.py --count-ops --skip-checks --dh 64 --lengths 4096
     ;;
   dual)
     step dual_scan 300 python3 benchmarks/bench_dual_scan.py --torch-pass
