@@ -208,12 +208,12 @@ def _select(mask: torch.Tensor, if_true: torch.Tensor, if_false: torch.Tensor) -
     return torch.where(mask.view(shape), if_true, if_false)
 
 
-def _document_ids(carry, reset):
-    """token_doc (B, L): the documents started in the chunk up to each token; key_doc (B, c−1+L): the same for each
-    window key (cached keys first), −1 for cached keys of an earlier document, so that no token of the chunk
-    matches them."""
+def _document_ids(window_valid, reset):
+    """token_doc (B, L): the documents started up to each token (of a chunk, or of a whole call); key_doc
+    (B, c−1+L): the same for each window key (the c−1 cached keys first), −1 for cached keys of an earlier document,
+    so that no token matches them."""
     token_doc = torch.cumsum(reset.long(), dim=-1)
-    key_doc = torch.cat([torch.where(carry["window_valid"], 0, -1), token_doc], dim=-1)
+    key_doc = torch.cat([torch.where(window_valid, 0, -1), token_doc], dim=-1)
     return token_doc, key_doc
 
 
@@ -259,8 +259,7 @@ def _call_documents(reset, window_valid, c: int, offset: int, chunk: int):
     document. Documents are numbered over the whole call (cached keys: 0 if in the document running at the call's
     start, −1 if not), so a key and a token share a document when their numbers are equal, as `window_weights`
     decides within one chunk."""
-    token_doc = torch.cumsum(reset.long(), dim=-1)
-    key_doc = torch.cat([torch.where(window_valid, 0, -1), token_doc], dim=-1)
+    token_doc, key_doc = _document_ids(window_valid, reset)
     keys, last = _call_indices(reset.shape[-1], c, offset, chunk, reset.device)
     return key_doc[:, keys] == token_doc[..., None], token_doc == token_doc[:, last]
 
@@ -288,7 +287,7 @@ def _chunk_keys(carry, x, params, ln, opts: ScanOptions):
     """Gradient factors of the chunk's window keys, the window handed on, and the chunk's document ids (token_doc,
     after_reset; None without a document start, where the chunk skips them)."""
     if x.has_reset:
-        token_doc, key_doc = _document_ids(carry, x.reset)
+        token_doc, key_doc = _document_ids(carry["window_valid"], x.reset)
         after_reset = token_doc > 0
         keys_z, keys_v, window = _window_keys(carry, x, opts, key_doc, token_doc)
     else:
