@@ -18,6 +18,11 @@ coefficient gains get their gradient from every later use of them, which is the 
 (every later anchor pass read them, a later chunk's read through the final values or a tail); then the chunk's own
 terms are recomputed under autograd and differentiated. The gradients of the attention passes with respect to points,
 keys and θ come last, each pass at once.
+
+A chunk's own terms (`DualChunkStep`) are about sixty small operators forward and twice that in backward, the same for
+every chunk: they run through cuda_graphs.py like `memory_scan`'s chunk steps, so that on a GPU each is one graph
+replay instead of a launch per operator. The attention passes stay outside the graphs: they read all of J, far too
+large to copy into a graph's static buffers every chunk.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from atlas_train.ops.cuda_graphs import run_backward, run_forward
 from atlas_train.ops.dual_attention import Implementation, kernel_values
 from atlas_train.ops.dual_terms import DualOptions, Params, anchor_terms, chunk_step, mixing, reads
 from atlas_train.ops.precision import scan_precision
@@ -124,6 +130,59 @@ def _local_step(h_pull, w1c, view: _Views, p: Params, opts: DualOptions, has_res
     return delta, g_out, hidden, gains, w1_next
 
 
+class DualChunkStep(NamedTuple):
+    """One chunk's terms (`_local_step`) as a function of a flat tensor list, so that cuda_graphs.py can run it on
+    static buffers: every chunk with equal flags and shapes shares one CUDA graph. The list: h at the window keys
+    (B, H, 1, W, hid), W1 at the chunk's start, the chunk's views (`_Views` order), then the parameters (`Params`
+    order, the LayerNorm's only where the memory has one)."""
+
+    opts: DualOptions
+    has_reset: bool  # a document starts inside the chunk
+    last_row: int  # the chunk's last real token
+    has_ln: bool
+
+    def forward(self, *tensors) -> list[torch.Tensor]:
+        """[δ, g_out, gelu(h), coefficient gains, W1 after the chunk], without an autograd graph."""
+        h_pull, w1c, view, params = self._split(tensors)
+        with torch.no_grad():
+            return list(_local_step(h_pull, w1c, view, params, self.opts, self.has_reset, self.last_row))
+
+    def backward(self, *tensors) -> list[torch.Tensor]:
+        """Takes forward's tensors, then the gradients of its five outputs; returns the gradients of h at the window
+        keys, W1 at the start, the window keys and values, eta, gamma and every parameter of the list (zeros where
+        unused), recomputing the chunk under autograd."""
+        count = len(tensors) - 5
+        h_pull, w1c, view, params = self._split(tensors[:count])
+
+        def step(h_pull_, w1c_, kwin, vwin, eta, gamma, *params_):
+            chunk_view = view._replace(kwin=kwin, vwin=vwin, eta=eta, gamma=gamma)
+            return _local_step(h_pull_, w1c_, chunk_view, self._params(params_), self.opts, self.has_reset,
+                               self.last_row)
+
+        params = tensors[count - self._n_params():count]
+        return _grads(step, [h_pull, w1c, view.kwin, view.vwin, view.eta, view.gamma, *params], list(tensors[count:]))
+
+    def output_gradients(self, outputs) -> list[torch.Tensor]:
+        """Zero gradients of forward's outputs, as backward takes them."""
+        return [torch.zeros_like(t) for t in outputs]
+
+    def _n_params(self) -> int:
+        return 6 if self.has_ln else 4
+
+    def _params(self, tensors) -> Params:
+        return Params(*tensors) if self.has_ln else Params(*tensors, None, None)
+
+    def _split(self, tensors):
+        """(h at the window keys, W1 at the start, the chunk's views, Params) of forward's tensor list."""
+        params = self._params(tensors[len(tensors) - self._n_params():])
+        return tensors[0], tensors[1], _Views(*tensors[2:2 + len(_Views._fields)]), params
+
+
+def _step_tensors(h_pull, w1c, view: _Views, p: Params) -> list[torch.Tensor]:
+    """`DualChunkStep`'s tensor list."""
+    return [h_pull, w1c, *view, *(t for t in p if t is not None)]
+
+
 def _reads(q, h_main, tails, terms, w1c, views: _Views, p: Params, opts: DualOptions, has_reset: bool):
     """Every chunk's reads (B, H, T_pad, dh)."""
     batch, heads, chunks, size = views.eta.shape
@@ -153,8 +212,8 @@ class DualScanFunction(torch.autograd.Function):
     the last real token, and the last chunk's tails and start W1 (a state that ends inside a chunk keeps them)."""
 
     @staticmethod
-    def forward(ctx, opts: DualOptions, layout: Layout, impl: Implementation, q, k, v, eta, gamma, w1, k0, a0, theta,
-                ln_weight, ln_bias, keys0, coef0, w1c0, window_v0, tok_doc, key_doc):
+    def forward(ctx, opts: DualOptions, layout: Layout, impl: Implementation, need_backward: bool, q, k, v, eta, gamma,
+                w1, k0, a0, theta, ln_weight, ln_bias, keys0, coef0, w1c0, window_v0, tok_doc, key_doc):
         p = Params(w1, k0, a0, theta, ln_weight, ln_bias)
         past, size = opts.window - 1, opts.chunk_size
         kall, vall = torch.cat([keys0, k], dim=2), torch.cat([window_v0, v], dim=2)
@@ -168,8 +227,9 @@ class DualScanFunction(torch.autograd.Function):
             h_pull = impl.forward(views.kwin[:, :, n], kall, coef, limits.starts[n].expand(past + size),
                                   views.win_doc[:, n], key_doc, opts.kind, theta)[:, :, None]
             tails.append(coef[:, :, start - past:start].clone())
-            *chunk_terms, gains, w1_next = _local_step(h_pull, w1c[:, :, None], _chunk(views, n), p, opts,
-                                                       layout.resets[n], layout.last_rows[n])
+            step = DualChunkStep(opts, layout.resets[n], layout.last_rows[n], ln_weight is not None)
+            tensors = _step_tensors(h_pull, w1c[:, :, None], _chunk(views, n), p)
+            *chunk_terms, gains, w1_next = run_forward(step, tensors, need_backward)
             coef[:, :, start - past:start + size] += gains[:, :, 0]
             h_pulls.append(h_pull)
             w1cs.append(w1c)
@@ -243,17 +303,11 @@ class DualScanFunction(torch.autograd.Function):
                 later = torch.full((width,), (chunks - 1 - n) * width, device=q.device)
                 dgains = dgains + impl.forward(views.kwin[:, :, n], points_reversed, dh_reversed.flatten(2, 3), later,
                                                views.win_doc[:, n], doc_reversed, opts.kind, theta)
-            view = _chunk(views, n)
-
-            def step_fn(h_pull_, w1c_, kw_, vw_, eta_, gamma_, *params, view=view, n=n):
-                chunk_view = view._replace(kwin=kw_, vwin=vw_, eta=eta_, gamma=gamma_)
-                return _local_step(h_pull_, w1c_, chunk_view, Params(*params), opts, layout.resets[n],
-                                   layout.last_rows[n])
-
-            grads = _grads(step_fn, [h_pull[:, :, n:n + 1], w1c_all[:, :, n:n + 1], view.kwin, view.vwin, view.eta,
-                                     view.gamma, *p],
-                           [ddelta[:, :, n:n + 1], dg_out[:, :, n:n + 1], dhidden[:, :, n:n + 1], dgains[:, :, None],
-                            dw1_next[:, :, None]])
+            step = DualChunkStep(opts, layout.resets[n], layout.last_rows[n], ln_weight is not None)
+            grads = run_backward(step, [*_step_tensors(h_pull[:, :, n:n + 1], w1c_all[:, :, n:n + 1], _chunk(views, n),
+                                                       p),
+                                        ddelta[:, :, n:n + 1], dg_out[:, :, n:n + 1], dhidden[:, :, n:n + 1],
+                                        dgains[:, :, None], dw1_next[:, :, None]])
             dh_reversed[:, :, chunks - 1 - n] = grads[0][:, :, 0]
             dkall[:, :, window] += grads[2][:, :, 0]
             dvall[:, :, n * size:n * size + width] += grads[3][:, :, 0]
@@ -286,5 +340,5 @@ class DualScanFunction(torch.autograd.Function):
         dcoef0 = fixed[:, :, :n0] + tail_sum[:, :, :n0] + impl.forward(
             kall[:, :, :n0], points_reversed, dh_reversed.flatten(2, 3), None, key_doc[:, :n0], doc_reversed,
             opts.kind, theta)
-        return (None, None, None, dq, dkall[:, :, n0:], dvall[:, :, past:], deta, dgamma, *dparams,
+        return (None, None, None, None, dq, dkall[:, :, n0:], dvall[:, :, past:], deta, dgamma, *dparams,
                 dkall[:, :, :n0], dcoef0, dw1_next, dvall[:, :, :past], None, None)

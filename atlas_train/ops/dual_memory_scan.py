@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from atlas_train.ops import dual_attention
+from atlas_train.ops.chunked_scan import grad_wanted
 from atlas_train.ops.dual_attention import KERNELS
 from atlas_train.ops.dual_chunks import PAD_DOC, DualScanFunction, make_layout
 from atlas_train.ops.dual_step import STATE_KEYS, dual_step, initial_state, position
@@ -104,9 +105,11 @@ def _chunks(inputs, p: Params, state: dict, reset, opts: DualOptions, impl):
     key_doc = torch.cat([torch.where(state["valid"], 0, -1), tok_doc], dim=1)
     carried = state["keys"].shape[2]
     layout = make_layout(carried, length, opts, reset)
+    differentiable = [*padded, *(t for t in p if t is not None), state["keys"], state["coef"], state["W1"],
+                      state["window_v"]]
     y, coef, w1, tail, w1_start = DualScanFunction.apply(
-        opts, layout, impl, *padded, *p, state["keys"], state["coef"], state["W1"], state["window_v"], tok_doc,
-        key_doc)
+        opts, layout, impl, grad_wanted(differentiable), *padded, *p, state["keys"], state["coef"], state["W1"],
+        state["window_v"], tok_doc, key_doc)
     total = carried + length
     valid = key_doc[:, :total] == tok_doc[:, length - 1:length]
     coef = torch.where(valid[:, None, :, None], coef[:, :, :total], 0.0)  # keys outside the document hold none
