@@ -129,14 +129,15 @@ def _differentiable(keys):
 
 class ChunkStep(NamedTuple):
     """One chunk's computation, as far as its code depends on the chunk: the scan's options and the chunk's flags
-    (it closes a grid chunk; a document starts in it; the memory has a LayerNorm). Each method takes the chunk's
-    tensors as one flat list (carry in key order, the update's input pieces, reset, params, ln), so that it can run on
-    static buffers: all chunks with equal steps and shapes share one CUDA graph (cuda_graphs.py)."""
+    (it closes a grid chunk; a document starts in it; the memory has a LayerNorm; it opens a grid chunk). Each method
+    takes the chunk's tensors as one flat list (carry in key order, the update's input pieces, reset, params, ln), so
+    that it can run on static buffers: all chunks with equal steps and shapes share one CUDA graph (cuda_graphs.py)."""
 
     opts: ScanOptions
     closes: bool
     has_reset: bool
     has_ln: bool
+    opens: bool  # begins on the grid: the carried partial sums are zero (step_chunk_update)
 
     def forward(self, *tensors) -> list[torch.Tensor]:
         """[y, *carry out in key order], without an autograd graph."""
@@ -181,7 +182,7 @@ class ChunkStep(NamedTuple):
             return step_token_update(carry, ChunkInputs(*pieces, reset, self.has_reset), params, ln, self.opts,
                                      self.closes)
         return step_chunk_update(carry, ChunkSumInputs(*pieces, reset, self.has_reset), params, ln, self.opts,
-                                 self.closes)
+                                 self.closes, self.opens)
 
     def _split(self, tensors):
         """carry (keys order), the input pieces, reset, params, ln (dicts), then whatever follows."""
@@ -210,7 +211,8 @@ class _ScanFunction(torch.autograd.Function):
             saved_carries.extend(carry[k] for k in keys)
             chunk = [*(carry[k] for k in keys), *_chunk_slices(opts, inputs, index, begin, end, offset),
                      reset[:, begin:end], *fixed]
-            y, *carry_out = run_forward(ChunkStep(opts, closes, has_reset, has_ln), chunk, need_backward)
+            step = ChunkStep(opts, closes, has_reset, has_ln, index > 0 or offset == 0)
+            y, *carry_out = run_forward(step, chunk, need_backward)
             carry = dict(zip(keys, carry_out))
             ys.append(y)
         ctx.save_for_backward(*tensors[: len(tensors) - len(keys)], *saved_carries)
@@ -243,7 +245,7 @@ class _ScanFunction(torch.autograd.Function):
             snapshot = saved[n_fixed + index * len(keys): n_fixed + (index + 1) * len(keys)]
             chunk = [*snapshot, *_chunk_slices(opts, inputs, index, begin, end, ctx.offset), reset[:, begin:end],
                      *fixed, grad_y[:, :, begin:end], *carry_grad]
-            found = run_backward(ChunkStep(opts, closes, has_reset, ctx.has_ln), chunk)
+            found = run_backward(ChunkStep(opts, closes, has_reset, ctx.has_ln, index > 0 or ctx.offset == 0), chunk)
             carry_grad, found = found[: len(diff_keys)], found[len(diff_keys):]
             for buffer, g in zip(_chunk_slices(opts, input_grads, index, begin, end, ctx.offset),
                                  found[: len(inputs)]):

@@ -353,13 +353,19 @@ def step_token_update(carry: dict, x: ChunkInputs, params: dict, ln, opts: ScanO
     return y, out
 
 
-def step_chunk_update(carry: dict, x: ChunkSumInputs, params: dict, ln, opts: ScanOptions, closes: bool):
+def step_chunk_update(carry: dict, x: ChunkSumInputs, params: dict, ln, opts: ScanOptions, closes: bool,
+                      opens: bool = False):
     """Spec 3.5 for (a piece of) one grid chunk: reads at the anchor, one Muon step when the grid chunk closes.
 
     A document start inside the chunk ends the open chunk (its update would be discarded by the reset), so only
     tokens of the chunk's last document contribute to the partial sums (x.key_coef and x.gate_sums count only them).
     Most chunks hold no document start (`x.has_reset`, known on the host): they skip the document ids, the masking
     and the reset selections, which would be the identity there, and so launch fewer operators.
+
+    At the production shape the chunk step is bound by the bytes it moves over the fast weights (benchmarks/RESULTS.md
+    §2), so each pass over them counts: a piece that `opens` a grid chunk starts from the zero gradient sum every
+    closing chunk leaves (and a sequence starts with), and does not read it; the momentum and weight updates are
+    addcmul's single passes rather than a multiply and an add each.
     """
     factors, window, token_doc, after_reset = _chunk_keys(carry, x, params, ln, opts)
     anchor = {w: carry[f"anchor.{w}"] for w in opts.weight_names}
@@ -380,13 +386,15 @@ def step_chunk_update(carry: dict, x: ChunkSumInputs, params: dict, ln, opts: Sc
     for w in opts.weight_names:
         grad_sum, momentum, start = carry[f"grad_sum.{w}"], carry[f"momentum.{w}"], anchor[w]
         if x.has_reset:
-            grad_sum, momentum = keep[:, None, None, None] * grad_sum, keep[:, None, None, None] * momentum
+            momentum = keep[:, None, None, None] * momentum
+            grad_sum = grad_sum if opens else keep[:, None, None, None] * grad_sum
             start = _select(reset_seen[:, None], params[w][:, :, None], start[:, :, None])[:, :, 0]
-        grad_sum = grad_sum + outer_sums.outer_sum(key_coef, *factors[w])[:, :, 0]
+        added = outer_sums.outer_sum(key_coef, *factors[w])[:, :, 0]
+        grad_sum = added if opens else grad_sum + added
         if closes:
-            momentum = momentum_gate * momentum + grad_sum
+            momentum = torch.addcmul(grad_sum, momentum_gate, momentum)
             step = newton_schulz(momentum, opts.ns_steps, opts.half_inputs)
-            start = decay * start - rate * step
+            start = torch.addcmul(decay * start, rate, step, value=-1.0)
             grad_sum = torch.zeros_like(grad_sum)
         out.update({f"anchor.{w}": start, f"momentum.{w}": momentum, f"grad_sum.{w}": grad_sum})
     if closes:
