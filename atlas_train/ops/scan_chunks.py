@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from atlas_train.ops import outer_sums
+from atlas_train.ops.gated_sum import gated_sum
 from atlas_train.ops.memory_mlp import TokenWeights, loss_gradient_factors, memory_forward
 from atlas_train.ops.newton_schulz import newton_schulz
 
@@ -365,7 +366,7 @@ def step_chunk_update(carry: dict, x: ChunkSumInputs, params: dict, ln, opts: Sc
     At the production shape the chunk step is bound by the bytes it moves over the fast weights (benchmarks/RESULTS.md
     §2), so each pass over them counts: a piece that `opens` a grid chunk starts from the zero gradient sum every
     closing chunk leaves (and a sequence starts with), and does not read it; the momentum and weight updates are
-    addcmul's single passes rather than a multiply and an add each.
+    `gated_sum`s, whose backward reads rather than writes for the gates' gradients.
     """
     factors, window, token_doc, after_reset = _chunk_keys(carry, x, params, ln, opts)
     anchor = {w: carry[f"anchor.{w}"] for w in opts.weight_names}
@@ -382,6 +383,7 @@ def step_chunk_update(carry: dict, x: ChunkSumInputs, params: dict, ln, opts: Sc
         count = carry["count"] + x.reset.shape[-1]
     if closes:  # the chunk's mean gates: decay (alpha), momentum (theta), learning rate (eta)
         decay, momentum_gate, rate = (gate_sum / count.to(gate_sum.dtype)[:, None, None])[..., None, None].unbind(-3)
+        descent = -rate  # the weights' step factor
     out = {}
     for w in opts.weight_names:
         grad_sum, momentum, start = carry[f"grad_sum.{w}"], carry[f"momentum.{w}"], anchor[w]
@@ -389,12 +391,12 @@ def step_chunk_update(carry: dict, x: ChunkSumInputs, params: dict, ln, opts: Sc
             momentum = keep[:, None, None, None] * momentum
             grad_sum = grad_sum if opens else keep[:, None, None, None] * grad_sum
             start = _select(reset_seen[:, None], params[w][:, :, None], start[:, :, None])[:, :, 0]
-        added = outer_sums.outer_sum(key_coef, *factors[w])[:, :, 0]
+        added = outer_sums.outer_sum(key_coef, *factors[w]).squeeze(2)  # not [:, :, 0]: its backward writes zeros
         grad_sum = added if opens else grad_sum + added
         if closes:
-            momentum = torch.addcmul(grad_sum, momentum_gate, momentum)
+            momentum = gated_sum(momentum_gate, momentum, grad_sum)
             step = newton_schulz(momentum, opts.ns_steps, opts.half_inputs)
-            start = torch.addcmul(decay * start, rate, step, value=-1.0)
+            start = gated_sum(descent, step, start, decay)
             grad_sum = torch.zeros_like(grad_sum)
         out.update({f"anchor.{w}": start, f"momentum.{w}": momentum, f"grad_sum.{w}": grad_sum})
     if closes:
