@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from atlas_train.ops.dual_attention import kernel_values
-from atlas_train.ops.memory_mlp import LN_EPS, _gelu_derivative
+from atlas_train.ops.memory_mlp import LN_EPS, gelu_gradient
 from atlas_train.ops.scan_chunks import window_weights
 
 
@@ -85,7 +85,7 @@ def key_gradients(h, w1, x, v, p: Params, loss: str):
         g_normed = err * _per_head(p.ln_weight, err.dim())
         g_out = rstd * (g_normed - g_normed.mean(-1, keepdim=True)
                         - normed * (g_normed * normed).mean(-1, keepdim=True))
-    return (g_out @ w1) * _gelu_derivative(h), g_out, hidden
+    return gelu_gradient(g_out @ w1, h), g_out, hidden
 
 
 def anchor_terms(h_pull, w1c, kw, vw, win_doc, carry_doc, p: Params, opts: DualOptions, has_reset: bool):

@@ -9,7 +9,6 @@ of the matrix is what lets the scan form every window gradient of a chunk as one
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
@@ -133,11 +132,11 @@ def memory_forward(weights: dict, z: torch.Tensor, dv: int, ln: dict | None) -> 
     return z[..., :dv] + out
 
 
-def _gelu_derivative(u: torch.Tensor) -> torch.Tensor:
-    """d/du of the exact GELU u·Φ(u): Φ(u) + u·φ(u)."""
-    cdf = 0.5 * (1.0 + torch.erf(u * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * u * u) * (1.0 / math.sqrt(2.0 * math.pi))
-    return cdf + u * pdf
+def gelu_gradient(grad: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """grad · GELU'(u) for the exact GELU u·Φ(u), i.e. grad · (Φ(u) + u·φ(u)), as one operator: aten's gelu_backward,
+    which autograd differentiates again (the scans' backward does). Spelled out, Φ(u) + u·φ(u) is eight passes over
+    u, and the scans are bound by the bytes they move."""
+    return torch.ops.aten.gelu_backward(grad, u)
 
 
 def loss_gradient_factors(weights: dict, z: torch.Tensor, v: torch.Tensor, ln: dict | None, loss: str) -> dict:
@@ -177,5 +176,5 @@ def loss_gradient_factors(weights: dict, z: torch.Tensor, v: torch.Tensor, ln: d
     if gated:
         factors["W3"] = (g_hidden * act, z)
         g_hidden = g_hidden * gate
-    factors["W2"] = (g_hidden * _gelu_derivative(pre), z)
+    factors["W2"] = (gelu_gradient(g_hidden, pre), z)
     return factors
