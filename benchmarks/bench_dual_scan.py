@@ -4,6 +4,8 @@ cuDNN attention at the same shape, timed in the same call; then a bf16 run's err
     python benchmarks/bench_dual_scan.py                     # timing table, then the error check
     python benchmarks/bench_dual_scan.py --profile           # + the CUDA kernels of one dual scan step, by time
     python benchmarks/bench_dual_scan.py --smoke             # CPU: tiny shapes (interpreted kernel), proves the script
+    python benchmarks/bench_dual_scan.py --count-ops --precision ieee --length 512 --heads 1 --batch 1
+                                                             # operators and bytes per chunk (CPU: interpreted kernel)
 
 Rows, each forward + backward, median of --repeats after a warm-up:
 * `dual_memory_scan` alone (q, k, v, gates -> y), its attention passes on the Triton kernel (products in --precision),
@@ -59,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--bound", type=float, default=5e-2)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run")
+    p.add_argument("--count-ops", action="store_true",
+                   help="only count the operators and the bytes they move per chunk, forward and backward")
     args = p.parse_args(argv)
     if args.smoke:
         args.batch, args.heads, args.length, args.dh, args.chunk = 1, 2, 48, 8, 16
@@ -213,10 +217,38 @@ def error_rows(args, device) -> tuple[list[str], bool]:
     return rows, ok
 
 
+def count_ops_rows(args, device) -> list[str]:
+    """Operators per chunk of one forward + backward on the kernel pass, and the bytes they move at least per chunk and
+    (batch, head) chain (bench_memory_scan's OpCounter: a kernel counts as one operator moving its inputs and outputs
+    once). Deterministic, so it can measure on CPU (interpreted kernel, float32) what fusing the chunk terms saves; the
+    attention passes' share grows with the length (each chunk's anchor pass reads every earlier key)."""
+    from bench_memory_scan import OpCounter  # this script's neighbour
+
+    x, params = scan_inputs(args.batch, args.length, args.heads, args.dh, args.chunk, device, torch.float32)
+    with attention_pass("kernel", args.precision):
+        impl = dual_attention.implementation(x[0].detach().transpose(1, 2), 4 * args.dh, "exp", False)
+    counter = OpCounter()  # one counter: the backward reuses the pass the forward chose
+    counted = dual_attention.Implementation(counter.kernel(impl.forward), counter.kernel(impl.backward))
+    with mock.patch.object(dual_attention, "implementation", lambda *_: counted), counter:
+        y, _ = dual_memory_scan(*x, params, chunk_size=args.chunk)
+        forward = counter.count, counter.bytes
+        y.backward(torch.ones_like(y))
+    backward = counter.count - forward[0], counter.bytes - forward[1]
+    chunks, chains = -(-args.length // args.chunk), args.batch * args.heads
+    return [f"== operators and bytes per chunk: T={args.length} dh={args.dh} chunk={args.chunk}, kernel products "
+            f"{args.precision}, on {device_name(device)}; MB per chunk and (batch, head) chain",
+            f"{'forward':>8} {'backward':>9} {'MB fwd':>8} {'MB bwd':>8}",
+            f"{forward[0] / chunks:8.0f} {backward[0] / chunks:9.0f} "
+            f"{forward[1] / chunks / chains / 1e6:8.2f} {backward[1] / chunks / chains / 1e6:8.2f}"]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     torch.manual_seed(0)
+    if args.count_ops:
+        print("\n".join(count_ops_rows(args, device)))
+        return 0
     rows = timing_rows(args, device)
     checks, ok = error_rows(args, device)
     print("\n".join(rows + checks))

@@ -498,7 +498,7 @@ def roofline_summary(events, attr, roofs) -> str:
             f"{roofs[1]:.0f}, bytes estimated); aten ops only, the Triton kernels are in the kernel table")
 
 
-class _OpCounter(TorchDispatchMode):
+class OpCounter(TorchDispatchMode):
     """Counts the operators a region dispatches, views and other metadata-only ops left out (they launch nothing),
     and the bytes they must move at least: each one's tensor inputs, and its outputs unless written in place into
     an input. A kernel custom op counts as one operator moving its inputs and outputs once."""
@@ -510,16 +510,34 @@ class _OpCounter(TorchDispatchMode):
         super().__init__()
         self.count = 0
         self.bytes = 0
+        self._inside_kernel = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.__name__.split(".")[0] not in self.METADATA_ONLY:
-            self.count += 1
-            ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            written_in_place = {t.data_ptr() for t in ins}
-            outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.data_ptr() not in written_in_place]
-            self.bytes += sum(t.numel() * t.element_size() for t in ins + outs)
+        if not self._inside_kernel and func.__name__.split(".")[0] not in self.METADATA_ONLY:
+            self._add(args, kwargs, out)
         return out
+
+    def _add(self, args, kwargs, out) -> None:
+        self.count += 1
+        ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        written_in_place = {t.data_ptr() for t in ins}
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.data_ptr() not in written_in_place]
+        self.bytes += sum(t.numel() * t.element_size() for t in ins + outs)
+
+    def kernel(self, fn):
+        """fn (a Triton kernel's launcher that is not a torch custom op) counted as one operator moving its tensor
+        arguments and results once, like a custom op: what it dispatches itself is the launcher's bookkeeping (and
+        in Triton's interpreter, its copies to and from the host), not kernels of its own."""
+        def counted(*args, **kwargs):
+            self._inside_kernel = True
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self._inside_kernel = False
+            self._add(args, kwargs, out)
+            return out
+        return counted
 
 
 @contextlib.contextmanager
@@ -568,9 +586,9 @@ def count_ops_table(length, dh, updates, device):
             heads = HEADS if device.type == "cuda" else 2  # counts do not depend on it; the interpreter is slow
             tensors, params = make_inputs(1, length, heads, dh, device, torch.float32, seed=0)
             with _fast_paths_as_on_a_gpu(mlp_kernel):
-                with _OpCounter() as forward:
+                with OpCounter() as forward:
                     y, _ = memory_scan(**tensors, params=params, chunk_size=CHUNK, ns_steps=NS_STEPS, update=update)
-                with _OpCounter() as backward:
+                with OpCounter() as backward:
                     y.backward(torch.ones_like(y))
             chunks = length // CHUNK
             per_chain = [c.bytes / chunks / heads / 1e6 for c in (forward, backward)]

@@ -384,6 +384,34 @@ def test_count_ops_mode_counts_fewer_operators_per_chunk_with_the_memory_mlp_ker
     assert all(float(k) < float(c) for k, c in zip(kernel_counts, counts, strict=True)), table  # ops and bytes
 
 
+def test_op_counter_counts_a_kernel_launcher_as_one_operator():
+    """A Triton launcher that is not a torch custom op (the dual attention kernel's) dispatches bookkeeping ops of its
+    own (and the interpreter's host copies): wrapped by `OpCounter.kernel`, it counts as one operator moving its
+    tensor arguments and results once, like a custom op; the ops around it still count one each."""
+    bench_memory_scan = load_benchmark("bench_memory_scan")
+    x, y = torch.ones(4, 8), torch.ones(8, 2)
+
+    def launcher(a, b):
+        scratch = torch.empty_like(a).copy_(a)
+        return (scratch * 2.0) @ b
+
+    counter = bench_memory_scan.OpCounter()
+    with counter:
+        out = counter.kernel(launcher)(x, y)
+        out.add(1.0)
+    assert counter.count == 2
+    assert counter.bytes == 4 * (32 + 16 + 8) + 4 * (8 + 8)
+
+
+def test_dual_bench_counts_operators_and_bytes_per_chunk(capsys):
+    """`bench_dual_scan.py --count-ops` on the CPU (tiny shapes, interpreted kernel): a row of positive counts."""
+    bench = load_benchmark("bench_dual_scan")
+    with torch.random.fork_rng():
+        assert bench.main(["--smoke", "--count-ops"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert len(row) == 4 and all(float(n) > 0 for n in row), row
+
+
 def test_bench_sets_the_timed_precision_and_the_triton_threshold(capsys, monkeypatch):
     """`--ns-precision` and `--triton-max-short-side` reach the dispatcher (for timing bf16 NS routed to the kernel)."""
     bench_memory_scan = load_benchmark("bench_memory_scan")
