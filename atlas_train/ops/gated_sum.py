@@ -21,7 +21,7 @@ def gated_sum(a: torch.Tensor, x: torch.Tensor, y: torch.Tensor, b: torch.Tensor
 
 def _dot(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Σ g ⊙ x over the last two dims, as (B, H, 1, 1): one batched product that reads both and writes one number
-    per chain."""
+    per chain (in the scan's product precision, like its other products)."""
     lead, x = g.shape[:-2], x.expand_as(g)
     flat_g, flat_x = g.reshape(-1, 1, g.shape[-2] * g.shape[-1]), x.reshape(-1, x.shape[-2] * x.shape[-1], 1)
     return torch.bmm(flat_g, flat_x).view(*lead, 1, 1)
