@@ -83,13 +83,12 @@ def windows(t: torch.Tensor, start: int, opts: DualOptions, chunks: int, dim: in
 
 
 def _unwindow(grad: torch.Tensor, rows: int, start: int, opts: DualOptions) -> torch.Tensor:
-    """The gradient of `windows` (dim 2): per-chunk window gradients (B, H, C, W, f) summed into (B, H, rows, f)."""
-    out = grad.new_zeros(*grad.shape[:2], rows, grad.shape[-1])
-    width = grad.shape[3]
-    for n in range(grad.shape[2]):
-        begin = start + n * opts.chunk_size
-        out[:, :, begin:begin + width] += grad[:, :, n]
-    return out
+    """The gradient of `windows` (dim 2): per-chunk window gradients (B, H, C, W, f) summed into (B, H, rows, f), by
+    autograd through `windows` itself (unfold's backward: a few operators, not one per chunk)."""
+    rows_of = torch.zeros(*grad.shape[:2], rows, grad.shape[-1], dtype=grad.dtype, device=grad.device,
+                          requires_grad=True)
+    with torch.enable_grad():
+        return torch.autograd.grad(windows(rows_of, start, opts, grad.shape[2]), rows_of, grad)[0]
 
 
 class _Views(NamedTuple):
@@ -295,14 +294,15 @@ class DualScanFunction(torch.autograd.Function):
         points_reversed, doc_reversed = views.kwin.flip(2).flatten(2, 3), views.win_doc.flip(1).flatten(1, 2)
         width = past + size
         dw1_next = dw1_cur
+        # Chunk n's pass sees the later chunks' points: a prefix of the reversed order, (C − 1 − n)·W of them.
+        later = ((chunks - 1 - torch.arange(chunks, device=q.device)) * width)[:, None].repeat(1, width)
         for n in reversed(range(chunks)):
             start = n0 + n * size
             window = slice(start - past, start + size)
             dgains = fixed[:, :, window] + tail_sum[:, :, window]
             if n + 1 < chunks:
-                later = torch.full((width,), (chunks - 1 - n) * width, device=q.device)
-                dgains = dgains + impl.forward(views.kwin[:, :, n], points_reversed, dh_reversed.flatten(2, 3), later,
-                                               views.win_doc[:, n], doc_reversed, opts.kind, theta)
+                dgains = dgains + impl.forward(views.kwin[:, :, n], points_reversed, dh_reversed.flatten(2, 3),
+                                               later[n], views.win_doc[:, n], doc_reversed, opts.kind, theta)
             step = DualChunkStep(opts, layout.resets[n], layout.last_rows[n], ln_weight is not None)
             grads = run_backward(step, [*_step_tensors(h_pull[:, :, n:n + 1], w1c_all[:, :, n:n + 1], _chunk(views, n),
                                                        p),
