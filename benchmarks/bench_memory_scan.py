@@ -246,11 +246,11 @@ def mlp_kernel_refusals(tensors, params) -> list[str]:
     return [r for r in reasons if r is not None]
 
 
-def check_memory_scan(device, batch=2, length=4 * CHUNK, heads=8, dh=64):
+def check_memory_scan(device, updates=("token", "chunk"), batch=2, length=4 * CHUNK, heads=8, dh=64):
     """memory_scan with kernels (each precision, and the default for bf16 inputs) against the float64 PyTorch path
-    at a small real shape."""
+    at a small real shape, for each of `updates`."""
     rows, setting = [], settings()[1]
-    for update in ("token", "chunk"):
+    for update in updates:
         tensors, params = make_inputs(batch, length, heads, dh, device, torch.float32)
         upstream = torch.randn(batch, length, heads, dh, device=device)
         as64 = lambda d: {k: t.detach().double().requires_grad_() for k, t in d.items()}  # noqa: E731
@@ -770,7 +770,7 @@ def main(argv=None):
             groups.append(("momenta", "token momenta kernel",
                            lambda: check_momenta_kernel(device, momenta_shapes, 4 if on_gpu else 1)))
         if on_gpu and not args.ns_only:
-            groups.append(("scan", "memory_scan", lambda: check_memory_scan(device)))
+            groups.append(("scan", "memory_scan", lambda: check_memory_scan(device, args.updates)))
         for group, name, run_checks in groups:
             if group not in args.checks:
                 continue
