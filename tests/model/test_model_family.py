@@ -210,7 +210,8 @@ def test_every_family_member_is_registered():
 
 
 @pytest.mark.parametrize("mixer,scan_mode,mode", [("atlas", "eager", "full"), ("atlas", "static", "full"),
-                                                  ("atlas_mal", "eager", "full"), ("transformer", "eager", "full"),
+                                                  ("swdt", "static", "full"), ("atlas_mal", "eager", "full"),
+                                                  ("transformer", "eager", "full"),
                                                   ("transformer", "eager", "selective")])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(mixer, scan_mode, mode, monkeypatch):
     """Recomputing blocks in backward is a memory trade only: loss and every gradient are unchanged. With the scan
