@@ -575,8 +575,8 @@ def count_ops_table(length, dh, updates, device):
     --profile's roofline), bytes over the card's bandwidth are a floor under the time of a scan made of these
     operators, and what a fused kernel keeping the fast weights on chip would not move. Not a timing: deterministic,
     float32 inputs (a bf16 model's scan computes in float32 too; its bf16 NS operands add casts not counted here).
-    (On a GPU the backward runs in autograd's device thread; that the count sees it there has not been checked on a
-    GPU yet.)"""
+    (On a GPU the backward runs in autograd's device thread, and a dispatch mode is thread-local: there the backward's
+    count may miss operators, so the CPU count is the reference.)"""
     lines = [f"== operators and bytes per chunk: T={length} dh={dh} chunk={CHUNK}, fast paths as dispatched on a GPU; "
              f"MB per chunk and (batch, head) chain; GB per call at B·H = 128, T = 4K and this dh ==",
              f"{'update':<8} {'memory MLP':<12} {'forward':>8} {'backward':>9} {'total':>7} {'MB fwd':>8} "

@@ -19,10 +19,10 @@
 #   bash benchmarks/gpu_single.sh train-long   the same at 16K and 32K: transformer and atlas
 #   bash benchmarks/gpu_single.sh engine   the transformer alone at 4K: plain settings (baseline), speed settings at
 #                                          micro-batch 8 and 16, each with a profiled step (kernel table in its log)
-#   bash benchmarks/gpu_single.sh recheck  one call for code timed nowhere yet: the dual scan against cuDNN with its
-#                                          profile and bf16 check, the scan's checks against float64, the transformer
-#                                          and atlas at 4K in the training loop, then the chunk scan at B·H = 128 with
-#                                          and without compiled chunk steps
+#   bash benchmarks/gpu_single.sh recheck  both scans after a change to them, in one call: the dual scan against
+#                                          cuDNN with its profile and bf16 check, the chunk scan's checks against
+#                                          float64, the transformer and atlas at 4K in the training loop, then the
+#                                          chunk scan at B·H = 128 with and without compiled chunk steps
 #   bash benchmarks/gpu_single.sh decode   decode at 4K/32K, batch 1/32, eager and CUDA graph (cold Triton cache)
 #   bash benchmarks/gpu_single.sh recall   the eight members trained at once (round-robin over however many GPUs are
 #                                          visible) and scored on MQAR, 8.5 minutes in all; afterwards, on a CPU

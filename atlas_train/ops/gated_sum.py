@@ -1,11 +1,11 @@
 """a·x + b·y for fast-weight matrices x, y (B, H, out, in) and per-chain gates a, b (B, H, 1, 1): the chunk update's
 momentum (θ̄·M + G) and weight step (ᾱ·W − η̄·NS(M)).
 
-At the production shape the chunk scan is bound by the bytes it moves over the fast weights (benchmarks/RESULTS.md
-§2). Autograd's backward of the broadcast products writes a weight-sized product for each gate's gradient and then
-sums it (and addcmul's backward scales the large operand once more by its `value`); here each gate's gradient is one
-batched dot product that reads its two operands and writes a number per chain, and the forward is a single addcmul
-pass where b is absent (1).
+At the production shape (B·H = 128 chains) the chunk scan is bound by the bytes it moves over the fast weights, not
+by arithmetic. Autograd's backward of the broadcast products writes a weight-sized product for each gate's gradient
+and then sums it (and addcmul's backward scales the large operand once more by its `value`); here each gate's
+gradient is one batched dot product that reads its two operands and writes a number per chain, and the forward is a
+single addcmul pass where b is absent (1).
 """
 
 from __future__ import annotations

@@ -363,10 +363,10 @@ def step_chunk_update(carry: dict, x: ChunkSumInputs, params: dict, ln, opts: Sc
     Most chunks hold no document start (`x.has_reset`, known on the host): they skip the document ids, the masking
     and the reset selections, which would be the identity there, and so launch fewer operators.
 
-    At the production shape the chunk step is bound by the bytes it moves over the fast weights (benchmarks/RESULTS.md
-    §2), so each pass over them counts: a piece that `opens` a grid chunk starts from the zero gradient sum every
-    closing chunk leaves (and a sequence starts with), and does not read it; the momentum and weight updates are
-    `gated_sum`s, whose backward reads rather than writes for the gates' gradients.
+    At the production shape (B·H = 128 chains) the chunk step is bound by the bytes it moves over the fast weights,
+    not by arithmetic, so each pass over them counts: a piece that `opens` a grid chunk starts from the zero gradient
+    sum every closing chunk leaves (and a sequence starts with), and does not read it; the momentum and weight
+    updates are `gated_sum`s, whose backward reads rather than writes for the gates' gradients.
     """
     factors, window, token_doc, after_reset = _chunk_keys(carry, x, params, ln, opts)
     anchor = {w: carry[f"anchor.{w}"] for w in opts.weight_names}
