@@ -12,7 +12,7 @@ GPU Newton–Schulz has two fast implementations: the Triton kernel (one program
 a hand-written backward (newton_schulz_cublas). Which one takes a shape is a fixed rule from timings of both on the GPU,
 not a timing at run time, so that every run (and every resume) computes the same numbers (`triton_takes`): the kernel
 for a short side up to TRITON_MAX_SHORT_SIDE, and in bf16 over enough matrices to fill the card up to
-TRITON_MAX_SHORT_SIDE_BF16_MANY; cuBLAS above.
+TRITON_MAX_SHORT_SIDE_BF16_MANY (about one matrix per SM); cuBLAS above.
 
 The first call for each matrix shape (each token-pass shape) runs the chosen implementation's forward and backward
 once on a single random input of that shape and compares both with the float64 PyTorch path, so that a kernel
@@ -59,10 +59,12 @@ _enabled = True
 # 128 and more; with one matrix per head (update="chunk") one program per matrix also leaves most of the card idle,
 # which cuBLAS does not (benchmarks/RESULTS.md keeps the timings).
 TRITON_MAX_SHORT_SIDE = 64
-# In bf16 over many matrices (update="token": B·H·L of them) the kernel is ahead of the cuBLAS path up to a short
-# side of 128, since cuBLAS's bf16 pays for float32 iterates and their bf16 copies. Few matrices leave most SMs idle
-# (one program each), so this needs two programs per SM.
+# In bf16 over many matrices the kernel is ahead of the cuBLAS path up to a short side of 128, since cuBLAS's bf16
+# pays for float32 iterates and their bf16 copies. One program fills an SM (8 warps, up to 255 registers each), so
+# "many" is about one matrix per SM: update="chunk" at the production shape (one W2 of 256 x 128 per chain, B·H = 128
+# on 132 SMs) qualifies, and runs faster so; few matrices (B·H = 16) leave most SMs idle, which cuBLAS does not.
 TRITON_MAX_SHORT_SIDE_BF16_MANY = 128
+TRITON_MIN_SM_FILL_BF16 = 7 / 8  # matrices per SM from which bf16 NS up to TRITON_MAX_SHORT_SIDE_BF16_MANY is Triton's
 SMS_OFF_GPU = 132  # the SM count the rule assumes off a GPU (tests, CPU emulation): the card it was timed on
 
 
@@ -225,7 +227,8 @@ def triton_takes(s: torch.Tensor, precision: str) -> bool:
         return True
     matrices = s.numel() // max(1, s.shape[-2] * s.shape[-1])
     sms = torch.cuda.get_device_properties(s.device).multi_processor_count if s.is_cuda else SMS_OFF_GPU
-    return precision == "bf16" and short <= TRITON_MAX_SHORT_SIDE_BF16_MANY and matrices >= 2 * sms
+    fills_card = matrices >= TRITON_MIN_SM_FILL_BF16 * sms
+    return precision == "bf16" and short <= TRITON_MAX_SHORT_SIDE_BF16_MANY and fills_card
 
 
 def _candidates(s: torch.Tensor, precision: str) -> tuple[str, ...]:

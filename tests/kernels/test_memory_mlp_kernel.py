@@ -323,3 +323,17 @@ def test_bench_checks_every_precision_the_dispatcher_can_choose(monkeypatch):
         mlp.add(dispatch.memory_mlp_precision())
     assert set(bench_memory_scan.NS_PRECISIONS_CHECKED) == ns
     assert set(bench_memory_scan.MLP_PRECISIONS_CHECKED) == mlp
+
+
+def test_memory_mlp_bench_runs_every_setting_and_prints_its_table_last(capsys):
+    """CPU smoke run of `bench_memory_mlp.py --sweep` (interpreted kernel, tiny shapes): a crash or a launch setting
+    that the benchmark cannot apply is found here, not on the GPU. Every row times both columns, and every kernel row
+    agrees with PyTorch's pass (the error column)."""
+    bench = load_benchmark("bench_memory_mlp")
+
+    assert bench.main(["--sweep", "--precision", "ieee"]) == 0
+    table = capsys.readouterr().out.split("== memory MLP token pass")[-1].splitlines()[2:]
+    assert len(table) == 2 * (2 + len(bench.SWEEP))
+    for line in table:
+        assert "Error" not in line, line
+        assert float(line.split()[-1]) < 1e-4, line

@@ -1,0 +1,135 @@
+"""The memory MLP kernel's token pass alone, at the chunk scan's production shape (B·H = 128 chains, dh 64: D = 128,
+dv = 64, hidden 256, LayerNorm, tf32), forward and forward+backward, under each launch setting of SWEEP.
+
+    python benchmarks/bench_memory_mlp.py            # the kernel as configured, and PyTorch's pass
+    python benchmarks/bench_memory_mlp.py --sweep    # + the kernel under each setting of SWEEP
+
+Why: at B·H = 128 the kernel's two passes per chunk (window gradients of the c − 1 + L keys, reads of the L queries)
+take about a quarter of the chunk scan's device time, at a small fraction of the tensor cores' rate, and its tile
+constants were chosen to fit shared memory, not timed. Each row also gives the traffic floor: the weights read once
+per program and the tokens' inputs and outputs moved once, at the card's copy bandwidth measured here; and the
+worst relative error of its outputs and gradients against PyTorch's pass. The table comes last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+from unittest import mock
+
+import torch
+
+if not torch.cuda.is_available():  # CPU smoke run: the kernel runs in Triton's interpreter (set before importing it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench_memory_scan import copy_bandwidth, time_fn  # noqa: E402
+
+import atlas_train.kernels.memory_mlp_kernel as mlp_kernel  # noqa: E402
+from atlas_train.kernels import dispatch  # noqa: E402
+from atlas_train.kernels.dispatch import memory_mlp_pass_results, random_memory_mlp_pass  # noqa: E402
+from atlas_train.ops.memory_mlp import loss_gradient_factors, memory_forward  # noqa: E402
+
+CHAINS, WINDOW, CHUNK = 128, 64, 64
+DIM, DV, HIDDEN = 128, 64, 256
+# (name, module constants of memory_mlp_kernel patched for the row)
+SWEEP = [("hidden tiles 64", dict(BLOCK_HID=64)),
+         ("hidden tiles 16", dict(BLOCK_HID=16)),
+         ("token blocks of 16 (tile 2K)", dict(TILE_ELEMENTS=2048)),
+         ("token blocks of 64 (tile 8K)", dict(TILE_ELEMENTS=8192)),
+         ("8 warps", dict(NUM_WARPS={128: 8, 256: 8})),
+         ("2 warps", dict(NUM_WARPS={128: 2, 256: 8})),
+         ("2 pipeline stages", dict(NUM_STAGES=2)),
+         ("tile 2K, hidden tiles 64", dict(TILE_ELEMENTS=2048, BLOCK_HID=64)),
+         ("tile 8K, 8 warps", dict(TILE_ELEMENTS=8192, NUM_WARPS={128: 8, 256: 8}))]
+
+
+def run_pass(inputs: dict, upstream: list, factors: bool, kernel: bool, backward: bool):
+    """One token pass: the kernel's or PyTorch's (the memory MLP kernel switched off), with its backward (then its
+    outputs and gradients are returned) or not."""
+    loss = "l2" if factors else None
+    setting = dispatch.settings()[2]
+    dispatch.set_memory_mlp_kernel(kernel)
+    try:
+        if backward:
+            return memory_mlp_pass_results(**inputs, loss=loss, upstream=upstream, kernel=kernel)
+        elif kernel:
+            mlp_kernel.memory_mlp_pass(inputs["z"], inputs["w1"], inputs["w2"], inputs["ln"], v=inputs["v"], loss=loss,
+                                       precision=dispatch.memory_mlp_precision())
+        else:
+            weights = {"W1": inputs["w1"], "W2": inputs["w2"]}
+            memory_forward(weights, inputs["z"], inputs["w1"].shape[-2], inputs["ln"])
+            if factors:
+                loss_gradient_factors(weights, inputs["z"], inputs["v"], inputs["ln"], loss)
+    finally:
+        dispatch.set_memory_mlp_kernel(setting)
+    return None
+
+
+def worst_error(results: list, reference: list) -> float:
+    """The largest relative L2 error over a pass's outputs and gradients against PyTorch's in float32 (a launch
+    setting that computes wrong numbers shows here, not only in the scan's checks)."""
+    return max(((r - w).norm() / w.norm().clamp_min(1e-30)).item() for r, w in zip(results, reference, strict=True))
+
+
+def sweep(device, precision: str, with_settings: bool) -> list[str]:
+    """The table's lines: PyTorch's pass, the kernel, and (with_settings) the kernel under each setting of SWEEP."""
+    chains, keys, queries, (dim, dv, hidden) = ((CHAINS, WINDOW - 1 + CHUNK, CHUNK, (DIM, DV, HIDDEN))
+                                                if device.type == "cuda" else (2, 7, 4, (12, 8, 16)))
+    bandwidth = copy_bandwidth(device) * 1e9  # bytes per second
+    rows = [f"== memory MLP token pass, B*H={chains}, D={dim}, dv={dv}, hidden={hidden}, LayerNorm, {precision}; "
+            f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; ms ==",
+            f"{'path':<38} {'pass':<22} {'fwd ms':>8} {'fwd+bwd ms':>11} {'floor fwd ms':>13} {'error':>8}"]
+    variants = [("PyTorch", False, {}), ("kernel", True, {})]
+    variants += [(f"kernel, {name}", True, patches) for name, patches in (SWEEP if with_settings else [])]
+    for tokens, factors in ((keys, True), (queries, False)):
+        inputs, upstream, _, _ = random_memory_mlp_pass(dim, dv, hidden, heads=chains, tokens=tokens, with_ln=True,
+                                                        factors=factors, device=device, dtype=torch.float32)
+        weights = (inputs["w1"].numel() + inputs["w2"].numel()) * 4
+        outputs = tokens * chains * (dv + (dv + 2 * hidden if factors else 0)) * 4
+        moved = weights + inputs["z"].numel() * 4 + (inputs["v"].numel() * 4 if factors else 0) + outputs
+        label = f"{tokens} {'keys, factors' if factors else 'queries, reads'}"
+        reference = run_pass(inputs, upstream, factors, False, True)
+        for name, kernel, patches in variants:
+            cells = []
+            for backward in (False, True):
+                def step():
+                    with mock.patch.multiple(mlp_kernel, **patches) if patches else contextlib.nullcontext():
+                        run_pass(inputs, upstream, factors, kernel, backward)
+                try:
+                    step()  # warm-up and compilation
+                    cells.append(f"{time_fn(step, device, 7) * 1e3:.3f}")
+                except Exception as exc:  # noqa: BLE001 — one failing row must not stop the others
+                    cells.append(f"{type(exc).__name__}")
+            try:
+                with mock.patch.multiple(mlp_kernel, **patches) if patches else contextlib.nullcontext():
+                    error = worst_error(run_pass(inputs, upstream, factors, kernel, True), reference)
+            except Exception:  # noqa: BLE001 — the timing cells name the failure
+                error = math.nan
+            rows.append(f"{name:<38} {label:<22} {cells[0]:>8} {cells[1]:>11} {moved / bandwidth * 1e3:>13.3f} "
+                        f"{error:8.1e}")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time the kernel under each setting of SWEEP")
+    parser.add_argument("--precision", choices=("ieee", "tf32"), default="tf32",
+                        help="the kernel's operand precision (the scan's is tf32; `dispatch.memory_mlp_precision`)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    setting = dispatch.settings()[1]
+    dispatch.set_ns_precision(args.precision)  # which sets the memory MLP kernel's
+    try:
+        rows = sweep(device, args.precision, args.sweep)
+    finally:
+        dispatch.set_ns_precision(setting)
+    print("\n" + "\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
