@@ -33,6 +33,7 @@ import os
 import sys
 import time
 import traceback
+from unittest import mock
 
 import torch
 
@@ -45,6 +46,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from atlas_train import kernels  # noqa: E402
 from atlas_train.kernels import dispatch as kernel_dispatch  # noqa: E402
+from atlas_train.kernels import memory_mlp_kernel  # noqa: E402
 from atlas_train.kernels.dispatch import (  # noqa: E402
     MEMORY_MLP_KERNEL,
     PROBE_TOLERANCE,
@@ -599,6 +601,19 @@ def count_ops_table(length, dh, updates, device):
     return lines
 
 
+# Launch settings of the memory MLP kernel (module constants of memory_mlp_kernel) that bench_memory_mlp.py --sweep
+# times alone and --mlp-setting applies to a whole run.
+MLP_SWEEP = [("hidden tiles 64", dict(BLOCK_HID=64)),
+             ("hidden tiles 16", dict(BLOCK_HID=16)),
+             ("token blocks of 16 (tile 2K)", dict(TILE_ELEMENTS=2048)),
+             ("token blocks of 64 (tile 8K)", dict(TILE_ELEMENTS=8192)),
+             ("8 warps", dict(NUM_WARPS={128: 8, 256: 8})),
+             ("2 warps", dict(NUM_WARPS={128: 2, 256: 8})),
+             ("2 pipeline stages", dict(NUM_STAGES=2)),
+             ("tile 2K, hidden tiles 64", dict(TILE_ELEMENTS=2048, BLOCK_HID=64)),
+             ("tile 8K, 8 warps", dict(TILE_ELEMENTS=8192, NUM_WARPS={128: 8, 256: 8}))]
+
+
 # --ns-sweep: launch heuristics of the NS kernel to compare on the GPU (module constants of newton_schulz_kernel).
 # Not here: 2K-column tiles with 4 warps, whose backward hits an illegal memory access on the GPU at 64 x 256 in bf16
 # (the interpreter computes it exactly), which ends every later row of the run.
@@ -620,8 +635,6 @@ def ns_only_bench(device, shapes, precisions, budget_s, ceiling, sweep=False):
     off), and the same matmul chain by cuBLAS in bf16 (bmm/baddbmm: exactly the NS forward's FLOPs, its
     elementwise work fused into the GEMMs) as the attainable rate for these shapes. `sweep` adds the kernel in bf16
     under each launch heuristic of NS_SWEEP. Returns the table's lines."""
-    from unittest import mock
-
     import atlas_train.kernels.newton_schulz_kernel as ns_kernel
     from atlas_train.kernels import newton_schulz_cublas
     from atlas_train.ops.newton_schulz import NS_COEFFICIENTS
@@ -739,7 +752,17 @@ def main(argv=None):
     parser.add_argument("--triton-max-short-side", type=int, metavar="N",
                         help="send NS matrices with a short side up to N to the Triton kernel whatever their number "
                              "and precision, checks included (default: the dispatcher's rule, triton_takes)")
+    parser.add_argument("--mlp-setting", choices=["default", *(name for name, _ in MLP_SWEEP)], default="default",
+                        help="run everything with the memory MLP kernel under this launch setting of MLP_SWEEP "
+                             "(bench_memory_mlp.py --sweep times them alone and names the fastest)")
     args = parser.parse_args(argv)
+    patches = dict(MLP_SWEEP)[args.mlp_setting] if args.mlp_setting != "default" else {}
+    with mock.patch.multiple(memory_mlp_kernel, **patches) if patches else contextlib.nullcontext():
+        return _run(args, started)
+
+
+def _run(args, started) -> int:
+    """main's work on parsed arguments."""
     if args.triton_max_short_side is not None:
         kernel_dispatch.TRITON_MAX_SHORT_SIDE = args.triton_max_short_side
         kernel_dispatch.TRITON_MAX_SHORT_SIDE_BF16_MANY = args.triton_max_short_side

@@ -332,8 +332,9 @@ def test_memory_mlp_bench_runs_every_setting_and_prints_its_table_last(capsys):
     bench = load_benchmark("bench_memory_mlp")
 
     assert bench.main(["--sweep", "--precision", "ieee"]) == 0
-    table = capsys.readouterr().out.split("== memory MLP token pass")[-1].splitlines()[2:]
-    assert len(table) == 2 * (2 + len(bench.SWEEP))
+    *table, best = capsys.readouterr().out.split("== memory MLP token pass")[-1].splitlines()[2:]
+    assert len(table) == 2 * (2 + len(bench.MLP_SWEEP))
     for line in table:
         assert "Error" not in line, line
         assert float(line.split()[-1]) < 1e-4, line
+    assert best.removeprefix("best setting: ") in ["default", *(name for name, _ in bench.MLP_SWEEP)]
