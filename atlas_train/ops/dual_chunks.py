@@ -19,10 +19,13 @@ coefficient gains get their gradient from every later use of them, which is the 
 terms are recomputed under autograd and differentiated. The gradients of the attention passes with respect to points,
 keys and θ come last, each pass at once.
 
-A chunk's own terms (`DualChunkStep`) are about sixty small operators forward and twice that in backward, the same for
-every chunk: they run through cuda_graphs.py like `memory_scan`'s chunk steps, so that on a GPU each is one graph
-replay instead of a launch per operator. The attention passes stay outside the graphs: they read all of J, far too
-large to copy into a graph's static buffers every chunk.
+A chunk's own terms (`DualChunkStep`) are a few dozen small operators forward and more in backward, the same for every
+chunk: they run through cuda_graphs.py like `memory_scan`'s chunk steps, so that on a GPU each is one graph replay
+instead of a launch per operator. What they take from outside the chain and that depends on the inputs alone (the
+persistent pairs' part of h at the window keys, M's row that weighs a chunk's gains) is made for all chunks before
+the loop and differentiated at once after it, like `memory_scan`'s carry-free terms: a replayed graph still runs
+every kernel it holds, and most of these are small. The attention passes stay outside the graphs: they read all of
+J, far too large to copy into a graph's static buffers every chunk.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from atlas_train.ops.cuda_graphs import run_backward, run_forward
 from atlas_train.ops.dual_attention import Implementation, kernel_values
-from atlas_train.ops.dual_terms import DualOptions, Params, anchor_terms, chunk_step, mixing, reads
+from atlas_train.ops.dual_terms import DualOptions, Params, anchor_terms, chunk_step, mixing, persistent_h, reads
 from atlas_train.ops.precision import scan_precision
 
 PAD_DOC = -2  # document id of the padding that fills the last chunk: shares no document with anything
@@ -119,21 +122,35 @@ def _chunk(views: _Views, n: int) -> _Views:
     return _Views(*(t[:, :, n:n + 1] if name in per_head else t[:, n:n + 1] for name, t in views._asdict().items()))
 
 
-def _local_step(h_pull, w1c, view: _Views, p: Params, opts: DualOptions, has_reset: bool, last_row: int):
-    """One chunk's terms: (δ, g_out, gelu(h), coefficient gains, W1 after its last token)."""
-    delta, g_out, hidden = anchor_terms(h_pull, w1c, view.kwin, view.vwin, view.win_doc, view.carry_doc, p, opts,
-                                        has_reset)
-    m = mixing(view.eta, view.gamma, view.tok_doc, view.win_doc)
-    gains, w1_next = chunk_step(delta, g_out, hidden, w1c, m[..., last_row, :], view.tok_doc[..., last_row],
-                                view.carry_doc, p)
+def _last_mixing(views: _Views, layout: Layout) -> torch.Tensor:
+    """M's row at each chunk's last real token (B, H, C, W): how much of each window key's gradient the weights a
+    chunk hands on hold. It depends on the gates and documents alone, so it is made for all chunks at once, before
+    the chain of chunk steps, and differentiated at once after it."""
+    m = mixing(views.eta, views.gamma, views.tok_doc, views.win_doc)
+    return torch.cat([m[:, :, :-1, -1], m[:, :, -1:, layout.last_rows[-1]]], dim=2)
+
+
+def _anchor_inputs(views: _Views, p: Params, opts: DualOptions) -> torch.Tensor:
+    """The persistent pairs' part of h at every chunk's window keys (B, H, C, W, hid): it does not depend on the
+    coefficients, so it is made for all chunks at once; each chunk's anchor pass adds its pull to its slice."""
+    return persistent_h(views.kwin, p, opts.kind)
+
+
+def _local_step(h, w1c, m_last, kwin, vwin, win_doc, tok_doc, carry_doc, p: Params, opts: DualOptions,
+                has_reset: bool, last_row: int):
+    """One chunk's terms: (δ, g_out, gelu(h), coefficient gains, W1 after its last token), from h at its window keys
+    and M's row at its last real token (`_last_mixing`)."""
+    delta, g_out, hidden = anchor_terms(h, w1c, kwin, vwin, win_doc, carry_doc, p, opts, has_reset)
+    gains, w1_next = chunk_step(delta, g_out, hidden, w1c, m_last, tok_doc[..., last_row], carry_doc, p)
     return delta, g_out, hidden, gains, w1_next
 
 
 class DualChunkStep(NamedTuple):
     """One chunk's terms (`_local_step`) as a function of a flat tensor list, so that cuda_graphs.py can run it on
-    static buffers: every chunk with equal flags and shapes shares one CUDA graph. The list: h at the window keys
-    (B, H, 1, W, hid), W1 at the chunk's start, the chunk's views (`_Views` order), then the parameters (`Params`
-    order, the LayerNorm's only where the memory has one)."""
+    static buffers: every chunk with equal flags and shapes shares one CUDA graph. The list (`_step_tensors`): h at
+    the window keys (B, H, 1, W, hid), W1 at the chunk's start, M's last row, the window keys and values, the document
+    ids (window, tokens, carried), then the parameters (`Params` order, the LayerNorm's only where the memory has
+    one)."""
 
     opts: DualOptions
     has_reset: bool  # a document starts inside the chunk
@@ -142,24 +159,22 @@ class DualChunkStep(NamedTuple):
 
     def forward(self, *tensors) -> list[torch.Tensor]:
         """[δ, g_out, gelu(h), coefficient gains, W1 after the chunk], without an autograd graph."""
-        h_pull, w1c, view, params = self._split(tensors)
         with torch.no_grad():
-            return list(_local_step(h_pull, w1c, view, params, self.opts, self.has_reset, self.last_row))
+            return list(self._step(*tensors))
 
     def backward(self, *tensors) -> list[torch.Tensor]:
         """Takes forward's tensors, then the gradients of its five outputs; returns the gradients of h at the window
-        keys, W1 at the start, the window keys and values, eta, gamma and every parameter of the list (zeros where
-        unused), recomputing the chunk under autograd."""
+        keys, W1 at the start, M's last row, the window keys and values, and every parameter of the list (zeros
+        where unused), recomputing the chunk under autograd."""
         count = len(tensors) - 5
-        h_pull, w1c, view, params = self._split(tensors[:count])
+        inputs = list(tensors[:count])
+        differentiable = inputs[:_N_DIFFERENTIABLE] + inputs[count - self._n_params():]
 
-        def step(h_pull_, w1c_, kwin, vwin, eta, gamma, *params_):
-            chunk_view = view._replace(kwin=kwin, vwin=vwin, eta=eta, gamma=gamma)
-            return _local_step(h_pull_, w1c_, chunk_view, self._params(params_), self.opts, self.has_reset,
-                               self.last_row)
+        def step(h, w1c, m_last, kwin, vwin, *params):
+            return self._step(h, w1c, m_last, kwin, vwin, *inputs[_N_DIFFERENTIABLE:count - self._n_params()],
+                              *params)
 
-        params = tensors[count - self._n_params():count]
-        return _grads(step, [h_pull, w1c, view.kwin, view.vwin, view.eta, view.gamma, *params], list(tensors[count:]))
+        return _grads(step, differentiable, list(tensors[count:]))
 
     def output_gradients(self, outputs) -> list[torch.Tensor]:
         """Zero gradients of forward's outputs, as backward takes them."""
@@ -168,18 +183,19 @@ class DualChunkStep(NamedTuple):
     def _n_params(self) -> int:
         return 6 if self.has_ln else 4
 
-    def _params(self, tensors) -> Params:
-        return Params(*tensors) if self.has_ln else Params(*tensors, None, None)
-
-    def _split(self, tensors):
-        """(h at the window keys, W1 at the start, the chunk's views, Params) of forward's tensor list."""
-        params = self._params(tensors[len(tensors) - self._n_params():])
-        return tensors[0], tensors[1], _Views(*tensors[2:2 + len(_Views._fields)]), params
+    def _step(self, h, w1c, m_last, kwin, vwin, win_doc, tok_doc, carry_doc, *params):
+        p = Params(*params) if self.has_ln else Params(*params, None, None)
+        return _local_step(h, w1c, m_last, kwin, vwin, win_doc, tok_doc, carry_doc, p, self.opts, self.has_reset,
+                           self.last_row)
 
 
-def _step_tensors(h_pull, w1c, view: _Views, p: Params) -> list[torch.Tensor]:
-    """`DualChunkStep`'s tensor list."""
-    return [h_pull, w1c, *view, *(t for t in p if t is not None)]
+_N_DIFFERENTIABLE = 5  # h, W1 at the start, M's last row, window keys, window values: the step's inputs with gradients
+
+
+def _step_tensors(h, w1c, m_last, view: _Views, p: Params) -> list[torch.Tensor]:
+    """`DualChunkStep`'s tensor list for one chunk (view: `_chunk`'s; h, w1c, m_last with a chunk dimension of 1)."""
+    return [h, w1c, m_last, view.kwin, view.vwin, view.win_doc, view.tok_doc, view.carry_doc,
+            *(t for t in p if t is not None)]
 
 
 def _reads(q, h_main, tails, terms, w1c, views: _Views, p: Params, opts: DualOptions, has_reset: bool):
@@ -218,29 +234,30 @@ class DualScanFunction(torch.autograd.Function):
         kall, vall = torch.cat([keys0, k], dim=2), torch.cat([window_v0, v], dim=2)
         coef = torch.cat([coef0, coef0.new_zeros(*coef0.shape[:2], q.shape[2], coef0.shape[-1])], dim=2)
         views = _views(kall, vall, eta, gamma, tok_doc, key_doc, layout, opts)
-        h_pulls, w1cs, tails, terms = [], [], [], []
+        h_anchor, m_last = _anchor_inputs(views, p, opts), _last_mixing(views, layout)
+        w1cs, tails, terms = [], [], []
         w1c = w1c0
         limits = _limits(layout, opts, q.device)
         for n in range(layout.chunks):
             start = layout.carried + n * size
-            h_pull = impl.forward(views.kwin[:, :, n], kall, coef, limits.starts[n].expand(past + size),
-                                  views.win_doc[:, n], key_doc, opts.kind, theta)[:, :, None]
+            h_anchor[:, :, n] += impl.forward(views.kwin[:, :, n], kall, coef, limits.starts[n].expand(past + size),
+                                              views.win_doc[:, n], key_doc, opts.kind, theta)
             tails.append(coef[:, :, start - past:start].clone())
             step = DualChunkStep(opts, layout.resets[n], layout.last_rows[n], ln_weight is not None)
-            tensors = _step_tensors(h_pull, w1c[:, :, None], _chunk(views, n), p)
+            tensors = _step_tensors(h_anchor[:, :, n:n + 1], w1c[:, :, None], m_last[:, :, n:n + 1], _chunk(views, n),
+                                    p)
             *chunk_terms, gains, w1_next = run_forward(step, tensors, need_backward)
             coef[:, :, start - past:start + size] += gains[:, :, 0]
-            h_pulls.append(h_pull)
             w1cs.append(w1c)
             terms.append(chunk_terms)
             w1c = w1_next[:, :, 0]
-        h_pull, w1c_all, tails = torch.cat(h_pulls, 2), torch.stack(w1cs, 2), torch.stack(tails, 2)
+        w1c_all, tails = torch.stack(w1cs, 2), torch.stack(tails, 2)
         h_main = impl.forward(q, kall, coef, limits.reads, tok_doc, key_doc, opts.kind, theta)
         terms = [torch.cat(t, 2) for t in zip(*terms)]
         y = _reads(q, h_main, tails, terms, w1c_all, views, p, opts, any(layout.resets))
         ctx.opts, ctx.layout, ctx.impl = opts, layout, impl
         ctx.save_for_backward(q, k, v, eta, gamma, w1, k0, a0, theta, ln_weight, ln_bias, keys0, window_v0, tok_doc,
-                              key_doc, coef, h_pull, w1c_all, tails, h_main)
+                              key_doc, coef, h_anchor, m_last, w1c_all, tails, h_main)
         return y, coef, w1c, tails[:, :, -1].clone(), w1c_all[:, :, -1].clone()
 
     @staticmethod
@@ -254,7 +271,7 @@ class DualScanFunction(torch.autograd.Function):
     def _backward(ctx, dy, dcoef_out, dw1_cur, dtail_last, dw1c_last):
         opts, layout, impl = ctx.opts, ctx.layout, ctx.impl
         (q, k, v, eta, gamma, w1, k0, a0, theta, ln_weight, ln_bias, keys0, window_v0, tok_doc, key_doc, coef,
-         h_pull, w1c_all, tails, h_main) = ctx.saved_tensors
+         h_anchor, m_last, w1c_all, tails, h_main) = ctx.saved_tensors
         past, size, chunks, n0 = opts.window - 1, opts.chunk_size, layout.chunks, layout.carried
         kall, vall = torch.cat([keys0, k], dim=2), torch.cat([window_v0, v], dim=2)
         views = _views(kall, vall, eta, gamma, tok_doc, key_doc, layout, opts)
@@ -269,7 +286,7 @@ class DualScanFunction(torch.autograd.Function):
 
         # The reads, recomputed from the sequential part's results, differentiated at once.
         with torch.no_grad():
-            terms = anchor_terms(h_pull, w1c_all, views.kwin, views.vwin, views.win_doc, views.carry_doc, p, opts,
+            terms = anchor_terms(h_anchor, w1c_all, views.kwin, views.vwin, views.win_doc, views.carry_doc, p, opts,
                                  any(layout.resets))
 
         def read_fn(q_, kall_, vall_, eta_, gamma_, h_main_, tails_, delta_, g_out_, hidden_, w1c_, *params):
@@ -290,7 +307,8 @@ class DualScanFunction(torch.autograd.Function):
         # gradients, are kept in reverse chunk order, so that the later chunks' are a prefix the pass can limit to.
         fixed = dcoef_out + dcoef_read  # gradient of the final coefficients
         tail_sum = torch.zeros_like(coef)  # Σ over later chunks of the gradients of their tails
-        dh_reversed = torch.zeros_like(h_pull)
+        dh_reversed = torch.zeros_like(h_anchor)
+        dm_last = torch.zeros_like(m_last)
         points_reversed, doc_reversed = views.kwin.flip(2).flatten(2, 3), views.win_doc.flip(1).flatten(1, 2)
         width = past + size
         dw1_next = dw1_cur
@@ -304,16 +322,15 @@ class DualScanFunction(torch.autograd.Function):
                 dgains = dgains + impl.forward(views.kwin[:, :, n], points_reversed, dh_reversed.flatten(2, 3),
                                                later[n], views.win_doc[:, n], doc_reversed, opts.kind, theta)
             step = DualChunkStep(opts, layout.resets[n], layout.last_rows[n], ln_weight is not None)
-            grads = run_backward(step, [*_step_tensors(h_pull[:, :, n:n + 1], w1c_all[:, :, n:n + 1], _chunk(views, n),
-                                                       p),
+            grads = run_backward(step, [*_step_tensors(h_anchor[:, :, n:n + 1], w1c_all[:, :, n:n + 1],
+                                                       m_last[:, :, n:n + 1], _chunk(views, n), p),
                                         ddelta[:, :, n:n + 1], dg_out[:, :, n:n + 1], dhidden[:, :, n:n + 1],
                                         dgains[:, :, None], dw1_next[:, :, None]])
             dh_reversed[:, :, chunks - 1 - n] = grads[0][:, :, 0]
-            dkall[:, :, window] += grads[2][:, :, 0]
-            dvall[:, :, n * size:n * size + width] += grads[3][:, :, 0]
-            deta[:, :, n * size:(n + 1) * size] += grads[4][:, :, 0]
-            dgamma[:, :, n * size:(n + 1) * size] += grads[5][:, :, 0]
-            for total, g in zip(dparams, grads[6:]):
+            dm_last[:, :, n] = grads[2][:, :, 0]
+            dkall[:, :, window] += grads[3][:, :, 0]
+            dvall[:, :, n * size:n * size + width] += grads[4][:, :, 0]
+            for total, g in zip(dparams, grads[5:]):
                 if total is not None:
                     total += g
             dw1_next = grads[1][:, :, 0] + dw1c_read[:, :, n] + (dw1c_last if n == chunks - 1 else 0)
@@ -337,6 +354,19 @@ class DualScanFunction(torch.autograd.Function):
         dk_tail, dtheta_tail = _grads(tail_fn, [kall, theta], [dh_pull])
         dkall += dk_tail
         dparams[3] += dtheta_tail
+
+        # What the chain took from outside it, made for all chunks at once, differentiated at once.
+        def persistent_fn(kall_, k0_, a0_, theta_):
+            return _anchor_inputs(with_views(kall_, vall, eta, gamma), p._replace(k0=k0_, a0=a0_, theta=theta_), opts)
+
+        dk_persistent, *dpersistent = _grads(persistent_fn, [kall, k0, a0, theta], [dh_pull])
+        dkall += dk_persistent
+        for index, g in zip((1, 2, 3), dpersistent):
+            dparams[index] += g
+        deta_last, dgamma_last = _grads(lambda eta_, gamma_: _last_mixing(with_views(kall, vall, eta_, gamma_), layout),
+                                        [eta, gamma], [dm_last])
+        deta += deta_last
+        dgamma += dgamma_last
         dcoef0 = fixed[:, :, :n0] + tail_sum[:, :, :n0] + impl.forward(
             kall[:, :, :n0], points_reversed, dh_reversed.flatten(2, 3), None, key_doc[:, :n0], doc_reversed,
             opts.kind, theta)

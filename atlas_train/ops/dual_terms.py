@@ -88,11 +88,11 @@ def key_gradients(h, w1, x, v, p: Params, loss: str):
     return gelu_gradient(g_out @ w1, h), g_out, hidden
 
 
-def anchor_terms(h_pull, w1c, kw, vw, win_doc, carry_doc, p: Params, opts: DualOptions, has_reset: bool):
+def anchor_terms(h, w1c, kw, vw, win_doc, carry_doc, p: Params, opts: DualOptions, has_reset: bool):
     """(δ, g_out, gelu(h)) (B, H, C, W, ·) of every window key at its anchor: the chunk's start weights w1c
-    (B, H, C, dh, hid) and J (h_pull: the pull over the keys written before the chunk), or `params` for a key of a
-    document that starts inside the chunk (whose pull is empty: no earlier key shares its document)."""
-    h = h_pull + persistent_h(kw, p, opts.kind)
+    (B, H, C, dh, hid) and J (h: the persistent pairs' part plus the pull over the keys written before the chunk), or
+    `params` for a key of a document that starts inside the chunk (whose pull is empty: no earlier key shares its
+    document)."""
     terms = key_gradients(h, w1c, kw, vw, p, opts.loss)
     if has_reset:
         fresh = key_gradients(h, _per_head(p.w1, w1c.dim()), kw, vw, p, opts.loss)
