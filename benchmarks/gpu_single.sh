@@ -26,7 +26,8 @@
 #   bash benchmarks/gpu_single.sh tune     the memory MLP kernel's launch settings alone, then the chunk scan at B·H = 128
 #                                          as configured, with W2's NS on cuBLAS, and with the fastest MLP setting; the
 #                                          scan's checks with W2's NS on the Triton kernel and that setting; the
-#                                          transformer and atlas at 4K in the training loop; a profile of the scan
+#                                          transformer and atlas at 4K in the training loop; a profile of the scan;
+#                                          the dual scan against cuDNN with its profile and bf16 check
 #   bash benchmarks/gpu_single.sh decode   decode at 4K/32K, batch 1/32, eager and CUDA graph (cold Triton cache)
 #   bash benchmarks/gpu_single.sh recall   the eight members trained at once (round-robin over however many GPUs are
 #                                          visible) and scored on MQAR, 8.5 minutes in all; afterwards, on a CPU
@@ -98,6 +99,7 @@ case "${1:-}" in
       --budget-s 90 --json "$OUT/train_4k.json" --logs "$OUT/rows"
     step profile_b8 40 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk \
       --profile 40 --skip-checks
+    step dual_scan 60 python3 benchmarks/bench_dual_scan.py --profile --repeats 3
     ;;
   train-long)
     step train_long 580 python3 benchmarks/bench_train.py --baseline transformer@16384 \
