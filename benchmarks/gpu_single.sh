@@ -23,11 +23,11 @@
 #                                          cuDNN with its profile and bf16 check, the chunk scan's checks against
 #                                          float64, the transformer and atlas at 4K in the training loop, then the
 #                                          chunk scan at B·H = 128 with and without compiled chunk steps
-#   bash benchmarks/gpu_single.sh tune     the memory MLP kernel's launch settings alone, then the chunk scan at B·H = 128
-#                                          as configured, with W2's NS on cuBLAS, and with the fastest MLP setting; the
-#                                          scan's checks with W2's NS on the Triton kernel and that setting; the
-#                                          transformer and atlas at 4K in the training loop; a profile of the scan;
-#                                          the dual scan against cuDNN with its profile and bf16 check
+#   bash benchmarks/gpu_single.sh tune     most needed first: the chunk scan at B·H = 128 as configured and with W2's NS
+#                                          on cuBLAS; its checks with W2's NS on the Triton kernel; the dual scan with
+#                                          its profile and bf16 check; the memory MLP kernel's launch settings alone,
+#                                          then the chunk scan under the fastest; the transformer and atlas at 4K in
+#                                          the training loop; a profile of the chunk scan
 #   bash benchmarks/gpu_single.sh decode   decode at 4K/32K, batch 1/32, eager and CUDA graph (cold Triton cache)
 #   bash benchmarks/gpu_single.sh recall   the eight members trained at once (round-robin over however many GPUs are
 #                                          visible) and scored on MQAR, 8.5 minutes in all; afterwards, on a CPU
@@ -85,21 +85,20 @@ case "${1:-}" in
       --variants graphs graphs+compile --skip-checks --budget-s 110 --row-budget-s 40
     ;;
   tune)
-    step mlp_sweep 100 python3 benchmarks/bench_memory_mlp.py --sweep
-    best=$(sed -n 's/^best setting: //p' "$OUT/mlp_sweep.log")
-    best=${best:-default}
     scan_b8=(python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk --variants graphs
              --skip-checks --budget-s 35 --row-budget-s 30)
     step scan_b8 40 "${scan_b8[@]}"
     step scan_b8_cublas_w2 40 "${scan_b8[@]}" --triton-max-short-side 64
-    step scan_b8_mlp_best 40 "${scan_b8[@]}" --mlp-setting "$best"
     step scan_checks 100 python3 benchmarks/bench_memory_scan.py --checks scan --updates chunk --dh 64 --lengths 4096 \
-      --budget-s 0 --triton-max-short-side 128 --mlp-setting "$best"
+      --budget-s 0 --triton-max-short-side 128
+    step dual_scan 60 python3 benchmarks/bench_dual_scan.py --profile --repeats 3
+    step mlp_sweep 100 python3 benchmarks/bench_memory_mlp.py --sweep
+    best=$(sed -n 's/^best setting: //p' "$OUT/mlp_sweep.log")
+    step scan_b8_mlp_best 40 "${scan_b8[@]}" --mlp-setting "${best:-default}"
     step train_4k 130 python3 benchmarks/bench_train.py --rows transformer@4096,atlas@4096 --overhead "" \
       --budget-s 90 --json "$OUT/train_4k.json" --logs "$OUT/rows"
     step profile_b8 40 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk \
       --profile 40 --skip-checks
-    step dual_scan 60 python3 benchmarks/bench_dual_scan.py --profile --repeats 3
     ;;
   train-long)
     step train_long 580 python3 benchmarks/bench_train.py --baseline transformer@16384 \
