@@ -9,6 +9,7 @@ chunk's forward and backward go through cuda_graphs.py, which replays them as CU
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -23,6 +24,7 @@ from atlas_train.ops.scan_chunks import (
     ScanOptions,
     carry_keys,
     check_state,
+    chunk_carry_keys,
     chunk_update_sums,
     initial_carry,
     scan_input_names,
@@ -130,8 +132,9 @@ def _differentiable(keys):
 class ChunkStep(NamedTuple):
     """One chunk's computation, as far as its code depends on the chunk: the scan's options and the chunk's flags
     (it closes a grid chunk; a document starts in it; the memory has a LayerNorm; it opens a grid chunk). Each method
-    takes the chunk's tensors as one flat list (carry in key order, the update's input pieces, reset, params, ln), so
-    that it can run on static buffers: all chunks with equal steps and shapes share one CUDA graph (cuda_graphs.py)."""
+    takes the chunk's tensors as one flat list (its carry keys in order, the update's input pieces, reset, params,
+    ln), so that it can run on static buffers: all chunks with equal steps and shapes share one CUDA graph
+    (cuda_graphs.py)."""
 
     opts: ScanOptions
     closes: bool
@@ -139,19 +142,23 @@ class ChunkStep(NamedTuple):
     has_ln: bool
     opens: bool  # begins on the grid: the carried partial sums are zero (step_chunk_update)
 
+    def keys(self) -> list[str]:
+        """The carry keys this step takes and hands on (`chunk_carry_keys`)."""
+        return chunk_carry_keys(self.opts, self.opens, self.closes)
+
     def forward(self, *tensors) -> list[torch.Tensor]:
-        """[y, *carry out in key order], without an autograd graph."""
+        """[y, *carry out in `keys` order], without an autograd graph."""
         carry, pieces, reset, params, ln, _ = self._split(tensors)
         with torch.no_grad(), scan_precision(tensors[0].device, self.opts.half_inputs):
             y, out = self._advance(carry, pieces, reset, params, ln)
-        return [y, *(out[k] for k in carry_keys(self.opts))]
+        return [y, *(out[k] for k in self.keys())]
 
     def backward(self, *tensors) -> list[torch.Tensor]:
         """Recompute the chunk under autograd and push (grad_y, gradients of the carry out) through it. Takes the
         chunk's tensors, then grad_y, then the carry-out gradients of the differentiable keys (zeros stand for absent
         gradients); returns the gradients of the differentiable carry keys, the input pieces, params and ln (zeros
         where unused)."""
-        diff_keys = _differentiable(carry_keys(self.opts))
+        diff_keys = _differentiable(self.keys())
         carry, pieces, reset, params, ln, rest = self._split(tensors)
         grad_y, grad_carry = rest[0], dict(zip(diff_keys, rest[1:]))
         carry = {k: t.detach().requires_grad_() if k in grad_carry else t for k, t in carry.items()}
@@ -173,7 +180,7 @@ class ChunkStep(NamedTuple):
     def output_gradients(self, outputs) -> list[torch.Tensor]:
         """Zero gradients of forward's outputs as backward takes them: y's, then the differentiable carry keys'."""
         y, *carry_out = outputs
-        return [torch.zeros_like(y)] + [torch.zeros_like(t) for k, t in zip(carry_keys(self.opts), carry_out)
+        return [torch.zeros_like(y)] + [torch.zeros_like(t) for k, t in zip(self.keys(), carry_out)
                                         if k not in _NON_DIFFERENTIABLE]
 
     def _advance(self, carry, pieces, reset, params, ln):
@@ -185,8 +192,8 @@ class ChunkStep(NamedTuple):
                                  self.closes, self.opens)
 
     def _split(self, tensors):
-        """carry (keys order), the input pieces, reset, params, ln (dicts), then whatever follows."""
-        keys = carry_keys(self.opts)
+        """carry (`keys` order), the input pieces, reset, params, ln (dicts), then whatever follows."""
+        keys = self.keys()
         n_weights, n_inputs = len(self.opts.weight_names), len(scan_input_names(self.opts))
         carry = dict(zip(keys, tensors[: len(keys)]))
         rest = tensors[len(keys):]
@@ -199,7 +206,11 @@ class ChunkStep(NamedTuple):
 
 
 class _ScanFunction(torch.autograd.Function):
-    """Chunked scan with per-chunk recomputation in backward (saves one carry per chunk, not per token)."""
+    """Chunked scan with per-chunk recomputation in backward (saves one carry per chunk, not per token).
+
+    A chunk step takes and hands on only its own carry keys (`ChunkStep.keys`): a whole grid chunk of update="chunk"
+    leaves its gradient sums out, and they are filled in with zeros (`_zero_sums`) only where a later piece or the
+    returned state needs them, forward and backward alike."""
 
     @staticmethod
     def forward(ctx, opts, schedule, offset, has_ln, need_backward, *tensors):
@@ -208,13 +219,15 @@ class _ScanFunction(torch.autograd.Function):
         fixed = [*params.values(), *([] if ln is None else ln.values())]
         saved_carries, ys = [], []
         for index, (begin, end, closes, has_reset) in enumerate(schedule):
-            saved_carries.extend(carry[k] for k in keys)
-            chunk = [*(carry[k] for k in keys), *_chunk_slices(opts, inputs, index, begin, end, offset),
-                     reset[:, begin:end], *fixed]
             step = ChunkStep(opts, closes, has_reset, has_ln, index > 0 or offset == 0)
+            carry = _zero_sums(carry, step.keys())
+            saved_carries.extend(carry[k] for k in step.keys())
+            chunk = [*(carry[k] for k in step.keys()), *_chunk_slices(opts, inputs, index, begin, end, offset),
+                     reset[:, begin:end], *fixed]
             y, *carry_out = run_forward(step, chunk, need_backward)
-            carry = dict(zip(keys, carry_out))
+            carry = dict(zip(step.keys(), carry_out))
             ys.append(y)
+        carry = _zero_sums(carry, keys)
         ctx.save_for_backward(*tensors[: len(tensors) - len(keys)], *saved_carries)
         seen, outputs = {id(t) for t in tensors}, []
         for k in keys:  # autograd needs every output to be a distinct, new tensor
@@ -230,33 +243,50 @@ class _ScanFunction(torch.autograd.Function):
         opts, schedule = ctx.opts, ctx.schedule
         keys = carry_keys(opts)
         diff_keys = _differentiable(keys)
+        steps = [ChunkStep(opts, closes, has_reset, ctx.has_ln, index > 0 or ctx.offset == 0)
+                 for index, (_, _, closes, has_reset) in enumerate(schedule)]
+        ends = list(itertools.accumulate(len(step.keys()) for step in steps))
         saved = ctx.saved_tensors
-        n_fixed = len(saved) - len(keys) * len(schedule)
-        inputs, reset, params, ln, _, _ = _unpack(opts, ctx.has_ln, saved[:n_fixed] + saved[-len(keys):])
+        n_fixed = len(saved) - ends[-1]
+        inputs, reset, params, ln, _, _ = _unpack(opts, ctx.has_ln, saved[:n_fixed])
         fixed = [*params.values(), *([] if ln is None else ln.values())]
         fixed_grads = [torch.zeros_like(t) for t in fixed]
         input_grads = [torch.zeros_like(t) for t in inputs]
-        given = dict(zip(keys, grad_carry_out))
-        snapshot = saved[-len(keys):]
-        carry_grad = [torch.zeros_like(t) if given[k] is None else given[k]
-                      for k, t in zip(keys, snapshot) if k in diff_keys]
+        last = _zero_sums(dict(zip(steps[-1].keys(), saved[n_fixed + ends[-1] - len(steps[-1].keys()):])), keys)
+        zeros = {k: torch.zeros_like(last[k]) for k in diff_keys}  # the gradient of an unused or absent key
+        carry_grad = {k: zeros[k] if g is None else g for k, g in zip(keys, grad_carry_out) if k in diff_keys}
         for index in reversed(range(len(schedule))):
-            begin, end, closes, has_reset = schedule[index]
-            snapshot = saved[n_fixed + index * len(keys): n_fixed + (index + 1) * len(keys)]
+            begin, end, _, _ = schedule[index]
+            step, step_keys = steps[index], _differentiable(steps[index].keys())
+            snapshot = saved[n_fixed + ends[index] - len(steps[index].keys()): n_fixed + ends[index]]
             chunk = [*snapshot, *_chunk_slices(opts, inputs, index, begin, end, ctx.offset), reset[:, begin:end],
-                     *fixed, grad_y[:, :, begin:end], *carry_grad]
-            found = run_backward(ChunkStep(opts, closes, has_reset, ctx.has_ln, index > 0 or ctx.offset == 0), chunk)
-            carry_grad, found = found[: len(diff_keys)], found[len(diff_keys):]
+                     *fixed, grad_y[:, :, begin:end], *(carry_grad[k] for k in step_keys)]
+            found = run_backward(step, chunk)
+            carry_grad = _zero_sums(dict(zip(step_keys, found[: len(step_keys)])), diff_keys, zeros)
+            found = found[len(step_keys):]
             for buffer, g in zip(_chunk_slices(opts, input_grads, index, begin, end, ctx.offset),
                                  found[: len(inputs)]):
                 buffer += g
             for buffer, g in zip(fixed_grads, found[len(inputs):]):
                 buffer += g
-        grads_in = dict(zip(diff_keys, (g.clone() for g in carry_grad)))  # off the static buffers
+        grads_in = {k: g.clone() for k, g in carry_grad.items()}  # off the static buffers
         n_weights = len(opts.weight_names)
         grad_ln = fixed_grads[n_weights:]
         return (None, None, None, None, None, *input_grads, None, *fixed_grads[:n_weights], *grad_ln,
                 *(grads_in.get(k) for k in keys))
+
+
+def _zero_sums(carry: dict, keys, zeros: dict | None = None) -> dict:
+    """`carry` with every key of `keys` that it lacks (gradient sums a whole grid chunk left out) filled in with zeros:
+    `zeros`'s tensor of that key (shared, never written), else a new one shaped like the same weight's anchor. The
+    zero sum a closing chunk leaves; the zero gradient of a sum a step does not read."""
+    missing = [k for k in keys if k not in carry]
+    if not missing:
+        return carry
+    filled = dict(carry)
+    for k in missing:
+        filled[k] = zeros[k] if zeros is not None else torch.zeros_like(carry[k.replace("grad_sum.", "anchor.")])
+    return filled
 
 
 def _unpack(opts, has_ln, tensors):

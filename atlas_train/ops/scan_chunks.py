@@ -98,6 +98,16 @@ def carry_keys(opts: ScanOptions) -> list[str]:
     return keys + ["window_zk", "window_v", "window_valid"]
 
 
+def chunk_carry_keys(opts: ScanOptions, opens: bool, closes: bool) -> list[str]:
+    """The carry keys that one chunk step takes and hands on, in `carry_keys` order: all of them, less the gradient
+    sums where update="chunk" and the step is a whole grid chunk (it reads no gradient sum and leaves a zero one: the
+    scan fills that in once, so that no weight-sized zeros are written and copied per chunk)."""
+    keys = carry_keys(opts)
+    if opts.update == "chunk" and opens and closes:
+        return [k for k in keys if not k.startswith("grad_sum.")]
+    return keys
+
+
 def check_state(state, opts: ScanOptions, batch: int, heads: int, dim: int) -> None:
     """One-line ValueErrors for a `memory_scan` state that does not belong to this call (keys, window shape)."""
     if not isinstance(state, dict):
@@ -365,8 +375,9 @@ def step_chunk_update(carry: dict, x: ChunkSumInputs, params: dict, ln, opts: Sc
 
     At the production shape (B·H = 128 chains) the chunk step is bound by the bytes it moves over the fast weights,
     not by arithmetic, so each pass over them counts: a piece that `opens` a grid chunk starts from the zero gradient
-    sum every closing chunk leaves (and a sequence starts with), and does not read it; the momentum and weight
-    updates are `gated_sum`s, whose backward reads rather than writes for the gates' gradients.
+    sum every closing chunk leaves (and a sequence starts with), and does not read it (the carry may then lack it);
+    a piece that opens and closes one (a whole grid chunk: most pieces) does not hand on the zero sum it leaves
+    either (`chunk_carry_keys`); the momentum and weight updates are `gated_sum`s (one pass each forward).
     """
     factors, window, token_doc, after_reset = _chunk_keys(carry, x, params, ln, opts)
     anchor = {w: carry[f"anchor.{w}"] for w in opts.weight_names}
@@ -386,7 +397,7 @@ def step_chunk_update(carry: dict, x: ChunkSumInputs, params: dict, ln, opts: Sc
         descent = -rate  # the weights' step factor
     out = {}
     for w in opts.weight_names:
-        grad_sum, momentum, start = carry[f"grad_sum.{w}"], carry[f"momentum.{w}"], anchor[w]
+        grad_sum, momentum, start = carry.get(f"grad_sum.{w}"), carry[f"momentum.{w}"], anchor[w]
         if x.has_reset:
             momentum = keep[:, None, None, None] * momentum
             grad_sum = grad_sum if opens else keep[:, None, None, None] * grad_sum
@@ -397,8 +408,10 @@ def step_chunk_update(carry: dict, x: ChunkSumInputs, params: dict, ln, opts: Sc
             momentum = gated_sum(momentum_gate, momentum, grad_sum)
             step = newton_schulz(momentum, opts.ns_steps, opts.half_inputs)
             start = gated_sum(descent, step, start, decay)
-            grad_sum = torch.zeros_like(grad_sum)
-        out.update({f"anchor.{w}": start, f"momentum.{w}": momentum, f"grad_sum.{w}": grad_sum})
+            grad_sum = None if opens else torch.zeros_like(grad_sum)
+        out.update({f"anchor.{w}": start, f"momentum.{w}": momentum})
+        if grad_sum is not None:
+            out[f"grad_sum.{w}"] = grad_sum
     if closes:
         gate_sum, count = torch.zeros_like(gate_sum), torch.zeros_like(count)
     out.update({"gate_sum": gate_sum, "count": count, **window})
