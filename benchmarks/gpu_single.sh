@@ -19,10 +19,6 @@
 #   bash benchmarks/gpu_single.sh train-long   the same at 16K and 32K: transformer and atlas
 #   bash benchmarks/gpu_single.sh engine   the transformer alone at 4K: plain settings (baseline), speed settings at
 #                                          micro-batch 8 and 16, each with a profiled step (kernel table in its log)
-#   bash benchmarks/gpu_single.sh recheck  both scans after a change to them, in one call: the dual scan against
-#                                          cuDNN with its profile and bf16 check, the chunk scan's checks against
-#                                          float64, the transformer and atlas at 4K in the training loop, then the
-#                                          chunk scan at B·H = 128 with and without compiled chunk steps
 #   bash benchmarks/gpu_single.sh tune     most needed first: the chunk scan at B·H = 128 as configured and with W2's NS
 #                                          on cuBLAS; its checks with W2's NS on the Triton kernel; the dual scan with
 #                                          its profile and bf16 check; the memory MLP kernel's launch settings alone,
@@ -75,15 +71,6 @@ case "${1:-}" in
       --rows transformer@4096,transformer@4096/train.micro_batch_size=16 --overhead "" --profile --budget-s 240 \
       --json "$OUT/engine_4k.json" --logs "$OUT/rows"
     ;;
-  recheck)
-    step dual_scan 70 python3 benchmarks/bench_dual_scan.py --profile --repeats 3
-    step scan_checks 150 python3 benchmarks/bench_memory_scan.py --checks scan --updates chunk --dh 64 --lengths 4096 \
-      --budget-s 0
-    step train_4k 200 python3 benchmarks/bench_train.py --rows transformer@4096,atlas@4096 --overhead "" \
-      --budget-s 150 --json "$OUT/train_4k.json" --logs "$OUT/rows"
-    step scan_compile 140 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk \
-      --variants graphs graphs+compile --skip-checks --budget-s 110 --row-budget-s 40
-    ;;
   tune)
     scan_b8=(python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk --variants graphs
              --skip-checks --budget-s 35 --row-budget-s 30)
@@ -115,7 +102,7 @@ case "${1:-}" in
     step recall_study 560 python3 benchmarks/recall_study.py --out "$OUT/recall" --work /tmp/recall --budget-minutes 8.5
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_single.sh scan|scan-batch|speed|dual|scan-table DH [--skip-checks]|train|train-long|engine|recheck|tune|decode|recall" >&2
+    echo "usage: bash benchmarks/gpu_single.sh scan|scan-batch|speed|dual|scan-table DH [--skip-checks]|train|train-long|engine|tune|decode|recall" >&2
     exit 2
     ;;
 esac

@@ -62,8 +62,8 @@ TRITON_MAX_SHORT_SIDE = 64
 # In bf16 over many matrices the kernel is ahead of the cuBLAS path up to a short side of 128, since cuBLAS's bf16
 # pays for float32 iterates and their bf16 copies. One program fills an SM (8 warps, up to 255 registers each), so
 # "many" is about one matrix per SM: update="chunk" at the production shape (one W2 of 256 x 128 per chain, B·H = 128
-# on 132 SMs) qualifies, and the scan runs faster so (benchmarks/RESULTS.md); few matrices (B·H = 16) leave most SMs
-# idle, which cuBLAS does not.
+# on 132 SMs) qualifies, and the chunk scan runs faster so; few matrices (B·H = 16) leave most SMs idle, which cuBLAS
+# does not.
 TRITON_MAX_SHORT_SIDE_BF16_MANY = 128
 TRITON_MIN_SM_FILL_BF16 = 7 / 8  # matrices per SM from which bf16 NS up to TRITON_MAX_SHORT_SIDE_BF16_MANY is Triton's
 SMS_OFF_GPU = 132  # the SM count the rule assumes off a GPU (tests, CPU emulation): the card it was timed on

@@ -149,8 +149,8 @@ class DualChunkStep(NamedTuple):
     """One chunk's terms (`_local_step`) as a function of a flat tensor list, so that cuda_graphs.py can run it on
     static buffers: every chunk with equal flags and shapes shares one CUDA graph. The list (`_step_tensors`): h at
     the window keys (B, H, 1, W, hid), W1 at the chunk's start, M's last row, the window keys and values, the document
-    ids (window, tokens, carried), then the parameters (`Params` order, the LayerNorm's only where the memory has
-    one)."""
+    ids (window, tokens, carried), then the parameters the terms use (`_STEP_PARAMS`: the initial W1, and the
+    LayerNorm's where the memory has one; the persistent pairs and θ enter through h)."""
 
     opts: DualOptions
     has_reset: bool  # a document starts inside the chunk
@@ -164,8 +164,8 @@ class DualChunkStep(NamedTuple):
 
     def backward(self, *tensors) -> list[torch.Tensor]:
         """Takes forward's tensors, then the gradients of its five outputs; returns the gradients of h at the window
-        keys, W1 at the start, M's last row, the window keys and values, and every parameter of the list (zeros
-        where unused), recomputing the chunk under autograd."""
+        keys, W1 at the start, M's last row, the window keys and values, and the parameters of the list (zeros where
+        unused), recomputing the chunk under autograd."""
         count = len(tensors) - 5
         inputs = list(tensors[:count])
         differentiable = inputs[:_N_DIFFERENTIABLE] + inputs[count - self._n_params():]
@@ -181,10 +181,10 @@ class DualChunkStep(NamedTuple):
         return [torch.zeros_like(t) for t in outputs]
 
     def _n_params(self) -> int:
-        return 6 if self.has_ln else 4
+        return len(_step_params(self.has_ln))
 
     def _step(self, h, w1c, m_last, kwin, vwin, win_doc, tok_doc, carry_doc, *params):
-        p = Params(*params) if self.has_ln else Params(*params, None, None)
+        p = Params(None, None, None, None, None, None)._replace(**dict(zip(_step_params(self.has_ln), params)))
         return _local_step(h, w1c, m_last, kwin, vwin, win_doc, tok_doc, carry_doc, p, self.opts, self.has_reset,
                            self.last_row)
 
@@ -192,10 +192,15 @@ class DualChunkStep(NamedTuple):
 _N_DIFFERENTIABLE = 5  # h, W1 at the start, M's last row, window keys, window values: the step's inputs with gradients
 
 
+def _step_params(has_ln: bool) -> tuple[str, ...]:
+    """The `Params` fields a chunk's terms use, in the order `DualChunkStep` takes them."""
+    return ("w1", "ln_weight", "ln_bias") if has_ln else ("w1",)
+
+
 def _step_tensors(h, w1c, m_last, view: _Views, p: Params) -> list[torch.Tensor]:
     """`DualChunkStep`'s tensor list for one chunk (view: `_chunk`'s; h, w1c, m_last with a chunk dimension of 1)."""
     return [h, w1c, m_last, view.kwin, view.vwin, view.win_doc, view.tok_doc, view.carry_doc,
-            *(t for t in p if t is not None)]
+            *(getattr(p, name) for name in _step_params(p.ln_weight is not None))]
 
 
 def _reads(q, h_main, tails, terms, w1c, views: _Views, p: Params, opts: DualOptions, has_reset: bool):
@@ -330,9 +335,8 @@ class DualScanFunction(torch.autograd.Function):
             dm_last[:, :, n] = grads[2][:, :, 0]
             dkall[:, :, window] += grads[3][:, :, 0]
             dvall[:, :, n * size:n * size + width] += grads[4][:, :, 0]
-            for total, g in zip(dparams, grads[5:]):
-                if total is not None:
-                    total += g
+            for name, g in zip(_step_params(ln_weight is not None), grads[5:]):
+                dparams[Params._fields.index(name)] += g
             dw1_next = grads[1][:, :, 0] + dw1c_read[:, :, n] + (dw1c_last if n == chunks - 1 else 0)
             tail_sum[:, :, start - past:start] += dtails[:, :, n] + (dtail_last if n == chunks - 1 else 0)
 
