@@ -9,7 +9,7 @@ cuDNN attention at the same shape, timed in the same call; then a bf16 run's err
 
 Rows, each forward + backward, median of --repeats after a warm-up:
 * `dual_memory_scan` alone (q, k, v, gates -> y), its attention passes on the Triton kernel (products in --precision),
-  and with --torch-pass on the PyTorch pass too;
+  and with --torch-pass on the PyTorch pass too; with --eager-terms also with its chunk terms not compiled;
 * the whole DualMixer (projections, conv, gates, scan, output norm and gate) and, beside it, the transformer's
   Attention module (projections, RoPE, SDPA);
 * cuDNN's causal SDPA on (B, H, T, dh) bf16 (another backend where cuDNN's is not available: the row names it).
@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("ieee", "tf32", "bf16"), default="bf16", help="the kernel's products")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--torch-pass", action="store_true", help="also time the scan on the PyTorch attention pass")
+    p.add_argument("--eager-terms", action="store_true",
+                   help="also time the scan with its chunk terms not compiled (ATLAS_DUAL_COMPILED_TERMS=0)")
     p.add_argument("--check-length", type=int, default=4096)
     p.add_argument("--check-heads", type=int, default=2)
     p.add_argument("--bound", type=float, default=5e-2)
@@ -142,6 +144,10 @@ def timing_rows(args, device) -> list[str]:
         with attention_pass(kind, args.precision):
             seconds[f"scan ({kind})"] = median_seconds(lambda: scan_step(x, params, args.chunk, upstream), device,
                                                        args.repeats)
+    if args.eager_terms:
+        with attention_pass("kernel", args.precision), mock.patch.dict(os.environ, {"ATLAS_DUAL_COMPILED_TERMS": "0"}):
+            seconds["scan (kernel), eager terms"] = median_seconds(
+                lambda: scan_step(x, params, args.chunk, upstream), device, args.repeats)
     cfg = ModelConfig(mixer=MIXER, d_model=h * dh, n_heads=h, n_layers=1, chunk_size=args.chunk, vocab_size=64)
     hidden = torch.randn(b, t, h * dh, device=device, dtype=dtype, requires_grad=True)
     mixer = build_model(cfg).layers[0].mixer.to(device=device, dtype=dtype)
@@ -158,8 +164,8 @@ def timing_rows(args, device) -> list[str]:
     base = seconds[f"SDPA ({backend})"]
     rows.append(f"== forward + backward, B={b} H={h} T={t} dh={dh} chunk={args.chunk}, {dtype}, kernel products "
                 f"{args.precision}, on {device_name(device)}")
-    rows.append(f"{'row':<24} {'ms':>10} {'x SDPA':>8}")
-    rows += [f"{name:<24} {1000 * s:>10.2f} {s / base:>8.2f}" for name, s in seconds.items()]
+    rows.append(f"{'row':<28} {'ms':>10} {'x SDPA':>8}")
+    rows += [f"{name:<28} {1000 * s:>10.2f} {s / base:>8.2f}" for name, s in seconds.items()]
     if args.profile and device.type == "cuda":
         with attention_pass("kernel", args.precision):
             rows += profile_table(lambda: scan_step(x, params, args.chunk, upstream))

@@ -26,11 +26,18 @@ persistent pairs' part of h at the window keys, M's row that weighs a chunk's ga
 the loop and differentiated at once after it, like `memory_scan`'s carry-free terms: a replayed graph still runs
 every kernel it holds, and most of these are small. The attention passes stay outside the graphs: they read all of
 J, far too large to copy into a graph's static buffers every chunk.
+
+On a GPU the terms are also compiled (`torch.compile`, forward and, through AOTAutograd, the recomputation's backward)
+before their graphs are captured. They are elementwise passes (GELU, LayerNorm, their derivatives) over (W, hid)
+tensors between four small products: the bytes of those passes, not launches or arithmetic, are what a replayed graph
+still spends, and Inductor fuses them. ATLAS_DUAL_COMPILED_TERMS=0 runs them eagerly (=1 compiles them on CPU too).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -145,17 +152,38 @@ def _local_step(h, w1c, m_last, kwin, vwin, win_doc, tok_doc, carry_doc, p: Para
     return delta, g_out, hidden, gains, w1_next
 
 
+_COMPILE_ENV = "ATLAS_DUAL_COMPILED_TERMS"
+
+
+def compiled_terms(device: torch.device) -> bool:
+    """Whether the chunk terms run compiled on `device`: by default on CUDA (see the module's docstring), not on CPU,
+    where compiling costs more than the terms; never inside a region being compiled (it traces them itself)."""
+    setting = os.environ.get(_COMPILE_ENV, "auto")
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"{_COMPILE_ENV}={setting!r}: expected 0, 1 or auto")
+    if torch.compiler.is_compiling():
+        return False
+    return device.type == "cuda" if setting == "auto" else setting == "1"
+
+
+@functools.cache
+def _compiled_local_step():
+    """`_local_step` under torch.compile: static shapes (every chunk of a call has the same), one graph."""
+    return torch.compile(_local_step, dynamic=False, fullgraph=True)
+
+
 class DualChunkStep(NamedTuple):
     """One chunk's terms (`_local_step`) as a function of a flat tensor list, so that cuda_graphs.py can run it on
     static buffers: every chunk with equal flags and shapes shares one CUDA graph. The list (`_step_tensors`): h at
     the window keys (B, H, 1, W, hid), W1 at the chunk's start, M's last row, the window keys and values, the document
-    ids (window, tokens, carried), then the parameters the terms use (`_STEP_PARAMS`: the initial W1, and the
+    ids (window, tokens, carried), then the parameters the terms use (`_step_params`: the initial W1, and the
     LayerNorm's where the memory has one; the persistent pairs and θ enter through h)."""
 
     opts: DualOptions
     has_reset: bool  # a document starts inside the chunk
     last_row: int  # the chunk's last real token
     has_ln: bool
+    compiled: bool  # `compiled_terms`: part of the graphs' key, so that a graph never replays the other choice
 
     def forward(self, *tensors) -> list[torch.Tensor]:
         """[δ, g_out, gelu(h), coefficient gains, W1 after the chunk], without an autograd graph."""
@@ -185,7 +213,8 @@ class DualChunkStep(NamedTuple):
 
     def _step(self, h, w1c, m_last, kwin, vwin, win_doc, tok_doc, carry_doc, *params):
         p = Params(None, None, None, None, None, None)._replace(**dict(zip(_step_params(self.has_ln), params)))
-        return _local_step(h, w1c, m_last, kwin, vwin, win_doc, tok_doc, carry_doc, p, self.opts, self.has_reset,
+        local_step = _compiled_local_step() if self.compiled else _local_step
+        return local_step(h, w1c, m_last, kwin, vwin, win_doc, tok_doc, carry_doc, p, self.opts, self.has_reset,
                            self.last_row)
 
 
@@ -243,12 +272,13 @@ class DualScanFunction(torch.autograd.Function):
         w1cs, tails, terms = [], [], []
         w1c = w1c0
         limits = _limits(layout, opts, q.device)
+        ctx.compiled = compiled = compiled_terms(q.device)
         for n in range(layout.chunks):
             start = layout.carried + n * size
             h_anchor[:, :, n] += impl.forward(views.kwin[:, :, n], kall, coef, limits.starts[n].expand(past + size),
                                               views.win_doc[:, n], key_doc, opts.kind, theta)
             tails.append(coef[:, :, start - past:start].clone())
-            step = DualChunkStep(opts, layout.resets[n], layout.last_rows[n], ln_weight is not None)
+            step = DualChunkStep(opts, layout.resets[n], layout.last_rows[n], ln_weight is not None, compiled)
             tensors = _step_tensors(h_anchor[:, :, n:n + 1], w1c[:, :, None], m_last[:, :, n:n + 1], _chunk(views, n),
                                     p)
             *chunk_terms, gains, w1_next = run_forward(step, tensors, need_backward)
@@ -326,7 +356,7 @@ class DualScanFunction(torch.autograd.Function):
             if n + 1 < chunks:
                 dgains = dgains + impl.forward(views.kwin[:, :, n], points_reversed, dh_reversed.flatten(2, 3),
                                                later[n], views.win_doc[:, n], doc_reversed, opts.kind, theta)
-            step = DualChunkStep(opts, layout.resets[n], layout.last_rows[n], ln_weight is not None)
+            step = DualChunkStep(opts, layout.resets[n], layout.last_rows[n], ln_weight is not None, ctx.compiled)
             grads = run_backward(step, [*_step_tensors(h_anchor[:, :, n:n + 1], w1c_all[:, :, n:n + 1],
                                                        m_last[:, :, n:n + 1], _chunk(views, n), p),
                                         ddelta[:, :, n:n + 1], dg_out[:, :, n:n + 1], dhidden[:, :, n:n + 1],

@@ -191,6 +191,40 @@ def test_chunk_steps_on_static_buffers_equal_eager(monkeypatch, ln):
         assert_all_close(grads_s, grads_e, rtol=1e-11, atol=1e-12)
 
 
+def test_compiled_chunk_terms_match_the_reference(monkeypatch):
+    """The chunk terms under torch.compile (the GPU default; ATLAS_DUAL_COMPILED_TERMS=1 compiles them on CPU too) on
+    static buffers, as a GPU runs them: outputs and every gradient equal the float64 reference's, over chunks with
+    and without a document start."""
+    from atlas_train.ops import cuda_graphs, dual_chunks
+
+    x, params = make_inputs(3, length=9, window=3)
+    doc_start = doc_starts(2, 9, (1, 4))
+    want = reference_dual_memory_scan(*(x[n] for n in INPUTS), params, doc_start=doc_start, chunk_size=3, loss="l2")
+    cuda_graphs.clear_scan_graphs()
+    monkeypatch.setenv("ATLAS_SCAN_CUDA_GRAPHS", "static")
+    monkeypatch.setenv("ATLAS_DUAL_COMPILED_TERMS", "1")
+    try:
+        y, _ = run(x, params, doc_start=doc_start, chunk_size=3, loss="l2")
+        assert all(key[1].compiled for key in cuda_graphs._SCAN_CALLS._calls)
+        leaves = {**x, **params}
+        got = gradients(y, leaves)
+    finally:
+        cuda_graphs.clear_scan_graphs()
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-12)
+    assert_all_close(got, gradients(want, leaves))
+    assert dual_chunks._compiled_local_step.cache_info().currsize == 1
+
+
+def test_compiled_terms_setting_is_checked(monkeypatch):
+    from atlas_train.ops.dual_chunks import compiled_terms
+
+    monkeypatch.setenv("ATLAS_DUAL_COMPILED_TERMS", "yes")
+    with pytest.raises(ValueError, match="ATLAS_DUAL_COMPILED_TERMS='yes'"):
+        compiled_terms(torch.device("cpu"))
+    monkeypatch.delenv("ATLAS_DUAL_COMPILED_TERMS")
+    assert not compiled_terms(torch.device("cpu"))
+
+
 def test_recurrent_decoding_equals_the_full_forward():
     """A prompt, then one token per call without autograd (the decode path), as in generation."""
     x, params = make_inputs(5, window=3)
