@@ -40,6 +40,8 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # CPU smoke run: the kernel runs in Triton's interpreter (set before importing it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from bench_dual_attention import SWEEP, setting  # noqa: E402
+
 from atlas_train.model import ModelConfig, build_model  # noqa: E402
 from atlas_train.ops import dual_attention, dual_memory_scan  # noqa: E402
 
@@ -58,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--torch-pass", action="store_true", help="also time the scan on the PyTorch attention pass")
     p.add_argument("--eager-terms", action="store_true",
                    help="also time the scan with its chunk terms not compiled (ATLAS_DUAL_COMPILED_TERMS=0)")
+    p.add_argument("--attention-setting", default="default", choices=["default", *(name for name, _ in SWEEP)],
+                   help="run everything with the attention kernel's launch constants of this setting of "
+                        "bench_dual_attention.py's SWEEP")
     p.add_argument("--check-length", type=int, default=4096)
     p.add_argument("--check-heads", type=int, default=2)
     p.add_argument("--bound", type=float, default=5e-2)
@@ -258,8 +263,10 @@ def main(argv=None) -> int:
     if args.count_ops:
         print("\n".join(count_ops_rows(args, device)))
         return 0
-    rows = timing_rows(args, device)
-    checks, ok = error_rows(args, device)
+    with setting(dict(SWEEP).get(args.attention_setting, {})):
+        rows = timing_rows(args, device)
+        checks, ok = error_rows(args, device)
+    rows[0] += f"; attention kernel setting: {args.attention_setting}"
     print("\n".join(rows + checks))
     return 0 if ok else 1
 

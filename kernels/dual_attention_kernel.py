@@ -31,9 +31,11 @@ import triton.language as tl
 from atlas_train.kernels.triton_common import PRECISIONS, accumulator, input_refusal, launch_precision, mm
 from atlas_train.ops.dual_attention import Implementation
 
-# Launch constants (benchmarks/bench_dual_scan.py times the scan with them).
+# Launch constants (benchmarks/bench_dual_scan.py times the scan with them; benchmarks/bench_dual_attention.py --sweep
+# times the passes alone under other values).
 BLOCK = {"points": 64, "keys": 64, "values": 128}
 NUM_WARPS = {"forward": 4, "dv": 4, "dk": 8, "dx": 8}
+NUM_STAGES = {"forward": 3, "dv": 3, "dk": 3, "dx": 3}  # software-pipeline stages of the key or point loop
 MAX_DIM = 256  # d and the e block are single register tiles
 KERNEL_NAME = "the dual attention kernel"  # its name in fallback notes
 
@@ -217,7 +219,7 @@ def dual_attention_forward(x, k, v, lim, x_doc, k_doc, kind, theta, precision: s
         return out
     _forward_kernel[run.grid(run.m, "points", triton.cdiv(run.e, run.meta["BLOCK_E"]))](
         run.x, run.k, run.v, run.lim, run.x_doc, run.k_doc, run.theta, out, *run.sizes, **run.meta,
-        num_warps=NUM_WARPS["forward"])
+        num_warps=NUM_WARPS["forward"], num_stages=NUM_STAGES["forward"])
     return out
 
 
@@ -235,14 +237,15 @@ def dual_attention_backward(x, k, v, lim, x_doc, k_doc, kind, theta, grad_out, n
     dtheta = x.new_empty(run.batch, run.heads, triton.cdiv(run.n, BLOCK["keys"]))
     common = (run.lim, run.x_doc, run.k_doc, run.theta, grad)
     _dk_kernel[run.grid(run.n, "keys")](run.x, run.k, run.v, *common, first, dk, dtheta, *run.sizes, **run.meta,
-                                        num_warps=NUM_WARPS["dk"])
+                                        num_warps=NUM_WARPS["dk"], num_stages=NUM_STAGES["dk"])
     _dx_kernel[run.grid(run.m, "points")](run.x, run.k, run.v, *common, dx, *run.sizes, **run.meta,
-                                          num_warps=NUM_WARPS["dx"])
+                                          num_warps=NUM_WARPS["dx"], num_stages=NUM_STAGES["dx"])
     dv = None
     if need_v:
         dv = torch.empty_like(run.v)
         _dv_kernel[run.grid(run.n, "keys", triton.cdiv(run.e, run.meta["BLOCK_E"]))](
-            run.x, run.k, *common, first, dv, *run.sizes, **run.meta, num_warps=NUM_WARPS["dv"])
+            run.x, run.k, *common, first, dv, *run.sizes, **run.meta, num_warps=NUM_WARPS["dv"],
+            num_stages=NUM_STAGES["dv"])
     return dx, dk, dv, dtheta.sum(dim=(0, 2))
 
 

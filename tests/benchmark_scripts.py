@@ -13,15 +13,18 @@ from types import ModuleType
 
 from repo_paths import BENCHMARKS
 
-SHARED = "bench_memory_scan"  # the one the other benchmarks import by name
+# The ones other benchmarks import by name, each loaded before its importers (bench_dual_attention imports
+# bench_memory_scan, bench_dual_scan imports bench_dual_attention).
+SHARED = ("bench_memory_scan", "bench_dual_attention")
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """benchmarks/<name>.py as the module `name`, loaded once (after SHARED, which it may import)."""
+    """benchmarks/<name>.py as the module `name`, loaded once (after the SHARED ones before it, which it may
+    import)."""
     if name in sys.modules:
         return sys.modules[name]
-    if name != SHARED:
-        load_benchmark(SHARED)
+    for shared in SHARED[: SHARED.index(name) if name in SHARED else len(SHARED)]:
+        load_benchmark(shared)
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -125,9 +125,23 @@ def test_bench_smoke_run_prints_every_row_and_passes_its_checks(capsys):
     time. Every timing row, then every error check, within its bound."""
     bench = load_benchmark("bench_dual_scan")
     with torch.random.fork_rng():
-        assert bench.main(["--smoke", "--torch-pass"]) == 0
+        assert bench.main(["--smoke", "--torch-pass", "--eager-terms", "--attention-setting", "points 128"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split("  ")[0].strip() for line in lines[2:7]] == [
-        "scan (kernel)", "scan (torch)", "DualMixer", "Attention module", "SDPA (default)"]
+    assert lines[0].endswith("attention kernel setting: points 128")
+    assert [line.split("  ")[0].strip() for line in lines[2:8]] == [
+        "scan (kernel)", "scan (torch)", "scan (kernel), eager terms", "DualMixer", "Attention module",
+        "SDPA (default)"]
     checks = [line for line in lines if line.startswith(("ok", "FAIL"))]
     assert len(checks) == 12 and all(line.startswith("ok") for line in checks), checks
+
+
+def test_attention_bench_runs_every_setting_and_prints_its_table_last(capsys):
+    """CPU smoke run of `bench_dual_attention.py --sweep` (interpreted kernel, tiny shapes): a launch setting the
+    benchmark cannot apply, or one that computes wrong numbers, is found here, not on the GPU."""
+    bench = load_benchmark("bench_dual_attention")
+    assert bench.main(["--sweep"]) == 0
+    *table, best = capsys.readouterr().out.split("== dual attention passes")[-1].splitlines()[2:]
+    assert len(table) == 2 * (1 + len(bench.SWEEP))
+    for line in table:
+        assert float(line.split()[-1]) < 1e-4, line
+    assert best.removeprefix("best setting: ") in ["default", *(name for name, _ in bench.SWEEP)]
