@@ -374,7 +374,8 @@ def _pass_backward_op(z: torch.Tensor, v: torch.Tensor | None, w1: torch.Tensor,
 def _(z, v, w1, w2, ln_weight, ln_bias, d_f, d_g_out, d_hidden, d_g_pre, loss, factors, precision):
     d_v = z.new_empty(*z.shape[:3], w1.shape[-2]) if factors else z.new_empty(0)
     d_ln = z.new_empty(2, *ln_weight.shape) if ln_weight is not None else z.new_empty(0)
-    return [torch.empty_like(z), d_v, torch.empty_like(w1), torch.empty_like(w2), d_ln]
+    # contiguous, as the kernel and its sums write them (empty_like would keep a transposed input's strides)
+    return [z.new_empty(z.shape), d_v, z.new_empty(w1.shape), z.new_empty(w2.shape), d_ln]
 
 
 def _setup_context(ctx, inputs, output):

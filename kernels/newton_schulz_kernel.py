@@ -431,20 +431,21 @@ def _ns_backward_op(S: torch.Tensor, iterates: torch.Tensor, grad_out: torch.Ten
     return d_s.view(S.shape)
 
 
+# The fakes' outputs are contiguous, as the kernels write them (empty_like would keep a transposed S's strides).
 @_ns_op.register_fake
 def _(S, steps, precision):
-    return torch.empty_like(S)
+    return S.new_empty(S.shape)
 
 
 @_ns_saving_op.register_fake
 def _(S, steps, precision):
     shape, dtype = _iterates_layout(S, steps, precision)
-    return torch.empty_like(S), S.new_empty(shape, dtype=dtype)
+    return S.new_empty(S.shape), S.new_empty(shape, dtype=dtype)
 
 
 @_ns_backward_op.register_fake
 def _(S, iterates, grad_out, steps, precision):
-    return torch.empty_like(S)
+    return S.new_empty(S.shape)
 
 
 def _setup_context(ctx, inputs, output):

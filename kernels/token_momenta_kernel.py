@@ -228,7 +228,7 @@ def _momenta_backward_op(grad: torch.Tensor, mix: torch.Tensor, left: torch.Tens
 
 @_momenta_backward_op.register_fake
 def _(grad, mix, left, right, scale, prev, precision):
-    return [torch.empty_like(t) for t in (mix, left, right, scale, prev)]
+    return [t.new_empty(t.shape) for t in (mix, left, right, scale, prev)]  # contiguous, as the kernels write them
 
 
 def _setup_context(ctx, inputs, output):
