@@ -130,6 +130,15 @@ def scan_product_precision(half_inputs: bool) -> str:
     return "tf32" if _enabled and ns_precision(half_inputs) == "bf16" else "ieee"
 
 
+def dual_attention_precision(half_inputs: bool) -> str:
+    """Operand precision of the dual scan's attention passes: bf16 where NS takes bf16 operands, exact float32
+    otherwise. Its kernel's products are the scores x·k and the sums over J's coefficients, each accumulated in
+    float32 over unit vectors (every kernel term is at most 1), and a bf16 model's whole dual scan at 4K with them in
+    bf16 stays within a tenth of the bf16 bound (`benchmarks/bench_dual_scan.py`'s check); in tf32 they would run
+    at half the tensor cores' rate on the scan's largest passes."""
+    return "bf16" if _enabled and ns_precision(half_inputs) == "bf16" else "ieee"
+
+
 def scan_products(half_inputs: bool):
     """Context in which the scan's float32 products on the GPU take `scan_product_precision(half_inputs)`."""
     return newton_schulz_cublas.cublas_precision(scan_product_precision(half_inputs))
@@ -424,12 +433,12 @@ def dual_attention_fast(x: torch.Tensor, width: int, kind: str, precision: str) 
 
 def dual_attention_or_none(x: torch.Tensor, width: int, kind: str, half_inputs: bool) -> Implementation | None:
     """The fast path "dual_attention" (`atlas_train.ops.dual_attention.implementation`'s arguments): the kernel for
-    CUDA points it covers and whose probe passes, in the scan's product precision (`dispatch.scan_product_precision`:
-    tf32 for a bf16/fp16 model, exact float32 otherwise), else None; nothing while the kernels are switched off."""
+    CUDA points it covers and whose probe passes, in `dual_attention_precision` (bf16 for a bf16/fp16 model, exact
+    float32 otherwise), else None; nothing while the kernels are switched off."""
     kernels_enabled = settings()[0]
     if not (kernels_enabled and x.is_cuda):
         return None
-    return dual_attention_fast(x, width, kind, scan_product_precision(half_inputs))
+    return dual_attention_fast(x, width, kind, dual_attention_precision(half_inputs))
 
 
 def register() -> None:

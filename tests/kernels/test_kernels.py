@@ -485,6 +485,19 @@ def test_scan_products_take_tf32_where_newton_schulz_takes_bf16(enabled, setting
         assert torch.backends.cuda.matmul.allow_tf32 == (want == "tf32")
 
 
+@pytest.mark.parametrize("enabled,setting,half,want", [
+    (True, "auto", True, "bf16"), (True, "auto", False, "ieee"), (True, "bf16", False, "bf16"),
+    (True, "tf32", True, "ieee"), (False, "auto", True, "ieee")])
+def test_dual_attention_takes_bf16_where_newton_schulz_does(enabled, setting, half, want, monkeypatch):
+    """The dual scan's attention passes: bf16 products in a half-precision model (the precision its GPU error check
+    and timings use), exact float32 otherwise."""
+    from atlas_train.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_enabled", enabled)
+    monkeypatch.setattr(dispatch, "_ns_precision", setting)
+    assert dispatch.dual_attention_precision(half) == want
+
+
 _MATMUL_SETTINGS = {  # how a caller may have set the TF32 switch before calling the scan (PyTorch's two APIs)
     "default": lambda: None,
     "legacy allow_tf32": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
