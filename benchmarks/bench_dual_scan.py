@@ -9,7 +9,7 @@ cuDNN attention at the same shape, timed in the same call; then a bf16 run's err
 
 Rows, each forward + backward, median of --repeats after a warm-up:
 * `dual_memory_scan` alone (q, k, v, gates -> y), its attention passes on the Triton kernel (products in --precision),
-  and with --torch-pass on the PyTorch pass too; with --eager-terms also with its chunk terms not compiled;
+  and with --torch-pass on the PyTorch pass too; with --compiled-terms also with its chunk terms compiled;
 * the whole DualMixer (projections, conv, gates, scan, output norm and gate) and, beside it, the transformer's
   Attention module (projections, RoPE, SDPA);
 * cuDNN's causal SDPA on (B, H, T, dh) bf16 (another backend where cuDNN's is not available: the row names it).
@@ -58,8 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("ieee", "tf32", "bf16"), default="bf16", help="the kernel's products")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--torch-pass", action="store_true", help="also time the scan on the PyTorch attention pass")
-    p.add_argument("--eager-terms", action="store_true",
-                   help="also time the scan with its chunk terms not compiled (ATLAS_DUAL_COMPILED_TERMS=0)")
+    p.add_argument("--compiled-terms", action="store_true",
+                   help="also time the scan with its chunk terms compiled (ATLAS_DUAL_COMPILED_TERMS=1)")
     p.add_argument("--attention-setting", default="default", choices=["default", *(name for name, _ in SWEEP)],
                    help="run everything with the attention kernel's launch constants of this setting of "
                         "bench_dual_attention.py's SWEEP")
@@ -149,9 +149,9 @@ def timing_rows(args, device) -> list[str]:
         with attention_pass(kind, args.precision):
             seconds[f"scan ({kind})"] = median_seconds(lambda: scan_step(x, params, args.chunk, upstream), device,
                                                        args.repeats)
-    if args.eager_terms:
-        with attention_pass("kernel", args.precision), mock.patch.dict(os.environ, {"ATLAS_DUAL_COMPILED_TERMS": "0"}):
-            seconds["scan (kernel), eager terms"] = median_seconds(
+    if args.compiled_terms:
+        with attention_pass("kernel", args.precision), mock.patch.dict(os.environ, {"ATLAS_DUAL_COMPILED_TERMS": "1"}):
+            seconds["scan (kernel), compiled terms"] = median_seconds(
                 lambda: scan_step(x, params, args.chunk, upstream), device, args.repeats)
     cfg = ModelConfig(mixer=MIXER, d_model=h * dh, n_heads=h, n_layers=1, chunk_size=args.chunk, vocab_size=64)
     hidden = torch.randn(b, t, h * dh, device=device, dtype=dtype, requires_grad=True)

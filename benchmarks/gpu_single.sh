@@ -19,7 +19,7 @@
 #   bash benchmarks/gpu_single.sh train-long   the same at 16K and 32K: transformer and atlas
 #   bash benchmarks/gpu_single.sh engine   the transformer alone at 4K: plain settings (baseline), speed settings at
 #                                          micro-batch 8 and 16, each with a profiled step (kernel table in its log)
-#   bash benchmarks/gpu_single.sh tune     most needed first: the dual scan with and without its chunk terms
+#   bash benchmarks/gpu_single.sh tune     most needed first: the dual scan, with and without its chunk terms
 #                                          compiled, its profile and bf16 check; the chunk scan at B·H = 128, as
 #                                          configured and with its chunk steps compiled; the dual attention
 #                                          kernel's launch settings alone, then the dual scan under the fastest; the
@@ -76,7 +76,7 @@ case "${1:-}" in
   tune)
     scan_b8=(python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk --variants graphs
              --skip-checks --budget-s 35 --row-budget-s 30)
-    step dual_scan 150 python3 benchmarks/bench_dual_scan.py --profile --repeats 3 --eager-terms
+    step dual_scan 150 python3 benchmarks/bench_dual_scan.py --profile --repeats 3 --compiled-terms
     step scan_b8 100 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk \
       --variants graphs graphs+compile --skip-checks --budget-s 90 --row-budget-s 30
     step dual_attention_sweep 100 python3 benchmarks/bench_dual_attention.py --sweep

@@ -27,10 +27,11 @@ the loop and differentiated at once after it, like `memory_scan`'s carry-free te
 every kernel it holds, and most of these are small. The attention passes stay outside the graphs: they read all of
 J, far too large to copy into a graph's static buffers every chunk.
 
-On a GPU the terms are also compiled (`torch.compile`, forward and, through AOTAutograd, the recomputation's backward)
-before their graphs are captured. They are elementwise passes (GELU, LayerNorm, their derivatives) over (W, hid)
-tensors between four small products: the bytes of those passes, not launches or arithmetic, are what a replayed graph
-still spends, and Inductor fuses them. ATLAS_DUAL_COMPILED_TERMS=0 runs them eagerly (=1 compiles them on CPU too).
+The terms can also run compiled (`torch.compile`, forward and, through AOTAutograd, the recomputation's backward;
+ATLAS_DUAL_COMPILED_TERMS=1), before their graphs are captured. They are elementwise passes (GELU, LayerNorm, their
+derivatives) over (W, hid) tensors between four small products: the bytes of those passes, not launches or
+arithmetic, are what a replayed graph still spends, and Inductor fuses them. Off by default: it costs a compilation
+per chunk shape, and `benchmarks/bench_dual_scan.py --compiled-terms` times what it buys beside the default.
 """
 
 from __future__ import annotations
@@ -155,15 +156,13 @@ def _local_step(h, w1c, m_last, kwin, vwin, win_doc, tok_doc, carry_doc, p: Para
 _COMPILE_ENV = "ATLAS_DUAL_COMPILED_TERMS"
 
 
-def compiled_terms(device: torch.device) -> bool:
-    """Whether the chunk terms run compiled on `device`: by default on CUDA (see the module's docstring), not on CPU,
-    where compiling costs more than the terms; never inside a region being compiled (it traces them itself)."""
-    setting = os.environ.get(_COMPILE_ENV, "auto")
-    if setting not in ("auto", "0", "1"):
-        raise ValueError(f"{_COMPILE_ENV}={setting!r}: expected 0, 1 or auto")
-    if torch.compiler.is_compiling():
-        return False
-    return device.type == "cuda" if setting == "auto" else setting == "1"
+def compiled_terms() -> bool:
+    """Whether the chunk terms run compiled (ATLAS_DUAL_COMPILED_TERMS=1, see the module's docstring); never inside a
+    region being compiled, which traces them itself."""
+    setting = os.environ.get(_COMPILE_ENV, "0")
+    if setting not in ("0", "1"):
+        raise ValueError(f"{_COMPILE_ENV}={setting!r}: expected 0 or 1")
+    return setting == "1" and not torch.compiler.is_compiling()
 
 
 @functools.cache
@@ -272,7 +271,7 @@ class DualScanFunction(torch.autograd.Function):
         w1cs, tails, terms = [], [], []
         w1c = w1c0
         limits = _limits(layout, opts, q.device)
-        ctx.compiled = compiled = compiled_terms(q.device)
+        ctx.compiled = compiled = compiled_terms()
         for n in range(layout.chunks):
             start = layout.carried + n * size
             h_anchor[:, :, n] += impl.forward(views.kwin[:, :, n], kall, coef, limits.starts[n].expand(past + size),

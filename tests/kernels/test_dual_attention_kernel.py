@@ -125,11 +125,11 @@ def test_bench_smoke_run_prints_every_row_and_passes_its_checks(capsys):
     time. Every timing row, then every error check, within its bound."""
     bench = load_benchmark("bench_dual_scan")
     with torch.random.fork_rng():
-        assert bench.main(["--smoke", "--torch-pass", "--eager-terms", "--attention-setting", "points 128"]) == 0
+        assert bench.main(["--smoke", "--torch-pass", "--compiled-terms", "--attention-setting", "points 128"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("attention kernel setting: points 128")
     assert [line.split("  ")[0].strip() for line in lines[2:8]] == [
-        "scan (kernel)", "scan (torch)", "scan (kernel), eager terms", "DualMixer", "Attention module",
+        "scan (kernel)", "scan (torch)", "scan (kernel), compiled terms", "DualMixer", "Attention module",
         "SDPA (default)"]
     checks = [line for line in lines if line.startswith(("ok", "FAIL"))]
     assert len(checks) == 12 and all(line.startswith("ok") for line in checks), checks

@@ -192,9 +192,8 @@ def test_chunk_steps_on_static_buffers_equal_eager(monkeypatch, ln):
 
 
 def test_compiled_chunk_terms_match_the_reference(monkeypatch):
-    """The chunk terms under torch.compile (the GPU default; ATLAS_DUAL_COMPILED_TERMS=1 compiles them on CPU too) on
-    static buffers, as a GPU runs them: outputs and every gradient equal the float64 reference's, over chunks with
-    and without a document start."""
+    """The chunk terms under torch.compile (ATLAS_DUAL_COMPILED_TERMS=1) on static buffers, as a GPU runs them:
+    outputs and every gradient equal the float64 reference's, over chunks with and without a document start."""
     from atlas_train.ops import cuda_graphs, dual_chunks
 
     x, params = make_inputs(3, length=9, window=3)
@@ -220,9 +219,9 @@ def test_compiled_terms_setting_is_checked(monkeypatch):
 
     monkeypatch.setenv("ATLAS_DUAL_COMPILED_TERMS", "yes")
     with pytest.raises(ValueError, match="ATLAS_DUAL_COMPILED_TERMS='yes'"):
-        compiled_terms(torch.device("cpu"))
+        compiled_terms()
     monkeypatch.delenv("ATLAS_DUAL_COMPILED_TERMS")
-    assert not compiled_terms(torch.device("cpu"))
+    assert not compiled_terms()
 
 
 def test_recurrent_decoding_equals_the_full_forward():
