@@ -134,8 +134,8 @@ def dual_attention_precision(half_inputs: bool) -> str:
     """Operand precision of the dual scan's attention passes: bf16 where NS takes bf16 operands, exact float32
     otherwise. Its kernel's products are the scores x·k and the sums over J's coefficients, each accumulated in
     float32 over unit vectors (every kernel term is at most 1), and a bf16 model's whole dual scan at 4K with them in
-    bf16 stays within a tenth of the bf16 bound (`benchmarks/bench_dual_scan.py`'s check); in tf32 they would run
-    at half the tensor cores' rate on the scan's largest passes."""
+    bf16 stays within a sixth of the bf16 bound (`benchmarks/bench_dual_scan.py`'s check), while tf32 operands
+    have half bf16's tensor-core rate on the scan's largest passes."""
     return "bf16" if _enabled and ns_precision(half_inputs) == "bf16" else "ieee"
 
 

@@ -214,7 +214,7 @@ class DualChunkStep(NamedTuple):
         p = Params(None, None, None, None, None, None)._replace(**dict(zip(_step_params(self.has_ln), params)))
         local_step = _compiled_local_step() if self.compiled else _local_step
         return local_step(h, w1c, m_last, kwin, vwin, win_doc, tok_doc, carry_doc, p, self.opts, self.has_reset,
-                           self.last_row)
+                          self.last_row)
 
 
 _N_DIFFERENTIABLE = 5  # h, W1 at the start, M's last row, window keys, window values: the step's inputs with gradients
