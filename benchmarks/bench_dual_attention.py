@@ -29,7 +29,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # CPU smoke run: the kernel runs in Triton's interpreter (set before importing it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench_memory_scan import time_fn  # noqa: E402
+from bench_memory_scan import time_fn, worst_error  # noqa: E402
 
 import atlas_train.kernels.dual_attention_kernel as kernel  # noqa: E402
 from atlas_train.ops.dual_attention import TORCH  # noqa: E402
@@ -84,10 +84,6 @@ def run_kernels(inputs: dict, grad: torch.Tensor, precision: str) -> list[torch.
     """out, then dx, dk, dv, dθ of one pass on the kernel."""
     out = kernel.dual_attention_forward(**inputs, precision=precision)
     return [out, *kernel.dual_attention_backward(**inputs, grad_out=grad, need_v=True, precision=precision)]
-
-
-def worst_error(results: list, reference: list) -> float:
-    return max(((r.float() - w).norm() / w.norm().clamp_min(1e-30)).item() for r, w in zip(results, reference))
 
 
 def time_pass(inputs: dict, grad: torch.Tensor, precision: str, device, reps: int) -> tuple[float, float]:

@@ -26,7 +26,7 @@ import torch
 if not torch.cuda.is_available():  # CPU smoke run: the kernel runs in Triton's interpreter (set before importing it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench_memory_scan import MLP_SWEEP, copy_bandwidth, time_fn  # noqa: E402
+from bench_memory_scan import MLP_SWEEP, copy_bandwidth, time_fn, worst_error  # noqa: E402
 
 import atlas_train.kernels.memory_mlp_kernel as mlp_kernel  # noqa: E402
 from atlas_train.kernels import dispatch  # noqa: E402
@@ -58,12 +58,6 @@ def run_pass(inputs: dict, upstream: list, factors: bool, kernel: bool, backward
     finally:
         dispatch.set_memory_mlp_kernel(setting)
     return None
-
-
-def worst_error(results: list, reference: list) -> float:
-    """The largest relative L2 error over a pass's outputs and gradients against PyTorch's in float32 (a launch
-    setting that computes wrong numbers shows here, not only in the scan's checks)."""
-    return max(((r - w).norm() / w.norm().clamp_min(1e-30)).item() for r, w in zip(results, reference, strict=True))
 
 
 def sweep(device, precision: str, with_settings: bool) -> tuple[list[str], str]:
