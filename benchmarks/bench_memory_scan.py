@@ -49,17 +49,20 @@ from atlas_train.kernels import dispatch as kernel_dispatch  # noqa: E402
 from atlas_train.kernels import memory_mlp_kernel  # noqa: E402
 from atlas_train.kernels.dispatch import (  # noqa: E402
     MEMORY_MLP_KERNEL,
+    MUON_STEP_KERNEL,
     PROBE_TOLERANCE,
     memory_mlp_pass_results,
     memory_mlp_refusal,
+    muon_step_results,
     noted_fallbacks,
     random_memory_mlp_pass,
+    random_muon_step,
     random_token_momenta,
     relative_error,
     settings,
     token_momenta_results,
 )
-from atlas_train.ops import chunked_scan, memory_scan, scan_chunks  # noqa: E402
+from atlas_train.ops import chunked_scan, memory_scan, muon_step, scan_chunks  # noqa: E402
 from atlas_train.ops.cuda_graphs import clear_scan_graphs, forced_scan_mode  # noqa: E402
 
 logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break chatter would bury the table
@@ -70,7 +73,7 @@ BOUNDS = PROBE_TOLERANCE  # relative L2 error vs float64, outputs and gradients,
 NS_PRECISIONS_CHECKED = ("ieee", "tf32", "bf16")
 MLP_PRECISIONS_CHECKED = ("ieee", "tf32")
 MOMENTA_PRECISIONS_CHECKED = ("ieee", "tf32")  # `scan_product_precision`'s
-CHECK_GROUPS = ("ns", "mlp", "momenta", "scan")
+CHECK_GROUPS = ("ns", "mlp", "momenta", "muon", "scan")
 
 
 def sync(device):
@@ -244,6 +247,29 @@ def check_momenta_kernel(device, shapes, heads):
     return rows
 
 
+def check_muon_kernel(device, shapes, heads):
+    """The fused Muon step kernel alone against float64 (M', A' and the gradients of its nine inputs) at (K, out,
+    in) shapes, with and without a prior gradient sum, in each pair of precisions the dispatcher gives it (G's
+    products, NS); one row per shape, prior and precision, its worst result named (bound: NS's precision)."""
+    names = ["M'", "A'", "dcoef", "dleft", "dright", "dprior", "dM", "dA", "dθ", "ddescent", "ddecay"]
+    pairs = [("ieee", "ieee"), ("ieee", "tf32"), ("tf32", "bf16")] if device.type == "cuda" else [("ieee", "ieee")]
+    rows = []
+    for (keys, n_out, n_in), prior in itertools.product(shapes, (False, True)):
+        inputs, upstream = random_muon_step(1, heads, keys, n_out, n_in, prior=prior, device=device,
+                                            dtype=torch.float32)
+        as64 = [None if t is None else t.double().cpu() for t in inputs]
+        want = muon_step_results(as64, [u.double().cpu() for u in upstream], NS_STEPS, kernel=False)
+        labels = names if prior else names[:5] + names[6:]
+        for product, precision in pairs:
+            got = muon_step_results(inputs, upstream, NS_STEPS, kernel=True, product=product, precision=precision)
+            errs = [relative_error(g, w) for g, w in zip(got, want, strict=True)]
+            worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
+            rows.append((f"muon kernel {keys}/{n_out}x{n_in}{' +prior' if prior else ''} {product}/{precision} "
+                         f"(worst: {labels[worst]})", errs[worst], BOUNDS[precision]))
+            print(f"  checked {rows[-1][0]}: {errs[worst]:.2e} (bound {BOUNDS[precision]:.0e})", flush=True)
+    return rows
+
+
 def mlp_kernel_refusals(tensors, params) -> list[str]:
     """Why the memory MLP kernel would not take the scan's passes for these inputs at the current precision (reads,
     and window gradients with the l2 loss), if it would not."""
@@ -296,6 +322,15 @@ def check_memory_scan(device, updates=("token", "chunk"), batch=2, length=4 * CH
         worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
         rows.append((f"memory_scan {update} default, bf16 inputs (worst: {names[worst]})", errs[worst],
                      BOUNDS[kernel_dispatch.ns_precision(True)]))
+        if update == "chunk":  # the same with the fused Muon step (off by default until timed)
+            with scan_settings(graphs=True, use_kernels=True, compiled=False, muon_kernel=True):
+                y, grads = scan_fwd_bwd(half, half_params, update, upstream.bfloat16())
+            errs = [relative_error(g, r) for g, r in zip((y, *grads), (ref_y, *ref_grads))]
+            worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
+            rows.append((f"memory_scan chunk default +muon kernel, bf16 inputs (worst: {names[worst]})",
+                         errs[worst], BOUNDS[kernel_dispatch.ns_precision(True)]))
+            rows += [(f"  muon kernel not used: {reason[:70]}", math.nan, 0.0)
+                     for reason in noted_fallbacks(MUON_STEP_KERNEL)]
         kernels.set_ns_precision(setting)
     return rows
 
@@ -333,24 +368,27 @@ def compiled_chunk_steps():
 
 
 def scan_variants(on_gpu, quick, first_length):
-    """(row name, CUDA graphs, NS kernels, torch.compile'd chunk steps, memory MLP kernel) of the scan rows. The
-    issue's baseline is the compiled PyTorch path (no graphs, no kernels); plain eager only at the first length, to
-    show the launch overhead that graphs remove; "graphs-mlp" is the default without the memory MLP kernel."""
+    """(row name, CUDA graphs, NS kernels, torch.compile'd chunk steps, memory MLP kernel, fused Muon step kernel) of
+    the scan rows. The issue's baseline is the compiled PyTorch path (no graphs, no kernels); plain eager only at the
+    first length, to show the launch overhead that graphs remove; "graphs-mlp" is the default without the memory MLP
+    kernel, "graphs+muon" the default with the fused Muon step (update=chunk; off by default until timed)."""
     if not on_gpu:  # CPU smoke run: compiling the chunk step takes minutes on 2 cores
-        return [("eager (cpu)", False, True, False, False)] + (
-            [] if quick else [("torch.compile", False, False, True, False)])
-    rows = [("eager", False, True, False, True)] if first_length else []
-    return rows + [("torch.compile", False, False, True, False), ("graphs", True, True, False, True),
-                   ("graphs-mlp", True, True, False, False), ("graphs+compile", True, True, True, True)]
+        return [("eager (cpu)", False, True, False, False, False)] + (
+            [] if quick else [("torch.compile", False, False, True, False, False)])
+    rows = [("eager", False, True, False, True, False)] if first_length else []
+    return rows + [("torch.compile", False, False, True, False, False), ("graphs", True, True, False, True, False),
+                   ("graphs-mlp", True, True, False, False, False), ("graphs+compile", True, True, True, True, False),
+                   ("graphs+muon", True, True, False, True, True)]
 
 
 @contextlib.contextmanager
-def scan_settings(graphs, use_kernels, compiled, mlp_kernel=True):
-    """Run the scan with or without CUDA graphs, NS kernels, compiled chunk steps and the memory MLP kernel;
-    restores the settings it found."""
-    enabled, _, mlp_before = settings()
+def scan_settings(graphs, use_kernels, compiled, mlp_kernel=True, muon_kernel=False):
+    """Run the scan with or without CUDA graphs, NS kernels, compiled chunk steps, the memory MLP kernel and the
+    fused Muon step kernel; restores the settings it found."""
+    enabled, _, mlp_before, muon_before = settings()
     kernels.set_kernels_enabled(use_kernels)
     kernels.set_memory_mlp_kernel(mlp_kernel)
+    kernel_dispatch.set_muon_step_kernel(muon_kernel)
     restore = compiled_chunk_steps() if compiled else (lambda: None)
     clear_scan_graphs()
     try:
@@ -361,6 +399,7 @@ def scan_settings(graphs, use_kernels, compiled, mlp_kernel=True):
         clear_scan_graphs()
         kernels.set_kernels_enabled(enabled)
         kernels.set_memory_mlp_kernel(mlp_before)
+        kernel_dispatch.set_muon_step_kernel(muon_before)
 
 
 class Bench:
@@ -550,14 +589,17 @@ class OpCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _fast_paths_as_on_a_gpu(mlp_kernel):
-    """On CPU, the NS kernel, the token momenta kernel and (if asked) the memory MLP kernel in the scan where a GPU's
-    dispatch would put them (interpreted): op counts then match the GPU's. On a GPU, the dispatch itself."""
+def _fast_paths_as_on_a_gpu(mlp_kernel, muon_kernel=False):
+    """On CPU, the NS kernel, the token momenta kernel and (if asked) the memory MLP kernel and the fused Muon step in
+    the scan where a GPU's dispatch would put them (interpreted): op counts then match the GPU's. On a GPU, the
+    dispatch itself."""
     if torch.cuda.is_available():
-        with scan_settings(graphs=False, use_kernels=True, compiled=False, mlp_kernel=mlp_kernel):
+        with scan_settings(graphs=False, use_kernels=True, compiled=False, mlp_kernel=mlp_kernel,
+                           muon_kernel=muon_kernel):
             yield
         return
     from atlas_train.kernels.memory_mlp_kernel import memory_mlp_pass
+    from atlas_train.kernels.muon_step_kernel import muon_step as muon_step_kernel
     from atlas_train.kernels.token_momenta_kernel import token_momenta
     from atlas_train.ops import memory_mlp, outer_sums
 
@@ -566,14 +608,23 @@ def _fast_paths_as_on_a_gpu(mlp_kernel):
             return None
         return memory_mlp_pass(z, weights["W1"], weights["W2"], ln, v=v, loss=loss, precision="ieee")
 
-    saved = scan_chunks.newton_schulz, outer_sums.weighted_outer_sums, memory_mlp._fast_pass
-    scan_chunks.newton_schulz = lambda s, steps, half_inputs: kernels.newton_schulz(s, steps, "ieee")
+    def step(*args):  # the last argument: half_inputs
+        if muon_kernel:
+            return muon_step_kernel(*args[:-1], "ieee", "ieee")
+        return muon_step.muon_step_reference(*args)
+
+    saved = (scan_chunks.newton_schulz, muon_step.newton_schulz, muon_step.muon_step, outer_sums.weighted_outer_sums,
+             memory_mlp._fast_pass)
+    scan_chunks.newton_schulz = muon_step.newton_schulz = (
+        lambda s, steps, half_inputs: kernels.newton_schulz(s, steps, "ieee"))
+    muon_step.muon_step = step
     outer_sums.weighted_outer_sums = lambda *tensors: token_momenta(*tensors[:5], "ieee")  # last: half_inputs
     memory_mlp._fast_pass = kernel_pass
     try:
         yield
     finally:
-        scan_chunks.newton_schulz, outer_sums.weighted_outer_sums, memory_mlp._fast_pass = saved
+        (scan_chunks.newton_schulz, muon_step.newton_schulz, muon_step.muon_step, outer_sums.weighted_outer_sums,
+         memory_mlp._fast_pass) = saved
 
 
 def count_ops_table(length, dh, updates, device):
@@ -588,13 +639,15 @@ def count_ops_table(length, dh, updates, device):
     count may miss operators, so the CPU count is the reference.)"""
     lines = [f"== operators and bytes per chunk: T={length} dh={dh} chunk={CHUNK}, fast paths as dispatched on a GPU; "
              f"MB per chunk and (batch, head) chain; GB per call at B·H = 128, T = 4K and this dh ==",
-             f"{'update':<8} {'memory MLP':<12} {'forward':>8} {'backward':>9} {'total':>7} {'MB fwd':>8} "
+             f"{'update':<8} {'kernels':<12} {'forward':>8} {'backward':>9} {'total':>7} {'MB fwd':>8} "
              f"{'MB bwd':>8} {'GB/call':>8}"]
     for update in updates:
-        for mlp_kernel in (False, True):
+        rows = [("PyTorch", False, False), ("mlp", True, False)] + ([("mlp+muon", True, True)] if update == "chunk"
+                                                                      else [])
+        for label, mlp_kernel, muon_kernel in rows:
             heads = HEADS if device.type == "cuda" else 2  # counts do not depend on it; the interpreter is slow
             tensors, params = make_inputs(1, length, heads, dh, device, torch.float32, seed=0)
-            with _fast_paths_as_on_a_gpu(mlp_kernel):
+            with _fast_paths_as_on_a_gpu(mlp_kernel, muon_kernel):
                 with OpCounter() as forward:
                     y, _ = memory_scan(**tensors, params=params, chunk_size=CHUNK, ns_steps=NS_STEPS, update=update)
                 with OpCounter() as backward:
@@ -602,7 +655,7 @@ def count_ops_table(length, dh, updates, device):
             chunks = length // CHUNK
             per_chain = [c.bytes / chunks / heads / 1e6 for c in (forward, backward)]
             production = sum(per_chain) * 128 * (4096 // CHUNK) / 1e3
-            lines.append(f"{update:<8} {'kernel' if mlp_kernel else 'PyTorch':<12} {forward.count / chunks:8.0f} "
+            lines.append(f"{update:<8} {label:<12} {forward.count / chunks:8.0f} "
                          f"{backward.count / chunks:9.0f} {(forward.count + backward.count) / chunks:7.0f} "
                          f"{per_chain[0]:8.2f} {per_chain[1]:8.2f} {production:8.1f}")
     return lines
@@ -745,8 +798,8 @@ def main(argv=None):
     parser.add_argument("--updates", nargs="+", choices=("chunk", "token"), default=("chunk", "token"),
                         help="memory updates to time or profile")
     parser.add_argument("--variants", nargs="+", metavar="NAME",
-                        help="scan rows to time, by name (eager, torch.compile, graphs, graphs-mlp, graphs+compile); "
-                             "default all")
+                        help="scan rows to time, by name (eager, torch.compile, graphs, graphs-mlp, graphs+compile, "
+                             "graphs+muon); default all")
     parser.add_argument("--profile", type=int, metavar="N",
                         help="instead of timings: the N costliest kernels and PyTorch ops (with input shapes) of one "
                              "step, per --dh and update, at the first --lengths")
@@ -799,6 +852,12 @@ def _run(args, started) -> int:
                               + [(CHUNK, 150, 200, 100)]) if on_gpu else [(4, 7, 6, 10)]
             groups.append(("momenta", "token momenta kernel",
                            lambda: check_momenta_kernel(device, momenta_shapes, 4 if on_gpu else 1)))
+            # the chunk update's W1 and W2 at dh 64 and 128 (c = 64, chunk 64: 127 keys), and an odd shape
+            muon_shapes = ([(WINDOW + CHUNK - 1, *shape) for shape in ((64, 256), (256, 128), (128, 512),
+                                                                         (512, 256))] + [(150, 200, 100)]
+                           if on_gpu else [(7, 6, 10), (9, 12, 5)])
+            groups.append(("muon", "fused Muon step kernel",
+                           lambda: check_muon_kernel(device, muon_shapes, 4 if on_gpu else 1)))
         if on_gpu and not args.ns_only:
             groups.append(("scan", "memory_scan", lambda: check_memory_scan(device, args.updates)))
         for group, name, run_checks in groups:
@@ -862,11 +921,10 @@ def _run(args, started) -> int:
                       ("sdpa", dh), length)
             for update in args.updates:
                 flops = scan_flops(length, heads, dh, update)
-                for name, graphs, use_kernels, compiled, mlp_kernel in scan_variants(on_gpu, args.quick,
-                                                                                      length == lengths[0]):
+                for name, *setting in scan_variants(on_gpu, args.quick, length == lengths[0]):
                     if args.variants and name not in args.variants:
                         continue
-                    with scan_settings(graphs, use_kernels, compiled, mlp_kernel):
+                    with scan_settings(*setting):
                         bench.run(f"scan {update} {name}", shape,
                                   lambda: scan_step(length, dh, update, device, args.batch),
                                   flops, (name, update, dh), length)

@@ -33,12 +33,15 @@ from atlas_train.kernels.dual_attention_kernel import KERNEL_NAME as DUAL_KERNEL
 from atlas_train.kernels.dual_attention_kernel import dual_attention_unsupported, pass_results, random_pass
 from atlas_train.kernels.dual_attention_kernel import implementation as dual_implementation
 from atlas_train.kernels.memory_mlp_kernel import memory_mlp_pass, memory_mlp_unsupported
+from atlas_train.kernels.muon_step_kernel import KERNEL_NAME as MUON_STEP_KERNEL
+from atlas_train.kernels.muon_step_kernel import muon_step, muon_step_unsupported
 from atlas_train.kernels.newton_schulz_kernel import newton_schulz, newton_schulz_unsupported
 from atlas_train.kernels.token_momenta_kernel import token_momenta, token_momenta_unsupported
 from atlas_train.kernels.triton_common import PRECISIONS
 from atlas_train.ops import registry
 from atlas_train.ops.dual_attention import TORCH, Implementation
 from atlas_train.ops.memory_mlp import loss_gradient_factors, memory_forward
+from atlas_train.ops.muon_step import muon_step_reference
 from atlas_train.ops.newton_schulz import newton_schulz as torch_newton_schulz
 from atlas_train.ops.outer_sums import weighted_outer_sums_reference
 
@@ -76,6 +79,18 @@ _mlp_kernel = os.environ.get("ATLAS_MEMORY_MLP_KERNEL", "1") == "1"
 MEMORY_MLP_KERNEL = "the memory MLP kernel"  # its name in fallback notes
 
 
+# The fused Muon step of the chunk update (muon_step_kernel) is off by default until a GPU has timed it against the
+# unfused step (`bench_memory_scan.py --variants graphs graphs+muon`); its probe guards its numbers per shape and
+# precision. ATLAS_MUON_STEP_KERNEL=1 or set_muon_step_kernel(True) switches it on.
+_muon_kernel = os.environ.get("ATLAS_MUON_STEP_KERNEL", "0") == "1"
+
+
+def set_muon_step_kernel(enabled: bool) -> None:
+    """Use the fused Muon step kernel for the chunk update on the GPU (where it covers the step), or not."""
+    global _muon_kernel
+    _muon_kernel = bool(enabled)
+
+
 def set_memory_mlp_kernel(enabled: bool) -> None:
     """Use the memory MLP's token-pass kernel on the GPU (where it covers the pass), or not."""
     global _mlp_kernel
@@ -90,7 +105,7 @@ def set_kernels_enabled(enabled: bool) -> None:
 
 def settings() -> tuple:
     """What decides the fast path's numbers: captured CUDA graphs keyed on it replay only under the same settings."""
-    return _enabled, _ns_precision, _mlp_kernel
+    return _enabled, _ns_precision, _mlp_kernel, _muon_kernel
 
 
 def set_ns_precision(precision: str) -> None:
@@ -405,6 +420,74 @@ def _probe_token_momenta(mix, left, right, precision: str) -> str | None:
     return _probed[key]
 
 
+def muon_step_or_none(coef, left, right, prior, momentum, anchor, momentum_gate, descent, decay, steps: int,
+                      half_inputs: bool):
+    """The chunk update's Muon step (`atlas_train.ops.muon_step`'s arguments) by the fused kernel for CUDA tensors it
+    covers and whose probe passes, with G's products in the scan's product precision and NS in its own, else None:
+    the caller's PyTorch path. Reasons are noted once."""
+    if not (_enabled and _muon_kernel and coef.is_cuda):
+        return None
+    product, precision = scan_product_precision(half_inputs), ns_precision(half_inputs)
+    reason = muon_step_unsupported(momentum, coef.shape[-1], steps, product, precision) or _probe_muon_step(
+        momentum, coef.shape[-1], prior is not None, steps, product, precision)
+    if reason is not None:
+        note_fallback(MUON_STEP_KERNEL, reason)
+        return None
+    return muon_step(coef, left, right, prior, momentum, anchor, momentum_gate, descent, decay, steps, product,
+                     precision)
+
+
+def muon_step_results(inputs: list, upstream: list, steps: int, kernel: bool, product: str = "ieee",
+                      precision: str = "ieee") -> list[torch.Tensor]:
+    """M', A' and the gradients of every tensor input (the prior's where given) under `upstream` (M', A'): the
+    kernel's in these precisions, or the PyTorch path's (`muon_step_reference`)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        if kernel:
+            outs = muon_step(*leaves, steps, product, precision)
+        else:
+            outs = muon_step_reference(*leaves, steps, False)
+        grads = torch.autograd.grad(outs, [t for t in leaves if t is not None], upstream)
+    return [o.detach() for o in outs] + list(grads)
+
+
+def random_muon_step(batch: int, heads: int, keys: int, n_out: int, n_in: int, *, prior: bool, device,
+                     dtype) -> tuple[list, list]:
+    """Random inputs of `muon_step` (coef, left, right, prior or None, momentum, anchor, and gates in the ranges the
+    scan gives them: θ and decay in [0, 1), descent in (−1, 0]) and upstream gradients of M' and A'."""
+    def rand(*shape):
+        return torch.randn(batch, heads, *shape, device=device, dtype=dtype)
+
+    def gate(sign=1.0):
+        return sign * torch.rand(batch, heads, 1, 1, device=device, dtype=dtype)
+
+    weights = (n_out, n_in)
+    inputs = [rand(keys), rand(keys, n_out), rand(keys, n_in), rand(*weights) if prior else None, rand(*weights),
+              rand(*weights), gate(), gate(-1.0), gate()]
+    return inputs, [rand(*weights), rand(*weights)]
+
+
+@_probe
+def _probe_muon_step(momentum, keys: int, prior: bool, steps: int, product: str, precision: str) -> str | None:
+    """The kernel on random inputs of one chain of this step's sizes against the float64 PyTorch path: M', A' and
+    every input gradient (see `_verdict`; bound: NS's precision, the looser of the two)."""
+    n_out, n_in = momentum.shape[-2:]
+    key = ("muon_step", keys, n_out, n_in, prior, steps, momentum.dtype, momentum.device, product, precision)
+    if key not in _probed:  # random inputs only on a first call: the hot path draws nothing from the RNG
+        inputs, upstream = random_muon_step(1, 1, keys, n_out, n_in, prior=prior, device=momentum.device,
+                                            dtype=momentum.dtype)
+
+        def on_cpu(tensors):
+            return [None if t is None else t.double().cpu() for t in tensors]
+
+        _probed[key] = _verdict(MUON_STEP_KERNEL, f"a random step (K={keys}, {n_out}x{n_in})",
+                                lambda: muon_step_results(inputs, upstream, steps, kernel=True, product=product,
+                                                          precision=precision),
+                                lambda: muon_step_results(on_cpu(inputs), on_cpu(upstream), steps, kernel=False),
+                                precision)
+    return _probed[key]
+
+
 @_probe
 def _probe_dual_attention(x: torch.Tensor, width: int, precision: str) -> str | None:
     """The kernel on random inputs of this pass's widths against the float64 PyTorch path (outputs and every
@@ -450,3 +533,4 @@ def register() -> None:
     registry.register("scan_products", scan_products)
     registry.register("settings", settings)
     registry.register("dual_attention", dual_attention_or_none)
+    registry.register("muon_step", muon_step_or_none)

@@ -76,8 +76,15 @@ MAX_REGISTERS = None
 
 
 @triton.jit
+def _tile_offsets(rows, cols, M, N, s_m, s_n):
+    """Element offsets of rows x cols of an M x N matrix with strides (s_m, s_n), and the mask of its part."""
+    return rows[:, None] * s_m + cols[None, :] * s_n, (rows[:, None] < M) & (cols[None, :] < N)
+
+
+@triton.jit
 def _tile_ptrs(base, rows, cols, M, N, s_m, s_n):
-    return base + rows[:, None] * s_m + cols[None, :] * s_n, (rows[:, None] < M) & (cols[None, :] < N)
+    offsets, mask = _tile_offsets(rows, cols, M, N, s_m, s_n)
+    return base + offsets, mask
 
 
 @triton.jit
@@ -158,6 +165,57 @@ def _strips_update(T, t_sm, t_sn, B, C, Y, y_sm, y_sn, M, N, c_t, BLOCK_M: tl.co
 
 
 @triton.jit
+def _ns_steps_in_registers(x, save_base, save_step, rows, cols, M, N, steps, a, b, c,
+                           SAVE_ITERATES: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """The iterations on a normalised matrix held in one register tile x (the "registers" variant), returning the
+    last; with SAVE_ITERATES each X_i is written to save_base + i·save_step first."""
+    for i in range(steps):
+        if SAVE_ITERATES:
+            sptrs, mask = _tile_ptrs(save_base + i * save_step, rows, cols, M, N, N, 1)
+            tl.store(sptrs, x.to(save_base.dtype.element_ty), mask=mask)
+        gram = as_operand(mm(x, tl.trans(x), PRECISION, ACC), PRECISION)
+        poly = b * gram + c * mm(gram, gram, PRECISION, ACC)
+        x = a * x + mm(poly, x, PRECISION, ACC)
+    return x
+
+
+@triton.jit
+def _ns_steps_streamed(x_base, s_m, s_n, save_base, save_step, gram_s, poly_s, M, N, steps, a, b, c,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr, VARIANT: tl.constexpr,
+                       SAVE_ITERATES: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """The iterations on a normalised matrix X kept at x_base and updated in place, streamed in column tiles (the
+    "stream" and "scratch" variants); with SAVE_ITERATES each X_i is copied to save_base + i·save_step first."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    for i in range(steps):
+        if SAVE_ITERATES:
+            _copy_tiles(x_base, s_m, s_n, save_base + i * save_step, N, 1, M, N, BLOCK_M, BLOCK_N)
+        if VARIANT == "stream":  # Gram matrix and polynomial in registers
+            gram = tl.zeros((BLOCK_M, BLOCK_M), ACC)
+            for n0 in range(0, N, BLOCK_N):
+                ptrs, mask = _tile_ptrs(x_base, rows, n0 + cols, M, N, s_m, s_n)
+                x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+                gram += mm(x, tl.trans(x), PRECISION, ACC)
+            gram = as_operand(gram, PRECISION)
+            poly = b * gram + c * mm(gram, gram, PRECISION, ACC)
+            for n0 in range(0, N, BLOCK_N):
+                ptrs, mask = _tile_ptrs(x_base, rows, n0 + cols, M, N, s_m, s_n)
+                x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+                x = a * x + mm(poly, x, PRECISION, ACC)
+                tl.debug_barrier()  # the tile is fully read before it is overwritten in place
+                tl.store(ptrs, x.to(x_base.dtype.element_ty), mask=mask)
+        else:  # "scratch": Gram matrix and polynomial in a per-program scratch buffer, ROW_BLOCK rows at a time
+            _gram_into(x_base, s_m, s_n, x_base, s_m, s_n, gram_s, M, N, BLOCK_M, ROW_BLOCK, BLOCK_N, True,
+                       PRECISION, ACC)
+            tl.debug_barrier()
+            _poly_into(gram_s, gram_s, poly_s, M, b, c, 0.0, BLOCK_M, ROW_BLOCK, False, PRECISION, ACC)
+            tl.debug_barrier()
+            _strips_update(x_base, s_m, s_n, poly_s, poly_s, x_base, s_m, s_n, M, N, a, BLOCK_M, ROW_BLOCK,
+                           BLOCK_N, False, PRECISION, ACC)
+        tl.debug_barrier()
+
+
+@triton.jit
 def _ns_forward_kernel(S, X, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, b, c, eps,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr,
                        VARIANT: tl.constexpr, SAVE_ITERATES: tl.constexpr, PRECISION: tl.constexpr,
@@ -177,13 +235,8 @@ def _ns_forward_kernel(S, X, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, b, c,
         ptrs, mask = _tile_ptrs(s_base, rows, cols, M, N, s_m, s_n)
         x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
         x = x / (tl.sqrt(tl.sum(x * x)) + eps)
-        for i in range(steps):
-            if SAVE_ITERATES:
-                sptrs, _ = _tile_ptrs(save_base + i * save_step, rows, cols, M, N, N, 1)
-                tl.store(sptrs, x.to(SAVE.dtype.element_ty), mask=mask)
-            gram = as_operand(mm(x, tl.trans(x), PRECISION, ACC), PRECISION)
-            poly = b * gram + c * mm(gram, gram, PRECISION, ACC)
-            x = a * x + mm(poly, x, PRECISION, ACC)
+        x = _ns_steps_in_registers(x, save_base, save_step, rows, cols, M, N, steps, a, b, c, SAVE_ITERATES,
+                                   PRECISION, ACC)
         xptrs, _ = _tile_ptrs(x_base, rows, cols, M, N, s_m, s_n)
         tl.store(xptrs, x.to(X.dtype.element_ty), mask=mask)
     else:  # X lives in the output buffer and is streamed in column tiles
@@ -199,54 +252,23 @@ def _ns_forward_kernel(S, X, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, b, c,
             xptrs, _ = _tile_ptrs(x_base, rows, n0 + cols, M, N, s_m, s_n)
             tl.store(xptrs, (s * scale).to(X.dtype.element_ty), mask=mask)
         tl.debug_barrier()
-        for i in range(steps):
-            if SAVE_ITERATES:
-                _copy_tiles(x_base, s_m, s_n, save_base + i * save_step, N, 1, M, N, BLOCK_M, BLOCK_N)
-            if VARIANT == "stream":  # Gram matrix and polynomial in registers
-                gram = tl.zeros((BLOCK_M, BLOCK_M), ACC)
-                for n0 in range(0, N, BLOCK_N):
-                    ptrs, mask = _tile_ptrs(x_base, rows, n0 + cols, M, N, s_m, s_n)
-                    x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
-                    gram += mm(x, tl.trans(x), PRECISION, ACC)
-                gram = as_operand(gram, PRECISION)
-                poly = b * gram + c * mm(gram, gram, PRECISION, ACC)
-                for n0 in range(0, N, BLOCK_N):
-                    ptrs, mask = _tile_ptrs(x_base, rows, n0 + cols, M, N, s_m, s_n)
-                    x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
-                    x = a * x + mm(poly, x, PRECISION, ACC)
-                    tl.debug_barrier()  # the tile is fully read before it is overwritten in place
-                    tl.store(ptrs, x.to(X.dtype.element_ty), mask=mask)
-            else:  # "scratch": Gram matrix and polynomial in a per-program scratch buffer, ROW_BLOCK rows at a time
-                _gram_into(x_base, s_m, s_n, x_base, s_m, s_n, gram_s, M, N, BLOCK_M, ROW_BLOCK, BLOCK_N, True,
-                           PRECISION, ACC)
-                tl.debug_barrier()
-                _poly_into(gram_s, gram_s, poly_s, M, b, c, 0.0, BLOCK_M, ROW_BLOCK, False, PRECISION, ACC)
-                tl.debug_barrier()
-                _strips_update(x_base, s_m, s_n, poly_s, poly_s, x_base, s_m, s_n, M, N, a, BLOCK_M, ROW_BLOCK,
-                               BLOCK_N, False, PRECISION, ACC)
-            tl.debug_barrier()
+        _ns_steps_streamed(x_base, s_m, s_n, save_base, save_step, gram_s, poly_s, M, N, steps, a, b, c, BLOCK_M,
+                           BLOCK_N, ROW_BLOCK, VARIANT, SAVE_ITERATES, PRECISION, ACC)
 
 
 @triton.jit
-def _ns_backward_kernel(S, G, DS, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, b, c, eps,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr,
-                        VARIANT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
+def _ns_backward_steps(d_base, s_m, s_n, save_base, save_step, scratch, M, N, steps, a, b, c,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr,
+                       VARIANT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """dL/dX_0 from dL/dX_steps kept at d_base (updated in place), walking the saved iterates in reverse; `scratch`:
+    the program's room for four BLOCK_M² matrices (the "scratch" variant)."""
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    s_base = S + pid * s_b
-    d_base = DS + pid * s_b  # running gradient dL/dX_i, kept in the output buffer
-    save_base = SAVE + pid * M * N
-    save_step = tl.num_programs(0).to(tl.int64) * M * N
     square = BLOCK_M * BLOCK_M
-    gram_s = SCRATCH + pid * 4 * square
+    gram_s = scratch
     poly_s = gram_s + square
     d_poly_s = gram_s + 2 * square
     d_gram_s = gram_s + 3 * square
-
-    _copy_tiles(G + pid * s_b, s_m, s_n, d_base, s_m, s_n, M, N, BLOCK_M, BLOCK_N)
-    tl.debug_barrier()
-
     for it in range(steps):
         x_i = save_base + (steps - 1 - it) * save_step
         if VARIANT == "scratch":
@@ -281,10 +303,17 @@ def _ns_backward_kernel(S, G, DS, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, 
                 g = tl.load(dptrs, mask=mask, other=0.0).to(ACC)
                 g = a * g + mm(poly, g, PRECISION, ACC) + mm(d_gram_sym, x, PRECISION, ACC)
                 tl.debug_barrier()  # the tile is fully read before it is overwritten in place
-                tl.store(dptrs, g.to(DS.dtype.element_ty), mask=mask)
+                tl.store(dptrs, g.to(d_base.dtype.element_ty), mask=mask)
         tl.debug_barrier()
 
-    # X0 = S / (n + eps), n = |S|_F: dS = G0 / (n + eps) - <G0, S> / ((n + eps)^2 n) S, second term 0 at n = 0
+
+@triton.jit
+def _ns_norm_backward(s_base, d_base, s_m, s_n, M, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      ACC: tl.constexpr):
+    """dS at d_base (in place) from dX0 there, for X0 = S / (n + eps), n = |S|_F:
+    dS = dX0 / (n + eps) - <dX0, S> / ((n + eps)^2 n) S, the second term 0 at n = 0."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
     sq = tl.zeros((BLOCK_M, BLOCK_N), ACC)
     gs = tl.zeros((BLOCK_M, BLOCK_N), ACC)
     for n0 in range(0, N, BLOCK_N):
@@ -303,7 +332,23 @@ def _ns_backward_kernel(S, G, DS, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, 
         dptrs, _ = _tile_ptrs(d_base, rows, n0 + cols, M, N, s_m, s_n)
         s = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
         g = tl.load(dptrs, mask=mask, other=0.0).to(ACC)
-        tl.store(dptrs, (inv * g - coef * s).to(DS.dtype.element_ty), mask=mask)
+        tl.store(dptrs, (inv * g - coef * s).to(d_base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ns_backward_kernel(S, G, DS, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, b, c, eps,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr,
+                        VARIANT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    s_base = S + pid * s_b
+    d_base = DS + pid * s_b  # running gradient dL/dX_i, kept in the output buffer
+    save_base = SAVE + pid * M * N
+    save_step = tl.num_programs(0).to(tl.int64) * M * N
+    _copy_tiles(G + pid * s_b, s_m, s_n, d_base, s_m, s_n, M, N, BLOCK_M, BLOCK_N)
+    tl.debug_barrier()
+    _ns_backward_steps(d_base, s_m, s_n, save_base, save_step, SCRATCH + pid * 4 * BLOCK_M * BLOCK_M, M, N, steps,
+                       a, b, c, BLOCK_M, BLOCK_N, ROW_BLOCK, VARIANT, PRECISION, ACC)
+    _ns_norm_backward(s_base, d_base, s_m, s_n, M, N, eps, BLOCK_M, BLOCK_N, ACC)
 
 
 def newton_schulz_unsupported(S: torch.Tensor, precision: str = "tf32") -> str | None:

@@ -30,6 +30,8 @@ FAST_PATHS = {
                      "operand precision",
     "settings": "() -> a hashable value of everything that decides the fast paths' numbers (a captured CUDA graph "
                 "is replayed only under the settings it was captured with)",
+    "muon_step": "(coef, left, right, prior, momentum, anchor, momentum_gate, descent, decay, steps, half_inputs) -> "
+                 "ops.muon_step.muon_step_reference's (M', A')",
     "dual_attention": "(x, width, kind, half_inputs) -> an ops.dual_attention.Implementation for the dual memory's "
                       "attention passes, or None",
 }

@@ -25,8 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from atlas_train.ops import outer_sums
-from atlas_train.ops.gated_sum import gated_sum
+from atlas_train.ops import muon_step, outer_sums
 from atlas_train.ops.memory_mlp import TokenWeights, loss_gradient_factors, memory_forward
 from atlas_train.ops.newton_schulz import newton_schulz
 
@@ -377,12 +376,12 @@ def step_chunk_update(carry: dict, x: ChunkSumInputs, params: dict, ln, opts: Sc
     not by arithmetic, so each pass over them counts: a piece that `opens` a grid chunk starts from the zero gradient
     sum every closing chunk leaves (and a sequence starts with), and does not read it (the carry may then lack it);
     a piece that opens and closes one (a whole grid chunk: most pieces) does not hand on the zero sum it leaves
-    either (`chunk_carry_keys`); the momentum and weight updates are `gated_sum`s (one pass each forward).
+    either (`chunk_carry_keys`); a closing piece's gradient sum, momentum, NS and weight step are one `muon_step`
+    (on a GPU one fused kernel, forward and backward).
     """
     factors, window, token_doc, after_reset = _chunk_keys(carry, x, params, ln, opts)
     anchor = {w: carry[f"anchor.{w}"] for w in opts.weight_names}
     y = memory_forward(anchor, x.zq, opts.dv, ln)
-    key_coef = x.key_coef.unsqueeze(-2)
     if x.has_reset:
         y = _select(after_reset, memory_forward(params, x.zq, opts.dv, ln), y)
         reset_seen = after_reset[:, -1]
@@ -402,13 +401,15 @@ def step_chunk_update(carry: dict, x: ChunkSumInputs, params: dict, ln, opts: Sc
             momentum = keep[:, None, None, None] * momentum
             grad_sum = grad_sum if opens else keep[:, None, None, None] * grad_sum
             start = _select(reset_seen[:, None], params[w][:, :, None], start[:, :, None])[:, :, 0]
-        added = outer_sums.outer_sum(key_coef, *factors[w]).squeeze(2)  # not [:, :, 0]: its backward writes zeros
-        grad_sum = added if opens else grad_sum + added
-        if closes:
-            momentum = gated_sum(momentum_gate, momentum, grad_sum)
-            step = newton_schulz(momentum, opts.ns_steps, opts.half_inputs)
-            start = gated_sum(descent, step, start, decay)
+        if closes:  # the chunk's gradient sum, momentum, NS and weight step: one fused kernel on a GPU
+            momentum, start = muon_step.muon_step(x.key_coef, *factors[w], None if opens else grad_sum, momentum,
+                                                  start, momentum_gate, descent, decay, opts.ns_steps,
+                                                  opts.half_inputs)
             grad_sum = None if opens else torch.zeros_like(grad_sum)
+        else:
+            # .squeeze(2), not [:, :, 0]: the latter's backward writes zeros
+            added = outer_sums.outer_sum(x.key_coef.unsqueeze(-2), *factors[w]).squeeze(2)
+            grad_sum = added if opens else grad_sum + added
         out.update({f"anchor.{w}": start, f"momentum.{w}": momentum})
         if grad_sum is not None:
             out[f"grad_sum.{w}"] = grad_sum

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import atlas_train.kernels.memory_mlp_kernel  # noqa: F401 — registers the ops checked here
+import atlas_train.kernels.muon_step_kernel  # noqa: F401
 import atlas_train.kernels.newton_schulz_kernel  # noqa: F401
 import atlas_train.kernels.token_momenta_kernel  # noqa: F401
 
@@ -61,3 +62,20 @@ def test_token_momenta_ops(layout):
     check(OPS.token_momenta.default, (mix, left, right, scale, prev, "ieee"))
     grad = torch.randn(batch, tokens, rows, cols, dtype=torch.float64)
     check(OPS.token_momenta_backward.default, (grad, mix, left, right, scale, prev, "ieee"))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("prior", [False, True])
+def test_muon_step_ops(layout, prior):
+    chains, keys, rows, cols = 2, 5, 6, 4  # tall: the kernel reads it through swapped strides
+    weights = (lambda: transposed(chains, rows, cols)) if layout == "transposed" else (
+        lambda: torch.randn(chains, rows, cols, dtype=torch.float64))
+    coef = torch.randn(chains, keys, dtype=torch.float64)
+    left, right = torch.randn(chains, keys, rows, dtype=torch.float64), transposed(chains, keys, cols)
+    gates = torch.rand(chains, 3, dtype=torch.float64)
+    args = (coef, left, right, weights() if prior else None, weights(), weights(), gates, 2, "ieee", "ieee")
+    check(OPS.muon_step.default, args)
+    check(OPS.muon_step_saving.default, args)
+    mom_out, _, x, iterates = OPS.muon_step_saving.default(*args)
+    check(OPS.muon_step_backward.default, (coef, left, right, args[4], args[5], gates, mom_out, x, iterates,
+                                           weights() if prior else None, weights(), 2, "ieee", "ieee"))

@@ -27,9 +27,10 @@ from atlas_train.kernels import (
 )
 from atlas_train.kernels.newton_schulz_cublas import newton_schulz as cublas_newton_schulz
 from atlas_train.kernels.triton_common import as_operand
-from atlas_train.ops import memory_scan, scan_chunks
+from atlas_train.ops import memory_scan, muon_step, scan_chunks
 from atlas_train.ops.newton_schulz import newton_schulz as ns_torch
 from benchmark_scripts import BENCHMARKS, load_benchmark
+from kernel_variants import force_ns_variant
 
 ns_rounding = load_benchmark("ns_rounding")
 
@@ -57,25 +58,11 @@ def test_newton_schulz_matches_pytorch_path(shape, steps):
     torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
 
 
-def _force_variant(monkeypatch, variant, shape):
-    """Make the kernel take `variant` at a tiny size, with several column strips and (scratch) several row blocks,
-    including partial ones; 'registers' keeps the whole matrix in one tile in the forward while its backward streams
-    column strips (as 64 x 256 does on the GPU)."""
-    if variant != "registers":
-        monkeypatch.setattr(ns_kernel, "SINGLE_TILE_ELEMENTS", 16 * 16)
-    monkeypatch.setattr(ns_kernel, "SCRATCH_TILE_ELEMENTS", 16 * 32)
-    monkeypatch.setattr(ns_kernel, "REGISTER_GRAM_MAX", 64 if variant == "stream" else 16)
-    probe = torch.zeros(shape, dtype=torch.float64)
-    assert ns_kernel._launch(probe, "ieee").variant == variant
-    backward = ns_kernel._launch(probe, "ieee", backward=True)
-    assert backward.block_n < max(shape[-2:]), backward  # several column strips
-
-
 @pytest.mark.parametrize("variant", ["registers", "stream", "scratch"])
 @pytest.mark.parametrize("shape", [(2, 40, 20), (1, 20, 70), (1, 33, 50)])
 def test_newton_schulz_large_matrix_variants_match_pytorch_path(monkeypatch, variant, shape):
     """The column-streamed variants that large matrices take on the GPU, forced at tiny sizes."""
-    _force_variant(monkeypatch, variant, shape)
+    force_ns_variant(monkeypatch, variant, shape)
     (y, g), (y_ref, g_ref) = _ns_pair(shape, 3, seed=7)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
@@ -117,7 +104,7 @@ def test_newton_schulz_in_tf32_rounds_like_the_emulation(monkeypatch, variant):
     singular values (a ≈ 3.4 per step) spreads them; at three steps the kernel's distance to the emulation is
     1e-4 (registers, stream) to 0.3 (scratch) of its distance to the exact chain, and 2.8 without operand rounding."""
     shape = (1, 33, 50)
-    _force_variant(monkeypatch, variant, shape)
+    force_ns_variant(monkeypatch, variant, shape)
     monkeypatch.setattr(ns_rounding, "STEPS", 3)
     monkeypatch.setattr(triton_common, "INTERPRETED", False)  # launch with 'tf32' (the interpreter's dot ignores it)
     gen = torch.Generator().manual_seed(5)
@@ -208,7 +195,8 @@ def _scan_grads(update, gated, impl, monkeypatch):
             calls.append(s.shape)
             return FAST_NEWTON_SCHULZ[impl](s, steps, "ieee")
 
-        monkeypatch.setattr(scan_chunks, "newton_schulz", kernel_ns)
+        monkeypatch.setattr(scan_chunks, "newton_schulz", kernel_ns)  # the token update's
+        monkeypatch.setattr(muon_step, "newton_schulz", kernel_ns)  # the chunk update's (unfused Muon step)
     y, state = memory_scan(**tensors, params=params, doc_start=doc_start, chunk_size=4, ns_steps=2, update=update)
     forward_calls = len(calls)
     leaves = list(tensors.values()) + list(params.values())
@@ -373,17 +361,18 @@ def test_profile_mode_lists_the_costliest_ops_of_each_update(capsys):
 
 def test_count_ops_mode_counts_fewer_operators_per_chunk_with_the_memory_mlp_kernel(capsys):
     """CPU run of `bench_memory_scan.py --count-ops` (update=chunk, two chunks): the fast paths go in as a GPU's
-    dispatch would put them, and the memory MLP kernel replaces its passes' many operators with one call each way,
-    which also moves fewer bytes (no intermediates in memory)."""
+    dispatch would put them; the memory MLP kernel replaces its passes' many operators with one call each way, and
+    the fused Muon step the step's, each moving fewer bytes (no intermediates in memory)."""
     bench_memory_scan = load_benchmark("bench_memory_scan")
 
     args = ["--count-ops", "--skip-checks", "--updates", "chunk", "--dh", "8", "--lengths", "128"]
     with torch.random.fork_rng():
         assert bench_memory_scan.main(args) == 0
-    table = capsys.readouterr().out.split("== operators and bytes per chunk: T=128 dh=8 chunk=64")[1].splitlines()[2:4]
-    (update, path, *counts), (_, kernel_path, *kernel_counts) = (line.split() for line in table)
-    assert (update, path, kernel_path) == ("chunk", "PyTorch", "kernel")
-    assert all(float(k) < float(c) for k, c in zip(kernel_counts, counts, strict=True)), table  # ops and bytes
+    table = capsys.readouterr().out.split("== operators and bytes per chunk: T=128 dh=8 chunk=64")[1].splitlines()[2:5]
+    rows = [line.split() for line in table]
+    assert [row[:2] for row in rows] == [["chunk", "PyTorch"], ["chunk", "mlp"], ["chunk", "mlp+muon"]]
+    for before, after in zip(rows, rows[1:]):
+        assert all(float(a) < float(b) for a, b in zip(after[2:], before[2:], strict=True)), table  # ops and bytes
 
 
 def test_op_counter_counts_a_kernel_launcher_as_one_operator():

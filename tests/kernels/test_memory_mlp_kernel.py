@@ -262,7 +262,16 @@ def test_kernel_is_on_unless_the_environment_says_0(setting, enabled):
     """On by default (timed on a GPU: benchmarks/RESULTS.md), off with ATLAS_MEMORY_MLP_KERNEL=0; read at import."""
     done = _settings_in_a_fresh_process("ATLAS_MEMORY_MLP_KERNEL", setting)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-1] == str(enabled)
+    assert done.stdout.split()[2] == str(enabled)
+
+
+@pytest.mark.parametrize("setting,enabled", [(None, False), ("0", False), ("1", True)])
+def test_fused_muon_step_is_off_unless_the_environment_says_1(setting, enabled):
+    """Off by default until a GPU has timed it (kernels/dispatch.py), on with ATLAS_MUON_STEP_KERNEL=1; read at
+    import."""
+    done = _settings_in_a_fresh_process("ATLAS_MUON_STEP_KERNEL", setting)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[3] == str(enabled)
 
 
 @pytest.mark.parametrize("setting,outcome", [(None, "auto"), ("bf16", "bf16"), ("fp8", "ATLAS_NS_PRECISION='fp8'")])
@@ -306,7 +315,9 @@ def test_bench_scan_check_covers_every_precision_and_the_default_for_bf16_inputs
     assert names[:9] == ["memory_scan token PyTorch fp32, eager", "memory_scan token PyTorch fp32, CUDA graphs",
                          *(f"memory_scan token {p}{m}" for p in ("ieee", "tf32", "bf16") for m in ("", " +mlp kernel")),
                          "memory_scan token default, bf16 inputs"]
-    assert len(rows) == 18 and rows[8][2] == rows[17][2] == 5e-2  # bf16 NS: the bf16 bound
+    assert names[17:] == ["memory_scan chunk default, bf16 inputs",
+                          "memory_scan chunk default +muon kernel, bf16 inputs"]
+    assert len(rows) == 19 and rows[8][2] == rows[17][2] == rows[18][2] == 5e-2  # bf16 NS: the bf16 bound
     assert all(err <= bound for _, err, bound in rows), rows
     assert dispatch.settings()[1] == "ieee"
 

@@ -508,7 +508,7 @@ def test_shape_constants_are_not_cached_while_a_cuda_graph_is_captured(monkeypat
 def test_newton_schulz_learns_whether_the_model_runs_in_half_precision(update, monkeypatch):
     """The scan and its one-token step tell Newton–Schulz whether the model's dtype is bf16/fp16: the GPU fast path's
     default operand precision follows it (kernels.dispatch.ns_precision). The math stays float32."""
-    from atlas_train.ops import memory_step
+    from atlas_train.ops import memory_step, muon_step
 
     seen, real = [], scan_chunks.newton_schulz
 
@@ -518,6 +518,7 @@ def test_newton_schulz_learns_whether_the_model_runs_in_half_precision(update, m
 
     monkeypatch.setattr(scan_chunks, "newton_schulz", recording)
     monkeypatch.setattr(memory_step, "newton_schulz", recording)
+    monkeypatch.setattr(muon_step, "newton_schulz", recording)
     for dtype, half in ((torch.float32, False), (torch.bfloat16, True)):
         x, params = make_inputs(5, length=8, dtype=dtype)
         _, state = memory_scan(**x, params=params, chunk_size=4, ns_steps=2, update=update)

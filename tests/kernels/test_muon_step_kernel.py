@@ -1,0 +1,191 @@
+"""The fused Muon step kernel (kernels/muon_step_kernel.py) against the PyTorch path of atlas_train.ops, under the
+Triton CPU interpreter in float64: the step alone (M', A' and every input gradient, in each of the NS kernel's
+variants, wide and tall, with and without a prior gradient sum, over several key blocks), inside the whole chunk
+scan, and its dispatch and probe.
+
+tests/conftest.py sets TRITON_INTERPRET before anything imports Triton, so the kernels run in its CPU interpreter.
+"""
+
+import logging
+
+import pytest
+import torch
+
+import atlas_train.kernels.muon_step_kernel as muon_kernel
+from atlas_train.kernels import dispatch
+from atlas_train.ops import memory_scan, muon_step
+from kernel_variants import NS_VARIANTS, force_ns_variant
+
+
+def _step(seed, batch, heads, keys, n_out, n_in, prior):
+    torch.manual_seed(seed)
+    return dispatch.random_muon_step(batch, heads, keys, n_out, n_in, prior=prior, device="cpu",
+                                     dtype=torch.float64)
+
+
+def _assert_match(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("variant", NS_VARIANTS)
+@pytest.mark.parametrize("n_out,n_in", [(20, 37), (37, 20)])  # wide, and tall (read through swapped strides)
+@pytest.mark.parametrize("prior", [False, True])
+def test_step_and_its_gradients_match_the_pytorch_path(variant, n_out, n_in, prior, monkeypatch):
+    force_ns_variant(monkeypatch, variant, (n_out, n_in))
+    monkeypatch.setattr(muon_kernel, "BLOCK_K", 16)  # 37 keys: three key blocks, the last partial
+    inputs, upstream = _step(0, 2, 1, 37, n_out, n_in, prior)
+    got = dispatch.muon_step_results(inputs, upstream, 3, kernel=True)
+    want = dispatch.muon_step_results(inputs, upstream, 3, kernel=False)
+    _assert_match(got, want)
+
+
+@pytest.mark.parametrize("used", ["momentum", "anchor", "neither"])
+def test_an_output_without_gradient_counts_as_zero(used):
+    """The scan hands on both outputs, but autograd may bring a gradient for one alone (the last chunk's momentum
+    has none), or for neither: the kernel then starts from zeros, as autograd's path does."""
+    inputs, (up_momentum, up_anchor) = _step(1, 1, 2, 9, 6, 10, prior=False)
+    leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    found = []
+    for run in (lambda *t: muon_kernel.muon_step(*t, 2, "ieee", "ieee"),
+                lambda *t: muon_step.muon_step_reference(*t, 2, False)):
+        momentum, anchor = run(*leaves)
+        loss = {"momentum": (momentum * up_momentum).sum(), "anchor": (anchor * up_anchor).sum(),
+                "neither": momentum.sum() * 0}[used]
+        targets = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad(loss, targets, allow_unused=True)
+        found.append([torch.zeros_like(t) if g is None else g for g, t in zip(grads, targets)])
+    _assert_match(*found)
+
+
+def test_step_gradcheck():
+    inputs, _ = _step(2, 1, 1, 3, 2, 3, prior=True)
+    leaves = [t.requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(lambda *t: muon_kernel.muon_step(*t, 2, "ieee", "ieee"), leaves, eps=1e-6,
+                                    atol=1e-7)
+
+
+def test_gates_and_weights_shared_over_the_batch_get_their_gradients_summed():
+    """The first chunk's momentum is `params`' zeros expanded over the batch, and gates may be shared: the kernel
+    reads contiguous copies, and autograd sums their gradients back, as for the PyTorch path."""
+    inputs, upstream = _step(3, 3, 2, 5, 4, 6, prior=False)
+    inputs[4] = inputs[4][:1]  # momentum (1, H, out, in)
+    inputs[6] = inputs[6][:1]  # θ (1, H, 1, 1)
+    _assert_match(dispatch.muon_step_results(inputs, upstream, 2, kernel=True),
+                  dispatch.muon_step_results(inputs, upstream, 2, kernel=False))
+
+
+def _scan_results(use_kernel, monkeypatch, gated=False):
+    """y, the final state and every gradient of two chunk-update scan calls (split mid-chunk, so that a closing
+    piece adds a prior gradient sum; a document starting mid-chunk in one row), with the kernel standing in for the
+    PyTorch Muon step or not."""
+    calls = []
+    if use_kernel:
+        def kernel_step(*args):  # the dispatch, as on a GPU, exact products
+            calls.append(args[3] is not None)
+            return muon_kernel.muon_step(*args[:-1], "ieee", "ieee")
+
+        monkeypatch.setattr(muon_step, "muon_step", kernel_step)
+    gen = torch.Generator().manual_seed(5)
+    batch, length, heads, dim, dv, hid, window = 2, 13, 2, 6, 4, 9, 3
+
+    def rand(*shape, low=None, high=None):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64) if low is None else (
+            low + (high - low) * torch.rand(*shape, generator=gen, dtype=torch.float64))
+        return t.requires_grad_()
+
+    params = {"W1": rand(heads, dv, hid) * 0.3, "W2": rand(heads, hid, dim) * 0.3}
+    if gated:
+        params["W3"] = rand(heads, hid, dim) * 0.3
+    tensors = dict(zq=rand(batch, length, heads, dim), zk=rand(batch, length, heads, dim),
+                   v=rand(batch, length, heads, dv), alpha=rand(batch, length, heads, low=0.8, high=1.0),
+                   eta=rand(batch, length, heads, low=0.0, high=0.2),
+                   theta=rand(batch, length, heads, low=0.0, high=0.9),
+                   gamma=rand(batch, length, heads, window, low=0.0, high=1.0))
+    doc_start = torch.zeros(batch, length, dtype=torch.bool)
+    doc_start[1, 9] = True
+    split, options = 6, dict(chunk_size=4, ns_steps=2, update="chunk")
+    y1, state = memory_scan(**{k: t[:, :split] for k, t in tensors.items()}, params=params,
+                            doc_start=doc_start[:, :split], **options)
+    y2, state = memory_scan(**{k: t[:, split:] for k, t in tensors.items()}, params=params,
+                            doc_start=doc_start[:, split:], state=state, **options)
+    forward_calls = list(calls)
+    y = torch.cat([y1, y2], dim=1)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(11), dtype=y.dtype)
+    carried = sum(t.sum() for t in state.values() if t.is_floating_point())
+    leaves = list(tensors.values()) + list(params.values())
+    grads = torch.autograd.grad((y * upstream).sum() + carried, leaves)
+    monkeypatch.undo()
+    if use_kernel:  # a closing piece with a prior sum ran, and the backward recomputed through the kernel
+        assert True in forward_calls and False in forward_calls and len(calls) > len(forward_calls), calls
+    return [y.detach(), *(t.detach() for t in state.values() if t.is_floating_point()), *grads]
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_chunk_scan_with_the_kernel_matches_the_pytorch_path(gated, monkeypatch):
+    with_kernel = _scan_results(True, monkeypatch, gated)
+    reference = _scan_results(False, monkeypatch, gated)
+    for got, want in zip(with_kernel, reference, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_unsupported_steps_are_refused_with_a_reason():
+    momentum = torch.zeros(1, 4, 6, dtype=torch.float64)
+    assert muon_kernel.muon_step_unsupported(momentum, 127, 5, "tf32", "bf16") is None
+    assert "dtype" in muon_kernel.muon_step_unsupported(momentum.half(), 127, 5, "tf32", "bf16")
+    assert "513 window keys" in muon_kernel.muon_step_unsupported(momentum, 513, 5, "tf32", "bf16")
+    assert "0 Newton-Schulz steps" in muon_kernel.muon_step_unsupported(momentum, 127, 0, "tf32", "bf16")
+    wide = torch.zeros(1, 300, 400, dtype=torch.float64)
+    assert "short side" in muon_kernel.muon_step_unsupported(wide, 127, 5, "tf32", "bf16")
+    inputs, _ = _step(4, 1, 1, 3, 4, 6, prior=False)
+    with pytest.raises(ValueError, match="muon step kernel: 0 Newton-Schulz steps"):
+        muon_kernel.muon_step(*inputs, 0, "ieee", "ieee")
+
+
+def test_dispatch_takes_the_kernel_only_where_switched_on_and_notes_refusals_once(caplog, monkeypatch):
+    inputs, _ = _step(5, 1, 1, 3, 4, 6, prior=False)
+    monkeypatch.setattr(dispatch, "_muon_kernel", True)
+    assert dispatch.muon_step_or_none(*inputs, 2, True) is None  # CPU: by design, no note
+    assert not caplog.records
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
+    ran = []
+    monkeypatch.setattr(dispatch, "muon_step", lambda *args: ran.append(args[-2:]) or "ran")
+    monkeypatch.setattr(dispatch, "_probe_muon_step", lambda *args: None)
+    monkeypatch.setattr(dispatch, "_ns_precision", "auto")
+    assert dispatch.muon_step_or_none(*inputs, 2, True) == "ran"
+    assert ran == [("tf32", "bf16")]  # G's products in the scan's product precision, NS in its own
+    with caplog.at_level(logging.WARNING, logger="atlas_train.kernels.dispatch"):
+        for _ in range(2):
+            assert dispatch.muon_step_or_none(*inputs, 0, True) is None
+    assert sum("0 Newton-Schulz steps" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.setattr(dispatch, "_muon_kernel", False)
+    assert dispatch.muon_step_or_none(*inputs, 2, True) is None
+    assert ran == [("tf32", "bf16")]
+
+
+@pytest.mark.parametrize("corrupt", [None, "output", "gradient", "nan", "crash"])
+def test_probe_passes_the_kernel_and_rejects_wrong_numbers(corrupt, monkeypatch):
+    real = dispatch.muon_step_results
+
+    def results(*args, kernel, **kwargs):
+        found = real(*args, kernel=kernel, **kwargs)
+        if kernel and corrupt == "crash":
+            raise RuntimeError("out of resource: shared memory\nmore")
+        if kernel and corrupt is not None:
+            index = 1 if corrupt == "output" else 4
+            found[index] = found[index] * (float("nan") if corrupt == "nan" else 1.05)
+        return found
+
+    monkeypatch.setattr(dispatch, "muon_step_results", results)
+    monkeypatch.setattr(dispatch, "_probed", {})
+    momentum = torch.zeros(1, 1, 4, 6, dtype=torch.float64)
+    reason = dispatch._probe_muon_step(momentum, 5, True, 2, "ieee", "ieee")
+    if corrupt is None:
+        assert reason is None
+    elif corrupt == "crash":
+        assert reason == "the fused Muon step kernel failed to run: RuntimeError: out of resource: shared memory"
+    else:
+        assert reason.startswith("the fused Muon step kernel disagrees with the PyTorch path"), reason
