@@ -3,6 +3,7 @@
     python benchmarks/kernel_resources.py              # every scan shape x precision; exit 1 if one does not fit
     python benchmarks/kernel_resources.py --kernels mlp --precisions tf32   # the memory MLP's token pass only
     python benchmarks/kernel_resources.py --kernels momenta   # the token momenta only
+    python benchmarks/kernel_resources.py --kernels muon      # the chunk update's fused Muon step only
 
 Why offline: a kernel that needs more shared memory than the card has only fails when it is first launched on a GPU
 (the dispatcher then falls back to PyTorch). Triton ships ptxas and cuobjdump, so the exact launches that
@@ -28,6 +29,7 @@ from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from atlas_train.kernels import memory_mlp_kernel as mlp
+from atlas_train.kernels import muon_step_kernel as muon
 from atlas_train.kernels import newton_schulz_kernel as ns
 from atlas_train.kernels import token_momenta_kernel as momenta
 from atlas_train.kernels.runtime import INTERPRETED
@@ -48,7 +50,9 @@ MLP_TOKENS = 127
 # The token momenta's launches, (L, K, out, in): W1 and W2 of dh 64 and W2 of dh 128 with chunks of 64 and c = 64
 # (K = 127), and c = 128 (K = 191: the key tile at its widest).
 MOMENTA_SHAPES = [(64, 127, 64, 256), (64, 127, 256, 128), (64, 127, 512, 256), (64, 191, 256, 128)]
-KERNELS = ("ns", "mlp", "momenta")
+# The chunk update's fused Muon step, (K, out, in): W1 and W2 of dh 64 and 128 with chunks of 64 and c = 64.
+MUON_SHAPES = [(127, 64, 256), (127, 256, 128), (127, 128, 512), (127, 512, 256)]
+KERNELS = ("ns", "mlp", "momenta", "muon")
 
 
 def compile_offline(call: KernelCall, target: GPUTarget = HOPPER):
@@ -126,6 +130,28 @@ def _measure_momenta(shape_and_precision) -> list[tuple]:
     return out
 
 
+def _measure_muon(shape_and_precision) -> list[tuple]:
+    """Resource rows of the fused Muon step's forward and backward launches for one (K, out, in) and NS precision
+    (G's products in the scan's product precision that goes with it: tf32 beside bf16 NS, else exact), B·H = 128."""
+    (keys, n_out, n_in), precision = shape_and_precision
+    product = "tf32" if precision == "bf16" else "ieee"
+    chains = 128
+    coef, gates = torch.empty(chains, keys), torch.empty(chains, 3)
+    left, right, weights = torch.empty(chains, keys, n_out), torch.empty(chains, keys, n_in), torch.empty(
+        chains, n_out, n_in)
+    fwd, _, _, x, iterates = muon.forward_call(coef, left, right, None, weights, weights, gates, NS_STEPS, product,
+                                               precision, save=True)
+    bwd, _ = muon.backward_call(coef, left, right, weights, weights, gates, weights, x, iterates, weights, weights,
+                                NS_STEPS, product, precision)
+    out = []
+    for what, call in (("forward", fwd), ("backward", bwd)):
+        compiled = compile_offline(call)
+        out.append((f"{keys}/{n_out}x{n_in}", precision, f"muon {what} {call.meta['VARIANT']}",
+                    compiled.metadata.shared, *registers_and_spills(compiled), call.meta["num_warps"],
+                    compiled.metadata.num_stages))
+    return out
+
+
 def resource_rows(shapes=SCAN_SHAPES, precisions=PRECISIONS, workers=2, kernels=KERNELS, mlp_shapes=MLP_SHAPES):
     """(shape, precision, kernel, shared bytes, registers, spill bytes, num_warps, num_stages) for every launch the
     kernels make on these shapes; compiled in `workers` processes (Triton caches the binaries on disk)."""
@@ -137,6 +163,8 @@ def resource_rows(shapes=SCAN_SHAPES, precisions=PRECISIONS, workers=2, kernels=
     if "momenta" in kernels:
         tasks += [(_measure_momenta, (shape, precision)) for shape in MOMENTA_SHAPES for precision in precisions
                   if precision in momenta.SCAN_PRECISIONS]
+    if "muon" in kernels:
+        tasks += [(_measure_muon, (shape, precision)) for shape in MUON_SHAPES for precision in precisions]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         return [row for rows in pool.map(_run_task, tasks) for row in rows]
 
@@ -169,7 +197,7 @@ def main(argv=None) -> int:
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=PRECISIONS)
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=KERNELS,
                         help="Newton-Schulz (ns), the memory MLP's token pass (mlp, at MLP_SHAPES), the token "
-                             "momenta (momenta, at MOMENTA_SHAPES)")
+                             "momenta (momenta, at MOMENTA_SHAPES), the fused Muon step (muon, at MUON_SHAPES)")
     args = parser.parse_args(argv)
     if INTERPRETED:
         parser.error("TRITON_INTERPRET is set: the kernels are interpreted, not compiled; unset it")
