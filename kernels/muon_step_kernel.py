@@ -41,6 +41,9 @@ from atlas_train.ops.newton_schulz import NS_NORM_EPS as NS_EPS
 
 KERNEL_NAME = "the fused Muon step kernel"
 BLOCK_K = 64  # window keys per factor tile (the chunk update's K is c − 1 + chunk: 127 at the defaults)
+# Columns of G per tile as the forward forms it. The "registers" variant's tile is the whole matrix (64 × 256 at dh
+# 64): G formed at that width spilled registers (benchmarks/kernel_resources.py --kernels muon shows spills).
+G_BLOCK_N = 64
 MAX_KEYS = 512
 
 
@@ -59,7 +62,8 @@ def _factor_tile(F, coef, k0, keys, cols, K, W, scaled: tl.constexpr, ACC: tl.co
 def _muon_forward_kernel(COEF, FM, FN, PRIOR, MOM, ANCHOR, GATES, MOM_OUT, X, ANCHOR_OUT, SAVE, SCRATCH,
                          K, M, N, s_m, s_n, steps, a, b, c, eps,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         ROW_BLOCK: tl.constexpr, VARIANT: tl.constexpr, HAS_PRIOR: tl.constexpr,
+                         G_BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr, VARIANT: tl.constexpr,
+                         HAS_PRIOR: tl.constexpr,
                          SAVE_ITERATES: tl.constexpr, PRODUCT_PRECISION: tl.constexpr, PRECISION: tl.constexpr,
                          ACC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -76,15 +80,16 @@ def _muon_forward_kernel(COEF, FM, FN, PRIOR, MOM, ANCHOR, GATES, MOM_OUT, X, AN
     save_step = tl.num_programs(0).to(tl.int64) * size
     scratch = SCRATCH + pid * 2 * BLOCK_M * BLOCK_M
 
-    # M' = θ·M + G (+ prior), G formed tile by tile from the factors; |M'|_F on the way
-    sq = tl.zeros((BLOCK_M, BLOCK_N), ACC)
-    for n0 in range(0, N, BLOCK_N):
-        g = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+    # M' = θ·M + G (+ prior), G formed from the factors in column tiles of G_BLOCK_N; |M'|_F on the way
+    g_cols = tl.arange(0, G_BLOCK_N)
+    sq = tl.zeros((BLOCK_M, G_BLOCK_N), ACC)
+    for n0 in range(0, N, G_BLOCK_N):
+        g = tl.zeros((BLOCK_M, G_BLOCK_N), ACC)
         for k0 in range(0, K, BLOCK_K):
             left = _factor_tile(fm, coef, k0, keys, rows, K, M, True, ACC)
-            right = _factor_tile(fn, coef, k0, keys, n0 + cols, K, N, False, ACC)
+            right = _factor_tile(fn, coef, k0, keys, n0 + g_cols, K, N, False, ACC)
             g += mm(tl.trans(left), right, PRODUCT_PRECISION, ACC)
-        offsets, mask = _tile_offsets(rows, n0 + cols, M, N, s_m, s_n)
+        offsets, mask = _tile_offsets(rows, n0 + g_cols, M, N, s_m, s_n)
         m_new = theta * tl.load(mom + offsets, mask=mask, other=0.0).to(ACC) + g
         if HAS_PRIOR:
             m_new += tl.load(PRIOR + pid * size + offsets, mask=mask, other=0.0).to(ACC)
@@ -252,7 +257,8 @@ def forward_call(coef, left, right, prior, momentum, anchor, gates, steps: int, 
     call = KernelCall(_muon_forward_kernel, (layout.n,), (
         coef, fm, fn, momentum if prior is None else prior, momentum, anchor, gates, mom_out, x, anchor_out,
         iterates, _scratch(layout.cfg, 2), *layout.sizes(), steps, a, b, c, NS_EPS), dict(
-        layout.meta(product_precision), HAS_PRIOR=prior is not None, SAVE_ITERATES=save))
+        layout.meta(product_precision), G_BLOCK_N=min(G_BLOCK_N, layout.cfg.block_n), HAS_PRIOR=prior is not None,
+        SAVE_ITERATES=save))
     return call, mom_out, anchor_out, x, iterates
 
 
@@ -371,7 +377,7 @@ def muon_step(coef, left, right, prior, momentum, anchor, momentum_gate, descent
     def flat(t, *shape):  # an expanded input (zeros shared over the batch) becomes a copy; autograd sums back
         return t.expand(batch, heads, *shape).reshape(n, *shape).contiguous()
 
-    gates = torch.cat([flat(g, 1, 1).view(n, 1) for g in (momentum_gate, descent, decay)], dim=-1)
+    gates = torch.cat([g.expand(batch, heads, 1, 1) for g in (momentum_gate, descent, decay)], dim=-1).view(n, 3)
     tensors = (flat(coef, keys), flat(left, keys, out), flat(right, keys, inp),
                None if prior is None else flat(prior, out, inp), flat(momentum, out, inp), flat(anchor, out, inp),
                gates)
