@@ -25,8 +25,8 @@
 #                                          terms compiled, its profile and bf16 check; the dual attention kernel's
 #                                          launch settings alone, then the dual scan under the fastest; the same for
 #                                          the memory MLP kernel and the chunk scan
-#   bash benchmarks/gpu_single.sh tune-train  the transformer, atlas and deep_transformer at 4K in the training loop;
-#                                          a profile of the chunk scan
+#   bash benchmarks/gpu_single.sh tune-train  the transformer, atlas and deep_transformer at 4K in the training loop,
+#                                          atlas again with the fused Muon step; a profile of the chunk scan
 #   bash benchmarks/gpu_single.sh decode   decode at 4K/32K, batch 1/32, eager and CUDA graph (cold Triton cache)
 #   bash benchmarks/gpu_single.sh recall   the eight members trained at once (round-robin over however many GPUs are
 #                                          visible) and scored on MQAR, 8.5 minutes in all; afterwards, on a CPU
@@ -93,6 +93,8 @@ case "${1:-}" in
   tune-train)
     step train_4k 130 python3 benchmarks/bench_train.py --rows transformer@4096,atlas@4096,deep_transformer@4096 \
       --overhead "" --budget-s 110 --json "$OUT/train_4k.json" --logs "$OUT/rows"
+    step train_4k_muon 70 env ATLAS_MUON_STEP_KERNEL=1 python3 benchmarks/bench_train.py --rows atlas@4096 \
+      --overhead "" --json "$OUT/train_4k_muon.json" --logs "$OUT/rows_muon"
     step profile_b8 40 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk \
       --profile 40 --skip-checks
     ;;

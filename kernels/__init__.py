@@ -4,7 +4,9 @@ What is a kernel today: the batched Newton–Schulz step with its backward (`new
 the larger matrices (`newton_schulz_cublas`); and the memory MLP's token pass (reads and inner-loss gradient factors
 of a chunk's tokens at shared weights, forward and second-order backward: `memory_mlp_kernel`), on by default
 where it covers the pass; and the token update's weighted sums of outer products (its per-token momenta, and in
-backward the gradient of its per-token updates: `token_momenta_kernel`). `dispatch` decides per call which fast path
+backward the gradient of its per-token updates: `token_momenta_kernel`); and the chunk update's closing Muon step
+(window gradients summed, momentum, Newton–Schulz, weight step) fused into one kernel per direction
+(`muon_step_kernel`), off by default until timed. `dispatch` decides per call which fast path
 applies and notes once why one does not.
 
 The ops never import this package: `register` (the entry point of the group "atlas_train.fast_paths", pyproject.toml)

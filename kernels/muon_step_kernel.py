@@ -95,7 +95,7 @@ def _muon_forward_kernel(COEF, FM, FN, PRIOR, MOM, ANCHOR, GATES, MOM_OUT, X, AN
             m_new += tl.load(PRIOR + pid * size + offsets, mask=mask, other=0.0).to(ACC)
         tl.store(m_out + offsets, m_new.to(MOM_OUT.dtype.element_ty), mask=mask)
         sq += m_new * m_new
-    scale = 1.0 / (tl.sqrt(tl.sum(sq)) + eps)
+    scale = tl.where(steps > 0, 1.0 / (tl.sqrt(tl.sum(sq)) + eps), 1.0)  # steps = 0: X = M' (no NS)
     tl.debug_barrier()
 
     # X = NS(M'), then A' = decay·A + descent·X
@@ -156,7 +156,8 @@ def _muon_backward_kernel(COEF, FM, FN, MOM, ANCHOR, GATES, MOM_OUT, X, SAVE, SC
     _ns_backward_steps(d_base, s_m, s_n, SAVE + pid * size, tl.num_programs(0).to(tl.int64) * size,
                        SCRATCH + pid * 4 * BLOCK_M * BLOCK_M, M, N, steps, a, b, c, BLOCK_M, BLOCK_N, ROW_BLOCK,
                        VARIANT, PRECISION, ACC)
-    _ns_norm_backward(MOM_OUT + pid * size, d_base, s_m, s_n, M, N, eps, BLOCK_M, BLOCK_N, ACC)
+    if steps > 0:  # steps = 0: X = M', no normalisation
+        _ns_norm_backward(MOM_OUT + pid * size, d_base, s_m, s_n, M, N, eps, BLOCK_M, BLOCK_N, ACC)
     tl.debug_barrier()
 
     # M' = θ·M + G: dL/dM' = NS's gradient + the upstream one; dθ, dM
@@ -206,8 +207,8 @@ def muon_step_unsupported(momentum: torch.Tensor, keys: int, steps: int, product
         return reason
     if keys > MAX_KEYS:
         return f"{keys} window keys: at most {MAX_KEYS}"
-    if steps < 1:
-        return f"{steps} Newton-Schulz steps: the kernel orthogonalises (steps = 0 is the raw momentum)"
+    if steps < 0:
+        return f"{steps} Newton-Schulz steps"
     return None
 
 
@@ -366,7 +367,8 @@ def muon_step(coef, left, right, prior, momentum, anchor, momentum_gate, descent
               product_precision: str, precision: str):
     """(M', A') of the module's docstring for coef (B, H, K), left (B, H, K, out), right (B, H, K, in), prior (None
     or like momentum), momentum and anchor (B|1, H, out, in) and per-chain gates (B|1, H, 1, 1); differentiable in
-    every tensor. Callers check `muon_step_unsupported` first; steps ≥ 1."""
+    every tensor; steps = 0 (the members without Muon: titans, omeganet, dla) steps with the raw momentum. Callers
+    check `muon_step_unsupported` first."""
     batch, heads, keys = coef.shape
     out, inp = momentum.shape[-2:]
     reason = muon_step_unsupported(momentum, keys, steps, product_precision, precision)

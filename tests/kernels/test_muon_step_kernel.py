@@ -42,6 +42,15 @@ def test_step_and_its_gradients_match_the_pytorch_path(variant, n_out, n_in, pri
     _assert_match(got, want)
 
 
+@pytest.mark.parametrize("variant", NS_VARIANTS)
+def test_without_newton_schulz_the_step_takes_the_raw_momentum(variant, monkeypatch):
+    """steps = 0 (titans, omeganet, dla): A' = decay·A + descent·M', no normalisation."""
+    force_ns_variant(monkeypatch, variant, (20, 37))
+    inputs, upstream = _step(6, 2, 1, 11, 20, 37, prior=True)
+    _assert_match(dispatch.muon_step_results(inputs, upstream, 0, kernel=True),
+                  dispatch.muon_step_results(inputs, upstream, 0, kernel=False))
+
+
 @pytest.mark.parametrize("used", ["momentum", "anchor", "neither"])
 def test_an_output_without_gradient_counts_as_zero(used):
     """The scan hands on both outputs, but autograd may bring a gradient for one alone (the last chunk's momentum
@@ -77,7 +86,7 @@ def test_gates_and_weights_shared_over_the_batch_get_their_gradients_summed():
                   dispatch.muon_step_results(inputs, upstream, 2, kernel=False))
 
 
-def _scan_results(use_kernel, monkeypatch, gated=False):
+def _scan_results(use_kernel, monkeypatch, gated=False, ns_steps=2):
     """y, the final state and every gradient of two chunk-update scan calls (split mid-chunk, so that a closing
     piece adds a prior gradient sum; a document starting mid-chunk in one row), with the kernel standing in for the
     PyTorch Muon step or not."""
@@ -106,7 +115,7 @@ def _scan_results(use_kernel, monkeypatch, gated=False):
                    gamma=rand(batch, length, heads, window, low=0.0, high=1.0))
     doc_start = torch.zeros(batch, length, dtype=torch.bool)
     doc_start[1, 9] = True
-    split, options = 6, dict(chunk_size=4, ns_steps=2, update="chunk")
+    split, options = 6, dict(chunk_size=4, ns_steps=ns_steps, update="chunk")
     y1, state = memory_scan(**{k: t[:, :split] for k, t in tensors.items()}, params=params,
                             doc_start=doc_start[:, :split], **options)
     y2, state = memory_scan(**{k: t[:, split:] for k, t in tensors.items()}, params=params,
@@ -123,10 +132,10 @@ def _scan_results(use_kernel, monkeypatch, gated=False):
     return [y.detach(), *(t.detach() for t in state.values() if t.is_floating_point()), *grads]
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_chunk_scan_with_the_kernel_matches_the_pytorch_path(gated, monkeypatch):
-    with_kernel = _scan_results(True, monkeypatch, gated)
-    reference = _scan_results(False, monkeypatch, gated)
+@pytest.mark.parametrize("gated,ns_steps", [(False, 2), (True, 2), (False, 0)])
+def test_chunk_scan_with_the_kernel_matches_the_pytorch_path(gated, ns_steps, monkeypatch):
+    with_kernel = _scan_results(True, monkeypatch, gated, ns_steps)
+    reference = _scan_results(False, monkeypatch, gated, ns_steps)
     for got, want in zip(with_kernel, reference, strict=True):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
@@ -137,12 +146,12 @@ def test_unsupported_steps_are_refused_with_a_reason():
     assert muon_kernel.muon_step_unsupported(momentum, 127, 5, "tf32", "bf16") is None
     assert "dtype" in muon_kernel.muon_step_unsupported(momentum.half(), 127, 5, "tf32", "bf16")
     assert "513 window keys" in muon_kernel.muon_step_unsupported(momentum, 513, 5, "tf32", "bf16")
-    assert "0 Newton-Schulz steps" in muon_kernel.muon_step_unsupported(momentum, 127, 0, "tf32", "bf16")
+    assert "-1 Newton-Schulz steps" in muon_kernel.muon_step_unsupported(momentum, 127, -1, "tf32", "bf16")
     wide = torch.zeros(1, 300, 400, dtype=torch.float64)
     assert "short side" in muon_kernel.muon_step_unsupported(wide, 127, 5, "tf32", "bf16")
     inputs, _ = _step(4, 1, 1, 3, 4, 6, prior=False)
-    with pytest.raises(ValueError, match="muon step kernel: 0 Newton-Schulz steps"):
-        muon_kernel.muon_step(*inputs, 0, "ieee", "ieee")
+    with pytest.raises(ValueError, match="muon step kernel: -1 Newton-Schulz steps"):
+        muon_kernel.muon_step(*inputs, -1, "ieee", "ieee")
 
 
 def test_dispatch_takes_the_kernel_only_where_switched_on_and_notes_refusals_once(caplog, monkeypatch):
@@ -159,8 +168,8 @@ def test_dispatch_takes_the_kernel_only_where_switched_on_and_notes_refusals_onc
     assert ran == [("tf32", "bf16")]  # G's products in the scan's product precision, NS in its own
     with caplog.at_level(logging.WARNING, logger="atlas_train.kernels.dispatch"):
         for _ in range(2):
-            assert dispatch.muon_step_or_none(*inputs, 0, True) is None
-    assert sum("0 Newton-Schulz steps" in r.getMessage() for r in caplog.records) == 1
+            assert dispatch.muon_step_or_none(*inputs, -1, True) is None
+    assert sum("-1 Newton-Schulz steps" in r.getMessage() for r in caplog.records) == 1
     monkeypatch.setattr(dispatch, "_muon_kernel", False)
     assert dispatch.muon_step_or_none(*inputs, 2, True) is None
     assert ran == [("tf32", "bf16")]
