@@ -428,13 +428,24 @@ def muon_step_or_none(coef, left, right, prior, momentum, anchor, momentum_gate,
     if not (_enabled and _muon_kernel and coef.is_cuda):
         return None
     product, precision = scan_product_precision(half_inputs), ns_precision(half_inputs)
-    reason = muon_step_unsupported(momentum, coef.shape[-1], steps, product, precision) or _probe_muon_step(
-        momentum, coef.shape[-1], prior is not None, steps, product, precision)
+    reason = muon_step_unsupported(momentum, coef.shape[-1], steps, product, precision) or _muon_rule(
+        momentum, steps, precision) or _probe_muon_step(momentum, coef.shape[-1], prior is not None, steps, product,
+                                                         precision)
     if reason is not None:
         note_fallback(MUON_STEP_KERNEL, reason)
         return None
     return muon_step(coef, left, right, prior, momentum, anchor, momentum_gate, descent, decay, steps, product,
                      precision)
+
+
+def _muon_rule(momentum: torch.Tensor, steps: int, precision: str) -> str | None:
+    """Why the fixed rule leaves this step unfused, or None. The fused step runs its Newton–Schulz on the NS kernel's
+    code, one program per chain; where `triton_takes` gives these matrices to cuBLAS instead (too few of them to fill
+    the card for their size: long context, B·H = 16 or 32), the unfused step does so too."""
+    if steps == 0 or triton_takes(momentum, precision):
+        return None
+    return (f"Newton-Schulz of {momentum.numel() // (momentum.shape[-2] * momentum.shape[-1])} matrices of "
+            f"{tuple(momentum.shape[-2:])} goes to cuBLAS by the dispatch rule")
 
 
 def muon_step_results(inputs: list, upstream: list, steps: int, kernel: bool, product: str = "ieee",

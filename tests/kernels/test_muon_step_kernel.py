@@ -7,6 +7,7 @@ tests/conftest.py sets TRITON_INTERPRET before anything imports Triton, so the k
 """
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -173,6 +174,23 @@ def test_dispatch_takes_the_kernel_only_where_switched_on_and_notes_refusals_onc
     monkeypatch.setattr(dispatch, "_muon_kernel", False)
     assert dispatch.muon_step_or_none(*inputs, 2, True) is None
     assert ran == [("tf32", "bf16")]
+
+
+def test_the_step_stays_unfused_where_newton_schulz_goes_to_cublas(caplog, monkeypatch):
+    """W2 of dh 64 (256 x 128) in bf16: fused at B·H = 128 (the NS kernel's rule takes it), unfused at B·H = 16,
+    where cuBLAS runs its NS; without NS (steps = 0) the rule does not apply."""
+    monkeypatch.setattr(dispatch, "_muon_kernel", True)
+    monkeypatch.setattr(dispatch, "_probe_muon_step", lambda *args: None)
+    monkeypatch.setattr(dispatch, "muon_step", lambda *args: "fused")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(dispatch, "_ns_precision", "auto")
+    for chains, steps, fused in ((128, 5, True), (16, 5, False), (16, 0, True)):
+        inputs, _ = _step(7, chains, 1, 3, 256, 128, prior=False)
+        with caplog.at_level(logging.WARNING, logger="atlas_train.kernels.dispatch"):
+            got = dispatch.muon_step_or_none(*inputs, steps, True)
+        assert (got == "fused") == fused, (chains, steps)
+    assert any("16 matrices of (256, 128) goes to cuBLAS" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("corrupt", [None, "output", "gradient", "nan", "crash"])
