@@ -931,6 +931,8 @@ def _run(args, started) -> int:
     print(f"\n== correctness: {len(checks)} checks, {len(failed)} failed (listed before the timings) ==")
     for reason in noted_fallbacks(MEMORY_MLP_KERNEL):  # then its "+mlp" rows ran (partly) without it
         print(f"memory MLP kernel not used for some passes: {reason}")
+    for reason in noted_fallbacks(MUON_STEP_KERNEL):  # then "graphs+muon" ran (partly) unfused
+        print(f"fused Muon step not used for some steps: {reason}")
     print(f"\n== forward+backward, B*H={heads}, c={WINDOW}, chunk={CHUNK}, ns={NS_STEPS}, NS operands "
           f"{kernel_dispatch.ns_precision(on_gpu)} (setting {args.ns_precision}; inputs {'bf16' if on_gpu else 'fp32'}"
           f"), memory MLP kernel {kernel_dispatch.memory_mlp_precision()}, Triton NS up to "
