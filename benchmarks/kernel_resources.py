@@ -79,18 +79,24 @@ def registers_and_spills(compiled) -> tuple[int, int]:
     return int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"STACK:(\d+)", out).group(1))
 
 
+def _rows(shape, precision: str, calls) -> list[tuple]:
+    """Resource rows of (name, KernelCall) launches, each compiled offline."""
+    rows = []
+    for name, call in calls:
+        compiled = compile_offline(call)
+        rows.append((shape, precision, name, compiled.metadata.shared, *registers_and_spills(compiled),
+                     call.meta["num_warps"], compiled.metadata.num_stages))
+    return rows
+
+
 def _measure(shape_and_precision) -> list[tuple]:
     """Resource rows of the forward and backward launches of one (matrix shape, precision)."""
     (rows, cols), precision = shape_and_precision
     s = torch.empty(1, rows, cols)
     fwd, _, iterates = ns.forward_call(s, NS_STEPS, precision, save=True)
     bwd, _ = ns.backward_call(s, iterates, torch.empty_like(s), NS_STEPS, precision)
-    out = []
-    for what, call in (("forward", fwd), ("backward", bwd)):
-        compiled = compile_offline(call)
-        out.append(((rows, cols), precision, f"{what} {call.meta['VARIANT']}", compiled.metadata.shared,
-                    *registers_and_spills(compiled), call.meta["num_warps"], call.meta["num_stages"]))
-    return out
+    return _rows((rows, cols), precision, [(f"{what} {call.meta['VARIANT']}", call)
+                                           for what, call in (("forward", fwd), ("backward", bwd))])
 
 
 def _measure_mlp(shape_and_precision) -> list[tuple]:
@@ -99,17 +105,14 @@ def _measure_mlp(shape_and_precision) -> list[tuple]:
     (dim, dv, hidden), precision = shape_and_precision
     z, v = torch.empty(1, 1, MLP_TOKENS, dim), torch.empty(1, 1, MLP_TOKENS, dv)
     w1, w2, ln_w = torch.empty(1, 1, dv, hidden), torch.empty(1, 1, hidden, dim), torch.empty(1, dv)
-    out = []
+    calls = []
     for factors in (False, True):
         fwd, _ = mlp.forward_call(z, v if factors else None, w1, w2, ln_w, ln_w, "l2", factors, precision)
         ups = (torch.empty(1, 1, MLP_TOKENS, dv),) * 2 + (torch.empty(1, 1, MLP_TOKENS, hidden),) * 2
         bwd, _ = mlp.backward_call(z, v if factors else None, w1, w2, ln_w, ln_w, *ups, "l2", factors, precision)
-        for what, call in (("forward", fwd), ("backward", bwd)):
-            compiled = compile_offline(call)
-            out.append((f"{dim}/{dv}/{hidden}", precision, f"mlp {what}{' factors' if factors else ''}",
-                        compiled.metadata.shared, *registers_and_spills(compiled), call.meta["num_warps"],
-                        compiled.metadata.num_stages))
-    return out
+        calls += [(f"mlp {what}{' factors' if factors else ''}", call) for what, call in (("forward", fwd),
+                                                                                         ("backward", bwd))]
+    return _rows(f"{dim}/{dv}/{hidden}", precision, calls)
 
 
 def _measure_momenta(shape_and_precision) -> list[tuple]:
@@ -122,12 +125,7 @@ def _measure_momenta(shape_and_precision) -> list[tuple]:
              ("momenta d right", momenta.contraction_call(mix, left, grad, precision, transpose=False)[0]),
              ("momenta d left", momenta.contraction_call(mix, right, grad, precision, transpose=True)[0]),
              ("momenta d mix", momenta.mix_grad_call(grad, left, right, prev, mix, precision)[0])]
-    out = []
-    for name, call in calls:
-        compiled = compile_offline(call)
-        out.append((f"{length}/{keys}/{n_out}x{n_in}", precision, name, compiled.metadata.shared,
-                    *registers_and_spills(compiled), call.meta["num_warps"], compiled.metadata.num_stages))
-    return out
+    return _rows(f"{length}/{keys}/{n_out}x{n_in}", precision, calls)
 
 
 def _measure_muon(shape_and_precision) -> list[tuple]:
@@ -143,13 +141,8 @@ def _measure_muon(shape_and_precision) -> list[tuple]:
                                                precision, save=True)
     bwd, _ = muon.backward_call(coef, left, right, weights, weights, gates, weights, x, iterates, weights, weights,
                                 NS_STEPS, product, precision)
-    out = []
-    for what, call in (("forward", fwd), ("backward", bwd)):
-        compiled = compile_offline(call)
-        out.append((f"{keys}/{n_out}x{n_in}", precision, f"muon {what} {call.meta['VARIANT']}",
-                    compiled.metadata.shared, *registers_and_spills(compiled), call.meta["num_warps"],
-                    compiled.metadata.num_stages))
-    return out
+    return _rows(f"{keys}/{n_out}x{n_in}", precision, [(f"muon {what} {call.meta['VARIANT']}", call)
+                                                        for what, call in (("forward", fwd), ("backward", bwd))])
 
 
 def resource_rows(shapes=SCAN_SHAPES, precisions=PRECISIONS, workers=2, kernels=KERNELS, mlp_shapes=MLP_SHAPES):

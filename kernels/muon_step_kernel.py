@@ -59,6 +59,18 @@ def _factor_tile(F, coef, k0, keys, cols, K, W, scaled: tl.constexpr, ACC: tl.co
 
 
 @triton.jit
+def _program(GATES, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """This program's chain (64-bit, for the offsets derived from it), its tiles' row, column and key ranges, the
+    matrix size, and the chain's θ, descent and decay."""
+    pid = tl.program_id(0).to(tl.int64)
+    theta = tl.load(GATES + pid * 3).to(ACC)
+    descent = tl.load(GATES + pid * 3 + 1).to(ACC)
+    decay = tl.load(GATES + pid * 3 + 2).to(ACC)
+    return (pid, tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K), M * N, theta, descent,
+            decay)
+
+
+@triton.jit
 def _muon_forward_kernel(COEF, FM, FN, PRIOR, MOM, ANCHOR, GATES, MOM_OUT, X, ANCHOR_OUT, SAVE, SCRATCH,
                          K, M, N, s_m, s_n, steps, a, b, c, eps,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -66,14 +78,7 @@ def _muon_forward_kernel(COEF, FM, FN, PRIOR, MOM, ANCHOR, GATES, MOM_OUT, X, AN
                          HAS_PRIOR: tl.constexpr,
                          SAVE_ITERATES: tl.constexpr, PRODUCT_PRECISION: tl.constexpr, PRECISION: tl.constexpr,
                          ACC: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    keys = tl.arange(0, BLOCK_K)
-    size = M * N
-    theta = tl.load(GATES + pid * 3).to(ACC)
-    descent = tl.load(GATES + pid * 3 + 1).to(ACC)
-    decay = tl.load(GATES + pid * 3 + 2).to(ACC)
+    pid, rows, cols, keys, size, theta, descent, decay = _program(GATES, M, N, BLOCK_M, BLOCK_N, BLOCK_K, ACC)
     coef, fm, fn = COEF + pid * K, FM + pid * K * M, FN + pid * K * N
     mom, m_out, x_base = MOM + pid * size, MOM_OUT + pid * size, X + pid * size
     save_base = SAVE + pid * size  # the iterates, (steps, n_matrices, M, N) as the NS kernel saves them
@@ -132,14 +137,7 @@ def _muon_backward_kernel(COEF, FM, FN, MOM, ANCHOR, GATES, MOM_OUT, X, SAVE, SC
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           ROW_BLOCK: tl.constexpr, VARIANT: tl.constexpr, HAS_G_MOM: tl.constexpr,
                           PRODUCT_PRECISION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    keys = tl.arange(0, BLOCK_K)
-    size = M * N
-    theta = tl.load(GATES + pid * 3).to(ACC)
-    descent = tl.load(GATES + pid * 3 + 1).to(ACC)
-    decay = tl.load(GATES + pid * 3 + 2).to(ACC)
+    pid, rows, cols, keys, size, theta, descent, decay = _program(GATES, M, N, BLOCK_M, BLOCK_N, BLOCK_K, ACC)
     d_base = D + pid * size  # dL/dX_i while NS is walked back, then dL/dM' (also G's and the prior's gradient)
 
     # A' = decay·A + descent·X: the gates' gradients, dA, and dL/dX to start the NS backward from

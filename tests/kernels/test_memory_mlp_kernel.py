@@ -17,6 +17,7 @@ import atlas_train.kernels.memory_mlp_kernel as mlp_kernel
 from atlas_train.kernels import dispatch
 from atlas_train.ops import memory_mlp, memory_scan
 from benchmark_scripts import load_benchmark
+from probe_faults import CORRUPTIONS, check_probe_verdict
 
 
 def _rand(gen, *shape, scale=1.0, offset=0.0):
@@ -202,33 +203,13 @@ def test_kernel_runs_in_the_ns_precision_but_never_below_tf32(ns_precision, kern
     assert passes == [kernel_precision] * 2  # the probe's run, then the pass itself
 
 
-@pytest.mark.parametrize("corrupt", [None, "output", "gradient", "nan", "crash"])
+@pytest.mark.parametrize("corrupt", CORRUPTIONS)
 def test_probe_passes_the_kernel_and_rejects_wrong_numbers(corrupt, monkeypatch):
-    """The probe runs the kernel on random inputs of the pass's sizes against the float64 PyTorch path: a kernel that
-    is right passes, one that fails to run or is wrong in an output, a gradient or by a NaN is a fallback reason."""
-    real = dispatch.memory_mlp_pass_results
-
-    def results(*args, kernel, **kwargs):
-        found = real(*args, kernel=kernel, **kwargs)
-        if kernel and corrupt == "crash":
-            raise RuntimeError("out of resource: registers\nmore")
-        if kernel and corrupt is not None:
-            index = 1 if corrupt == "output" else -1
-            found[index] = found[index] * (float("nan") if corrupt == "nan" else 1.05)
-        return found
-
-    monkeypatch.setattr(dispatch, "memory_mlp_pass_results", results)
-    monkeypatch.setattr(dispatch, "_probed", {})
+    """The probe runs the kernel on random inputs of the pass's sizes against the float64 PyTorch path."""
     z, v, w1, w2, ln = _pass_inputs(seed=3, batch=1, heads=1, n=4, dim=8, dv=4, hidden=8, weight_batch=1,
                                     with_ln=True)
-    reason = dispatch._probe_memory_mlp(w1, w2, z, ln, True, "l2")
-    if corrupt is None:
-        assert reason is None
-    elif corrupt == "crash":
-        assert reason == "the memory MLP kernel failed to run: RuntimeError: out of resource: registers"
-    else:
-        assert reason.startswith("the memory MLP kernel disagrees with the PyTorch path"), reason
-
+    check_probe_verdict(monkeypatch, corrupt, "memory_mlp_pass_results", "the memory MLP kernel",
+                        lambda: dispatch._probe_memory_mlp(w1, w2, z, ln, True, "l2"), 1, -1)
 
 def test_bench_check_fails_when_the_kernel_would_not_run(monkeypatch):
     """bench_memory_scan's '+mlp kernel' checks would pass by the kernel's absence if its probe refused it: the bench

@@ -14,8 +14,10 @@ import torch
 
 import atlas_train.kernels.muon_step_kernel as muon_kernel
 from atlas_train.kernels import dispatch
-from atlas_train.ops import memory_scan, muon_step
+from atlas_train.ops import muon_step
 from kernel_variants import NS_VARIANTS, force_ns_variant
+from probe_faults import CORRUPTIONS, check_probe_verdict
+from scan_runs import two_call_scan
 
 
 def _step(seed, batch, heads, keys, n_out, n_in, prior):
@@ -88,9 +90,8 @@ def test_gates_and_weights_shared_over_the_batch_get_their_gradients_summed():
 
 
 def _scan_results(use_kernel, monkeypatch, gated=False, ns_steps=2):
-    """y, the final state and every gradient of two chunk-update scan calls (split mid-chunk, so that a closing
-    piece adds a prior gradient sum; a document starting mid-chunk in one row), with the kernel standing in for the
-    PyTorch Muon step or not."""
+    """`two_call_scan` of the chunk update (the split makes a closing piece add a prior gradient sum) with the kernel
+    standing in for the PyTorch Muon step or not."""
     calls = []
     if use_kernel:
         def kernel_step(*args):  # the dispatch, as on a GPU, exact products
@@ -98,39 +99,13 @@ def _scan_results(use_kernel, monkeypatch, gated=False, ns_steps=2):
             return muon_kernel.muon_step(*args[:-1], "ieee", "ieee")
 
         monkeypatch.setattr(muon_step, "muon_step", kernel_step)
-    gen = torch.Generator().manual_seed(5)
-    batch, length, heads, dim, dv, hid, window = 2, 13, 2, 6, 4, 9, 3
-
-    def rand(*shape, low=None, high=None):
-        t = torch.randn(*shape, generator=gen, dtype=torch.float64) if low is None else (
-            low + (high - low) * torch.rand(*shape, generator=gen, dtype=torch.float64))
-        return t.requires_grad_()
-
-    params = {"W1": rand(heads, dv, hid) * 0.3, "W2": rand(heads, hid, dim) * 0.3}
-    if gated:
-        params["W3"] = rand(heads, hid, dim) * 0.3
-    tensors = dict(zq=rand(batch, length, heads, dim), zk=rand(batch, length, heads, dim),
-                   v=rand(batch, length, heads, dv), alpha=rand(batch, length, heads, low=0.8, high=1.0),
-                   eta=rand(batch, length, heads, low=0.0, high=0.2),
-                   theta=rand(batch, length, heads, low=0.0, high=0.9),
-                   gamma=rand(batch, length, heads, window, low=0.0, high=1.0))
-    doc_start = torch.zeros(batch, length, dtype=torch.bool)
-    doc_start[1, 9] = True
-    split, options = 6, dict(chunk_size=4, ns_steps=ns_steps, update="chunk")
-    y1, state = memory_scan(**{k: t[:, :split] for k, t in tensors.items()}, params=params,
-                            doc_start=doc_start[:, :split], **options)
-    y2, state = memory_scan(**{k: t[:, split:] for k, t in tensors.items()}, params=params,
-                            doc_start=doc_start[:, split:], state=state, **options)
-    forward_calls = list(calls)
-    y = torch.cat([y1, y2], dim=1)
-    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(11), dtype=y.dtype)
-    carried = sum(t.sum() for t in state.values() if t.is_floating_point())
-    leaves = list(tensors.values()) + list(params.values())
-    grads = torch.autograd.grad((y * upstream).sum() + carried, leaves)
+    forward_calls = []
+    results = two_call_scan("chunk", length=13, reset_at=9, ns_steps=ns_steps, gated=gated,
+                            forward_done=lambda: forward_calls.extend(calls))
     monkeypatch.undo()
-    if use_kernel:  # a closing piece with a prior sum ran, and the backward recomputed through the kernel
-        assert True in forward_calls and False in forward_calls and len(calls) > len(forward_calls), calls
-    return [y.detach(), *(t.detach() for t in state.values() if t.is_floating_point()), *grads]
+    if use_kernel:  # closing pieces with and without a prior sum ran, and the backward recomputed through the kernel
+        assert set(forward_calls) == {True, False} and len(calls) > len(forward_calls), calls
+    return results
 
 
 @pytest.mark.parametrize("gated,ns_steps", [(False, 2), (True, 2), (False, 0)])
@@ -193,26 +168,8 @@ def test_the_step_stays_unfused_where_newton_schulz_goes_to_cublas(caplog, monke
     assert any("16 matrices of (256, 128) goes to cuBLAS" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("corrupt", [None, "output", "gradient", "nan", "crash"])
+@pytest.mark.parametrize("corrupt", CORRUPTIONS)
 def test_probe_passes_the_kernel_and_rejects_wrong_numbers(corrupt, monkeypatch):
-    real = dispatch.muon_step_results
-
-    def results(*args, kernel, **kwargs):
-        found = real(*args, kernel=kernel, **kwargs)
-        if kernel and corrupt == "crash":
-            raise RuntimeError("out of resource: shared memory\nmore")
-        if kernel and corrupt is not None:
-            index = 1 if corrupt == "output" else 4
-            found[index] = found[index] * (float("nan") if corrupt == "nan" else 1.05)
-        return found
-
-    monkeypatch.setattr(dispatch, "muon_step_results", results)
-    monkeypatch.setattr(dispatch, "_probed", {})
     momentum = torch.zeros(1, 1, 4, 6, dtype=torch.float64)
-    reason = dispatch._probe_muon_step(momentum, 5, True, 2, "ieee", "ieee")
-    if corrupt is None:
-        assert reason is None
-    elif corrupt == "crash":
-        assert reason == "the fused Muon step kernel failed to run: RuntimeError: out of resource: shared memory"
-    else:
-        assert reason.startswith("the fused Muon step kernel disagrees with the PyTorch path"), reason
+    check_probe_verdict(monkeypatch, corrupt, "muon_step_results", "the fused Muon step kernel",
+                        lambda: dispatch._probe_muon_step(momentum, 5, True, 2, "ieee", "ieee"), 1, 4)

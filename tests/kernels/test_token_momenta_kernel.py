@@ -12,8 +12,10 @@ import torch
 
 import atlas_train.kernels.token_momenta_kernel as momenta_kernel
 from atlas_train.kernels import dispatch
-from atlas_train.ops import memory_scan, outer_sums
+from atlas_train.ops import outer_sums
 from benchmark_scripts import load_benchmark
+from probe_faults import CORRUPTIONS, check_probe_verdict
+from scan_runs import two_call_scan
 
 
 def _inputs(seed, batch, heads, length, keys, n_out, n_in):
@@ -62,8 +64,7 @@ def test_an_expanded_carried_momentum_gets_its_gradient_summed():
 
 
 def _scan_results(use_kernel, monkeypatch):
-    """y, the final state and every gradient of two token-update scan calls (split mid-chunk, a document starting
-    mid-chunk in one row), with the kernel standing in for the PyTorch momenta or not."""
+    """`two_call_scan` of the token update with the kernel standing in for the PyTorch momenta or not."""
     calls = []
     if use_kernel:
         def kernel_momenta(mix, left, right, scale, prev, half_inputs):  # the dispatch, as on a GPU, exact products
@@ -71,36 +72,11 @@ def _scan_results(use_kernel, monkeypatch):
             return momenta_kernel.token_momenta(mix, left, right, scale, prev, "ieee")
 
         monkeypatch.setattr(outer_sums, "weighted_outer_sums", kernel_momenta)
-    gen = torch.Generator().manual_seed(5)
-    batch, length, heads, dim, dv, hid, window = 2, 11, 2, 6, 4, 9, 3
-
-    def rand(*shape, low=None, high=None):
-        t = torch.randn(*shape, generator=gen, dtype=torch.float64) if low is None else (
-            low + (high - low) * torch.rand(*shape, generator=gen, dtype=torch.float64))
-        return t.requires_grad_()
-
-    params = {"W1": rand(heads, dv, hid) * 0.3, "W2": rand(heads, hid, dim) * 0.3}
-    tensors = dict(zq=rand(batch, length, heads, dim), zk=rand(batch, length, heads, dim),
-                   v=rand(batch, length, heads, dv), alpha=rand(batch, length, heads, low=0.8, high=1.0),
-                   eta=rand(batch, length, heads, low=0.0, high=0.2), theta=rand(batch, length, heads, low=0.0,
-                                                                                  high=0.9),
-                   gamma=rand(batch, length, heads, window, low=0.0, high=1.0))
-    doc_start = torch.zeros(batch, length, dtype=torch.bool)
-    doc_start[1, 6] = True
-    split, options = 6, dict(chunk_size=4, ns_steps=2, update="token")
-    y1, state = memory_scan(**{k: t[:, :split] for k, t in tensors.items()}, params=params,
-                            doc_start=doc_start[:, :split], **options)
-    y2, state = memory_scan(**{k: t[:, split:] for k, t in tensors.items()}, params=params,
-                            doc_start=doc_start[:, split:], state=state, **options)
-    forward_calls = len(calls)
-    y = torch.cat([y1, y2], dim=1)
-    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(11), dtype=y.dtype)
-    carried = sum(t.sum() for t in state.values() if t.is_floating_point())
-    leaves = list(tensors.values()) + list(params.values())
-    grads = torch.autograd.grad((y * upstream).sum() + carried, leaves)
+    forward_calls = []
+    results = two_call_scan("token", length=11, reset_at=6, forward_done=lambda: forward_calls.append(len(calls)))
     monkeypatch.undo()
-    assert (forward_calls > 0 and len(calls) > forward_calls) == use_kernel  # backward recomputes through it too
-    return [y.detach(), *(t.detach() for t in state.values() if t.is_floating_point()), *grads]
+    assert (forward_calls[0] > 0 and len(calls) > forward_calls[0]) == use_kernel  # backward recomputes through it
+    return results
 
 
 def test_token_scan_with_the_momenta_kernel_matches_pytorch_path(monkeypatch):
@@ -151,30 +127,11 @@ def test_dispatch_runs_the_kernel_in_the_scan_product_precision(half, precision,
     assert ran == [precision]
 
 
-@pytest.mark.parametrize("corrupt", [None, "output", "gradient", "nan", "crash"])
+@pytest.mark.parametrize("corrupt", CORRUPTIONS)
 def test_probe_passes_the_kernel_and_rejects_wrong_numbers(corrupt, monkeypatch):
-    real = dispatch.token_momenta_results
-
-    def results(*args, kernel, **kwargs):
-        found = real(*args, kernel=kernel, **kwargs)
-        if kernel and corrupt == "crash":
-            raise RuntimeError("out of resource: shared memory\nmore")
-        if kernel and corrupt is not None:
-            index = 0 if corrupt == "output" else 2
-            found[index] = found[index] * (float("nan") if corrupt == "nan" else 1.05)
-        return found
-
-    monkeypatch.setattr(dispatch, "token_momenta_results", results)
-    monkeypatch.setattr(dispatch, "_probed", {})
     (mix, left, right, _, _), _ = _inputs(6, 1, 1, 3, 4, 3, 5)
-    reason = dispatch._probe_token_momenta(mix, left, right, "ieee")
-    if corrupt is None:
-        assert reason is None
-    elif corrupt == "crash":
-        assert reason == "the token momenta kernel failed to run: RuntimeError: out of resource: shared memory"
-    else:
-        assert reason.startswith("the token momenta kernel disagrees with the PyTorch path"), reason
-
+    check_probe_verdict(monkeypatch, corrupt, "token_momenta_results", "the token momenta kernel",
+                        lambda: dispatch._probe_token_momenta(mix, left, right, "ieee"), 0, 2)
 
 def test_momenta_bench_runs_and_prints_its_table_last(capsys):
     """CPU smoke run of `bench_momenta.py` (interpreted kernel, one tiny shape): a crash found here costs no GPU
