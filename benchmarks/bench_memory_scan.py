@@ -377,8 +377,8 @@ def scan_variants(on_gpu, quick, first_length):
             [] if quick else [("torch.compile", False, False, True, False, False)])
     rows = [("eager", False, True, False, True, False)] if first_length else []
     return rows + [("torch.compile", False, False, True, False, False), ("graphs", True, True, False, True, False),
-                   ("graphs-mlp", True, True, False, False, False), ("graphs+compile", True, True, True, True, False),
-                   ("graphs+muon", True, True, False, True, True)]
+                   ("graphs+muon", True, True, False, True, True), ("graphs-mlp", True, True, False, False, False),
+                   ("graphs+compile", True, True, True, True, False)]
 
 
 @contextlib.contextmanager
