@@ -40,9 +40,13 @@ from atlas_train.ops.newton_schulz import NS_COEFFICIENTS as NS_COEFFS
 from atlas_train.ops.newton_schulz import NS_NORM_EPS as NS_EPS
 
 KERNEL_NAME = "the fused Muon step kernel"
-BLOCK_K = 64  # window keys per factor tile (the chunk update's K is c − 1 + chunk: 127 at the defaults)
-# Columns of G per tile as the forward forms it. The "registers" variant's tile is the whole matrix (64 × 256 at dh
-# 64): G formed at that width spilled registers (benchmarks/kernel_resources.py --kernels muon shows spills).
+# Window keys per factor tile (the chunk update's K is c − 1 + chunk: 127 at the defaults). Offline for sm_90
+# (benchmarks/kernel_resources.py --kernels muon), 32 keeps the factor gradients' tiles in registers where 64 spilled
+# up to 1.8 KB per thread in the backward; both fit the shared memory. Not timed.
+BLOCK_K = 32
+# Columns of G (and of its gradient) per tile as the kernels form them. The "registers" variant's tile is the whole
+# matrix (64 × 256 at dh 64): G formed at that width spilled registers (benchmarks/kernel_resources.py --kernels muon
+# shows spills).
 G_BLOCK_N = 64
 MAX_KEYS = 512
 
@@ -135,7 +139,8 @@ def _muon_backward_kernel(COEF, FM, FN, MOM, ANCHOR, GATES, MOM_OUT, X, SAVE, SC
                           D, D_MOM, D_ANCHOR, D_FM, D_FN, D_COEF, D_GATES,
                           K, M, N, s_m, s_n, steps, a, b, c, eps,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          ROW_BLOCK: tl.constexpr, VARIANT: tl.constexpr, HAS_G_MOM: tl.constexpr,
+                          G_BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr, VARIANT: tl.constexpr,
+                          HAS_G_MOM: tl.constexpr,
                           PRODUCT_PRECISION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     pid, rows, cols, keys, size, theta, descent, decay = _program(GATES, M, N, BLOCK_M, BLOCK_N, BLOCK_K, ACC)
     d_base = D + pid * size  # dL/dX_i while NS is walked back, then dL/dM' (also G's and the prior's gradient)
@@ -176,18 +181,19 @@ def _muon_backward_kernel(COEF, FM, FN, MOM, ANCHOR, GATES, MOM_OUT, X, SAVE, SC
 
     # G = (coef ⊙ fm)ᵀ fn: d fn = (coef ⊙ fm) dG, d(coef ⊙ fm) = fn dGᵀ, then coef's and fm's parts
     coef, fm, fn = COEF + pid * K, FM + pid * K * M, FN + pid * K * N
+    g_cols = tl.arange(0, G_BLOCK_N)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + keys
         left = _factor_tile(fm, coef, k0, keys, rows, K, M, False, ACC)
         weight = tl.load(coef + k, mask=k < K, other=0.0).to(ACC)
         d_scaled = tl.zeros((BLOCK_K, BLOCK_M), ACC)
-        for n0 in range(0, N, BLOCK_N):
-            offsets, mask = _tile_offsets(rows, n0 + cols, M, N, s_m, s_n)
+        for n0 in range(0, N, G_BLOCK_N):
+            offsets, mask = _tile_offsets(rows, n0 + g_cols, M, N, s_m, s_n)
             g = tl.load(d_base + offsets, mask=mask, other=0.0).to(ACC)
-            right = _factor_tile(fn, coef, k0, keys, n0 + cols, K, N, False, ACC)
+            right = _factor_tile(fn, coef, k0, keys, n0 + g_cols, K, N, False, ACC)
             d_right = mm(left * weight[:, None], g, PRODUCT_PRECISION, ACC)
-            n_mask = (k[:, None] < K) & ((n0 + cols)[None, :] < N)
-            tl.store(D_FN + pid * K * N + k[:, None] * N + (n0 + cols)[None, :],
+            n_mask = (k[:, None] < K) & ((n0 + g_cols)[None, :] < N)
+            tl.store(D_FN + pid * K * N + k[:, None] * N + (n0 + g_cols)[None, :],
                      d_right.to(D_FN.dtype.element_ty), mask=n_mask)
             d_scaled += mm(right, tl.trans(g), PRODUCT_PRECISION, ACC)
         m_mask = (k[:, None] < K) & (rows[None, :] < M)
@@ -223,7 +229,8 @@ class _Layout:
     def meta(self, product_precision: str) -> dict:
         cfg = self.cfg
         block_k = min(BLOCK_K, max(16, triton.next_power_of_2(self.keys)))
-        return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, ROW_BLOCK=cfg.row_block,
+        return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, G_BLOCK_N=min(G_BLOCK_N, cfg.block_n),
+                    ROW_BLOCK=cfg.row_block,
                     VARIANT=cfg.variant, PRODUCT_PRECISION=launch_precision(cfg.mats.dtype, product_precision),
                     PRECISION=cfg.precision, ACC=cfg.acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -256,8 +263,7 @@ def forward_call(coef, left, right, prior, momentum, anchor, gates, steps: int, 
     call = KernelCall(_muon_forward_kernel, (layout.n,), (
         coef, fm, fn, momentum if prior is None else prior, momentum, anchor, gates, mom_out, x, anchor_out,
         iterates, _scratch(layout.cfg, 2), *layout.sizes(), steps, a, b, c, NS_EPS), dict(
-        layout.meta(product_precision), G_BLOCK_N=min(G_BLOCK_N, layout.cfg.block_n), HAS_PRIOR=prior is not None,
-        SAVE_ITERATES=save))
+        layout.meta(product_precision), HAS_PRIOR=prior is not None, SAVE_ITERATES=save))
     return call, mom_out, anchor_out, x, iterates
 
 
