@@ -79,14 +79,14 @@ case "${1:-}" in
              --skip-checks --budget-s 35 --row-budget-s 30)
     step scan_b8 130 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk \
       --variants graphs graphs+muon graphs+compile --skip-checks --budget-s 120 --row-budget-s 30
-    step scan_checks 130 python3 benchmarks/bench_memory_scan.py --checks muon scan --updates chunk --dh 64 \
+    step scan_checks 140 python3 benchmarks/bench_memory_scan.py --checks muon scan --updates chunk --dh 64 \
       --lengths 4096 --budget-s 0 --triton-max-short-side 128
-    step dual_scan 130 python3 benchmarks/bench_dual_scan.py --profile --repeats 3 --compiled-terms
-    step dual_attention_sweep 70 python3 benchmarks/bench_dual_attention.py --sweep
+    step dual_scan 120 python3 benchmarks/bench_dual_scan.py --profile --repeats 3 --compiled-terms
+    step dual_attention_sweep 60 python3 benchmarks/bench_dual_attention.py --sweep
     best=$(sed -n 's/^best setting: //p' "$OUT/dual_attention_sweep.log")
-    [ -n "$best" ] && [ "$best" != default ] && step dual_scan_best 50 python3 benchmarks/bench_dual_scan.py \
+    [ -n "$best" ] && [ "$best" != default ] && step dual_scan_best 40 python3 benchmarks/bench_dual_scan.py \
       --repeats 3 --attention-setting "$best"
-    step mlp_sweep 60 python3 benchmarks/bench_memory_mlp.py --sweep
+    step mlp_sweep 50 python3 benchmarks/bench_memory_mlp.py --sweep
     best=$(sed -n 's/^best setting: //p' "$OUT/mlp_sweep.log")
     [ -n "$best" ] && [ "$best" != default ] && step scan_b8_mlp_best 40 "${scan_b8[@]}" --mlp-setting "$best"
     ;;
