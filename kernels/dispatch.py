@@ -428,9 +428,10 @@ def muon_step_or_none(coef, left, right, prior, momentum, anchor, momentum_gate,
     if not (_enabled and _muon_kernel and coef.is_cuda):
         return None
     product, precision = scan_product_precision(half_inputs), ns_precision(half_inputs)
+    chains = momentum.expand(*coef.shape[:2], *momentum.shape[-2:])  # one matrix per (batch, head) chain
     reason = muon_step_unsupported(momentum, coef.shape[-1], steps, product, precision) or _muon_rule(
-        momentum, steps, precision) or _probe_muon_step(momentum, coef.shape[-1], prior is not None, steps, product,
-                                                         precision)
+        chains, steps, precision) or _probe_muon_step(momentum, coef.shape[-1], prior is not None, steps, product,
+                                                       precision)
     if reason is not None:
         note_fallback(MUON_STEP_KERNEL, reason)
         return None
