@@ -26,14 +26,14 @@ import triton
 import triton.language as tl
 
 from atlas_train.kernels.newton_schulz_kernel import (
-    _launch,
-    _ns_backward_steps,
-    _ns_norm_backward,
-    _ns_steps_in_registers,
-    _ns_steps_streamed,
-    _scratch,
-    _tile_offsets,
+    launch_layout,
     newton_schulz_unsupported,
+    ns_backward_steps,
+    ns_norm_backward,
+    ns_steps_in_registers,
+    ns_steps_streamed,
+    scratch_buffer,
+    tile_offsets,
 )
 from atlas_train.kernels.triton_common import PRECISIONS, KernelCall, input_refusal, launch_precision, mm
 from atlas_train.ops.newton_schulz import NS_COEFFICIENTS as NS_COEFFS
@@ -98,7 +98,7 @@ def _muon_forward_kernel(COEF, FM, FN, PRIOR, MOM, ANCHOR, GATES, MOM_OUT, X, AN
             left = _factor_tile(fm, coef, k0, keys, rows, K, M, True, ACC)
             right = _factor_tile(fn, coef, k0, keys, n0 + g_cols, K, N, False, ACC)
             g += mm(tl.trans(left), right, PRODUCT_PRECISION, ACC)
-        offsets, mask = _tile_offsets(rows, n0 + g_cols, M, N, s_m, s_n)
+        offsets, mask = tile_offsets(rows, n0 + g_cols, M, N, s_m, s_n)
         m_new = theta * tl.load(mom + offsets, mask=mask, other=0.0).to(ACC) + g
         if HAS_PRIOR:
             m_new += tl.load(PRIOR + pid * size + offsets, mask=mask, other=0.0).to(ACC)
@@ -109,9 +109,9 @@ def _muon_forward_kernel(COEF, FM, FN, PRIOR, MOM, ANCHOR, GATES, MOM_OUT, X, AN
 
     # X = NS(M'), then A' = decay·A + descent·X
     if VARIANT == "registers":  # one tile: X stays in registers
-        offsets, mask = _tile_offsets(rows, cols, M, N, s_m, s_n)
+        offsets, mask = tile_offsets(rows, cols, M, N, s_m, s_n)
         x = tl.load(m_out + offsets, mask=mask, other=0.0).to(ACC) * scale
-        x = _ns_steps_in_registers(x, save_base, save_step, rows, cols, M, N, steps, a, b, c, SAVE_ITERATES,
+        x = ns_steps_in_registers(x, save_base, save_step, rows, cols, M, N, steps, a, b, c, SAVE_ITERATES,
                                    PRECISION, ACC)
         if SAVE_ITERATES:  # the backward's dL/d(descent) needs X
             tl.store(x_base + offsets, x.to(X.dtype.element_ty), mask=mask)
@@ -120,14 +120,14 @@ def _muon_forward_kernel(COEF, FM, FN, PRIOR, MOM, ANCHOR, GATES, MOM_OUT, X, AN
                  mask=mask)
     else:  # X in its buffer, streamed in column tiles
         for n0 in range(0, N, BLOCK_N):
-            offsets, mask = _tile_offsets(rows, n0 + cols, M, N, s_m, s_n)
+            offsets, mask = tile_offsets(rows, n0 + cols, M, N, s_m, s_n)
             x = tl.load(m_out + offsets, mask=mask, other=0.0).to(ACC) * scale
             tl.store(x_base + offsets, x.to(X.dtype.element_ty), mask=mask)
         tl.debug_barrier()
-        _ns_steps_streamed(x_base, s_m, s_n, save_base, save_step, scratch, scratch + BLOCK_M * BLOCK_M, M, N,
+        ns_steps_streamed(x_base, s_m, s_n, save_base, save_step, scratch, scratch + BLOCK_M * BLOCK_M, M, N,
                            steps, a, b, c, BLOCK_M, BLOCK_N, ROW_BLOCK, VARIANT, SAVE_ITERATES, PRECISION, ACC)
         for n0 in range(0, N, BLOCK_N):
-            offsets, mask = _tile_offsets(rows, n0 + cols, M, N, s_m, s_n)
+            offsets, mask = tile_offsets(rows, n0 + cols, M, N, s_m, s_n)
             x = tl.load(x_base + offsets, mask=mask, other=0.0).to(ACC)
             start = tl.load(ANCHOR + pid * size + offsets, mask=mask, other=0.0).to(ACC)
             tl.store(ANCHOR_OUT + pid * size + offsets,
@@ -149,24 +149,24 @@ def _muon_backward_kernel(COEF, FM, FN, MOM, ANCHOR, GATES, MOM_OUT, X, SAVE, SC
     d_decay = tl.zeros((BLOCK_M, BLOCK_N), ACC)
     d_descent = tl.zeros((BLOCK_M, BLOCK_N), ACC)
     for n0 in range(0, N, BLOCK_N):
-        offsets, mask = _tile_offsets(rows, n0 + cols, M, N, s_m, s_n)
+        offsets, mask = tile_offsets(rows, n0 + cols, M, N, s_m, s_n)
         g = tl.load(G_ANCHOR + pid * size + offsets, mask=mask, other=0.0).to(ACC)
         d_decay += g * tl.load(ANCHOR + pid * size + offsets, mask=mask, other=0.0).to(ACC)
         d_descent += g * tl.load(X + pid * size + offsets, mask=mask, other=0.0).to(ACC)
         tl.store(D_ANCHOR + pid * size + offsets, (decay * g).to(D_ANCHOR.dtype.element_ty), mask=mask)
         tl.store(d_base + offsets, (descent * g).to(D.dtype.element_ty), mask=mask)
     tl.debug_barrier()
-    _ns_backward_steps(d_base, s_m, s_n, SAVE + pid * size, tl.num_programs(0).to(tl.int64) * size,
+    ns_backward_steps(d_base, s_m, s_n, SAVE + pid * size, tl.num_programs(0).to(tl.int64) * size,
                        SCRATCH + pid * 4 * BLOCK_M * BLOCK_M, M, N, steps, a, b, c, BLOCK_M, BLOCK_N, ROW_BLOCK,
                        VARIANT, PRECISION, ACC)
     if steps > 0:  # steps = 0: X = M', no normalisation
-        _ns_norm_backward(MOM_OUT + pid * size, d_base, s_m, s_n, M, N, eps, BLOCK_M, BLOCK_N, ACC)
+        ns_norm_backward(MOM_OUT + pid * size, d_base, s_m, s_n, M, N, eps, BLOCK_M, BLOCK_N, ACC)
     tl.debug_barrier()
 
     # M' = θ·M + G: dL/dM' = NS's gradient + the upstream one; dθ, dM
     d_theta = tl.zeros((BLOCK_M, BLOCK_N), ACC)
     for n0 in range(0, N, BLOCK_N):
-        offsets, mask = _tile_offsets(rows, n0 + cols, M, N, s_m, s_n)
+        offsets, mask = tile_offsets(rows, n0 + cols, M, N, s_m, s_n)
         g = tl.load(d_base + offsets, mask=mask, other=0.0).to(ACC)
         if HAS_G_MOM:
             g += tl.load(G_MOM + pid * size + offsets, mask=mask, other=0.0).to(ACC)
@@ -188,7 +188,7 @@ def _muon_backward_kernel(COEF, FM, FN, MOM, ANCHOR, GATES, MOM_OUT, X, SAVE, SC
         weight = tl.load(coef + k, mask=k < K, other=0.0).to(ACC)
         d_scaled = tl.zeros((BLOCK_K, BLOCK_M), ACC)
         for n0 in range(0, N, G_BLOCK_N):
-            offsets, mask = _tile_offsets(rows, n0 + g_cols, M, N, s_m, s_n)
+            offsets, mask = tile_offsets(rows, n0 + g_cols, M, N, s_m, s_n)
             g = tl.load(d_base + offsets, mask=mask, other=0.0).to(ACC)
             right = _factor_tile(fn, coef, k0, keys, n0 + g_cols, K, N, False, ACC)
             d_right = mm(left * weight[:, None], g, PRODUCT_PRECISION, ACC)
@@ -221,7 +221,7 @@ class _Layout:
     NS launch (variant, tiles, warps) as the NS kernel would choose it for these matrices."""
 
     def __init__(self, momentum: torch.Tensor, keys: int, precision: str, backward: bool):
-        self.cfg = _launch(momentum, precision, backward)
+        self.cfg = launch_layout(momentum, precision, backward)
         self.n, self.out, self.inp = self.cfg.mats.shape
         self.keys = keys
         self.tall = self.out > self.inp
@@ -262,7 +262,7 @@ def forward_call(coef, left, right, prior, momentum, anchor, gates, steps: int, 
     a, b, c = NS_COEFFS
     call = KernelCall(_muon_forward_kernel, (layout.n,), (
         coef, fm, fn, momentum if prior is None else prior, momentum, anchor, gates, mom_out, x, anchor_out,
-        iterates, _scratch(layout.cfg, 2), *layout.sizes(), steps, a, b, c, NS_EPS), dict(
+        iterates, scratch_buffer(layout.cfg, 2), *layout.sizes(), steps, a, b, c, NS_EPS), dict(
         layout.meta(product_precision), HAS_PRIOR=prior is not None, SAVE_ITERATES=save))
     return call, mom_out, anchor_out, x, iterates
 
@@ -279,7 +279,7 @@ def backward_call(coef, left, right, momentum, anchor, gates, mom_out, x, iterat
     d_fm, d_fn, d_coef, d_gates = (torch.empty_like(t) for t in (fm, fn, coef, gates))
     a, b, c = NS_COEFFS
     call = KernelCall(_muon_backward_kernel, (layout.n,), (
-        coef, fm, fn, momentum, anchor, gates, mom_out, x, iterates, _scratch(layout.cfg, 4),
+        coef, fm, fn, momentum, anchor, gates, mom_out, x, iterates, scratch_buffer(layout.cfg, 4),
         momentum if g_mom is None else g_mom, g_anchor, d, d_mom, d_anchor, d_fm, d_fn, d_coef, d_gates,
         *layout.sizes(), steps, a, b, c, NS_EPS), dict(layout.meta(product_precision), HAS_G_MOM=g_mom is not None))
     d_left, d_right = _short_long(d_fm, d_fn, layout.tall)

@@ -5,16 +5,19 @@ small matrices per chunk. One launch handles all of them, one program per matrix
 (`tl.dot`: fp32 accumulation; 'ieee' fp32, 'tf32' or 'bf16' operands).
 
 A matrix is seen as M x N with M <= N (a tall one is read through swapped strides: the spec's "transpose, iterate,
-transpose back" for free). Three variants, by size (small heuristic in `_launch`, no autotune):
+transpose back" for free). Three variants, by size (small heuristic in `launch_layout`, no autotune):
   registers  the whole (padded) matrix fits one register tile: load once, iterate, store once;
   stream     M <= 64 (M <= 128 with bf16 operands): the M x M Gram matrix A and polynomial B = bA + cA^2 in
              registers, X in the output buffer, streamed in column tiles and updated in place (X'[:, cols] only
              needs X[:, cols] and B);
   scratch    M up to 256: A and B in a per-program scratch buffer, formed ROW_BLOCK rows at a time, X updated
              one column strip at a time.
-When a gradient is needed the forward also writes its iterates X_0..X_{k-1} to a buffer, and the backward walks them
-in reverse (streaming column strips of X_i and G even where the forward kept X in registers: the backward holds twice
-the tiles) with the analytic derivative of one step X' = aX + (bA + cA^2)X, A = XX^T:
+The iterations (`ns_steps_in_registers`, `ns_steps_streamed`) and their backward (`ns_backward_steps`,
+`ns_norm_backward`) are jit functions that the fused Muon step kernel (`muon_step_kernel`) calls too, with this
+module's launch layout (`launch_layout`). When a gradient is needed the forward also writes its iterates X_0..X_{k-1}
+to a buffer, and the backward walks them in reverse (streaming column strips of X_i and G even where the forward kept
+X in registers: the backward holds twice the tiles) with the analytic derivative of one step X' = aX + (bA + cA^2)X,
+A = XX^T:
     dB = G X^T,  dA = b dB + c (dB A + A dB),  dX = a G + B G + (dA + dA^T) X,
 then of X0 = S / (|S|_F + eps): dS = dX0 / (n + eps) - <dX0, S> S / ((n + eps)^2 n), n = |S|_F.
 
@@ -76,14 +79,14 @@ MAX_REGISTERS = None
 
 
 @triton.jit
-def _tile_offsets(rows, cols, M, N, s_m, s_n):
+def tile_offsets(rows, cols, M, N, s_m, s_n):
     """Element offsets of rows x cols of an M x N matrix with strides (s_m, s_n), and the mask of its part."""
     return rows[:, None] * s_m + cols[None, :] * s_n, (rows[:, None] < M) & (cols[None, :] < N)
 
 
 @triton.jit
 def _tile_ptrs(base, rows, cols, M, N, s_m, s_n):
-    offsets, mask = _tile_offsets(rows, cols, M, N, s_m, s_n)
+    offsets, mask = tile_offsets(rows, cols, M, N, s_m, s_n)
     return base + offsets, mask
 
 
@@ -165,7 +168,7 @@ def _strips_update(T, t_sm, t_sn, B, C, Y, y_sm, y_sn, M, N, c_t, BLOCK_M: tl.co
 
 
 @triton.jit
-def _ns_steps_in_registers(x, save_base, save_step, rows, cols, M, N, steps, a, b, c,
+def ns_steps_in_registers(x, save_base, save_step, rows, cols, M, N, steps, a, b, c,
                            SAVE_ITERATES: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """The iterations on a normalised matrix held in one register tile x (the "registers" variant), returning the
     last; with SAVE_ITERATES each X_i is written to save_base + i·save_step first."""
@@ -180,7 +183,7 @@ def _ns_steps_in_registers(x, save_base, save_step, rows, cols, M, N, steps, a, 
 
 
 @triton.jit
-def _ns_steps_streamed(x_base, s_m, s_n, save_base, save_step, gram_s, poly_s, M, N, steps, a, b, c,
+def ns_steps_streamed(x_base, s_m, s_n, save_base, save_step, gram_s, poly_s, M, N, steps, a, b, c,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr, VARIANT: tl.constexpr,
                        SAVE_ITERATES: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """The iterations on a normalised matrix X kept at x_base and updated in place, streamed in column tiles (the
@@ -235,7 +238,7 @@ def _ns_forward_kernel(S, X, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, b, c,
         ptrs, mask = _tile_ptrs(s_base, rows, cols, M, N, s_m, s_n)
         x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
         x = x / (tl.sqrt(tl.sum(x * x)) + eps)
-        x = _ns_steps_in_registers(x, save_base, save_step, rows, cols, M, N, steps, a, b, c, SAVE_ITERATES,
+        x = ns_steps_in_registers(x, save_base, save_step, rows, cols, M, N, steps, a, b, c, SAVE_ITERATES,
                                    PRECISION, ACC)
         xptrs, _ = _tile_ptrs(x_base, rows, cols, M, N, s_m, s_n)
         tl.store(xptrs, x.to(X.dtype.element_ty), mask=mask)
@@ -252,12 +255,12 @@ def _ns_forward_kernel(S, X, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, b, c,
             xptrs, _ = _tile_ptrs(x_base, rows, n0 + cols, M, N, s_m, s_n)
             tl.store(xptrs, (s * scale).to(X.dtype.element_ty), mask=mask)
         tl.debug_barrier()
-        _ns_steps_streamed(x_base, s_m, s_n, save_base, save_step, gram_s, poly_s, M, N, steps, a, b, c, BLOCK_M,
+        ns_steps_streamed(x_base, s_m, s_n, save_base, save_step, gram_s, poly_s, M, N, steps, a, b, c, BLOCK_M,
                            BLOCK_N, ROW_BLOCK, VARIANT, SAVE_ITERATES, PRECISION, ACC)
 
 
 @triton.jit
-def _ns_backward_steps(d_base, s_m, s_n, save_base, save_step, scratch, M, N, steps, a, b, c,
+def ns_backward_steps(d_base, s_m, s_n, save_base, save_step, scratch, M, N, steps, a, b, c,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr,
                        VARIANT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """dL/dX_0 from dL/dX_steps kept at d_base (updated in place), walking the saved iterates in reverse; `scratch`:
@@ -308,7 +311,7 @@ def _ns_backward_steps(d_base, s_m, s_n, save_base, save_step, scratch, M, N, st
 
 
 @triton.jit
-def _ns_norm_backward(s_base, d_base, s_m, s_n, M, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def ns_norm_backward(s_base, d_base, s_m, s_n, M, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       ACC: tl.constexpr):
     """dS at d_base (in place) from dX0 there, for X0 = S / (n + eps), n = |S|_F:
     dS = dX0 / (n + eps) - <dX0, S> / ((n + eps)^2 n) S, the second term 0 at n = 0."""
@@ -346,9 +349,9 @@ def _ns_backward_kernel(S, G, DS, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, 
     save_step = tl.num_programs(0).to(tl.int64) * M * N
     _copy_tiles(G + pid * s_b, s_m, s_n, d_base, s_m, s_n, M, N, BLOCK_M, BLOCK_N)
     tl.debug_barrier()
-    _ns_backward_steps(d_base, s_m, s_n, save_base, save_step, SCRATCH + pid * 4 * BLOCK_M * BLOCK_M, M, N, steps,
+    ns_backward_steps(d_base, s_m, s_n, save_base, save_step, SCRATCH + pid * 4 * BLOCK_M * BLOCK_M, M, N, steps,
                        a, b, c, BLOCK_M, BLOCK_N, ROW_BLOCK, VARIANT, PRECISION, ACC)
-    _ns_norm_backward(s_base, d_base, s_m, s_n, M, N, eps, BLOCK_M, BLOCK_N, ACC)
+    ns_norm_backward(s_base, d_base, s_m, s_n, M, N, eps, BLOCK_M, BLOCK_N, ACC)
 
 
 def newton_schulz_unsupported(S: torch.Tensor, precision: str = "tf32") -> str | None:
@@ -361,7 +364,7 @@ def newton_schulz_unsupported(S: torch.Tensor, precision: str = "tf32") -> str |
     return None
 
 
-class _Launch(NamedTuple):
+class Launch(NamedTuple):
     """How one batch of matrices is laid out for the kernels (chosen by a small heuristic: no autotune)."""
 
     mats: torch.Tensor  # (n, rows, cols), contiguous
@@ -378,7 +381,7 @@ class _Launch(NamedTuple):
     acc: object  # tl.float32 or tl.float64
 
 
-def _launch(S: torch.Tensor, precision: str, backward: bool = False) -> _Launch:
+def launch_layout(S: torch.Tensor, precision: str, backward: bool = False) -> Launch:
     mats = S.reshape(-1, *S.shape[-2:]).contiguous()
     rows, cols = mats.shape[-2:]
     s_b, s_r, s_c = mats.stride()
@@ -400,12 +403,12 @@ def _launch(S: torch.Tensor, precision: str, backward: bool = False) -> _Launch:
         row_block = max(16, min(block_m, SCRATCH_TILE_ELEMENTS // block_m))
     if backward and variant == "registers":  # the backward streams G and X_i: two tiles plus dot operands
         block_n = max(16, min(block_n, SCRATCH_TILE_ELEMENTS // block_m))
-    return _Launch(mats, M, N, strides, block_m, block_n, row_block, variant, num_warps,
+    return Launch(mats, M, N, strides, block_m, block_n, row_block, variant, num_warps,
                    NUM_STAGES["backward" if backward else "forward"], launch_precision(mats.dtype, precision),
                    accumulator(mats.dtype))
 
 
-def _scratch(cfg: _Launch, squares: int) -> torch.Tensor:
+def scratch_buffer(cfg: Launch, squares: int) -> torch.Tensor:
     """Per-program room for `squares` block_m x block_m matrices (the scratch variant only)."""
     size = cfg.mats.shape[0] * squares * cfg.block_m**2 if cfg.variant == "scratch" else 1
     return torch.empty(size, device=cfg.mats.device, dtype=cfg.mats.dtype)
@@ -422,13 +425,13 @@ def _iterates_layout(S: torch.Tensor, steps: int, precision: str):
 
 def forward_call(S: torch.Tensor, steps: int, precision: str, save: bool):
     """The forward launch for S, with its output and (if save) iterates buffers."""
-    cfg = _launch(S, precision)
+    cfg = launch_layout(S, precision)
     out = torch.empty_like(cfg.mats)
     shape, dtype = _iterates_layout(S, steps, precision)
     iterates = torch.empty(shape if save else (1,), device=S.device, dtype=dtype)
     a, b, c = NS_COEFFS
     call = KernelCall(_ns_forward_kernel, (cfg.mats.shape[0],), (
-        cfg.mats, out, iterates, _scratch(cfg, 2), cfg.M, cfg.N, *cfg.strides, steps, a, b, c, NS_EPS), dict(
+        cfg.mats, out, iterates, scratch_buffer(cfg, 2), cfg.M, cfg.N, *cfg.strides, steps, a, b, c, NS_EPS), dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROW_BLOCK=cfg.row_block, VARIANT=cfg.variant,
         SAVE_ITERATES=save, PRECISION=cfg.precision, ACC=cfg.acc, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, maxnreg=MAX_REGISTERS))
@@ -437,12 +440,13 @@ def forward_call(S: torch.Tensor, steps: int, precision: str, save: bool):
 
 def backward_call(S: torch.Tensor, iterates: torch.Tensor, grad_out: torch.Tensor, steps: int, precision: str):
     """The backward launch for S (the forward's saved iterates, upstream gradient), with its dS buffer."""
-    cfg = _launch(S, precision, backward=True)
+    cfg = launch_layout(S, precision, backward=True)
     grad = grad_out.reshape(cfg.mats.shape).to(cfg.mats.dtype).contiguous()
     d_s = torch.empty_like(cfg.mats)
     a, b, c = NS_COEFFS
+    scratch = scratch_buffer(cfg, 4)
     call = KernelCall(_ns_backward_kernel, (cfg.mats.shape[0],), (
-        cfg.mats, grad, d_s, iterates, _scratch(cfg, 4), cfg.M, cfg.N, *cfg.strides, steps, a, b, c, NS_EPS), dict(
+        cfg.mats, grad, d_s, iterates, scratch, cfg.M, cfg.N, *cfg.strides, steps, a, b, c, NS_EPS), dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROW_BLOCK=cfg.row_block, VARIANT=cfg.variant,
         PRECISION=cfg.precision, ACC=cfg.acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         maxnreg=MAX_REGISTERS))

@@ -17,6 +17,6 @@ def force_ns_variant(monkeypatch, variant: str, shape) -> None:
     monkeypatch.setattr(ns_kernel, "SCRATCH_TILE_ELEMENTS", 16 * 32)
     monkeypatch.setattr(ns_kernel, "REGISTER_GRAM_MAX", 64 if variant == "stream" else 16)
     probe = torch.zeros(shape, dtype=torch.float64)
-    assert ns_kernel._launch(probe, "ieee").variant == variant
-    backward = ns_kernel._launch(probe, "ieee", backward=True)
+    assert ns_kernel.launch_layout(probe, "ieee").variant == variant
+    backward = ns_kernel.launch_layout(probe, "ieee", backward=True)
     assert backward.block_n < max(shape[-2:]), backward  # several column strips

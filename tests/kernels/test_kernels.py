@@ -540,9 +540,9 @@ def test_bf16_keeps_gram_matrices_up_to_128_in_registers_both_ways():
     """Faster on the GPU (kernels/newton_schulz_kernel.py); tf32 operands stay on the scratch variant."""
     s = torch.zeros(2, 256, 128)
     for backward in (False, True):
-        assert ns_kernel._launch(s, "bf16", backward).variant == "stream"
-        assert ns_kernel._launch(s, "tf32", backward).variant == "scratch"
-    assert ns_kernel._launch(torch.zeros(2, 512, 256), "bf16").variant == "scratch"
+        assert ns_kernel.launch_layout(s, "bf16", backward).variant == "stream"
+        assert ns_kernel.launch_layout(s, "tf32", backward).variant == "scratch"
+    assert ns_kernel.launch_layout(torch.zeros(2, 512, 256), "bf16").variant == "scratch"
 
 
 def test_backward_allocates_no_gradient_for_the_saved_iterates():
