@@ -76,6 +76,19 @@ MOMENTA_PRECISIONS_CHECKED = ("ieee", "tf32")  # `scan_product_precision`'s
 CHECK_GROUPS = ("ns", "mlp", "momenta", "muon", "scan")
 
 
+def worst_of(got, want) -> tuple[int, float]:
+    """(index, relative L2 error) of the worst of a path's results against the reference's, NaN first."""
+    errs = [relative_error(g, w) for g, w in zip(got, want, strict=True)]
+    worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
+    return worst, errs[worst]
+
+
+def checked(rows: list, name: str, err: float, bound: float) -> None:
+    """Add a check's row and print it at once: a run cut short by its time limit still shows the checks it made."""
+    rows.append((name, err, bound))
+    print(f"  checked {name}: {err:.2e} (bound {bound:.0e})", flush=True)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -161,8 +174,7 @@ def check_ns_paths(device, sizes):
             (grad,) = torch.autograd.grad(out, leaf, upstream)
             for what, got, want in (("y", out, ref_out), ("dS", grad, ref_grad)):
                 err = relative_error(got.cpu(), want.detach())
-                rows.append((f"NS {impl} {tuple(shape)} {precision} {what}", err, BOUNDS[precision]))
-                print(f"  checked {rows[-1][0]}: {err:.2e} (bound {BOUNDS[precision]:.0e})", flush=True)
+                checked(rows, f"NS {impl} {tuple(shape)} {precision} {what}", err, BOUNDS[precision])
     return rows
 
 
@@ -219,11 +231,9 @@ def check_mlp_kernel(device, shapes, tokens):
         for precision in precisions:
             kernels.set_ns_precision(precision)
             got = memory_mlp_pass_results(**inputs, loss=loss, upstream=upstream, kernel=True)
-            errs = [relative_error(g, w) for g, w in zip(got, want, strict=True)]
-            worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
-            rows.append((f"mlp kernel {dim}/{dv}/{hidden} {'factors' if factors else 'read'} {precision} "
-                         f"(worst: {names[factors][worst]})", errs[worst], BOUNDS[precision]))
-            print(f"  checked {rows[-1][0]}: {errs[worst]:.2e} (bound {BOUNDS[precision]:.0e})", flush=True)
+            worst, err = worst_of(got, want)
+            checked(rows, f"mlp kernel {dim}/{dv}/{hidden} {'factors' if factors else 'read'} {precision} "
+                          f"(worst: {names[factors][worst]})", err, BOUNDS[precision])
         kernels.set_ns_precision(setting)
     return rows
 
@@ -239,11 +249,9 @@ def check_momenta_kernel(device, shapes, heads):
         want = token_momenta_results(*(t.double().cpu() for t in inputs), kernel=False)
         for precision in precisions:
             got = token_momenta_results(*inputs, kernel=True, precision=precision)
-            errs = [relative_error(g, w) for g, w in zip(got, want, strict=True)]
-            worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
-            rows.append((f"momenta kernel {length}/{keys}/{n_out}x{n_in} {precision} (worst: {names[worst]})",
-                         errs[worst], BOUNDS[precision]))
-            print(f"  checked {rows[-1][0]}: {errs[worst]:.2e} (bound {BOUNDS[precision]:.0e})", flush=True)
+            worst, err = worst_of(got, want)
+            checked(rows, f"momenta kernel {length}/{keys}/{n_out}x{n_in} {precision} (worst: {names[worst]})", err,
+                    BOUNDS[precision])
     return rows
 
 
@@ -263,11 +271,9 @@ def check_muon_kernel(device, shapes, heads):
         labels = names if prior else names[:5] + names[6:]
         for product, precision in pairs:
             got = muon_step_results(inputs, upstream, NS_STEPS, kernel=True, product=product, precision=precision)
-            errs = [relative_error(g, w) for g, w in zip(got, want, strict=True)]
-            worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
-            rows.append((f"muon kernel {keys}/{n_out}x{n_in}{' +prior' if prior else ''} {product}/{precision} "
-                         f"(worst: {labels[worst]})", errs[worst], BOUNDS[precision]))
-            print(f"  checked {rows[-1][0]}: {errs[worst]:.2e} (bound {BOUNDS[precision]:.0e})", flush=True)
+            worst, err = worst_of(got, want)
+            checked(rows, f"muon kernel {keys}/{n_out}x{n_in}{' +prior' if prior else ''} {product}/{precision} "
+                          f"(worst: {labels[worst]})", err, BOUNDS[precision])
     return rows
 
 
@@ -292,24 +298,23 @@ def check_memory_scan(device, updates=("token", "chunk"), batch=2, length=4 * CH
         as64 = lambda d: {k: t.detach().double().requires_grad_() for k, t in d.items()}  # noqa: E731
         with scan_settings(graphs=False, use_kernels=False, compiled=False):  # the reference: plain eager float64
             ref_y, ref_grads = scan_fwd_bwd(as64(tensors), as64(params), update, upstream.double())
+        names = ["y"] + [f"d{k}" for k in list(tensors) + list(params)]
         err_by_mode = {}
         for graphs in (False, True):
             with scan_settings(graphs=graphs, use_kernels=False, compiled=False):
                 y, grads = scan_fwd_bwd(tensors, params, update, upstream)
-            err_by_mode[graphs] = max(relative_error(g, r) for g, r in zip((y, *grads), (ref_y, *ref_grads)))
-            rows.append((f"memory_scan {update} PyTorch fp32, {'CUDA graphs' if graphs else 'eager'} (worst)",
-                         err_by_mode[graphs], 1e-3))
+            err_by_mode[graphs] = worst_of((y, *grads), (ref_y, *ref_grads))[1]
+            checked(rows, f"memory_scan {update} PyTorch fp32, {'CUDA graphs' if graphs else 'eager'} (worst)",
+                    err_by_mode[graphs], 1e-3)
         torch_err = err_by_mode[False]
         for precision, mlp_kernel in itertools.product(("ieee", "tf32", "bf16"), (False, True)):
             kernels.set_ns_precision(precision)
             with scan_settings(graphs=True, use_kernels=True, compiled=False, mlp_kernel=mlp_kernel):  # the default
                 y, grads = scan_fwd_bwd(tensors, params, update, upstream)
-            names = ["y"] + [f"d{k}" for k in list(tensors) + list(params)]
-            errs = [relative_error(g, r) for g, r in zip((y, *grads), (ref_y, *ref_grads))]
-            worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
+            worst, err = worst_of((y, *grads), (ref_y, *ref_grads))
             bound = max(BOUNDS[precision], 2 * torch_err)  # never asked to beat the fp32 PyTorch path itself
-            name = f"memory_scan {update} {precision}{' +mlp kernel' if mlp_kernel else ''} (worst: {names[worst]})"
-            rows.append((name, errs[worst], bound))
+            checked(rows, f"memory_scan {update} {precision}{' +mlp kernel' if mlp_kernel else ''} "
+                          f"(worst: {names[worst]})", err, bound)
             if mlp_kernel:  # a kernel that fell back would pass by being absent: why it did fails the check
                 rows += [(f"  mlp kernel not used: {reason[:70]}", math.nan, bound)
                          for reason in mlp_kernel_refusals(tensors, params)]
@@ -317,19 +322,14 @@ def check_memory_scan(device, updates=("token", "chunk"), batch=2, length=4 * CH
         half, half_params = make_inputs(batch, length, heads, dh, device, torch.bfloat16)
         with scan_settings(graphs=False, use_kernels=False, compiled=False):
             ref_y, ref_grads = scan_fwd_bwd(as64(half), as64(half_params), update, upstream.bfloat16().double())
-        with scan_settings(graphs=True, use_kernels=True, compiled=False):
-            y, grads = scan_fwd_bwd(half, half_params, update, upstream.bfloat16())
-        errs = [relative_error(g, r) for g, r in zip((y, *grads), (ref_y, *ref_grads))]
-        worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
-        rows.append((f"memory_scan {update} default, bf16 inputs (worst: {names[worst]})", errs[worst],
-                     BOUNDS[kernel_dispatch.ns_precision(True)]))
-        if update == "chunk":  # the same with the fused Muon step (off by default until timed)
-            with scan_settings(graphs=True, use_kernels=True, compiled=False, muon_kernel=True):
+        # the default, then (update="chunk") with the fused Muon step, off by default until timed
+        for muon_kernel in (False, True) if update == "chunk" else (False,):
+            with scan_settings(graphs=True, use_kernels=True, compiled=False, muon_kernel=muon_kernel):
                 y, grads = scan_fwd_bwd(half, half_params, update, upstream.bfloat16())
-            errs = [relative_error(g, r) for g, r in zip((y, *grads), (ref_y, *ref_grads))]
-            worst = max(range(len(errs)), key=lambda i: errs[i] if math.isfinite(errs[i]) else math.inf)
-            rows.append((f"memory_scan chunk default +muon kernel, bf16 inputs (worst: {names[worst]})",
-                         errs[worst], BOUNDS[kernel_dispatch.ns_precision(True)]))
+            worst, err = worst_of((y, *grads), (ref_y, *ref_grads))
+            checked(rows, f"memory_scan {update} default{' +muon kernel' if muon_kernel else ''}, bf16 inputs "
+                          f"(worst: {names[worst]})", err, BOUNDS[kernel_dispatch.ns_precision(True)])
+        if update == "chunk":  # a kernel that fell back would pass by being absent: why it did fails the check
             rows += [(f"  muon kernel not used: {reason[:70]}", math.nan, 0.0)
                      for reason in noted_fallbacks(MUON_STEP_KERNEL)]
         kernels.set_ns_precision(setting)
