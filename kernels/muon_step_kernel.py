@@ -4,10 +4,10 @@ and the weight step of one fast-weight matrix per (batch, head) chain (docs/math
     G  = Σ_k coef_k left_k ⊗ right_k (+ prior: the gradient sum of an earlier piece of the grid chunk)
     M' = θ·M + G,    X = NS(M'),    A' = decay·A + descent·X
 
-Why: at the production shape (B·H = 128 chains) the chunk scan is bound by the bytes it moves over the fast weights
-and by the number of its launches, not by arithmetic (benchmarks/RESULTS.md §2). Unfused, the step is a cuBLAS
-product writing G, a pass forming M', the NS kernel (reading M', writing X), and a pass forming A'; its backward adds
-autograd's passes for both gated sums, the NS backward, and two products for the factors' gradients. Here one
+Why: unfused, the step is a cuBLAS product writing G, a pass forming M', the NS kernel (reading M', writing X), and a
+pass forming A', each a launch and a pass over the chain's fast weights; its backward adds autograd's passes for both
+gated sums, the NS backward, and two products for the factors' gradients (benchmarks/RESULTS.md §2 counts the
+operators and bytes of a chunk step: this kernel takes a third of them off). Here one
 program per chain forms G tile by tile from the factors (G never goes to memory), writes M' and X_0, iterates NS on
 X with the NS kernel's own code (`newton_schulz_kernel`: its variants and their shared-memory limits), and writes A'
 from X as it streams it; the backward is one program per chain likewise: the gates' gradients and the NS
@@ -112,7 +112,7 @@ def _muon_forward_kernel(COEF, FM, FN, PRIOR, MOM, ANCHOR, GATES, MOM_OUT, X, AN
         offsets, mask = tile_offsets(rows, cols, M, N, s_m, s_n)
         x = tl.load(m_out + offsets, mask=mask, other=0.0).to(ACC) * scale
         x = ns_steps_in_registers(x, save_base, save_step, rows, cols, M, N, steps, a, b, c, SAVE_ITERATES,
-                                   PRECISION, ACC)
+                                  PRECISION, ACC)
         if SAVE_ITERATES:  # the backward's dL/d(descent) needs X
             tl.store(x_base + offsets, x.to(X.dtype.element_ty), mask=mask)
         start = tl.load(ANCHOR + pid * size + offsets, mask=mask, other=0.0).to(ACC)
@@ -125,7 +125,7 @@ def _muon_forward_kernel(COEF, FM, FN, PRIOR, MOM, ANCHOR, GATES, MOM_OUT, X, AN
             tl.store(x_base + offsets, x.to(X.dtype.element_ty), mask=mask)
         tl.debug_barrier()
         ns_steps_streamed(x_base, s_m, s_n, save_base, save_step, scratch, scratch + BLOCK_M * BLOCK_M, M, N,
-                           steps, a, b, c, BLOCK_M, BLOCK_N, ROW_BLOCK, VARIANT, SAVE_ITERATES, PRECISION, ACC)
+                          steps, a, b, c, BLOCK_M, BLOCK_N, ROW_BLOCK, VARIANT, SAVE_ITERATES, PRECISION, ACC)
         for n0 in range(0, N, BLOCK_N):
             offsets, mask = tile_offsets(rows, n0 + cols, M, N, s_m, s_n)
             x = tl.load(x_base + offsets, mask=mask, other=0.0).to(ACC)
@@ -157,8 +157,8 @@ def _muon_backward_kernel(COEF, FM, FN, MOM, ANCHOR, GATES, MOM_OUT, X, SAVE, SC
         tl.store(d_base + offsets, (descent * g).to(D.dtype.element_ty), mask=mask)
     tl.debug_barrier()
     ns_backward_steps(d_base, s_m, s_n, SAVE + pid * size, tl.num_programs(0).to(tl.int64) * size,
-                       SCRATCH + pid * 4 * BLOCK_M * BLOCK_M, M, N, steps, a, b, c, BLOCK_M, BLOCK_N, ROW_BLOCK,
-                       VARIANT, PRECISION, ACC)
+                      SCRATCH + pid * 4 * BLOCK_M * BLOCK_M, M, N, steps, a, b, c, BLOCK_M, BLOCK_N, ROW_BLOCK,
+                      VARIANT, PRECISION, ACC)
     if steps > 0:  # steps = 0: X = M', no normalisation
         ns_norm_backward(MOM_OUT + pid * size, d_base, s_m, s_n, M, N, eps, BLOCK_M, BLOCK_N, ACC)
     tl.debug_barrier()

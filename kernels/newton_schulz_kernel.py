@@ -169,7 +169,7 @@ def _strips_update(T, t_sm, t_sn, B, C, Y, y_sm, y_sn, M, N, c_t, BLOCK_M: tl.co
 
 @triton.jit
 def ns_steps_in_registers(x, save_base, save_step, rows, cols, M, N, steps, a, b, c,
-                           SAVE_ITERATES: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+                          SAVE_ITERATES: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """The iterations on a normalised matrix held in one register tile x (the "registers" variant), returning the
     last; with SAVE_ITERATES each X_i is written to save_base + i·save_step first."""
     for i in range(steps):
@@ -184,8 +184,8 @@ def ns_steps_in_registers(x, save_base, save_step, rows, cols, M, N, steps, a, b
 
 @triton.jit
 def ns_steps_streamed(x_base, s_m, s_n, save_base, save_step, gram_s, poly_s, M, N, steps, a, b, c,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr, VARIANT: tl.constexpr,
-                       SAVE_ITERATES: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr, VARIANT: tl.constexpr,
+                      SAVE_ITERATES: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """The iterations on a normalised matrix X kept at x_base and updated in place, streamed in column tiles (the
     "stream" and "scratch" variants); with SAVE_ITERATES each X_i is copied to save_base + i·save_step first."""
     rows = tl.arange(0, BLOCK_M)
@@ -239,7 +239,7 @@ def _ns_forward_kernel(S, X, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, b, c,
         x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
         x = x / (tl.sqrt(tl.sum(x * x)) + eps)
         x = ns_steps_in_registers(x, save_base, save_step, rows, cols, M, N, steps, a, b, c, SAVE_ITERATES,
-                                   PRECISION, ACC)
+                                  PRECISION, ACC)
         xptrs, _ = _tile_ptrs(x_base, rows, cols, M, N, s_m, s_n)
         tl.store(xptrs, x.to(X.dtype.element_ty), mask=mask)
     else:  # X lives in the output buffer and is streamed in column tiles
@@ -256,13 +256,13 @@ def _ns_forward_kernel(S, X, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, b, c,
             tl.store(xptrs, (s * scale).to(X.dtype.element_ty), mask=mask)
         tl.debug_barrier()
         ns_steps_streamed(x_base, s_m, s_n, save_base, save_step, gram_s, poly_s, M, N, steps, a, b, c, BLOCK_M,
-                           BLOCK_N, ROW_BLOCK, VARIANT, SAVE_ITERATES, PRECISION, ACC)
+                          BLOCK_N, ROW_BLOCK, VARIANT, SAVE_ITERATES, PRECISION, ACC)
 
 
 @triton.jit
 def ns_backward_steps(d_base, s_m, s_n, save_base, save_step, scratch, M, N, steps, a, b, c,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr,
-                       VARIANT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr,
+                      VARIANT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """dL/dX_0 from dL/dX_steps kept at d_base (updated in place), walking the saved iterates in reverse; `scratch`:
     the program's room for four BLOCK_M² matrices (the "scratch" variant)."""
     rows = tl.arange(0, BLOCK_M)
@@ -312,7 +312,7 @@ def ns_backward_steps(d_base, s_m, s_n, save_base, save_step, scratch, M, N, ste
 
 @triton.jit
 def ns_norm_backward(s_base, d_base, s_m, s_n, M, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      ACC: tl.constexpr):
+                     ACC: tl.constexpr):
     """dS at d_base (in place) from dX0 there, for X0 = S / (n + eps), n = |S|_F:
     dS = dX0 / (n + eps) - <dX0, S> / ((n + eps)^2 n) S, the second term 0 at n = 0."""
     rows = tl.arange(0, BLOCK_M)
@@ -350,7 +350,7 @@ def _ns_backward_kernel(S, G, DS, SAVE, SCRATCH, M, N, s_b, s_m, s_n, steps, a, 
     _copy_tiles(G + pid * s_b, s_m, s_n, d_base, s_m, s_n, M, N, BLOCK_M, BLOCK_N)
     tl.debug_barrier()
     ns_backward_steps(d_base, s_m, s_n, save_base, save_step, SCRATCH + pid * 4 * BLOCK_M * BLOCK_M, M, N, steps,
-                       a, b, c, BLOCK_M, BLOCK_N, ROW_BLOCK, VARIANT, PRECISION, ACC)
+                      a, b, c, BLOCK_M, BLOCK_N, ROW_BLOCK, VARIANT, PRECISION, ACC)
     ns_norm_backward(s_base, d_base, s_m, s_n, M, N, eps, BLOCK_M, BLOCK_N, ACC)
 
 
