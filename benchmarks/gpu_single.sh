@@ -21,10 +21,11 @@
 #                                          micro-batch 8 and 16, each with a profiled step (kernel table in its log)
 #   bash benchmarks/gpu_single.sh tune     most needed first: the chunk scan at B·H = 128 as configured, with the
 #                                          fused Muon step and with its chunk steps compiled; the fused Muon step's
-#                                          and the chunk scan's checks; the dual scan, with and without its chunk
-#                                          terms compiled, its profile and bf16 check; the dual attention kernel's
-#                                          launch settings alone, then the dual scan under the fastest; the same for
-#                                          the memory MLP kernel and the chunk scan
+#                                          and the chunk scan's checks; the fused step alone against the unfused
+#                                          one (bench_muon_step.py: its roofline); the dual scan, with and without
+#                                          its chunk terms compiled, its profile and bf16 check; the dual attention
+#                                          kernel's launch settings alone, then the dual scan under the fastest; the
+#                                          same for the memory MLP kernel and the chunk scan
 #   bash benchmarks/gpu_single.sh tune-train  the transformer, atlas and deep_transformer at 4K in the training loop,
 #                                          atlas again with the fused Muon step; a profile of the chunk scan
 #   bash benchmarks/gpu_single.sh decode   decode at 4K/32K, batch 1/32, eager and CUDA graph (cold Triton cache)
@@ -77,18 +78,19 @@ case "${1:-}" in
   tune)
     scan_b8=(python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk --variants graphs
              --skip-checks --budget-s 35 --row-budget-s 30)
-    step scan_b8 130 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk \
-      --variants graphs graphs+muon graphs+compile --skip-checks --budget-s 120 --row-budget-s 30
-    step scan_checks 140 python3 benchmarks/bench_memory_scan.py --checks muon scan --updates chunk --dh 64 \
+    step scan_b8 120 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk \
+      --variants graphs graphs+muon graphs+compile --skip-checks --budget-s 110 --row-budget-s 30
+    step scan_checks 130 python3 benchmarks/bench_memory_scan.py --checks muon scan --updates chunk --dh 64 \
       --lengths 4096 --budget-s 0 --triton-max-short-side 128
-    step dual_scan 120 python3 benchmarks/bench_dual_scan.py --profile --repeats 3 --compiled-terms
-    step dual_attention_sweep 60 python3 benchmarks/bench_dual_attention.py --sweep
+    step muon_step 40 python3 benchmarks/bench_muon_step.py
+    step dual_scan 110 python3 benchmarks/bench_dual_scan.py --profile --repeats 3 --compiled-terms
+    step dual_attention_sweep 50 python3 benchmarks/bench_dual_attention.py --sweep
     best=$(sed -n 's/^best setting: //p' "$OUT/dual_attention_sweep.log")
     [ -n "$best" ] && [ "$best" != default ] && step dual_scan_best 40 python3 benchmarks/bench_dual_scan.py \
       --repeats 3 --attention-setting "$best"
-    step mlp_sweep 50 python3 benchmarks/bench_memory_mlp.py --sweep
+    step mlp_sweep 40 python3 benchmarks/bench_memory_mlp.py --sweep
     best=$(sed -n 's/^best setting: //p' "$OUT/mlp_sweep.log")
-    [ -n "$best" ] && [ "$best" != default ] && step scan_b8_mlp_best 40 "${scan_b8[@]}" --mlp-setting "$best"
+    [ -n "$best" ] && [ "$best" != default ] && step scan_b8_mlp_best 30 "${scan_b8[@]}" --mlp-setting "$best"
     ;;
   tune-train)
     step train_4k 130 python3 benchmarks/bench_train.py --rows transformer@4096,atlas@4096,deep_transformer@4096 \

@@ -15,6 +15,7 @@ import torch
 import atlas_train.kernels.muon_step_kernel as muon_kernel
 from atlas_train.kernels import dispatch
 from atlas_train.ops import muon_step
+from benchmark_scripts import load_benchmark
 from kernel_variants import NS_VARIANTS, force_ns_variant
 from probe_faults import CORRUPTIONS, check_probe_verdict
 from scan_runs import two_call_scan
@@ -173,3 +174,14 @@ def test_probe_passes_the_kernel_and_rejects_wrong_numbers(corrupt, monkeypatch)
     momentum = torch.zeros(1, 1, 4, 6, dtype=torch.float64)
     check_probe_verdict(monkeypatch, corrupt, "muon_step_results", "the fused Muon step kernel",
                         lambda: dispatch._probe_muon_step(momentum, 5, True, 2, "ieee", "ieee"), 1, 4)
+
+
+def test_muon_bench_runs_and_prints_its_table_last(capsys):
+    """CPU smoke run of `bench_muon_step.py` (interpreted kernel, tiny shapes): a crash found here costs no GPU time.
+    Every row has its times, roofline columns and an error against float64 within the exact bound."""
+    bench = load_benchmark("bench_muon_step")
+
+    assert bench.main([]) == 0
+    table = capsys.readouterr().out.split("== the chunk update's Muon step")[-1].splitlines()[2:]
+    assert [line.split()[0] for line in table] == ["unfused", "fused"] * 2
+    assert all(len(line.split()) == 10 and float(line.split()[-1]) < 1e-4 for line in table), table
