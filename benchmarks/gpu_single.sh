@@ -26,8 +26,9 @@
 #                                          its chunk terms compiled, its profile and bf16 check; the dual attention
 #                                          kernel's launch settings alone, then the dual scan under the fastest; the
 #                                          same for the memory MLP kernel and the chunk scan
-#   bash benchmarks/gpu_single.sh tune-train  the transformer, atlas and deep_transformer at 4K in the training loop,
-#                                          atlas again with the fused Muon step; a profile of the chunk scan
+#   bash benchmarks/gpu_single.sh tune-train  the transformer, atlas, titans and deep_transformer at 4K in the
+#                                          training loop, atlas and titans again with the fused Muon step; a profile
+#                                          of the chunk scan
 #   bash benchmarks/gpu_single.sh decode   decode at 4K/32K, batch 1/32, eager and CUDA graph (cold Triton cache)
 #   bash benchmarks/gpu_single.sh recall   the eight members trained at once (round-robin over however many GPUs are
 #                                          visible) and scored on MQAR, 8.5 minutes in all; afterwards, on a CPU
@@ -93,10 +94,12 @@ case "${1:-}" in
     [ -n "$best" ] && [ "$best" != default ] && step scan_b8_mlp_best 30 "${scan_b8[@]}" --mlp-setting "$best"
     ;;
   tune-train)
-    step train_4k 130 python3 benchmarks/bench_train.py --rows transformer@4096,atlas@4096,deep_transformer@4096 \
-      --overhead "" --budget-s 110 --json "$OUT/train_4k.json" --logs "$OUT/rows"
-    step train_4k_muon 70 env ATLAS_MUON_STEP_KERNEL=1 python3 benchmarks/bench_train.py --rows atlas@4096 \
-      --overhead "" --json "$OUT/train_4k_muon.json" --logs "$OUT/rows_muon"
+    step train_4k 180 python3 benchmarks/bench_train.py \
+      --rows transformer@4096,atlas@4096,titans@4096,deep_transformer@4096 --overhead "" --budget-s 150 \
+      --json "$OUT/train_4k.json" --logs "$OUT/rows"
+    step train_4k_muon 130 env ATLAS_MUON_STEP_KERNEL=1 python3 benchmarks/bench_train.py \
+      --rows atlas@4096,titans@4096 --overhead "" --budget-s 100 --json "$OUT/train_4k_muon.json" \
+      --logs "$OUT/rows_muon"
     step profile_b8 40 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk \
       --profile 40 --skip-checks
     ;;
