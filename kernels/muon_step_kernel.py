@@ -79,7 +79,7 @@ def _muon_forward_kernel(COEF, FM, FN, PRIOR, MOM, ANCHOR, GATES, MOM_OUT, X, AN
                          K, M, N, s_m, s_n, steps, a, b, c, eps,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          G_BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr, VARIANT: tl.constexpr,
-                         HAS_PRIOR: tl.constexpr,
+                         HAS_PRIOR: tl.constexpr, ORTHOGONALISE: tl.constexpr,
                          SAVE_ITERATES: tl.constexpr, PRODUCT_PRECISION: tl.constexpr, PRECISION: tl.constexpr,
                          ACC: tl.constexpr):
     pid, rows, cols, keys, size, theta, descent, decay = _program(GATES, M, N, BLOCK_M, BLOCK_N, BLOCK_K, ACC)
@@ -104,7 +104,10 @@ def _muon_forward_kernel(COEF, FM, FN, PRIOR, MOM, ANCHOR, GATES, MOM_OUT, X, AN
             m_new += tl.load(PRIOR + pid * size + offsets, mask=mask, other=0.0).to(ACC)
         tl.store(m_out + offsets, m_new.to(MOM_OUT.dtype.element_ty), mask=mask)
         sq += m_new * m_new
-    scale = tl.where(steps > 0, 1.0 / (tl.sqrt(tl.sum(sq)) + eps), 1.0)  # steps = 0: X = M' (no NS)
+    if ORTHOGONALISE:
+        scale = 1.0 / (tl.sqrt(tl.sum(sq)) + eps)
+    else:  # steps = 0: X = M'
+        scale = 1.0
     tl.debug_barrier()
 
     # X = NS(M'), then A' = decay·A + descent·X
@@ -140,7 +143,7 @@ def _muon_backward_kernel(COEF, FM, FN, MOM, ANCHOR, GATES, MOM_OUT, X, SAVE, SC
                           K, M, N, s_m, s_n, steps, a, b, c, eps,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           G_BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr, VARIANT: tl.constexpr,
-                          HAS_G_MOM: tl.constexpr,
+                          HAS_G_MOM: tl.constexpr, ORTHOGONALISE: tl.constexpr,
                           PRODUCT_PRECISION: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     pid, rows, cols, keys, size, theta, descent, decay = _program(GATES, M, N, BLOCK_M, BLOCK_N, BLOCK_K, ACC)
     d_base = D + pid * size  # dL/dX_i while NS is walked back, then dL/dM' (also G's and the prior's gradient)
@@ -159,7 +162,7 @@ def _muon_backward_kernel(COEF, FM, FN, MOM, ANCHOR, GATES, MOM_OUT, X, SAVE, SC
     ns_backward_steps(d_base, s_m, s_n, SAVE + pid * size, tl.num_programs(0).to(tl.int64) * size,
                       SCRATCH + pid * 4 * BLOCK_M * BLOCK_M, M, N, steps, a, b, c, BLOCK_M, BLOCK_N, ROW_BLOCK,
                       VARIANT, PRECISION, ACC)
-    if steps > 0:  # steps = 0: X = M', no normalisation
+    if ORTHOGONALISE:  # steps = 0: X = M', no normalisation
         ns_norm_backward(MOM_OUT + pid * size, d_base, s_m, s_n, M, N, eps, BLOCK_M, BLOCK_N, ACC)
     tl.debug_barrier()
 
@@ -226,13 +229,14 @@ class _Layout:
         self.keys = keys
         self.tall = self.out > self.inp
 
-    def meta(self, product_precision: str) -> dict:
+    def meta(self, product_precision: str, steps: int) -> dict:
         cfg = self.cfg
         block_k = min(BLOCK_K, max(16, triton.next_power_of_2(self.keys)))
         return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, G_BLOCK_N=min(G_BLOCK_N, cfg.block_n),
                     ROW_BLOCK=cfg.row_block,
                     VARIANT=cfg.variant, PRODUCT_PRECISION=launch_precision(cfg.mats.dtype, product_precision),
-                    PRECISION=cfg.precision, ACC=cfg.acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    PRECISION=cfg.precision, ACC=cfg.acc, ORTHOGONALISE=steps > 0, num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages)
 
     def sizes(self) -> tuple:
         cfg = self.cfg
@@ -263,7 +267,7 @@ def forward_call(coef, left, right, prior, momentum, anchor, gates, steps: int, 
     call = KernelCall(_muon_forward_kernel, (layout.n,), (
         coef, fm, fn, momentum if prior is None else prior, momentum, anchor, gates, mom_out, x, anchor_out,
         iterates, scratch_buffer(layout.cfg, 2), *layout.sizes(), steps, a, b, c, NS_EPS), dict(
-        layout.meta(product_precision), HAS_PRIOR=prior is not None, SAVE_ITERATES=save))
+        layout.meta(product_precision, steps), HAS_PRIOR=prior is not None, SAVE_ITERATES=save))
     return call, mom_out, anchor_out, x, iterates
 
 
@@ -281,7 +285,8 @@ def backward_call(coef, left, right, momentum, anchor, gates, mom_out, x, iterat
     call = KernelCall(_muon_backward_kernel, (layout.n,), (
         coef, fm, fn, momentum, anchor, gates, mom_out, x, iterates, scratch_buffer(layout.cfg, 4),
         momentum if g_mom is None else g_mom, g_anchor, d, d_mom, d_anchor, d_fm, d_fn, d_coef, d_gates,
-        *layout.sizes(), steps, a, b, c, NS_EPS), dict(layout.meta(product_precision), HAS_G_MOM=g_mom is not None))
+        *layout.sizes(), steps, a, b, c, NS_EPS), dict(layout.meta(product_precision, steps),
+                                                       HAS_G_MOM=g_mom is not None))
     d_left, d_right = _short_long(d_fm, d_fn, layout.tall)
     return call, [d, d_mom, d_anchor, d_left, d_right, d_coef, d_gates]
 
