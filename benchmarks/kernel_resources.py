@@ -50,8 +50,10 @@ MLP_TOKENS = 127
 # The token momenta's launches, (L, K, out, in): W1 and W2 of dh 64 and W2 of dh 128 with chunks of 64 and c = 64
 # (K = 127), and c = 128 (K = 191: the key tile at its widest).
 MOMENTA_SHAPES = [(64, 127, 64, 256), (64, 127, 256, 128), (64, 127, 512, 256), (64, 191, 256, 128)]
-# The chunk update's fused Muon step, (K, out, in): W1 and W2 of dh 64 and 128 with chunks of 64 and c = 64.
-MUON_SHAPES = [(127, 64, 256), (127, 256, 128), (127, 128, 512), (127, 512, 256)]
+# The chunk update's fused Muon step, (K, out, in, NS steps): atlas's W1 and W2 of dh 64 and 128 with chunks of 64
+# and c = 64, and titans' of dh 64 (no NS: the kernel compiles without it).
+MUON_SHAPES = [(127, 64, 256, 5), (127, 256, 128, 5), (127, 128, 512, 5), (127, 512, 256, 5), (127, 64, 256, 0),
+               (127, 256, 64, 0)]
 KERNELS = ("ns", "mlp", "momenta", "muon")
 
 
@@ -129,19 +131,20 @@ def _measure_momenta(shape_and_precision) -> list[tuple]:
 
 
 def _measure_muon(shape_and_precision) -> list[tuple]:
-    """Resource rows of the fused Muon step's forward and backward launches for one (K, out, in) and NS precision
-    (G's products in the scan's product precision that goes with it: tf32 beside bf16 NS, else exact), B·H = 128."""
-    (keys, n_out, n_in), precision = shape_and_precision
+    """Resource rows of the fused Muon step's forward and backward launches for one (K, out, in, NS steps) and NS
+    precision (G's products in the scan's product precision that goes with it: tf32 beside bf16 NS, else exact),
+    B·H = 128."""
+    (keys, n_out, n_in, steps), precision = shape_and_precision
     product = "tf32" if precision == "bf16" else "ieee"
     chains = 128
     coef, gates = torch.empty(chains, keys), torch.empty(chains, 3)
     left, right, weights = torch.empty(chains, keys, n_out), torch.empty(chains, keys, n_in), torch.empty(
         chains, n_out, n_in)
-    fwd, _, _, x, iterates = muon.forward_call(coef, left, right, None, weights, weights, gates, NS_STEPS, product,
+    fwd, _, _, x, iterates = muon.forward_call(coef, left, right, None, weights, weights, gates, steps, product,
                                                precision, save=True)
     bwd, _ = muon.backward_call(coef, left, right, weights, weights, gates, weights, x, iterates, weights, weights,
-                                NS_STEPS, product, precision)
-    return _rows(f"{keys}/{n_out}x{n_in}", precision, [(f"muon {what} {call.meta['VARIANT']}", call)
+                                steps, product, precision)
+    return _rows(f"{keys}/{n_out}x{n_in}/ns{steps}", precision, [(f"muon {what} {call.meta['VARIANT']}", call)
                                                         for what, call in (("forward", fwd), ("backward", bwd))])
 
 
