@@ -22,7 +22,7 @@ import torch
 if not torch.cuda.is_available():  # CPU smoke run: the kernel runs in Triton's interpreter (set before importing it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench_memory_scan import time_fn  # noqa: E402
+from bench_memory_scan import copy_bandwidth, time_fn  # noqa: E402
 
 import atlas_train.kernels.token_momenta_kernel as momenta_kernel  # noqa: E402
 from atlas_train.kernels.dispatch import random_token_momenta  # noqa: E402
@@ -41,14 +41,6 @@ SWEEP = [("forward tiles 128x128", dict(BLOCK={"out": 128, "in": 128, "keys": 32
          ("contraction 1024 programs", dict(TARGET_PROGRAMS=1024))]
 
 
-def copy_bandwidth(device) -> float:
-    """Bytes per second of a large device copy (read + write)."""
-    src = torch.empty(256 * 2**20 // 4, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    return 2 * src.numel() * 4 / time_fn(lambda: dst.copy_(src), device, 10)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time the kernel under each setting of SWEEP")
@@ -56,7 +48,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     heads, length, keys, shapes = (HEADS, LENGTH, KEYS, SHAPES) if device.type == "cuda" else (2, 4, 7, [(6, 10)])
-    bandwidth = copy_bandwidth(device)
+    bandwidth = copy_bandwidth(device) * 1e9  # bytes per second
     rows = [f"== token momenta, B*H={heads}, L={length}, K={keys}, {args.precision}; copy bandwidth "
             f"{bandwidth / 1e12:.2f} TB/s; ms forward | forward+backward ==",
             f"{'path':<34} {'out x in':<9} {'fwd ms':>8} {'fwd+bwd ms':>11} {'floor ms':>17}"]
