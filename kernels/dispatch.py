@@ -72,17 +72,26 @@ TRITON_MIN_SM_FILL_BF16 = 7 / 8  # matrices per SM from which bf16 NS up to TRIT
 SMS_OFF_GPU = 132  # the SM count the rule assumes off a GPU (tests, CPU emulation): the card it was timed on
 
 
+def _switch(variable: str, default: str) -> bool:
+    """An on/off environment setting read at import: 1 or 0, anything else a one-line ValueError (a misspelt value
+    must not silently pick a path)."""
+    setting = os.environ.get(variable, default)
+    if setting not in ("0", "1"):
+        raise ValueError(f"{variable}={setting!r}: expected 0 or 1")
+    return setting == "1"
+
+
 # The memory MLP kernel is on by default: it makes the CUDA-graphed scan faster and passes every tf32 scan check
 # (benchmarks/RESULTS.md); its first-use probe still guards its numbers per shape and precision.
 # ATLAS_MEMORY_MLP_KERNEL=0 or set_memory_mlp_kernel(False) switches it off (the PyTorch pass runs).
-_mlp_kernel = os.environ.get("ATLAS_MEMORY_MLP_KERNEL", "1") == "1"
+_mlp_kernel = _switch("ATLAS_MEMORY_MLP_KERNEL", "1")
 MEMORY_MLP_KERNEL = "the memory MLP kernel"  # its name in fallback notes
 
 
 # The fused Muon step of the chunk update (muon_step_kernel) is off by default until a GPU has timed it against the
 # unfused step (`bench_memory_scan.py --variants graphs graphs+muon`); its probe guards its numbers per shape and
 # precision. ATLAS_MUON_STEP_KERNEL=1 or set_muon_step_kernel(True) switches it on.
-_muon_kernel = os.environ.get("ATLAS_MUON_STEP_KERNEL", "0") == "1"
+_muon_kernel = _switch("ATLAS_MUON_STEP_KERNEL", "0")
 
 
 def set_muon_step_kernel(enabled: bool) -> None:

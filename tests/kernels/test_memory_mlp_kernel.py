@@ -255,6 +255,12 @@ def test_fused_muon_step_is_off_unless_the_environment_says_1(setting, enabled):
     assert done.stdout.split()[3] == str(enabled)
 
 
+@pytest.mark.parametrize("variable", ["ATLAS_MEMORY_MLP_KERNEL", "ATLAS_MUON_STEP_KERNEL"])
+def test_a_kernel_switch_other_than_0_or_1_stops_with_one_line(variable):
+    done = _settings_in_a_fresh_process(variable, "yes")
+    assert done.returncode != 0 and f"ValueError: {variable}='yes': expected 0 or 1" in done.stderr
+
+
 @pytest.mark.parametrize("setting,outcome", [(None, "auto"), ("bf16", "bf16"), ("fp8", "ATLAS_NS_PRECISION='fp8'")])
 def test_ns_precision_comes_from_the_environment_or_stops_with_one_line(setting, outcome):
     done = _settings_in_a_fresh_process("ATLAS_NS_PRECISION", setting)
