@@ -478,19 +478,20 @@ def scan_step(length, dh, update, device, batch=1):
     return step
 
 
-def profile_table(length, dh, update, device, top, batch=1, roofs=None):
+def profile_table(length, dh, update, device, top, batch=1, roofs=None, muon_kernel=False):
     """The `top` kernels, then the `top` PyTorch ops with their input shapes (what launched those kernels), by self
     time over one forward+backward of the scan with the fast paths, eager (CUDA graphs hide the kernels of a replay
     from the profiler; the kernels are the same), after a warm-up. On CPU both tables are of CPU ops.
 
     With `roofs` (the matmul ceiling in TFLOP/s and the copy bandwidth in GB/s, measured in the same run) the ops get
     a roofline: the profiler's FLOP count of each matmul and `op_bytes`'s estimate of the bytes of every op over its
-    time, as a share of the roof that binds it, and a last line sums matmuls and the rest."""
+    time, as a share of the roof that binds it, and a last line sums matmuls and the rest. `muon_kernel`: with the
+    fused Muon step."""
     from torch.profiler import ProfilerActivity, profile
 
     step = scan_step(length, dh, update, device, batch)
     on_gpu = device.type == "cuda"
-    with scan_settings(graphs=False, use_kernels=True, compiled=False):
+    with scan_settings(graphs=False, use_kernels=True, compiled=False, muon_kernel=muon_kernel):
         step()
         sync(device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
@@ -804,6 +805,9 @@ def main(argv=None):
     parser.add_argument("--profile", type=int, metavar="N",
                         help="instead of timings: the N costliest kernels and PyTorch ops (with input shapes) of one "
                              "step, per --dh and update, at the first --lengths")
+    parser.add_argument("--muon-kernel", action="store_true",
+                        help="with --profile: profile the scan with the fused Muon step (the timed rows name it as "
+                             "graphs+muon)")
     parser.add_argument("--count-ops", action="store_true",
                         help="instead of timings: operators per chunk (kernel launches on a GPU) of each update, "
                              "without and with the memory MLP kernel, at the first --dh and --lengths")
@@ -908,7 +912,7 @@ def _run(args, started) -> int:
         for dh in head_dims:
             for update in args.updates:
                 print("\n" + "\n".join(profile_table(lengths[0], dh, update, device, args.profile, args.batch,
-                                                       roofs)), flush=True)
+                                                       roofs, args.muon_kernel)), flush=True)
         return 1 if failed else 0
     bench = Bench(device, ceiling, args.budget_s, args.row_budget_s)
 

@@ -27,8 +27,8 @@
 #                                          kernel's launch settings alone, then the dual scan under the fastest; the
 #                                          same for the memory MLP kernel and the chunk scan
 #   bash benchmarks/gpu_single.sh tune-train  the transformer, atlas, titans and deep_transformer at 4K in the
-#                                          training loop, atlas and titans again with the fused Muon step; a profile
-#                                          of the chunk scan
+#                                          training loop, atlas and titans again with the fused Muon step; profiles
+#                                          of the chunk scan without and with it
 #   bash benchmarks/gpu_single.sh decode   decode at 4K/32K, batch 1/32, eager and CUDA graph (cold Triton cache)
 #   bash benchmarks/gpu_single.sh recall   the eight members trained at once (round-robin over however many GPUs are
 #                                          visible) and scored on MQAR, 8.5 minutes in all; afterwards, on a CPU
@@ -102,6 +102,8 @@ case "${1:-}" in
       --logs "$OUT/rows_muon"
     step profile_b8 40 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk \
       --profile 40 --skip-checks
+    step profile_b8_muon 40 python3 benchmarks/bench_memory_scan.py --batch 8 --dh 64 --lengths 4096 --updates chunk \
+      --profile 40 --skip-checks --muon-kernel
     ;;
   train-long)
     step train_long 580 python3 benchmarks/bench_train.py --baseline transformer@16384 \
