@@ -29,7 +29,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # CPU smoke run: the kernel runs in Triton's interpreter (set before importing it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench_memory_scan import time_fn, worst_error  # noqa: E402
+from bench_memory_scan import time_fn, worst_of  # noqa: E402
 
 import atlas_train.kernels.dual_attention_kernel as kernel  # noqa: E402
 from atlas_train.ops.dual_attention import TORCH  # noqa: E402
@@ -116,7 +116,7 @@ def sweep(args, device) -> tuple[list[str], str]:
                 with setting(patches):
                     fwd, both = time_pass(inputs, grad, args.precision, device, args.reps)
                     results = run_kernels(inputs, grad, args.precision)
-                    error = worst_error(results, reference)
+                    error = worst_of(results, reference)[1]
             except Exception as exc:  # noqa: BLE001 — one failing setting must not stop the others
                 rows.append(f"{name:<26} {kind:<7} {type(exc).__name__}: {str(exc).splitlines()[0][:60]}")
                 totals[name] = math.nan

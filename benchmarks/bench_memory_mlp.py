@@ -26,7 +26,7 @@ import torch
 if not torch.cuda.is_available():  # CPU smoke run: the kernel runs in Triton's interpreter (set before importing it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench_memory_scan import MLP_SWEEP, copy_bandwidth, time_fn, worst_error  # noqa: E402
+from bench_memory_scan import MLP_SWEEP, copy_bandwidth, time_fn, worst_of  # noqa: E402
 
 import atlas_train.kernels.memory_mlp_kernel as mlp_kernel  # noqa: E402
 from atlas_train.kernels import dispatch  # noqa: E402
@@ -96,7 +96,7 @@ def sweep(device, precision: str, with_settings: bool) -> tuple[list[str], str]:
                     cells.append(f"{type(exc).__name__}")
             try:
                 with mock.patch.multiple(mlp_kernel, **patches) if patches else contextlib.nullcontext():
-                    error = worst_error(run_pass(inputs, upstream, factors, kernel, True), reference)
+                    error = worst_of(run_pass(inputs, upstream, factors, kernel, True), reference)[1]
             except Exception:  # noqa: BLE001 — the timing cells name the failure
                 error = math.nan
             if kernel:

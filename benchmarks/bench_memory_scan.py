@@ -94,13 +94,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def worst_error(results: list, reference: list) -> float:
-    """The largest relative L2 error over a kernel's outputs and gradients against a reference's (the launch-setting
-    sweeps: a setting that computes wrong numbers shows in its own row, not only in the scan's checks)."""
-    return max(((r.float() - w.float()).norm() / w.float().norm().clamp_min(1e-30)).item()
-               for r, w in zip(results, reference, strict=True))
-
-
 def time_fn(fn, device, reps):
     """Median wall time of fn() over reps runs (after the caller's warm-up), in seconds."""
     times = []

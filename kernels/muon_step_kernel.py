@@ -6,8 +6,8 @@ and the weight step of one fast-weight matrix per (batch, head) chain (docs/math
 
 Why: unfused, the step is a cuBLAS product writing G, a pass forming M', the NS kernel (reading M', writing X), and a
 pass forming A', each a launch and a pass over the chain's fast weights; its backward adds autograd's passes for both
-gated sums, the NS backward, and two products for the factors' gradients (benchmarks/RESULTS.md §2 counts the
-operators and bytes of a chunk step: this kernel takes a third of them off). Here one
+gated sums, the NS backward, and two products for the factors' gradients (`bench_memory_scan.py --count-ops`
+counts a chunk step's operators and bytes with and without this kernel). Here one
 program per chain forms G tile by tile from the factors (G never goes to memory), writes M' and X_0, iterates NS on
 X with the NS kernel's own code (`newton_schulz_kernel`: its variants and their shared-memory limits), and writes A'
 from X as it streams it; the backward is one program per chain likewise: the gates' gradients and the NS
@@ -40,13 +40,11 @@ from atlas_train.ops.newton_schulz import NS_COEFFICIENTS as NS_COEFFS
 from atlas_train.ops.newton_schulz import NS_NORM_EPS as NS_EPS
 
 KERNEL_NAME = "the fused Muon step kernel"
-# Window keys per factor tile (the chunk update's K is c − 1 + chunk: 127 at the defaults). Offline for sm_90
-# (benchmarks/kernel_resources.py --kernels muon), 32 keeps the factor gradients' tiles in registers where 64 spilled
-# up to 1.8 KB per thread in the backward; both fit the shared memory. Not timed.
+# Window keys per factor tile (the chunk update's K is c − 1 + chunk: 127 at the defaults), and columns of G (and of
+# its gradient) per tile: narrower than the NS variant's tiles (the "registers" variant's is the whole matrix), so that
+# the factor tiles stay in registers beside G's; `benchmarks/kernel_resources.py --kernels muon` shows the spills of
+# each choice.
 BLOCK_K = 32
-# Columns of G (and of its gradient) per tile as the kernels form them. The "registers" variant's tile is the whole
-# matrix (64 × 256 at dh 64): G formed at that width spilled registers (benchmarks/kernel_resources.py --kernels muon
-# shows spills).
 G_BLOCK_N = 64
 MAX_KEYS = 512
 

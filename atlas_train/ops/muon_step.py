@@ -20,7 +20,7 @@ def muon_step_reference(coef, left, right, prior, momentum, anchor, momentum_gat
                         half_inputs: bool):
     """(M', A') in PyTorch ops (NS by its own fast path where one applies): coef (B, H, K), left (B, H, K, out),
     right (B, H, K, in), prior None or (B, H, out, in), momentum and anchor (B|1, H, out, in), gates (B|1, H, 1, 1)."""
-    grad_sum = outer_sums.outer_sum(coef.unsqueeze(-2), left, right).squeeze(2)  # not [:, :, 0]: see step_chunk_update
+    grad_sum = outer_sums.outer_sum_of_keys(coef, left, right)
     if prior is not None:
         grad_sum = prior + grad_sum
     momentum = gated_sum(momentum_gate, momentum, grad_sum)

@@ -21,6 +21,12 @@ def outer_sum(coef: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> to
     return torch.einsum("bhtk,bhko,bhki->bhtoi", coef, left, right)
 
 
+def outer_sum_of_keys(coef: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Σ_k coef[..., k] left_k ⊗ right_k for one set of weights coef (B, H, K) → (B, H, out, in): `outer_sum` with a
+    single row, taken out with squeeze, whose backward is a view (indexing [:, :, 0] would write a zero tensor)."""
+    return outer_sum(coef.unsqueeze(-2), left, right).squeeze(2)
+
+
 def weighted_outer_sums_reference(coef: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: torch.Tensor,
                                   prev: torch.Tensor) -> torch.Tensor:
     """Σ_k coef[t, k] left_k ⊗ right_k + scale_t·prev for every t (scale (B, H, L), prev (B, H, out, in)), in

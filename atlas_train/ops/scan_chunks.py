@@ -407,8 +407,7 @@ def step_chunk_update(carry: dict, x: ChunkSumInputs, params: dict, ln, opts: Sc
                                                   opts.half_inputs)
             grad_sum = None if opens else torch.zeros_like(grad_sum)
         else:
-            # .squeeze(2), not [:, :, 0]: the latter's backward writes zeros
-            added = outer_sums.outer_sum(x.key_coef.unsqueeze(-2), *factors[w]).squeeze(2)
+            added = outer_sums.outer_sum_of_keys(x.key_coef, *factors[w])
             grad_sum = added if opens else grad_sum + added
         out.update({f"anchor.{w}": start, f"momentum.{w}": momentum})
         if grad_sum is not None:
